@@ -1,0 +1,297 @@
+"""Built-in Stable Diffusion models generated from configs, for tests and benchmarks.
+
+Nothing here downloads anything. Each built-in model is created from a config with a fixed
+seed, saved once in diffusers format (safetensors) to a cache directory, and from then on
+loaded through the very same `from_pretrained` path as a real checkpoint.
+
+- ``tiny``         an SD 1.x-shaped model small enough for a PGD step in well under a second
+                   on CPU at 64x64. Its VAE and text encoder are random; its latent scale is
+                   calibrated (1/std of latents, as SD's 0.18215 is) and its UNet is trained for
+                   a few hundred steps to predict noise on crops of scikit-image's sample photos
+                   (about 30 s on CPU, once), so that eps_theta depends on its input the way a
+                   real denoiser's does. It checks machinery, not protection strength.
+- ``tiny-inpaint`` the same with a 9-channel (inpainting) UNet.
+- ``sd15-arch``    the real SD 1.5 architecture with random weights (speed/memory benchmarks).
+- ``sd21-arch``    the real SD 2.1-base architecture with random weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUILTIN_VERSION = "v1"  # bump when a config below changes, so caches are rebuilt
+SEED = 0
+
+
+def cache_root() -> Path:
+    root = os.environ.get("MIMICSHIELD_CACHE") or Path.home() / ".cache" / "mimicshield"
+    return Path(root) / "models"
+
+
+# --------------------------------------------------------------------------- configs as data
+
+_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    prediction_type="epsilon",
+    steps_offset=1,
+)
+
+_SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+
+_SD_UNET_BLOCKS = dict(
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2,
+    sample_size=64,
+)
+
+CONFIGS: dict[str, dict] = {
+    "tiny": dict(
+        vae=dict(
+            in_channels=3,
+            out_channels=3,
+            # four blocks like SD, so the latent is 1/8 of the image, with few channels
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=[16, 32, 32, 32],
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=0.18215,
+        ),
+        unet=dict(
+            in_channels=4,
+            out_channels=4,
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            block_out_channels=[32, 64],
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+            sample_size=8,
+        ),
+        text=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+        ),
+        dtype=torch.float32,
+    ),
+    "sd15-arch": dict(
+        vae=_SD_VAE,
+        unet=dict(
+            in_channels=4,
+            out_channels=4,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            **_SD_UNET_BLOCKS,
+        ),
+        text=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            vocab_size=49408,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        ),
+        dtype=torch.float16,  # random weights: store them small, load in any dtype
+    ),
+    "sd21-arch": dict(
+        vae=_SD_VAE,
+        unet=dict(
+            in_channels=4,
+            out_channels=4,
+            cross_attention_dim=1024,
+            attention_head_dim=[5, 10, 20, 20],
+            use_linear_projection=True,
+            **_SD_UNET_BLOCKS,
+        ),
+        text=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            vocab_size=49408,
+            projection_dim=512,
+            hidden_act="gelu",
+        ),
+        dtype=torch.float16,
+    ),
+}
+CONFIGS["tiny-inpaint"] = dict(CONFIGS["tiny"], unet=dict(CONFIGS["tiny"]["unet"], in_channels=9))
+
+BUILTIN_MODELS = tuple(CONFIGS)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer():
+    """A byte-level CLIP tokenizer with a small vocabulary built here (no download).
+
+    Every byte maps to a symbol (as in CLIP's BPE), with and without the end-of-word mark,
+    plus a few merges for the words our default prompts use, so any text tokenizes.
+    """
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    for word in ("a", "an", "of", "photo", "painting", "artwork", "anime", "picture",
+                 "landscape", "portrait", "style", "in", "the", "by"):
+        # a left-to-right merge chain: p h -> ph, ph o -> pho, ... ending with </w>
+        pieces = list(word)
+        pieces[-1] += "</w>"
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            merges.append((current, nxt))
+            current = current + nxt
+            if current not in vocab_list:
+                vocab_list.append(current)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+# --------------------------------------------------------------------------- build + save
+
+
+def _build_pipeline(name: str):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CONFIGS[name]
+    tokenizer = build_tokenizer()
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(**cfg["vae"])
+    unet = UNet2DConditionModel(**cfg["unet"])
+    text_cfg = CLIPTextConfig(
+        **{"vocab_size": len(tokenizer), **cfg["text"]},  # the SD configs name CLIP's 49408
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_cfg)
+    scheduler = DDPMScheduler(**_SCHEDULER)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe if cfg["dtype"] == torch.float32 else pipe.to(dtype=cfg["dtype"])
+
+
+def _sample_crops(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """n random square crops of scikit-image's bundled photos, resized to size x size, in [0, 1]."""
+    import numpy as np
+    import torch.nn.functional as F
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
+    pool = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1).float() / 255 for p in photos]
+    crops = []
+    for _ in range(n):
+        img = pool[int(torch.randint(len(pool), (1,), generator=generator))]
+        side = int(torch.randint(size, min(img.shape[1:]) + 1, (1,), generator=generator))
+        top = int(torch.randint(0, img.shape[1] - side + 1, (1,), generator=generator))
+        left = int(torch.randint(0, img.shape[2] - side + 1, (1,), generator=generator))
+        crop = img[None, :, top : top + side, left : left + side]
+        crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0])
+    return torch.stack(crops)
+
+
+def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64) -> None:
+    """Calibrate the latent scale and teach the tiny UNet to predict noise (in place, seeded).
+
+    The denoising loss is the standard one, || eps_theta(z_t, t, c) - eps ||^2. For a 9-channel
+    (inpainting) UNet the input is [z_t, mask, masked latent], with random box masks.
+    """
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(SEED)
+    vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
+    with torch.no_grad():
+        latents = vae.encode(_sample_crops(64, size, gen) * 2 - 1).latent_dist.mean
+        vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 4))
+        tokens = pipe.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt")
+        cond = pipe.text_encoder(tokens.input_ids)[0].expand(batch, -1, -1)
+    scale = vae.config.scaling_factor
+    unet.train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    for _ in range(steps):
+        with torch.no_grad():
+            z = vae.encode(_sample_crops(batch, size, gen) * 2 - 1).latent_dist.mean * scale
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        z_t = scheduler.add_noise(z, noise, t)
+        if unet.config.in_channels == 9:
+            mask = torch.zeros(batch, 1, *z.shape[2:])
+            for m in mask:
+                h, w = (int(torch.randint(2, z.shape[2] + 1, (1,), generator=gen)) for _ in range(2))
+                m[:, :h, :w] = 1
+            z_t = torch.cat([z_t, mask, z * (1 - mask)], dim=1)
+        loss = F.mse_loss(unet(z_t, t, encoder_hidden_states=cond).sample, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    unet.eval()
+
+
+def builtin_model_path(name: str) -> Path:
+    """Directory of built-in model `name` in diffusers format, generated on first use."""
+    if name not in CONFIGS:
+        raise KeyError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
+    target = cache_root() / f"{name}-{BUILTIN_VERSION}"
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        pipe = _build_pipeline(name)
+        if name.startswith("tiny"):
+            _train_tiny_denoiser(pipe)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        try:
+            tmp.rename(target)  # atomic: concurrent builders (Ray actors) cannot half-write
+        except OSError:
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

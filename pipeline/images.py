@@ -1,0 +1,156 @@
+"""Decode, validate and re-encode images without losing what makes them the same file.
+
+Protection works on an RGB uint8 view of the image. Encoding puts the perturbation back into
+the image's own mode (RGB, RGBA, L, LA, 16-bit grayscale), format (PNG, JPEG, WebP, ...),
+size, EXIF (so orientation is kept: pixels are never rotated) and ICC profile.
+
+Bad input raises `ImageError` with a short reason; callers turn it into an error row.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
+Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit below, before decoding
+
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; larger is refused before decoding
+WRITABLE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF"}
+LOSSY_FORMATS = {"JPEG"}
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's "L"
+
+
+class ImageError(ValueError):
+    """An input that cannot be protected. str(err) is the reason for the errors table."""
+
+
+@dataclass
+class DecodedImage:
+    rgb: np.ndarray  # H x W x 3 uint8: the pixels protection sees
+    format: str  # PNG, JPEG, WEBP, ...
+    mode: str  # the source mode (RGB, RGBA, L, LA, P, I;16, CMYK, ...)
+    alpha: np.ndarray | None = None  # H x W uint8, kept unchanged
+    gray16: np.ndarray | None = None  # H x W uint16 source pixels of 16-bit grayscale images
+    exif: bytes | None = None
+    icc_profile: bytes | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return self.rgb.shape[0], self.rgb.shape[1]
+
+    @property
+    def output_mode(self) -> str:
+        """The mode written back: the source mode where the format can hold a perturbation."""
+        if self.gray16 is not None:
+            return "I;16"
+        if self.mode in ("RGB", "RGBA", "L", "LA"):
+            return self.mode
+        return "RGBA" if self.alpha is not None else "RGB"  # P, CMYK, ... become RGB(A)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode image bytes into a `DecodedImage`, or raise `ImageError` with the reason."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError("not an image (format not recognised)") from None
+    except Exception as err:
+        raise ImageError(f"cannot open image: {err}") from None
+    width, height = img.size
+    if width * height > max_pixels:  # header only so far: a decompression bomb stops here
+        raise ImageError(f"too large: {width}x{height} = {width * height} pixels > limit {max_pixels}")
+    if getattr(img, "n_frames", 1) > 1:
+        raise ImageError(f"animated {img.format} ({img.n_frames} frames) is not supported")
+    fmt = img.format or "PNG"
+    try:
+        img.load()
+    except Exception as err:
+        raise ImageError(f"corrupt or truncated {fmt}: {err}") from None
+
+    mode = img.mode
+    alpha = gray16 = None
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        gray16 = np.clip(np.asarray(img, dtype=np.int64), 0, 65535).astype(np.uint16)
+        gray8 = np.rint(gray16 / 257.0).astype(np.uint8)
+        rgb = np.repeat(gray8[..., None], 3, axis=2)
+    else:
+        has_alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info)
+        if has_alpha:
+            rgba = img.convert("RGBA")
+            alpha = np.asarray(rgba)[..., 3].copy()
+            rgb = np.asarray(rgba.convert("RGB"))
+        else:
+            rgb = np.asarray(img.convert("RGB"))
+    return DecodedImage(
+        rgb=np.ascontiguousarray(rgb, dtype=np.uint8),
+        format=fmt,
+        mode=mode,
+        alpha=alpha,
+        gray16=gray16,
+        exif=img.info.get("exif"),
+        icc_profile=img.info.get("icc_profile") if mode != "CMYK" else None,
+    )
+
+
+def quantize_perturbation(delta: np.ndarray, eps: float) -> np.ndarray:
+    """Round a float perturbation (pixel units) to integers that stay within the budget.
+
+    Rounding, not truncation: |round(delta)| <= floor(eps) holds for every pixel, so the
+    budget holds exactly on the written file.
+    """
+    bound = math.floor(eps + 1e-6)
+    return np.clip(np.rint(delta), -bound, bound).astype(np.int16)
+
+
+def apply_perturbation(image: DecodedImage, delta: np.ndarray, eps: float) -> np.ndarray:
+    """The protected pixels in the output mode, as an array ready for PIL.
+
+    `delta` is H x W x 3 float in [0, 255] units (protected - original on the RGB view).
+    """
+    if image.gray16 is not None or image.output_mode in ("L", "LA"):
+        delta_gray = delta.astype(np.float32) @ _LUMA  # convex weights: still within eps
+        if image.gray16 is not None:
+            step = quantize_perturbation(delta_gray, eps).astype(np.int64) * 257
+            return np.clip(image.gray16.astype(np.int64) + step, 0, 65535).astype(np.uint16)
+        gray = np.asarray(Image.fromarray(image.rgb).convert("L"), dtype=np.int16)
+        out = np.clip(gray + quantize_perturbation(delta_gray, eps), 0, 255).astype(np.uint8)
+        return out if image.alpha is None else np.dstack([out, image.alpha])
+    rgb = np.clip(image.rgb.astype(np.int16) + quantize_perturbation(delta, eps), 0, 255).astype(np.uint8)
+    return rgb if image.alpha is None else np.dstack([rgb, image.alpha])
+
+
+def encode_image(image: DecodedImage, pixels: np.ndarray, jpeg_quality: int = 95) -> bytes:
+    """Encode output pixels in the source format with its EXIF and ICC profile."""
+    mode = image.output_mode
+    if mode == "I;16":
+        out = Image.fromarray(pixels.astype(np.uint16))
+    else:
+        out = Image.fromarray(pixels, mode=None)
+    fmt = image.format if image.format in WRITABLE_FORMATS else "PNG"
+    if fmt == "JPEG" and out.mode in ("RGBA", "LA"):
+        fmt = "PNG"  # JPEG has no alpha; never happens for real JPEG sources
+    params: dict = {}
+    if image.exif:
+        params["exif"] = image.exif
+    if image.icc_profile:
+        params["icc_profile"] = image.icc_profile
+    if fmt == "JPEG":
+        params.update(quality=jpeg_quality, subsampling=0)
+    elif fmt == "WEBP":
+        params.update(lossless=True, exact=True)  # lossless keeps the budget exact
+    buf = io.BytesIO()
+    out.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def extension_for(image: DecodedImage) -> str:
+    fmt = image.format if image.format in WRITABLE_FORMATS else "PNG"
+    return {"JPEG": "jpg", "TIFF": "tif"}.get(fmt, fmt.lower())

@@ -1,0 +1,166 @@
+"""Load the parts of a Stable Diffusion model: VAE, UNet, text encoder, tokenizer, scheduler.
+
+`load_models(model_id)` accepts
+- a built-in name (``tiny``, ``tiny-inpaint``, ``sd15-arch``, ``sd21-arch``; see builtin_models),
+- a local directory in diffusers format (``model_index.json`` with ``vae/``, ``unet/``, ...),
+- a Hugging Face hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
+
+All three go through diffusers/transformers ``from_pretrained``. Every weight is frozen and in
+eval mode: protection only ever needs gradients with respect to the *input image*.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .builtin_models import BUILTIN_MODELS, builtin_model_path
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to do instead."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class DiffusionModels:
+    """The frozen parts of one latent diffusion model, on one device, in one dtype."""
+
+    model_id: str
+    path: str
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    device: torch.device
+    dtype: torch.dtype
+    _prompt_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def latent_scale(self) -> float:
+        """s in z = s * E(x); 0.18215 for SD 1.x/2.x."""
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be a multiple of this: VAE downsampling x UNet downsampling."""
+        unet_down = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return self.vae_factor * unet_down
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings c for each prompt; each distinct prompt is encoded once per process."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            tokens = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            embeds = self.text_encoder(tokens)[0]
+            for prompt, embed in zip(missing, embeds):
+                self._prompt_cache[prompt] = embed
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+
+def _freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+def _resolve_path(model_id: str) -> tuple[str, bool]:
+    """(path or hub id, is_local)."""
+    if model_id in BUILTIN_MODELS:
+        return str(builtin_model_path(model_id)), True
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").exists() and not (local / "unet").is_dir():
+            raise ModelLoadError(
+                f"{model_id} is a directory but not a diffusers model (no model_index.json, no unet/)."
+            )
+        return str(local), True
+    return model_id, False
+
+
+def load_models(
+    model_id: str = DEFAULT_MODEL,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    revision: str | None = None,
+) -> DiffusionModels:
+    """Load a Stable Diffusion model's parts, frozen, on `device` in `dtype`."""
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    path, is_local = _resolve_path(model_id)
+    kwargs = dict(torch_dtype=dtype)
+    if not is_local:
+        kwargs["revision"] = revision
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs)
+    except Exception as err:  # hub/network/format errors all end here with one clear message
+        if is_local:
+            raise ModelLoadError(f"could not load the diffusers model at {path}: {err}") from err
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise ModelLoadError(
+            f"could not load {model_id!r} from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}\n"
+            "Alternatives: pass a local diffusers directory (--model /path/to/stable-diffusion-v1-5), "
+            "download it first with `huggingface-cli download <id>` on a machine with network, "
+            f"or use a built-in model ({', '.join(BUILTIN_MODELS)}) to try the machinery."
+        ) from err
+    return DiffusionModels(
+        model_id=model_id,
+        path=path,
+        vae=_freeze(vae).to(device),
+        unet=_freeze(unet).to(device),
+        text_encoder=_freeze(text_encoder).to(device),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        device=device,
+        dtype=dtype,
+    )

@@ -1,0 +1,83 @@
+"""Protect a batch of encoded images: bytes in, bytes + metrics (or an error reason) out.
+
+This is the unit every front end shares: the local folder CLI and the Ray protection actors
+both call `protect_encoded`. Nothing here raises for a bad image: each input yields exactly
+one `ProtectResult`, written or failed, so every sample is accounted for.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..images import DEFAULT_MAX_PIXELS, DecodedImage, ImageError, apply_perturbation, decode_image, encode_image, extension_for
+from ..metrics import visibility_metrics
+from .engine import Protector
+
+
+@dataclass
+class ProtectResult:
+    key: str
+    data: bytes | None = None  # the protected, encoded image; None on error
+    ext: str | None = None  # file extension / WebDataset member suffix of `data`
+    metrics: dict = field(default_factory=dict)  # linf, psnr, ssim, seconds, width, height
+    error: str | None = None  # reason, when the sample could not be protected
+    stage: str | None = None  # "decode", "protect" or "encode" for errors
+    warnings: list[str] = field(default_factory=list)
+
+
+def protect_encoded(
+    protector: Protector,
+    keys: list[str],
+    datas: list[bytes],
+    prompts: list[str | None] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[ProtectResult]:
+    """Decode, protect, re-encode and measure a batch; one result per input, in order."""
+    results = [ProtectResult(key=k) for k in keys]
+    prompts = prompts or [None] * len(keys)
+    decoded: dict[int, DecodedImage] = {}
+    for i, data in enumerate(datas):
+        try:
+            decoded[i] = decode_image(data, max_pixels=max_pixels)
+        except ImageError as err:
+            results[i].error, results[i].stage = str(err), "decode"
+    if not decoded:
+        return results
+    idx = list(decoded)
+    start = time.perf_counter()
+    try:
+        deltas = protector.protect(
+            [decoded[i].rgb for i in idx], keys=[keys[i] for i in idx], prompts=[prompts[i] for i in idx]
+        )
+    except Exception as err:  # e.g. out of memory on one huge image: fail the batch's rows, not the job
+        for i in idx:
+            results[i].error, results[i].stage = f"{type(err).__name__}: {err}", "protect"
+        return results
+    seconds_each = (time.perf_counter() - start) / len(idx)
+    eps = protector.config.eps
+    for i, delta in zip(idx, deltas):
+        image, res = decoded[i], results[i]
+        try:
+            pixels = apply_perturbation(image, delta, eps)
+            res.data = encode_image(image, pixels)
+            res.ext = extension_for(image)
+            written = decode_image(res.data, max_pixels=max_pixels).rgb  # measure what was written
+        except Exception as err:
+            res.data, res.error, res.stage = None, f"{type(err).__name__}: {err}", "encode"
+            continue
+        h, w = image.size
+        res.metrics = {**visibility_metrics(image.rgb, written), "seconds": seconds_each, "width": w, "height": h}
+        if image.format == "JPEG":
+            res.warnings.append("JPEG output: lossy compression weakens the protection; prefer PNG or WebP")
+        if image.output_mode != image.mode:
+            res.warnings.append(f"mode {image.mode} written as {image.output_mode}")
+    return results
+
+
+def perturbation_preview(delta: np.ndarray, eps: float) -> np.ndarray:
+    """The perturbation amplified to the full range, as uint8 (for reports)."""
+    scale = 127.5 / max(eps, 1e-6)
+    return np.clip(delta * scale + 127.5, 0, 255).astype(np.uint8)

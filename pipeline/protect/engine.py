@@ -1,0 +1,174 @@
+"""Batched projected gradient descent shared by every gradient-based protection method.
+
+    x_0      = x + U(-eps, eps)            (random start; or x for a zero start)
+    x_{k+1}  = Proj_{||x' - x||_inf <= eps, 0 <= x' <= 255} ( x_k + alpha * sign(d_k) )
+
+d_k is the method's signed direction (methods.py). Budgets are in [0, 255] pixel units.
+Protection runs on a working copy of each image (padded to the model's multiple, or resized to
+a square N x N); the perturbation is mapped back to the original size, where it still lies in the
+eps-ball, and is rounded when the file is written.
+
+Randomness is per sample (seeded by the run seed and the sample's key), so a sample gets the
+same protection whatever batch it lands in: reruns and resumed jobs are reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import DiffusionModels
+from .methods import StepInputs, encode, make_method
+from .targets import load_target
+
+DEFAULT_PROMPT = "a photo"
+
+
+@dataclass
+class ProtectConfig:
+    """Every knob of a protection run. Serialised into the runs table and shard metadata."""
+
+    method: str = "sds-"
+    eps: float = 16.0  # L-inf budget, [0, 255] pixel units
+    step_size: float = 1.0  # alpha, pixel units
+    steps: int = 100
+    init: str = "random"  # "random" (uniform in the eps-ball) or "zero"
+    seed: int = 0
+    prompt: str = DEFAULT_PROMPT  # used when a sample brings no prompt of its own
+    target: str | None = None  # textural target image file; None = built-in pattern
+    resolution: str = "native"  # "native" or a side length N (protect an N x N resized copy)
+    mist_weight: float = 1e4
+    sdst_rate: float = 5.0
+    extra: dict = field(default_factory=dict)  # method-specific options (e.g. FastProtect's bank)
+
+    def __post_init__(self):
+        self.resolution = str(self.resolution)
+        if not 0 <= self.eps <= 255:
+            raise ValueError(f"eps must be in [0, 255] pixel units, got {self.eps}")
+        if self.step_size <= 0 or self.steps < 0:
+            raise ValueError("step_size must be > 0 and steps >= 0")
+        if self.init not in ("random", "zero"):
+            raise ValueError(f"init must be 'random' or 'zero', got {self.init!r}")
+        if self.resolution != "native" and not (self.resolution.isdigit() and int(self.resolution) > 0):
+            raise ValueError(f"resolution must be 'native' or a positive integer, got {self.resolution!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_seed(seed: int, key: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def working_size(height: int, width: int, resolution: str, multiple: int) -> tuple[int, int]:
+    """The size protection runs at: padded up to `multiple`, or N x N rounded to `multiple`."""
+    if resolution == "native":
+        return math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple
+    side = max(multiple, round(int(resolution) / multiple) * multiple)
+    return side, side
+
+
+def to_working(rgb: np.ndarray, size: tuple[int, int], resolution: str) -> torch.Tensor:
+    """uint8 H x W x 3 -> float 3 x h x w in [0, 1] at the working size."""
+    x = torch.tensor(rgb).permute(2, 0, 1).float().div(255)  # copies: PIL arrays are read-only
+    h, w = x.shape[1:]
+    if resolution == "native":  # pad right/bottom by edge replication; cropped away afterwards
+        return F.pad(x[None], (0, size[1] - w, 0, size[0] - h), mode="replicate")[0]
+    return F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def from_working(delta: torch.Tensor, height: int, width: int, resolution: str) -> torch.Tensor:
+    """Map a working-size perturbation (3 x h x w) back to the original H x W."""
+    if resolution == "native":
+        return delta[:, :height, :width]
+    # bilinear weights are convex, so the resized perturbation stays inside the eps-ball
+    return F.interpolate(delta[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+class Protector:
+    """Runs one protection method over batches of images with one loaded model.
+
+    Usage::
+
+        protector = Protector(load_models("tiny"), ProtectConfig(method="sds-", steps=100))
+        deltas = protector.protect([rgb_uint8, ...], keys=["a", ...])   # float H x W x 3 arrays
+    """
+
+    def __init__(self, models: DiffusionModels, config: ProtectConfig):
+        self.models = models
+        self.config = config
+        self.method = make_method(config.method, config.mist_weight, config.sdst_rate)
+        self._target = load_target(config.target)
+        self._target_latents: dict[tuple[int, int], torch.Tensor] = {}
+
+    def target_latent(self, size: tuple[int, int]) -> torch.Tensor:
+        """s * E(y) of the textural target at a working size (computed once per size)."""
+        if size not in self._target_latents:
+            y = to_working(self._target, size, resolution="resize")[None].to(self.models.device)
+            with torch.no_grad():
+                self._target_latents[size] = encode(self.models, y)
+        return self._target_latents[size]
+
+    def protect(
+        self,
+        images: list[np.ndarray],
+        keys: list[str] | None = None,
+        prompts: list[str | None] | None = None,
+    ) -> list[np.ndarray]:
+        """Protect a list of uint8 H x W x 3 images; returns float perturbations (pixel units).
+
+        Images are grouped by working size internally, so any mix of sizes is fine.
+        """
+        keys = keys or [str(i) for i in range(len(images))]
+        prompts = [p or self.config.prompt for p in (prompts or [None] * len(images))]
+        multiple = self.models.pixel_multiple
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, rgb in enumerate(images):
+            groups.setdefault(working_size(*rgb.shape[:2], self.config.resolution, multiple), []).append(i)
+        out: list[np.ndarray | None] = [None] * len(images)
+        for size, idx in groups.items():
+            x = torch.stack([to_working(images[i], size, self.config.resolution) for i in idx])
+            delta = self.protect_tensor(x, [keys[i] for i in idx], [prompts[i] for i in idx])
+            for j, i in enumerate(idx):
+                h, w = images[i].shape[:2]
+                d = from_working(delta[j], h, w, self.config.resolution).clamp_(-self.config.eps, self.config.eps)
+                out[i] = d.permute(1, 2, 0).numpy()
+        return out  # type: ignore[return-value]
+
+    def protect_tensor(self, x: torch.Tensor, keys: list[str], prompts: list[str]) -> torch.Tensor:
+        """PGD on a batch of one size. x: B x 3 x h x w in [0, 1] on CPU. Returns delta * 255."""
+        cfg, models = self.config, self.models
+        device = models.device
+        eps, alpha = cfg.eps / 255.0, cfg.step_size / 255.0
+        gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, k)) for k in keys]
+        x_clean = x.to(device)
+        if cfg.init == "random":
+            start = torch.stack([torch.rand(x.shape[1:], generator=g) for g in gens]) * 2 - 1
+            x_adv = (x_clean + eps * start.to(device)).clamp(0, 1)
+        else:
+            x_adv = x_clean.clone()
+        cond = models.encode_prompts(prompts)
+        latent_shape = (4, x.shape[2] // models.vae_factor, x.shape[3] // models.vae_factor)
+        target = None
+        if self.method.needs_target:
+            target = self.target_latent(tuple(x.shape[2:])).expand(len(keys), *latent_shape)
+        n_timesteps = models.scheduler.config.num_train_timesteps
+        for _ in range(cfg.steps):
+            inputs = StepInputs(
+                cond=cond,
+                t=torch.cat([torch.randint(0, n_timesteps, (1,), generator=g) for g in gens]).to(device),
+                noise=torch.stack([torch.randn(latent_shape, generator=g) for g in gens]).to(device, models.dtype),
+                target_latent=target,
+            )
+            x_adv.requires_grad_(True)
+            direction = self.method.direction(models, x_adv, inputs)
+            with torch.no_grad():
+                x_adv = x_adv + alpha * direction.sign()
+                x_adv = torch.min(torch.max(x_adv, x_clean - eps), x_clean + eps).clamp(0, 1)
+        return ((x_adv.detach() - x_clean) * 255.0).float().cpu()

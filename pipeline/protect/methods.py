@@ -1,0 +1,203 @@
+"""The Diff-Protect family of protection objectives (Xue et al., ICLR 2024, arXiv 2311.12832).
+
+Notation (as in the paper): x is the image in [-1, 1] inside the model, z = s * E(x) its latent
+(s = vae.config.scaling_factor), t ~ U{0..T-1}, eps ~ N(0, I), z_t = sqrt(a_t) z + sqrt(1 - a_t) eps,
+c the prompt's text embedding, y a fixed target image for the textural loss.
+
+    L_sem(x) = E_{t,eps} || eps_theta(z_t, t, c) - eps ||^2          (semantic loss, mean)
+    L_tex(x) = || E(x) - E(y) ||^2                                   (textural loss, sum)
+
+Every method gives a *direction* g for the PGD step x <- x + alpha * sign(direction * g):
+
+    method       direction   g                                      gradient through
+    advdm        ascend      dL_sem/dx                              UNet and encoder
+    advdm-       descend     dL_sem/dx                              UNet and encoder
+    photoguard   descend     dL_tex/dx                              encoder
+    mist         descend     d(L_tex - w L_sem)/dx,   w = 1e4       UNet and encoder
+    sds+         ascend      (dz/dx)^T (eps_theta - eps)            encoder only (SDS)
+    sds-         descend     (dz/dx)^T (eps_theta - eps)            encoder only (SDS)
+    sdst-        descend     r * g_sds + dL_tex/dx,   r = 5         encoder only
+
+The SDS family runs the UNet under `torch.no_grad()`: its Jacobian is skipped (paper eq. 5,
+"score distillation"), which is where the time and memory saving comes from. No method ever
+asks for gradients of model weights: they are frozen and only the image requires grad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models import DiffusionModels
+
+
+@dataclass
+class StepInputs:
+    """What one PGD step needs besides the image: fixed per step so gradients are testable."""
+
+    cond: torch.Tensor  # B x 77 x D text embeddings c
+    t: torch.Tensor  # B timesteps
+    noise: torch.Tensor  # B x 4 x h x w, eps
+    target_latent: torch.Tensor | None = None  # B x 4 x h x w, s * E(y)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def encode(models: DiffusionModels, x01: torch.Tensor) -> torch.Tensor:
+    """z = s * E(x): the posterior mean of the VAE encoder (deterministic), x01 in [0, 1]."""
+    x = (x01 * 2 - 1).to(models.dtype)
+    return models.vae.encode(x).latent_dist.mean * models.latent_scale
+
+
+def predict_noise(models: DiffusionModels, z: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """eps_theta(z_t, t, c) with z_t = sqrt(a_t) z + sqrt(1 - a_t) eps."""
+    z_t = models.scheduler.add_noise(z, inputs.noise.to(z.dtype), inputs.t)
+    return models.unet(z_t, inputs.t, encoder_hidden_states=inputs.cond).sample
+
+
+def semantic_loss(models: DiffusionModels, z: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """L_sem per sample: mean over elements of (eps_theta(z_t, t, c) - eps)^2."""
+    err = predict_noise(models, z, inputs).float() - inputs.noise.float()
+    return err.pow(2).flatten(1).mean(1)
+
+
+def textural_loss(z: torch.Tensor, target_latent: torch.Tensor) -> torch.Tensor:
+    """L_tex per sample: sum over elements of (E(x) - E(y))^2."""
+    return (z.float() - target_latent.float()).pow(2).flatten(1).sum(1)
+
+
+def sds_direction(models: DiffusionModels, x01: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """g_sds = (dz/dx)^T (eps_theta(z_t, t, c) - eps): the encoder's vector-Jacobian product.
+
+    The UNet runs without autograd, so nothing of it is kept for the backward pass.
+    """
+    z = encode(models, x01)
+    with torch.no_grad():
+        residual = predict_noise(models, z.detach(), inputs) - inputs.noise.to(z.dtype)
+    (grad,) = torch.autograd.grad(z, x01, grad_outputs=residual)
+    return grad
+
+
+def input_grad(loss: torch.Tensor, x01: torch.Tensor) -> torch.Tensor:
+    (grad,) = torch.autograd.grad(loss.sum(), x01)
+    return grad
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class Method:
+    """A protection objective: `direction(x01, inputs)` is the signed PGD step direction."""
+
+    name: str = ""
+    ascend: bool = False  # True: x <- x + alpha sign(g); False: x <- x - alpha sign(g)
+    needs_target: bool = False
+    summary: str = ""
+
+    def grad(self, models: DiffusionModels, x01: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def objective(self, models: DiffusionModels, x01: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """The loss this method ascends or descends, per sample (for logs and tests)."""
+        raise NotImplementedError
+
+    def direction(self, models: DiffusionModels, x01: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        g = self.grad(models, x01, inputs)
+        return g if self.ascend else -g
+
+
+class AdvDM(Method):
+    name, ascend = "advdm", True
+    summary = "maximise L_sem with the full gradient (UNet + encoder); the classic attack"
+
+    def objective(self, models, x01, inputs):
+        return semantic_loss(models, encode(models, x01), inputs)
+
+    def grad(self, models, x01, inputs):  # dL_sem/dx through the UNet and the encoder
+        return input_grad(self.objective(models, x01, inputs), x01)
+
+
+class AdvDMMinus(AdvDM):
+    name, ascend = "advdm-", False
+    summary = "minimise L_sem with the full gradient; smoother-looking than advdm"
+
+
+class PhotoGuard(Method):
+    name, ascend, needs_target = "photoguard", False, True
+    summary = "encoder attack: pull E(x) toward E(target); cheap, no UNet"
+
+    def objective(self, models, x01, inputs):
+        return textural_loss(encode(models, x01), inputs.target_latent)
+
+    def grad(self, models, x01, inputs):  # dL_tex/dx through the encoder only
+        return input_grad(self.objective(models, x01, inputs), x01)
+
+
+class Mist(Method):
+    name, ascend, needs_target = "mist", False, True
+    summary = "minimise L_tex - w L_sem (w = 1e4): textural + semantic, full gradient"
+
+    def __init__(self, weight: float = 1e4):
+        self.weight = weight
+
+    def objective(self, models, x01, inputs):
+        z = encode(models, x01)
+        return textural_loss(z, inputs.target_latent) - self.weight * semantic_loss(models, z, inputs)
+
+    def grad(self, models, x01, inputs):
+        return input_grad(self.objective(models, x01, inputs), x01)
+
+
+class SDSPlus(Method):
+    name, ascend = "sds+", True
+    summary = "ascend L_sem with the SDS gradient (encoder Jacobian only)"
+
+    def objective(self, models, x01, inputs):
+        return semantic_loss(models, encode(models, x01), inputs)
+
+    def grad(self, models, x01, inputs):
+        return sds_direction(models, x01, inputs)
+
+
+class SDSMinus(SDSPlus):
+    name, ascend = "sds-", False
+    summary = "descend L_sem with the SDS gradient: the paper's recommended default"
+
+
+class SDSTMinus(Method):
+    name, ascend, needs_target = "sdst-", False, True
+    summary = "SDS(-) plus the textural term (r = 5): strongest on SDEdit/inpainting"
+
+    def __init__(self, rate: float = 5.0):
+        self.rate = rate
+
+    def objective(self, models, x01, inputs):
+        z = encode(models, x01)
+        return self.rate * semantic_loss(models, z, inputs) + textural_loss(z, inputs.target_latent)
+
+    def grad(self, models, x01, inputs):  # r * g_sds + dL_tex/dx, both through the encoder only
+        z = encode(models, x01)
+        with torch.no_grad():
+            residual = predict_noise(models, z.detach(), inputs) - inputs.noise.to(z.dtype)
+        tex_grad_z = 2 * (z.float() - inputs.target_latent.float())  # d L_tex / d z
+        (grad,) = torch.autograd.grad(z, x01, grad_outputs=self.rate * residual + tex_grad_z.to(z.dtype))
+        return grad
+
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (AdvDM, AdvDMMinus, PhotoGuard, Mist, SDSPlus, SDSMinus, SDSTMinus)
+}
+GRADIENT_METHODS = tuple(METHODS)
+
+
+def make_method(name: str, mist_weight: float = 1e4, sdst_rate: float = 5.0) -> Method:
+    if name == "mist":
+        return Mist(mist_weight)
+    if name == "sdst-":
+        return SDSTMinus(sdst_rate)
+    try:
+        return METHODS[name]()
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
