@@ -21,6 +21,8 @@ from .builtin_models import BUILTIN_MODELS, builtin_model_path
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
+PROMPT_CACHE_SIZE = 256  # distinct prompt embeddings kept per process
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -79,7 +81,10 @@ class DiffusionModels:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings c for each prompt; each distinct prompt is encoded once per process."""
+        """Text embeddings c for each prompt; recent distinct prompts are kept (LRU, bounded)."""
+        for p in prompts:  # refresh recency of the prompts we already hold
+            if p in self._prompt_cache:
+                self._prompt_cache[p] = self._prompt_cache.pop(p)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             tokens = self.tokenizer(
@@ -92,7 +97,10 @@ class DiffusionModels:
             embeds = self.text_encoder(tokens)[0]
             for prompt, embed in zip(missing, embeds):
                 self._prompt_cache[prompt] = embed
-        return torch.stack([self._prompt_cache[p] for p in prompts])
+        result = torch.stack([self._prompt_cache[p] for p in prompts])
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:  # memory must not grow with the dataset
+            self._prompt_cache.pop(next(iter(self._prompt_cache)))
+        return result
 
 
 def _freeze(module: torch.nn.Module) -> torch.nn.Module:
