@@ -1,0 +1,339 @@
+"""Where samples come from: URIs, filesystems, shard and folder listings, and `read_samples`.
+
+One path for data. An input or output is a URI:
+
+- a local folder of images (``~/art``),
+- local WebDataset shards (``data/shards/``, ``data/shard-{000000..000099}.tar``),
+- shards in S3 (``s3://bucket/prefix/``, ``s3://bucket/shard-{0000..0099}.tar``).
+
+S3 goes through `pyarrow.fs.S3FileSystem` with endpoint, region and credentials taken from
+`s3_options` or from the standard AWS environment variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` /
+``AWS_DEFAULT_REGION``), so AWS S3, MinIO and moto all work the same way.
+
+`read_samples(uri)` gives a Ray Dataset with one row per sample and the columns
+
+    key     str    the WebDataset ``__key__`` (folder: relative path without suffix)
+    source  str    the shard URI (folder: the file's URI)
+    image   bytes  the image member (None when a sample has no image member)
+    ext     str    the image member's suffix ("png", "jpg", ...)
+    meta    str    the sample's ``.json`` member as text, or None
+
+Shards are read with ``ray.data.read_webdataset(decoder=None)``: members stay bytes, so
+``.pkl``/``.pyd``/``.pt`` members are never unpickled (they are passed through untouched).
+Everything under ``<root>/tables/`` (the Parquet tables of a run) is skipped by every listing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow as pa
+from pyarrow import fs as pafs
+
+# image member suffixes, in the order one is picked when a sample holds several
+IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp", "gif")
+SHARD_SUFFIXES = (".tar",)
+# members that would run code if deserialised: only ever carried as opaque bytes
+UNSAFE_SUFFIXES = ("pkl", "pickle", "pyd", "pt", "pth")
+TABLES_DIR = "tables"
+S3_OPTION_KEYS = ("endpoint_url", "region", "access_key", "secret_key", "session_token", "anonymous")
+
+
+class InputError(ValueError):
+    """A URI that cannot be used (missing bucket, no shards, bad credentials...). str() is the reason."""
+
+
+# ---------------------------------------------------------------- brace patterns
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{000..099}`` ranges (zero padding kept) and ``{a,b}`` lists, as WebDataset does."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    else:
+        items = body.split(",")
+    return [out for item in items for out in expand_braces(head + item + tail)]
+
+
+def has_pattern(path: str) -> bool:
+    return "{" in path or any(c in path for c in "*?[")
+
+
+# ---------------------------------------------------------------- filesystems
+
+
+def s3_options_from_env(options: dict | None = None) -> dict:
+    """S3 settings: explicit `options` first, then the standard AWS environment variables."""
+    options = {k: v for k, v in (options or {}).items() if v not in (None, "")}
+    unknown = set(options) - set(S3_OPTION_KEYS)
+    if unknown:
+        raise InputError(f"unknown S3 option(s): {', '.join(sorted(unknown))}; known: {', '.join(S3_OPTION_KEYS)}")
+    env = os.environ
+    resolved = {
+        "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+        "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+        "access_key": env.get("AWS_ACCESS_KEY_ID"),
+        "secret_key": env.get("AWS_SECRET_ACCESS_KEY"),
+        "session_token": env.get("AWS_SESSION_TOKEN"),
+        "anonymous": False,
+    }
+    resolved.update(options)
+    return resolved
+
+
+def public_s3_options(options: dict | None) -> dict:
+    """The S3 settings that may be logged or stored: never keys, secrets or tokens."""
+    opts = s3_options_from_env(options)
+    return {"endpoint_url": opts.get("endpoint_url"), "region": opts.get("region")}
+
+
+def s3_filesystem(options: dict | None = None) -> pafs.S3FileSystem:
+    opts = s3_options_from_env(options)
+    kwargs: dict = {"region": opts.get("region") or "us-east-1"}
+    endpoint = opts.get("endpoint_url")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        kwargs["scheme"] = parsed.scheme
+    if opts.get("anonymous"):
+        kwargs["anonymous"] = True
+    elif opts.get("access_key") and opts.get("secret_key"):
+        kwargs["access_key"] = opts["access_key"]
+        kwargs["secret_key"] = opts["secret_key"]
+        if opts.get("session_token"):
+            kwargs["session_token"] = opts["session_token"]
+    return pafs.S3FileSystem(**kwargs)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_uri(uri: str, s3_options: dict | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) without looking at what is there. S3 paths are ``bucket/key``."""
+    if is_s3(uri):
+        path = uri[len("s3://") :]
+        return s3_filesystem(s3_options), path if has_pattern(path) else path.rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise InputError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def to_uri(filesystem: pafs.FileSystem, path: str) -> str:
+    """The URI of `path` on `filesystem` (what tables and manifests record)."""
+    return f"s3://{path}" if isinstance(filesystem, pafs.S3FileSystem) else path
+
+
+def _explain(err: Exception, uri: str) -> InputError:
+    text = str(err)
+    if "ACCESS_DENIED" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "403" in text:
+        return InputError(f"access denied for {uri}: check the S3 credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and endpoint")
+    if "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text:
+        return InputError(f"bucket not found: {uri}")
+    first = text.splitlines()[0] if text else type(err).__name__
+    return InputError(f"cannot access {uri}: {first}")
+
+
+def file_info(filesystem: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
+    try:
+        return filesystem.get_file_info(path)
+    except OSError as err:
+        raise _explain(err, uri) from None
+
+
+def check_bucket(filesystem: pafs.FileSystem, path: str, uri: str) -> None:
+    """Raise `InputError` when the bucket of an S3 path is missing or not accessible."""
+    if not isinstance(filesystem, pafs.S3FileSystem):
+        return
+    bucket = path.split("/", 1)[0]
+    info = file_info(filesystem, bucket, uri)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"bucket not found: s3://{bucket} (from {uri})")
+
+
+# ---------------------------------------------------------------- listings
+
+
+def _walk(filesystem: pafs.FileSystem, root: str, uri: str) -> list[pafs.FileInfo]:
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise _explain(err, uri) from None
+    skip = posixpath.join(root.rstrip("/"), TABLES_DIR) + "/"
+    return [
+        i for i in infos
+        if i.type == pafs.FileType.File and not i.path.startswith(skip)
+        and not any(part.startswith((".", "_")) for part in posixpath.relpath(i.path, root).split("/"))
+    ]
+
+
+def _suffix(path: str) -> str:
+    return posixpath.splitext(path)[1].lower().lstrip(".")
+
+
+def parse_uri(uri: str, s3_options: dict | None = None) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path, kind) for a URI; kind is "shards" or "folder".
+
+    A brace/glob pattern or a ``.tar`` path is "shards"; a directory (or S3 prefix) holding ``.tar``
+    files is "shards"; anything else (a folder of images, or one that does not exist yet) is "folder".
+    """
+    filesystem, path = split_uri(uri, s3_options)
+    if has_pattern(path) or path.endswith(SHARD_SUFFIXES):
+        return filesystem, path, "shards"
+    check_bucket(filesystem, path, uri)
+    if any(i.path.endswith(SHARD_SUFFIXES) for i in _walk(filesystem, path, uri)):
+        return filesystem, path, "shards"
+    return filesystem, path, "folder"
+
+
+def pattern_root(path: str) -> str:
+    """The directory part of a path before its first pattern character."""
+    if not has_pattern(path) and not path.endswith(SHARD_SUFFIXES):
+        return path.rstrip("/")
+    cut = min([path.index(c) for c in "{*?[" if c in path] + [len(path)])
+    return posixpath.dirname(path[:cut])
+
+
+def list_shards(filesystem: pafs.FileSystem, path: str, uri: str | None = None) -> list[str]:
+    """Every shard path of a shard URI, in a stable order (missing pattern members are an error)."""
+    uri = uri or to_uri(filesystem, path)
+    if "{" in path:
+        shards = expand_braces(path)
+        infos = [file_info(filesystem, p, uri) for p in shards]
+        missing = [to_uri(filesystem, i.path) for i in infos if i.type != pafs.FileType.File]
+        if missing:
+            raise InputError(f"{len(missing)} shard(s) of {uri} not found, e.g. {missing[0]}")
+        return shards
+    if any(c in path for c in "*?["):
+        import fnmatch
+
+        root = pattern_root(path)
+        return sorted(i.path for i in _walk(filesystem, root, uri) if fnmatch.fnmatch(i.path, path))
+    info = file_info(filesystem, path, uri)
+    if info.type == pafs.FileType.File:
+        return [path]
+    return sorted(i.path for i in _walk(filesystem, path, uri) if i.path.endswith(SHARD_SUFFIXES))
+
+
+def list_images(filesystem: pafs.FileSystem, path: str, uri: str | None = None) -> list[str]:
+    """Every image file under a folder, in a stable order (tables/ and hidden entries skipped)."""
+    uri = uri or to_uri(filesystem, path)
+    return sorted(i.path for i in _walk(filesystem, path, uri) if _suffix(i.path) in IMAGE_SUFFIXES)
+
+
+# ---------------------------------------------------------------- rows
+
+
+SAMPLE_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("source", pa.string()),
+    ("image", pa.binary()),
+    ("ext", pa.string()),
+    ("meta", pa.string()),
+])
+# the pipeline also carries every other member of a sample, untouched
+MEMBER_FIELDS = [("member_names", pa.list_(pa.string())), ("member_data", pa.list_(pa.binary()))]
+
+
+@dataclass
+class Normalizer:
+    """Turns read_webdataset / read_binary_files batches into rows of `SAMPLE_SCHEMA`."""
+
+    uri_prefix: str = ""  # "s3://" for S3 sources: `source` is always a URI
+    root: str = ""  # folder root: keys are paths relative to it
+    with_members: bool = False
+
+    def schema(self) -> pa.Schema:
+        return pa.schema(list(SAMPLE_SCHEMA) + (MEMBER_FIELDS if self.with_members else []))
+
+    def shards(self, batch) -> pa.Table:
+        """A pandas batch of ``read_webdataset(decoder=None)`` rows (one bytes column per suffix)."""
+        rows = []
+        columns = [c for c in batch.columns if c not in ("__key__", "__url__", "path")]
+        for rec in batch.to_dict("records"):
+            members = {c: rec[c] for c in columns if isinstance(rec.get(c), (bytes, bytearray))}
+            ext = next((s for s in IMAGE_SUFFIXES if s in members), None)
+            meta = members.get("json")
+            row = {
+                "key": rec["__key__"],
+                "source": self.uri_prefix + str(rec.get("__url__") or rec.get("path")),
+                "image": bytes(members[ext]) if ext else None,
+                "ext": ext,
+                "meta": bytes(meta).decode("utf-8", errors="replace") if meta is not None else None,
+            }
+            if self.with_members:
+                rest = sorted(s for s in members if s != ext)
+                row["member_names"] = rest
+                row["member_data"] = [bytes(members[s]) for s in rest]
+            rows.append(row)
+        return pa.Table.from_pylist(rows, schema=self.schema())
+
+    def files(self, batch) -> pa.Table:
+        """A pandas batch of ``read_binary_files(include_paths=True)`` rows (bytes, path)."""
+        rows = []
+        for rec in batch.to_dict("records"):
+            rel = posixpath.relpath(rec["path"], self.root) if self.root else rec["path"]
+            stem, ext = posixpath.splitext(rel)
+            row = {"key": stem, "source": self.uri_prefix + rec["path"], "image": bytes(rec["bytes"]),
+                   "ext": ext.lower().lstrip("."), "meta": None}
+            if self.with_members:
+                row["member_names"], row["member_data"] = [], []
+            rows.append(row)
+        return pa.Table.from_pylist(rows, schema=self.schema())
+
+
+def read_paths(filesystem: pafs.FileSystem, paths: list[str], kind: str, root: str = "", with_members: bool = False):
+    """A Ray Dataset of sample rows from explicit shard or image paths (in that order)."""
+    import ray
+
+    norm = Normalizer(
+        uri_prefix="s3://" if isinstance(filesystem, pafs.S3FileSystem) else "", root=root, with_members=with_members
+    )
+    if kind == "shards":
+        ds = ray.data.read_webdataset(paths, decoder=None, filesystem=filesystem, include_paths=True)
+        return ds.map_batches(norm.shards, batch_format="pandas", batch_size=64)
+    ds = ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True)
+    return ds.map_batches(norm.files, batch_format="pandas", batch_size=64)
+
+
+def read_samples(uri: str, s3_options: dict | None = None):
+    """A Ray Dataset with one row per sample of `uri`: key, source, image, ext, meta (see module doc)."""
+    filesystem, path, kind = parse_uri(uri, s3_options)
+    if kind == "shards":
+        paths = list_shards(filesystem, path, uri)
+        root = pattern_root(path)
+    else:
+        paths = list_images(filesystem, path, uri)
+        root = path
+    if not paths:
+        raise InputError(f"no {'shards' if kind == 'shards' else 'images'} found at {uri}")
+    return read_paths(filesystem, paths, kind, root=root)
+
+
+def sample_meta(meta: str | None) -> dict | None:
+    """The JSON metadata as a dict (None when absent or not a JSON object)."""
+    if not meta:
+        return None
+    try:
+        value = json.loads(meta)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
