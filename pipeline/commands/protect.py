@@ -60,28 +60,98 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "protect",
-        help="protect a folder of images",
-        description="Protect every image under INPUT_DIR and write it under OUTPUT_DIR with the same "
-        "relative name, format and size, plus OUTPUT_DIR/metrics.parquet (and .csv) with per-image "
-        "L-inf, PSNR, SSIM and seconds, and OUTPUT_DIR/errors.csv for inputs that could not be protected.",
+        help="protect a folder of images, local WebDataset shards or s3:// shards (through Ray)",
+        description="Protect every image under INPUT and write it under OUTPUT through Ray Data "
+        "(local Ray started in-process, or a cluster with --address / RAY_ADDRESS). INPUT is a folder of "
+        "images, a folder or brace pattern of WebDataset shards (shard-{000000..000099}.tar), or the same "
+        "under s3://bucket/prefix/. Shards keep their names, keys, formats and JSON metadata (protection "
+        "parameters added under 'mimicshield'); OUTPUT/tables/ gets Parquet tables protect_metrics, errors "
+        "and runs. Rerunning the same command resumes: finished shards are skipped.",
     )
-    p.add_argument("input", help="input folder of images")
-    p.add_argument("output", help="output folder")
+    p.add_argument("input", nargs="?", help="input folder, shard folder/pattern, or s3://bucket/prefix")
+    p.add_argument("output", nargs="?", help="output folder or s3://bucket/prefix")
+    p.add_argument("--config", default=None, help="YAML or JSON file with any of these options (input, output, "
+                   "method, eps, model, s3: {endpoint_url, region}, ...); command-line options win")
     add_protection_options(p)
-    p.set_defaults(func=run)
+    add_run_options(p)
+    p.set_defaults(func=run, _parser=p)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the Ray run itself (cluster, actors, S3 endpoint)."""
+    r = parser.add_argument_group("run")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--actors", type=int, default=None,
+                   help="protection actors (default: one per GPU in the cluster, or 1 on CPU)")
+    r.add_argument("--endpoint-url", default=None,
+                   help="S3 endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS_ENDPOINT_URL); "
+                   "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    r.add_argument("--region", default=None, help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
+    r.add_argument("--max-pixels", type=int, default=64_000_000,
+                   help="refuse larger images before decoding (decompression bombs; default 64e6)")
+    r.add_argument("--chunk-size", type=int, default=256, help="files per resumable unit for folder input (default 256)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_config_file(path: str) -> dict:
+    """A YAML or JSON file of option values (keys as on the command line, '-' or '_')."""
+    import json
+
+    text = open(path, encoding="utf-8").read()
+    if path.endswith(".json"):
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of options")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def apply_config_file(args: argparse.Namespace) -> dict:
+    """Fill options left at their defaults from --config; returns the file's `s3` section."""
+    if not getattr(args, "config", None):
+        return {}
+    values = load_config_file(args.config)
+    s3 = values.pop("s3", None) or {}
+    parser = getattr(args, "_parser", None)
+    for key, value in values.items():
+        if not hasattr(args, key) or key.startswith("_") or key in ("func", "config"):
+            raise ValueError(f"{args.config}: unknown option {key!r}")
+        default = parser.get_default(key) if parser is not None else None
+        if getattr(args, key) == default:
+            setattr(args, key, value)
+    return dict(s3)
+
+
+def settings_from_args(args: argparse.Namespace):
+    from ..ray_pipeline import RunSettings
+
+    s3 = apply_config_file(args)
+    if not args.input or not args.output:
+        raise ValueError("INPUT and OUTPUT are required (on the command line or in --config)")
+    if args.endpoint_url:
+        s3["endpoint_url"] = args.endpoint_url
+    if args.region:
+        s3["region"] = args.region
+    return RunSettings(
+        input=str(args.input), output=str(args.output), config=config_from_args(args), model=args.model,
+        revision=args.revision, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        actors=args.actors, address=args.address, s3=s3, max_pixels=args.max_pixels,
+        chunk_size=args.chunk_size, progress=not args.no_progress,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..local import protect_folder
+    from ..io import InputError
     from ..models import ModelLoadError
+    from ..ray_pipeline import run_protect
 
     try:
-        config = config_from_args(args)
-        summary = protect_folder(
-            args.input, args.output, config, model=args.model, device=args.device, dtype=args.dtype,
-            batch_size=args.batch_size, revision=args.revision,
-        )
-    except (ModelLoadError, ValueError, FileNotFoundError) as err:
+        settings = settings_from_args(args)
+        summary = run_protect(settings, log=lambda msg: print(msg, file=sys.stderr))
+    except (ModelLoadError, InputError, ValueError, FileNotFoundError) as err:
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
     print(summary)
