@@ -161,9 +161,7 @@ def preflight(s: RunSettings) -> Plan:
         raise ValueError("--batch-size must be >= 1")
     in_fs, in_path, kind = parse_uri(s.input, s.s3)
     if kind == "shards":
-        paths, root = list_shards(in_fs, in_path, s.input), pattern_root(in_path)
-        if len(paths) == 1 and root == in_path:
-            root = posixpath.dirname(in_path)
+        paths, root = list_shards(in_fs, in_path, s.input), pattern_root(in_path)  # a .tar path: its folder
     else:
         if in_fs.get_file_info(in_path).type.name == "NotFound":
             raise InputError(f"input not found: {s.input}")
@@ -216,10 +214,6 @@ def actor_options(s: RunSettings) -> tuple[dict, str]:
     return {"compute": compute, "num_cpus": per_actor, "_threads": max(1, int(per_actor))}, f"{size} CPU actor(s)"
 
 
-def _one_cpu() -> dict:
-    return {"num_cpus": 1}
-
-
 def build_dataset(s: RunSettings, plan: Plan, pending: list):
     import ray
 
@@ -230,11 +224,11 @@ def build_dataset(s: RunSettings, plan: Plan, pending: list):
     ctx.enable_progress_bars = s.progress
     paths = [p for unit in pending for p in unit.inputs]
     ds = read_paths(plan.in_fs, paths, plan.kind, root=plan.in_root, with_members=True)
-    # decoding runs in CPU tasks of its own: a ray_remote_args_fn keeps Ray from fusing this stage into
-    # the protection actors (it fuses task -> actor stages with equal resources), which would put
-    # decoding on the GPU actors' critical path
+    # decoding runs in CPU tasks of their own. Each reserves the memory a largest allowed image needs
+    # (RGB + a working copy), which also keeps Ray from fusing this stage into the protection actors
+    # (it fuses task -> actor stages with equal resources): decoding stays off the actors' critical path
     ds = ds.map_batches(Validator(s.max_pixels), batch_format="pyarrow", batch_size=s.batch_size * 4,
-                        ray_remote_args_fn=_one_cpu)
+                        num_cpus=1, memory=max(256 * 2**20, 6 * s.max_pixels))
     options, device = actor_options(s)
     threads = options.pop("_threads", None)
     device_name = "cuda" if (s.device == "auto" and "num_gpus" in options) else s.device

@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     from ..protect import ProtectConfig
     from ..ray_pipeline import RunSettings, run_protect
 
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the loopback server's access log
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -99,6 +102,8 @@ def copy_out(client, bucket: str, prefix: str, out_dir: str) -> str:
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             rel = obj["Key"][len(prefix) :]
+            if not rel or rel.endswith("/"):
+                continue  # folder markers
             dest = os.path.join(out_dir, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             client.download_file(bucket, obj["Key"], dest)
@@ -111,7 +116,7 @@ def print_tables(local: str) -> None:
     metrics = pd.read_parquet(os.path.join(local, "tables", "protect_metrics"))
     errors = pd.read_parquet(os.path.join(local, "tables", "errors"))
     print(f"\nwhere to look (copied out of the loopback bucket): {local}")
-    print(f"  protected shards: {local}/shard-*.tar  (read them with mimicshield.io.read_samples or webdataset)")
+    print(f"  protected shards: {local}/shard-*.tar  (pipeline.io.read_samples reads them back)")
     print(f"  tables:           {local}/tables/{{protect_metrics,errors,runs}}/*.parquet")
     if len(metrics):
         cols = ["key", "width", "height", "format", "linf", "psnr", "ssim"]

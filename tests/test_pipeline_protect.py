@@ -1,0 +1,181 @@
+"""`mimicshield protect` through Ray: S3 -> S3, folder -> folder, bad samples, resume, fail fast.
+
+Real components throughout: a moto server on loopback, a local Ray, the built-in tiny model.
+"""
+
+from __future__ import annotations
+
+import io as stdio
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pyarrow import fs as pafs
+
+from pipeline import tables
+from pipeline.cli import main
+from pipeline.protect import ProtectConfig
+from pipeline.ray_pipeline import FAULT_ENV, InjectedFault, RunSettings, run_protect
+from pipeline.sample_data import bad_samples, photo_samples, shard_bytes
+
+pytestmark = pytest.mark.slow
+EPS = 8
+FAST = ["--model", "tiny", "--steps", "2", "--eps", str(EPS), "--step-size", "2", "--device", "cpu",
+        "--batch-size", "4", "--no-progress"]
+
+
+def tar_samples(data: bytes) -> dict[str, dict[str, bytes]]:
+    """Read a WebDataset tar independently of the pipeline: {key: {suffix: bytes}}."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(fileobj=stdio.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            base = os.path.basename(member.name)
+            key = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
+            out.setdefault(key, {})[base.split(".", 1)[1]] = tar.extractfile(member).read()
+    return out
+
+
+def rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(stdio.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def check_tables(filesystem, root: str) -> dict[str, list[dict]]:
+    """Every Parquet file under root/tables/<name>/ matches schemas/<name>.json; returns the rows."""
+    rows = {}
+    for name in ("protect_metrics", "errors", "runs"):
+        sel = pafs.FileSelector(f"{root}/tables/{name}", allow_not_found=True)
+        files = [i.path for i in filesystem.get_file_info(sel) if i.path.endswith(".parquet")]
+        assert files, f"no {name} table written"
+        for path in files:
+            tables.check_file(path, name, filesystem=filesystem)
+        rows[name] = [r for p in files for r in pq.read_table(p, filesystem=filesystem).to_pylist()]
+    return rows
+
+
+def test_s3_to_s3_keys_metadata_budget_tables(ray_local, s3_server, s3_bucket, capsys):
+    client = boto3.client("s3", **s3_server)
+    shards = [photo_samples(3, sizes=((64, 64), (64, 96)), prefix=f"s{i}-") for i in range(2)]
+    shards[0][1]["cls"] = b"7"  # an extra member that must travel untouched
+    shards[0][2]["pkl"] = b"\x80\x04 never unpickled"
+    for i, samples in enumerate(shards):
+        client.put_object(Bucket=s3_bucket, Key=f"in/shard-{i:06d}.tar", Body=shard_bytes(samples))
+
+    code = main(["protect", f"s3://{s3_bucket}/in/shard-{{000000..000001}}.tar", f"s3://{s3_bucket}/out/", *FAST])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "6 samples in, 6 protected, 0 errors" in out.out
+    assert "testing" not in out.out + out.err  # the credentials never show
+
+    for i, samples in enumerate(shards):
+        written = tar_samples(client.get_object(Bucket=s3_bucket, Key=f"out/shard-{i:06d}.tar")["Body"].read())
+        assert sorted(written) == sorted(s["__key__"] for s in samples)
+        for sample in samples:
+            got = written[sample["__key__"]]
+            meta = json.loads(got["json"])
+            assert meta["caption"] == json.loads(sample["json"])["caption"]  # original metadata kept
+            assert meta["mimicshield"]["method"] == "sds-" and meta["mimicshield"]["eps"] == EPS
+            assert np.abs(rgb(got["png"]) - rgb(sample["png"])).max() <= EPS  # budget on the decoded file
+            assert rgb(got["png"]).shape == rgb(sample["png"]).shape
+            for extra in ("cls", "pkl"):
+                if extra in sample:
+                    assert got[extra] == sample[extra]
+
+    s3 = pafs.S3FileSystem(endpoint_override=s3_server["endpoint_url"].split("//")[1], scheme="http",
+                           region="us-east-1", access_key="testing", secret_key="testing")
+    rows = check_tables(s3, f"{s3_bucket}/out")
+    assert len(rows["protect_metrics"]) == 6 and not rows["errors"]
+    assert max(r["linf"] for r in rows["protect_metrics"]) <= EPS
+    (run,) = rows["runs"]
+    assert run["status"] == "completed" and run["samples_in"] == 6 and run["samples_written"] == 6
+    assert "testing" not in run["config"] and json.loads(run["config"])["protect"]["method"] == "sds-"
+
+
+def test_folder_to_folder(ray_local, tmp_path, capsys):
+    src, dst = tmp_path / "art", tmp_path / "protected"
+    (src / "sub").mkdir(parents=True)
+    samples = photo_samples(3, sizes=((64, 64), (72, 64)), formats=("PNG", "WEBP"))
+    names = []
+    for i, s in enumerate(samples):
+        ext = "png" if "png" in s else "webp"
+        rel = f"{'sub/' if i == 2 else ''}{s['__key__']}.{ext}"
+        (src / rel).write_bytes(s[ext])
+        names.append(rel)
+    code = main(["protect", str(src), str(dst), *FAST])
+    assert code == 0, capsys.readouterr().err
+    for rel in names:
+        before, after = rgb((src / rel).read_bytes()), rgb((dst / rel).read_bytes())
+        assert before.shape == after.shape and np.abs(after - before).max() <= EPS
+    rows = check_tables(pafs.LocalFileSystem(), str(dst))
+    assert sorted(r["key"] for r in rows["protect_metrics"]) == sorted(n.rsplit(".", 1)[0] for n in names)
+
+
+def test_bad_samples_become_error_rows(ray_local, tmp_path, capsys):
+    good = photo_samples(2)
+    samples = [good[0], *bad_samples(good[1]["png"]), good[1]]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "mixed.tar").write_bytes(shard_bytes(samples))
+    code = main(["protect", str(tmp_path / "in"), str(tmp_path / "out"), *FAST])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = check_tables(pafs.LocalFileSystem(), str(tmp_path / "out"))
+    errors = {r["key"]: r for r in rows["errors"]}
+    assert set(errors) == {"bad-corrupt", "bad-truncated", "bad-empty", "bad-notimage", "bad-bomb", "bad-noimage"}
+    assert "too large" in errors["bad-bomb"]["reason"]  # refused from the header, before decoding
+    assert "empty" in errors["bad-empty"]["reason"]
+    assert len(rows["protect_metrics"]) + len(rows["errors"]) == len(samples)  # counts balance
+    written = tar_samples((tmp_path / "out" / "mixed.tar").read_bytes())
+    assert sorted(written) == sorted(g["__key__"] for g in good)
+    assert f"{len(samples)} samples in, 2 protected, 6 errors" in out.out
+
+
+def test_resume_after_interruption(ray_local, tmp_path, monkeypatch):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        (src / f"shard-{i:06d}.tar").write_bytes(shard_bytes(photo_samples(2, prefix=f"s{i}-")))
+    settings = RunSettings(input=str(src), output=str(dst), model="tiny", device="cpu", progress=False,
+                           config=ProtectConfig(steps=2, eps=EPS, step_size=2))
+    monkeypatch.setenv(FAULT_ENV, "1")
+    with pytest.raises(InjectedFault):
+        run_protect(settings)  # crashes after the first shard was committed
+    assert sorted(p.name for p in dst.glob("*.tar")) == ["shard-000000.tar"]
+    first = (dst / "shard-000000.tar").read_bytes()
+
+    monkeypatch.delenv(FAULT_ENV)
+    summary = run_protect(settings)
+    assert (summary.units_skipped, summary.units_done, summary.samples_in) == (1, 2, 4)  # nothing redone
+    assert (dst / "shard-000000.tar").read_bytes() == first
+    for i in range(3):
+        assert sorted(tar_samples((dst / f"shard-{i:06d}.tar").read_bytes())) == [f"s{i}-00000", f"s{i}-00001"]
+    rows = check_tables(pafs.LocalFileSystem(), str(dst))
+    keys = [r["key"] for r in rows["protect_metrics"]]
+    assert sorted(keys) == sorted(f"s{i}-0000{j}" for i in range(3) for j in range(2))  # no duplicate, none missing
+    assert sorted(r["status"] for r in rows["runs"]) == ["completed", "failed"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "nope"], "unknown method"),
+        (["--model", "no-such-model"], "unknown model"),
+        (["OUT=s3://missing-bucket-xyz/out/"], "bucket not found"),
+    ],
+)
+def test_whole_run_failures_fail_fast(s3_server, tmp_path, capsys, args, message):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "shard-000000.tar").write_bytes(shard_bytes(photo_samples(1)))
+    output = str(tmp_path / "out")
+    if args[0].startswith("OUT="):
+        output, args = args[0][4:], []
+    code = main(["protect", str(src), output, *FAST, *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") <= 2
+    assert not Path(tmp_path / "out").exists()
