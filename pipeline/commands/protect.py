@@ -145,6 +145,7 @@ def settings_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..io import InputError
+        low_memory=bool(getattr(args, "low_memory", False)),
     from ..models import ModelLoadError
     from ..ray_pipeline import run_protect
 
