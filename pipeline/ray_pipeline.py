@@ -54,6 +54,7 @@ class RunSettings:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 4
+    low_memory: bool = False  # models.load_models(low_memory=...): less GPU memory, same result
     actors: int | None = None  # protection actors (default: one per GPU, or 1 on CPU)
     address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray started in-process
     s3: dict = field(default_factory=dict)  # endpoint_url, region, access_key, ... (env otherwise)
@@ -234,7 +235,7 @@ def build_dataset(s: RunSettings, plan: Plan, pending: list):
     device_name = "cuda" if (s.device == "auto" and "num_gpus" in options) else s.device
     settings = {
         "model": s.model, "revision": s.revision, "device": device_name,
-        "dtype": s.dtype, "threads": threads, "max_pixels": s.max_pixels, "config": s.config.to_dict(),
+        "dtype": s.dtype, "low_memory": s.low_memory, "threads": threads, "max_pixels": s.max_pixels, "config": s.config.to_dict(),
     }
     ds = ds.map_batches(ProtectActor, fn_constructor_args=(settings,), batch_format="pyarrow",
                         batch_size=s.batch_size, **options)
@@ -328,7 +329,7 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
 def _write_run_row(s: RunSettings, plan: Plan, run_id: str, started, seconds: float, counts: dict, failure) -> None:
     config = {
         "protect": s.config.to_dict(), "model": s.model, "revision": s.revision, "device": s.device, "dtype": s.dtype,
-        "batch_size": s.batch_size, "actors": s.actors, "max_pixels": s.max_pixels, "chunk_size": s.chunk_size,
+        "batch_size": s.batch_size, "low_memory": s.low_memory, "actors": s.actors, "max_pixels": s.max_pixels, "chunk_size": s.chunk_size,
         "s3": public_s3_options(s.s3) if (is_s3(s.input) or is_s3(s.output)) else None,
     }
     row = {

@@ -97,7 +97,8 @@ class ProtectActor:
         if settings.get("threads"):
             torch.set_num_threads(int(settings["threads"]))
         models = load_models(settings["model"], device=settings.get("device", "auto"),
-                             dtype=settings.get("dtype", "auto"), revision=settings.get("revision"))
+                             dtype=settings.get("dtype", "auto"), revision=settings.get("revision"),
+                             low_memory=bool(settings.get("low_memory", False)))
         self.protector = build_protector(models, ProtectConfig(**settings["config"]))
         self.device = str(models.device)
         self.max_pixels = settings.get("max_pixels", DEFAULT_MAX_PIXELS)
