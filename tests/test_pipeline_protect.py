@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from pyarrow import fs as pafs
 
+from jobs.protect import main as protect_job
 from pipeline import tables
 from pipeline.cli import main
 from pipeline.protect import ProtectConfig
@@ -106,7 +107,10 @@ def test_folder_to_folder(ray_local, tmp_path, capsys):
         rel = f"{'sub/' if i == 2 else ''}{s['__key__']}.{ext}"
         (src / rel).write_bytes(s[ext])
         names.append(rel)
-    code = main(["protect", str(src), str(dst), *FAST])
+    config = tmp_path / "job.yaml"  # through the Ray job entry point and a config file
+    config.write_text(f"input: {src}\noutput: {dst}\nmodel: tiny\nsteps: 2\neps: {EPS}\nstep_size: 2\n"
+                      "device: cpu\nno_progress: true\n")
+    code = protect_job(["--config", str(config)])
     assert code == 0, capsys.readouterr().err
     for rel in names:
         before, after = rgb((src / rel).read_bytes()), rgb((dst / rel).read_bytes())
