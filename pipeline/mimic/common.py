@@ -1,0 +1,107 @@
+"""What every mimicry scenario shares: image <-> tensor conversion, seeds, and diffusers pipelines.
+
+A mimic sees images at one working resolution: a square resize to ``resolution`` (the
+model's native size by default: 512 for SD 1.5, 64 for the built-in ``tiny``), as the
+Diff-Protect reference evaluation does. Outputs are uint8 H x W x 3 arrays at that size.
+
+Pipelines are plain diffusers pipelines loaded from the model's directory (``models.path``),
+safety checker off, progress bars off.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..models import resolve_device, resolve_dtype
+
+
+@dataclass
+class MimicOutput:
+    """One mimic output set: `images` (uint8 H x W x 3) produced under `setting` from `source` inputs."""
+
+    scenario: str
+    setting: str  # e.g. "one_step/s=0.10", "ddim50/s=0.30", "center", "steps=200"
+    source: str  # "protected" or "clean"
+    keys: list[str]
+    images: list[np.ndarray]
+    seconds: float = 0.0
+
+
+def key_seed(seed: int, key: str) -> int:
+    """A seed for one sample: the same for its protected and its clean copy, stable across runs."""
+    return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**31)
+
+
+def generators(seed: int, keys: list[str], device: torch.device) -> list[torch.Generator]:
+    gen_device = "cpu" if device.type == "mps" else device
+    return [torch.Generator(device=gen_device).manual_seed(key_seed(seed, k)) for k in keys]
+
+
+def native_resolution(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Square resize (aspect not kept, as the reference evaluation does); uint8 in, uint8 out."""
+    if rgb.shape[0] == size and rgb.shape[1] == size:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
+
+
+def to_pil(images: list[np.ndarray], size: int) -> list[Image.Image]:
+    return [Image.fromarray(resize_square(img, size)) for img in images]
+
+
+def to_model_tensor(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """A batch in [-1, 1], N x 3 x size x size, float32 on CPU."""
+    arr = np.stack([resize_square(img, size) for img in images]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def to_uint8(images) -> list[np.ndarray]:
+    """diffusers `output_type="np"` (N x H x W x 3 in [0, 1]) or a tensor in [-1, 1] -> uint8 arrays."""
+    if isinstance(images, torch.Tensor):
+        images = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+    return [np.round(np.clip(img, 0, 1) * 255).astype(np.uint8) for img in images]
+
+
+def load_pipeline(kind: str, model_path: str, device="auto", dtype="auto"):
+    """A diffusers pipeline of `kind` ("text2img", "img2img", "inpaint") from a model directory or hub id."""
+    import diffusers
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    classes = {
+        "text2img": StableDiffusionPipeline,
+        "img2img": StableDiffusionImg2ImgPipeline,
+        "inpaint": StableDiffusionInpaintPipeline,
+    }
+    diffusers.utils.logging.disable_progress_bar()
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    pipe = classes[kind].from_pretrained(
+        model_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def model_path(model: str) -> str:
+    """The diffusers directory (or hub id) of a model name accepted by `load_models`."""
+    from pathlib import Path
+
+    from ..builtin_models import BUILTIN_MODELS, builtin_model_path
+
+    if model in BUILTIN_MODELS:
+        return str(builtin_model_path(model))
+    local = Path(model).expanduser()
+    return str(local) if local.is_dir() else model
+
+
+def inpaint_model_for(model: str) -> str:
+    """The inpainting twin of a model name: tiny -> tiny-inpaint; anything else is used as given."""
+    return {"tiny": "tiny-inpaint"}.get(model, model)

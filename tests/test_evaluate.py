@@ -1,0 +1,123 @@
+"""The evaluation stage: every scenario end to end on a small group, in-process and through Ray + S3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyarrow import fs as pafs
+
+from pipeline import tables
+from pipeline.eval_metrics import MetricConfig
+from pipeline.evaluate import EvalSettings, GroupTrainer, PairEvaluator, annotate
+from pipeline.mimic import InpaintConfig, LoraConfig, SDEditConfig, TextualInversionConfig
+from pipeline.sample_data import photo_samples, png_bytes, shard_bytes
+
+pytestmark = pytest.mark.slow
+
+FAST_CONFIGS = dict(
+    sdedit=SDEditConfig(strengths=(0.5,), ddim_steps=2),
+    inpaint=InpaintConfig(masks=("meta", "center"), steps=2),
+    textual_inversion=TextualInversionConfig(steps=2, num_images=2, inference_steps=2),
+    lora=LoraConfig(rank=2, steps=2, num_images=2, inference_steps=2),
+    metrics=MetricConfig(device="cpu"),
+)
+FAST_ARGS = ["--model", "tiny", "--device", "cpu", "--strengths", "0.5", "--ddim-steps", "2", "--masks", "center",
+             "--inpaint-steps", "2", "--ti-steps", "2", "--lora-steps", "2", "--lora-rank", "2", "--num-images", "2",
+             "--inference-steps", "2", "--samples-per-group", "1"]
+
+
+def perturbed(png: bytes, eps: int, seed: int) -> bytes:
+    """A stand-in protected copy (a random +-eps sign pattern): the evaluation only sees pixels."""
+    from pipeline.images import decode_image
+
+    rgb = decode_image(png).rgb.astype(int)
+    sign = np.random.default_rng(seed).choice([-eps, eps], rgb.shape)
+    return png_bytes(np.clip(rgb + sign, 0, 255).astype(np.uint8))
+
+
+def test_every_scenario_writes_schema_rows(tmp_path):
+    samples = photo_samples(2, prefix="a")
+    batch = pa.Table.from_pylist([
+        {"key": s["__key__"], "p_image": perturbed(s["png"], 8, i), "c_image": s["png"],
+         "p_meta": json.dumps({"artist": "A", "mask": [0, 0, 32, 32],
+                               "mimicshield": {"method": "sds-", "eps": 8, "run_id": "r1"}}),
+         "c_meta": s["json"].decode()}
+        for i, s in enumerate(samples)
+    ])
+    settings = EvalSettings(protected="prot", clean="clean", output=str(tmp_path), device="cpu", **FAST_CONFIGS)
+    joined = annotate(batch, settings)
+    assert joined.column("group").to_pylist() == ["A", "A"] and joined.column("eps").to_pylist() == [8.0, 8.0]
+
+    rows = PairEvaluator(settings)(joined).to_pylist() + GroupTrainer(settings)(joined).to_pylist()
+    path = tables.write_table(rows, "mimicry_metrics", str(tmp_path / "tables" / "mimicry_metrics"))
+    tables.check_file(path, "mimicry_metrics")
+
+    by = {}
+    for r in rows:
+        by.setdefault(r["scenario"], set()).add((r["setting"], r["method"], r["metric"]))
+    assert set(by) == {"visibility", "sdedit", "inpaint", "textual_inversion", "lora"}
+    assert {s for s, _, _ in by["sdedit"]} == {"one_step/s=0.5", "ddim2/s=0.5"}
+    assert {s for s, _, _ in by["inpaint"]} == {"meta", "center"}
+    for scenario in ("sdedit", "inpaint", "textual_inversion", "lora"):
+        metrics = {(m, metric) for _, m, metric in by[scenario]}
+        assert ("sds-", "lpips_pair") in metrics and ("none", "clip_i2i_ref") in metrics
+    assert {("none", "kid"), ("sds-", "kid"), ("sds-", "clip_score")} <= {(m, x) for _, m, x in by["lora"]}
+    assert all(r["run"] == "r1" and not r["calibrated"] for r in rows if r["scenario"] != "visibility")
+    vis = {r["metric"]: r["value"] for r in rows if r["scenario"] == "visibility"}
+    assert 20 < vis["psnr"] < 40 and vis["ssim"] < 1 and vis["lpips"] > 0
+    # trained mimics and sample grids are kept
+    assert (tmp_path / "mimics/lora/r1/a/protected/pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "mimics/textual_inversion/r1/a/clean/learned_embeds.safetensors").exists()
+    assert len(list((tmp_path / "samples").rglob("*.png"))) >= 4
+
+
+def test_ray_evaluation_over_s3_then_report(ray_local, s3_server, s3_bucket, tmp_path, capsys):
+    from pipeline.cli import main
+    from test_report import images_loaded_in_chromium
+
+    client = boto3.client("s3", **s3_server)
+    samples = photo_samples(4, prefix="s")
+    for i, s in enumerate(samples):  # two artists, two images each
+        s["json"] = json.dumps({**json.loads(s["json"]), "artist": "A" if i < 2 else "B"}).encode()
+    client.put_object(Bucket=s3_bucket, Key="clean/shard-000000.tar", Body=shard_bytes(samples))
+
+    code = main(["protect", f"s3://{s3_bucket}/clean/", f"s3://{s3_bucket}/prot/", "--model", "tiny", "--steps", "2",
+                 "--eps", "8", "--step-size", "2", "--device", "cpu", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    code = main(["evaluate", f"s3://{s3_bucket}/prot/", "--clean", f"s3://{s3_bucket}/clean/",
+                 "--output", f"s3://{s3_bucket}/eval/", "--scenario", "sdedit,inpaint,textual_inversion,lora",
+                 *FAST_ARGS])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "testing" not in out.out + out.err  # credentials never printed
+
+    s3 = pafs.S3FileSystem(endpoint_override=s3_server["endpoint_url"].split("//")[1], scheme="http",
+                           region="us-east-1", access_key="testing", secret_key="testing")
+    files = [f.path for f in s3.get_file_info(pafs.FileSelector(f"{s3_bucket}/eval/tables/mimicry_metrics"))]
+    assert len(files) == 1
+    tables.check_file(files[0], "mimicry_metrics", filesystem=s3)
+    rows = pq.read_table(files[0], filesystem=s3).to_pylist()
+    assert {r["group"] for r in rows} == {"A", "B"}
+    assert {r["scenario"] for r in rows} == {"visibility", "sdedit", "inpaint", "textual_inversion", "lora"}
+    assert {(r["method"], r["eps"]) for r in rows} == {("sds-", 8.0), ("none", 0.0)}
+    vis = [r for r in rows if r["scenario"] == "visibility" and r["metric"] == "psnr"]
+    assert len(vis) == 2 and all(r["n_images"] == 2 for r in vis)  # per-image rows averaged per group
+    sd = [r for r in rows if r["scenario"] == "sdedit" and r["metric"] == "lpips_pair"]
+    assert {r["setting"] for r in sd} == {"one_step/s=0.5", "ddim2/s=0.5"}
+    assert all(r["n_images"] == 2 for r in sd)
+    lora = [r for r in rows if r["scenario"] == "lora" and r["metric"] == "kid"]
+    assert len(lora) == 4 and all(r["n_images"] == 2 for r in lora)  # 2 groups x (protected, clean)
+
+    assert main(["report", f"s3://{s3_bucket}/eval/"]) == 0
+    printed = capsys.readouterr().out
+    assert "lpips_pair" in printed and "sds- eps=8" in printed
+    page = tmp_path / "report.html"
+    page.write_bytes(client.get_object(Bucket=s3_bucket, Key="eval/report.html")["Body"].read())
+    loaded, total = images_loaded_in_chromium(page, tmp_path)
+    assert total >= 6 and loaded == total
