@@ -138,6 +138,7 @@ def settings_from_args(args: argparse.Namespace):
     return RunSettings(
         input=str(args.input), output=str(args.output), config=config_from_args(args), model=args.model,
         revision=args.revision, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        low_memory=bool(getattr(args, "low_memory", False)),
         actors=args.actors, address=args.address, s3=s3, max_pixels=args.max_pixels,
         chunk_size=args.chunk_size, progress=not args.no_progress,
     )
@@ -145,7 +146,6 @@ def settings_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..io import InputError
-        low_memory=bool(getattr(args, "low_memory", False)),
     from ..models import ModelLoadError
     from ..ray_pipeline import run_protect
 
@@ -155,5 +155,12 @@ def run(args: argparse.Namespace) -> int:
     except (ModelLoadError, InputError, ValueError, FileNotFoundError) as err:
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # mid-run failure (e.g. an unreadable tar): say so once, keep what is committed
+        from ..ray_pipeline import short_error
+
+        print(f"mimicshield: error: the run failed: {short_error(err)}\n"
+              "Shards finished before the failure are kept (see OUTPUT/tables/runs/); fix or remove the bad "
+              "input and rerun the same command to resume.", file=sys.stderr)
+        return 1
     print(summary)
     return 0
