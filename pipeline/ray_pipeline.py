@@ -35,9 +35,23 @@ from .io import (
     public_s3_options, read_paths, split_uri, to_uri,
 )
 from .protect import ALL_METHODS, ProtectConfig
-from .shards import UnitSink, committed, plan_units
+from .shards import UnitSink, committed, first_unreadable, plan_units
 
 FAULT_ENV = "MIMICSHIELD_FAULT_AFTER_UNITS"  # tests: fail after this many units were committed
+
+
+def short_error(err: BaseException) -> str:
+    """The innermost 'SomethingError: reason' of an exception (Ray wraps task errors in layers)."""
+    import re
+
+    texts, seen, e = [], set(), err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        texts.append(f"{type(e).__name__}: {e}")
+        e = getattr(e, "cause", None) or e.__cause__
+    found = [m.group(0).strip() for t in texts for m in re.finditer(r"^\s*[\w.]*(?:Error|Exception): .+$", t, re.M)]
+    found = [f for f in found if not f.startswith(("ray.", "RayTaskError", "SystemException"))]
+    return (found[-1] if found else texts[0].splitlines()[0])[:500]
 
 
 class InjectedFault(RuntimeError):
@@ -262,7 +276,7 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
                    "resolution": s.config.resolution, "model": s.model, "model_revision": s.revision,
                    "version": versions()["mimicshield"], "run_id": run_id}
     counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0}
-    device, failure = "-", None
+    device, failure, position = "-", None, 0
     fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
     try:
         if pending:
@@ -317,7 +331,14 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
                         batches.close()  # stops the streaming executor and its actors now, not at GC
             del ray
     except BaseException as err:
-        failure = f"{type(err).__name__}: {err}"
+        failure = short_error(err)
+        if plan.kind == "shards" and "ReadError" in failure and pending:
+            done_ids = set(plan.done)
+            left = [u for u in pending[max(position, 0):] if u.id not in done_ids]
+            bad = first_unreadable(plan.in_fs, left)
+            if bad:
+                failure = f"cannot read shard {bad} ({failure}); remove or repair it and rerun to resume"
+                raise InputError(failure) from err
         raise
     finally:
         seconds = time.perf_counter() - t0

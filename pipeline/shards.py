@@ -162,6 +162,7 @@ class UnitSink:
     meta_params: dict  # what goes under the "mimicshield" field of each sample's JSON
     tmpdir: str = field(default_factory=tempfile.gettempdir)
     unit: Unit | None = None
+    spool: ShardSpool | None = None
 
     def begin(self, unit: Unit) -> None:
         self.unit, self.counts = unit, UnitCounts()
@@ -211,6 +212,7 @@ class UnitSink:
                 write_bytes(self.out_fs, unit.output, local_file=local)
             finally:
                 os.unlink(local)
+                self.spool = None
         tables.write_table(self.metrics, "protect_metrics", posixpath.join(table_root, "protect_metrics"),
                            self.out_fs, basename=unit.id)
         tables.write_table(self.errors, "errors", posixpath.join(table_root, "errors"), self.out_fs, basename=unit.id)
@@ -224,4 +226,19 @@ class UnitSink:
     def abort(self) -> None:
         if self.spool is not None:
             self.spool.discard()
-        self.unit = None
+        self.unit, self.spool = None, None
+
+
+def first_unreadable(in_fs: pafs.FileSystem, units: list[Unit], limit: int = 16) -> str | None:
+    """After a read failure: the first of `units` (at most `limit`) whose tar cannot be read through."""
+    for unit in units[:limit]:
+        path = unit.inputs[0]
+        try:
+            with in_fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    if member.isfile():
+                        tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError):
+            return to_uri(in_fs, path)
+    return None
+
