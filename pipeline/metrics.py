@@ -16,7 +16,7 @@ PSNR_CAP = 100.0  # dB, reported for identical images
 
 
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].double()
+    return torch.tensor(img).permute(2, 0, 1)[None].double()  # a copy: decoded arrays are read-only
 
 
 def linf(clean: np.ndarray, protected: np.ndarray) -> float:
