@@ -29,6 +29,10 @@ def add_protection_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--mist-weight", type=float, default=1e4, help="w in mist's L_tex - w L_sem (default 1e4)")
     g.add_argument("--sdst-rate", type=float, default=5.0, help="r in sdst-'s r g_sds + g_tex (default 5)")
+    g.add_argument("--bank", default=None, help="fastprotect: bank file from `mimicshield train-fastprotect` "
+                   "(default: the model's default bank; built on the fly for tiny)")
+    g.add_argument("--lpips-weights", default=None, help="fastprotect: LPIPS-alex state dict for a calibrated "
+                   "strength map (default: random, seeded, uncalibrated)")
     m = parser.add_argument_group("model and device")
     m.add_argument(
         "--model",
@@ -54,6 +58,7 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
         resolution=args.resolution,
         mist_weight=args.mist_weight,
         sdst_rate=args.sdst_rate,
+        extra={k: v for k in ("bank", "lpips_weights") if (v := getattr(args, k, None)) is not None},
     )
 
 

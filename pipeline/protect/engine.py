@@ -91,6 +91,14 @@ def from_working(delta: torch.Tensor, height: int, width: int, resolution: str) 
     return F.interpolate(delta[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
+def start_to_working(delta: np.ndarray, size: tuple[int, int], resolution: str) -> torch.Tensor:
+    """A start perturbation (float H x W x 3, pixel units) -> 3 x h x w at the working size."""
+    d = torch.as_tensor(np.ascontiguousarray(delta), dtype=torch.float32).permute(2, 0, 1)[None]
+    if resolution == "native":
+        return F.pad(d, (0, size[1] - d.shape[3], 0, size[0] - d.shape[2]), mode="replicate")[0]
+    return F.interpolate(d, size=size, mode="bilinear", align_corners=False)[0]
+
+
 class Protector:
     """Runs one protection method over batches of images with one loaded model.
 
@@ -120,10 +128,13 @@ class Protector:
         images: list[np.ndarray],
         keys: list[str] | None = None,
         prompts: list[str | None] | None = None,
+        starts: list[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
         """Protect a list of uint8 H x W x 3 images; returns float perturbations (pixel units).
 
-        Images are grouped by working size internally, so any mix of sizes is fine.
+        Images are grouped by working size internally, so any mix of sizes is fine. `starts`
+        (optional float H x W x 3 perturbations, pixel units) replace the random/zero start,
+        e.g. FastProtect's perturbation for `fastprotect+pgd`.
         """
         keys = keys or [str(i) for i in range(len(images))]
         prompts = [p or self.config.prompt for p in (prompts or [None] * len(images))]
@@ -134,21 +145,32 @@ class Protector:
         out: list[np.ndarray | None] = [None] * len(images)
         for size, idx in groups.items():
             x = torch.stack([to_working(images[i], size, self.config.resolution) for i in idx])
-            delta = self.protect_tensor(x, [keys[i] for i in idx], [prompts[i] for i in idx])
+            start = None
+            if starts is not None:  # mapped to the working size like the image (pad or resize)
+                start = torch.stack([start_to_working(starts[i], size, self.config.resolution) for i in idx])
+            delta = self.protect_tensor(x, [keys[i] for i in idx], [prompts[i] for i in idx], start=start)
             for j, i in enumerate(idx):
                 h, w = images[i].shape[:2]
                 d = from_working(delta[j], h, w, self.config.resolution).clamp_(-self.config.eps, self.config.eps)
                 out[i] = d.permute(1, 2, 0).numpy()
         return out  # type: ignore[return-value]
 
-    def protect_tensor(self, x: torch.Tensor, keys: list[str], prompts: list[str]) -> torch.Tensor:
-        """PGD on a batch of one size. x: B x 3 x h x w in [0, 1] on CPU. Returns delta * 255."""
+    def protect_tensor(
+        self, x: torch.Tensor, keys: list[str], prompts: list[str], start: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """PGD on a batch of one size. x: B x 3 x h x w in [0, 1] on CPU. Returns delta * 255.
+
+        `start` (B x 3 x h x w, pixel units) replaces the configured init when given.
+        """
         cfg, models = self.config, self.models
         device = models.device
         eps, alpha = cfg.eps / 255.0, cfg.step_size / 255.0
         gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, k)) for k in keys]
         x_clean = x.to(device)
-        if cfg.init == "random":
+        if start is not None:
+            start = start.to(device).float().clamp(-cfg.eps, cfg.eps) / 255.0
+            x_adv = (x_clean + start).clamp(0, 1)
+        elif cfg.init == "random":
             start = torch.stack([torch.rand(x.shape[1:], generator=g) for g in gens]) * 2 - 1
             x_adv = (x_clean + eps * start.to(device)).clamp(0, 1)
         else:

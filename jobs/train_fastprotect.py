@@ -1,0 +1,89 @@
+"""Ray job entry point: train a FastProtect bank on one GPU of a cluster (one CPU if it has none).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/train_fastprotect.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
+            --data s3://bucket/train-shards/ --out s3://bucket/banks/sd15.safetensors --steps 40000
+
+Takes every `mimicshield train-fastprotect` option. The driver reads the training images
+(a folder, shards or s3:// through `pipeline.io`) at the training resolution and puts them in
+the object store; one Ray task (``num_gpus=1`` when the cluster has a GPU) loads the model and
+trains; the driver writes the bank and its loss log (``BANK.log.jsonl``) to --out, a local path
+or s3:// (so the bank lands where the driver says, whichever node trained it).
+Exit status 0 on success, 2 when the run cannot start (model, data, options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import posixpath
+import sys
+
+
+def _train_task(images, summary: dict, options: dict) -> tuple[bytes, list[dict], dict]:
+    """Runs on the worker: load the model, train, return (bank bytes, loss history, metadata)."""
+    import argparse as _argparse
+
+    from pipeline.commands.train_fastprotect import train_config_from_args
+    from pipeline.fastprotect.train import train_bank
+    from pipeline.models import load_models
+
+    args = _argparse.Namespace(**options)
+    models = load_models(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    bank, history = train_bank(models, images, train_config_from_args(args), summary, progress=False)
+    return bank.to_bytes(), history, bank.metadata
+
+
+def write_bytes(uri: str, data: bytes, s3: dict | None) -> None:
+    from pyarrow import fs as pafs
+
+    from pipeline.io import split_uri
+
+    filesystem, path = split_uri(uri, s3)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        filesystem.create_dir(posixpath.dirname(path) or ".", recursive=True)
+    with filesystem.open_output_stream(path) as f:
+        f.write(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from pipeline.commands.train_fastprotect import add_training_options, train_config_from_args
+    from pipeline.fastprotect.bank import default_bank_path
+    from pipeline.fastprotect.train import load_training_images
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_options(parser)
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    args = parser.parse_args(argv)
+    s3 = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
+    try:
+        config = train_config_from_args(args)
+        images, summary = load_training_images(args.data, config.resolution, args.max_images, config.seed, s3)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"train_fastprotect: error: {err}", file=sys.stderr)
+        return 2
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=0)(_train_task)
+    options = {k: v for k, v in vars(args).items() if k != "address"}
+    try:
+        data, history, meta = ray.get(task.remote(ray.put(images), summary, options))
+    except ray.exceptions.RayTaskError as err:
+        cause = err.as_instanceof_cause()
+        if isinstance(cause, (ValueError, FileNotFoundError, RuntimeError)):
+            print(f"train_fastprotect: error: {cause}", file=sys.stderr)
+            return 2
+        raise
+    out = args.out or str(default_bank_path(args.model))
+    write_bytes(out, data, s3)
+    write_bytes(out + ".log.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode(), s3)
+    print(json.dumps({"bank": out, "gpus": gpus, "images": summary["n_images"], "loss_initial": meta["loss_initial"],
+                      "loss_final": meta["loss_final"], "seconds": meta["training"]["seconds"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
