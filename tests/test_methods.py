@@ -1,0 +1,391 @@
+"""Every protection method on the built-in `tiny` model: budgets, objectives, gradients, resolution.
+
+- Budget: protect through `protect_encoded`, decode the written PNG, max |written - clean| <= eps
+  (floor(eps) for a non-integer eps).
+- Objective: each method's own loss, averaged over a fixed set of (t, noise) draws, moves the
+  intended way and ends clearly better than uniform random noise with the same budget.
+- Gradients: the SDS family's gradient is the encoder's vector-Jacobian product with
+  (eps_theta - eps), computed here independently (torch.func.vjp on the encoder alone, the UNet
+  residual under no_grad); the UNet never enters autograd; AdvDM's gradient is autograd through
+  the whole graph; no method ever produces gradients for model weights.
+- Resolution: native works on odd sizes; `--resolution N` maps back to the original size.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.images import decode_image
+from pipeline.protect import ProtectConfig, build_protector
+from pipeline.protect.batch import protect_encoded
+from pipeline.protect.methods import METHODS, StepInputs, make_method, sds_direction
+
+PGD_METHODS = tuple(METHODS)  # advdm, advdm-, photoguard, mist, sds+, sds-, sdst- (FastProtect: its own tests)
+SIZE = 32  # small enough for a fast suite on 2 CPU cores; the tiny model works at any multiple of 16
+EPS = 16.0
+STEPS = 10
+STEP_SIZE = 2.0
+EVAL_DRAWS = 32
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def to_x01(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
+
+
+def linf(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int64) - b.astype(np.int64)).max())
+
+
+@pytest.fixture(scope="module")
+def photos_small() -> list[np.ndarray]:
+    """Four real photos (scikit-image) resized to SIZE x SIZE, uint8."""
+    from skimage import data
+
+    out = []
+    for name in PHOTO_NAMES:
+        img = Image.fromarray(getattr(data, name)())
+        side = min(img.size)
+        img = img.crop((0, 0, side, side)).resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+        out.append(np.asarray(img.convert("RGB")))
+    return out
+
+
+def independent_encode(models, x01: torch.Tensor) -> torch.Tensor:
+    """z = s * E(x), written here from the VAE alone (not through pipeline.protect.methods)."""
+    return models.vae.encode(x01 * 2 - 1).latent_dist.mean * models.vae.config.scaling_factor
+
+
+def independent_noisy_latent(models, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """z_t = sqrt(a_t) z + sqrt(1 - a_t) eps from the scheduler's alphas_cumprod."""
+    a_t = models.scheduler.alphas_cumprod.to(z.device)[t].view(-1, 1, 1, 1).to(z.dtype)
+    return a_t.sqrt() * z + (1 - a_t).sqrt() * noise
+
+
+def fixed_inputs(models, batch: int, size: int = SIZE, seed: int = 7, with_target=None) -> StepInputs:
+    gen = torch.Generator().manual_seed(seed)
+    latent = size // models.vae_factor
+    return StepInputs(
+        cond=models.encode_prompts(["a photo", "an artwork painting", "a photo", "an anime picture"][:batch]),
+        t=torch.tensor([50, 300, 600, 900][:batch]),
+        noise=torch.randn(batch, 4, latent, latent, generator=gen),
+        target_latent=with_target,
+    )
+
+
+def eval_inputs(models, batch: int, target_latent, draws: int = EVAL_DRAWS, seed: int = 1234) -> StepInputs:
+    """`draws` fixed (t, noise) pairs per image, laid out as draws x batch rows."""
+    gen = torch.Generator().manual_seed(seed)
+    n = draws * batch
+    latent = SIZE // models.vae_factor
+    return StepInputs(
+        cond=models.encode_prompts(["a photo"] * n),
+        t=torch.randint(0, models.scheduler.config.num_train_timesteps, (n,), generator=gen),
+        noise=torch.randn(n, 4, latent, latent, generator=gen),
+        target_latent=None if target_latent is None else target_latent.repeat(draws, 1, 1, 1),
+    )
+
+
+def mean_objective(method, models, x01: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """The method's objective per image, averaged over the fixed draws."""
+    draws = inputs.t.shape[0] // x01.shape[0]
+    with torch.no_grad():
+        values = method.objective(models, x01.repeat(draws, 1, 1, 1), inputs)
+    return values.view(draws, x01.shape[0]).mean(0)
+
+
+def assert_weights_untouched(models) -> None:
+    for part in (models.vae, models.unet, models.text_encoder):
+        for name, param in part.named_parameters():
+            assert not param.requires_grad, name
+            assert param.grad is None, name
+
+
+# --------------------------------------------------------------------------- budget + objective per method
+
+
+@pytest.fixture(scope="module")
+def protected(tiny_models, photos_small):
+    """method -> (protector, written uint8 images, results) after STEPS steps at EPS on the 4 photos."""
+    cache = {}
+
+    def run(method: str):
+        if method not in cache:
+            config = ProtectConfig(method=method, eps=EPS, steps=STEPS, step_size=STEP_SIZE, seed=0)
+            protector = build_protector(tiny_models, config)
+            keys = [f"photos/{n}" for n in PHOTO_NAMES]
+            results = protect_encoded(protector, keys, [png_bytes(p) for p in photos_small])
+            for res in results:
+                assert res.error is None, (res.key, res.error)
+            written = [decode_image(res.data).rgb for res in results]
+            cache[method] = protector, written, results
+        return cache[method]
+
+    return run
+
+
+@pytest.mark.parametrize("method", PGD_METHODS)
+def test_budget_holds_on_written_file(method, protected, photos_small, tiny_models):
+    _, written, results = protected(method)
+    assert_weights_untouched(tiny_models)  # no method computes gradients for model weights
+    for clean, out, res in zip(photos_small, written, results):
+        assert res.ext == "png" and Image.open(io.BytesIO(res.data)).format == "PNG"
+        assert out.shape == clean.shape
+        assert linf(out, clean) <= EPS
+        assert linf(out, clean) >= EPS - 1  # the budget is actually used
+        assert res.metrics["linf"] == linf(out, clean)
+        assert res.metrics["psnr"] < 100 and 0 < res.metrics["ssim"] < 1
+
+
+@pytest.mark.parametrize("method", PGD_METHODS)
+def test_non_integer_budget_is_floored_on_written_file(method, tiny_models, photos_small):
+    protector = build_protector(tiny_models, ProtectConfig(method=method, eps=4.5, step_size=2.0, steps=3))
+    images = photos_small[:1]
+    results = protect_encoded(protector, ["a"], [png_bytes(p) for p in images])
+    for clean, res in zip(images, results):
+        assert res.error is None, res.error
+        out = decode_image(res.data).rgb
+        assert linf(out, clean) == 4  # 4.5 -> 4 on the file, and the full 4 is used
+
+
+@pytest.mark.parametrize("method", PGD_METHODS)
+def test_objective_moves_the_intended_way_and_beats_random_noise(method, protected, tiny_models, photos_small):
+    protector, written, _ = protected(method)
+    method_obj = protector.method
+    target = protector.target_latent((SIZE, SIZE)).expand(len(photos_small), -1, -1, -1) if method_obj.needs_target else None
+    inputs = eval_inputs(tiny_models, len(photos_small), target)
+
+    rng = np.random.default_rng(0)
+    random_noise = [
+        np.clip(p.astype(np.int64) + rng.integers(-int(EPS), int(EPS) + 1, p.shape), 0, 255).astype(np.uint8)
+        for p in photos_small
+    ]
+    clean = mean_objective(method_obj, tiny_models, to_x01(photos_small), inputs)
+    prot = mean_objective(method_obj, tiny_models, to_x01(written), inputs)
+    rand = mean_objective(method_obj, tiny_models, to_x01(random_noise), inputs)
+
+    sign = 1.0 if method_obj.ascend else -1.0  # +1: higher is better for the protector
+    gain = sign * (prot - clean)  # per image
+    random_gain = sign * (rand - clean)
+    summary = f"{method}: clean {clean.tolist()} protected {prot.tolist()} random {rand.tolist()}"
+    assert (gain > 0).all(), summary  # every image moved the intended way
+    # clearly better than random noise of the same budget: at least 3x the random change,
+    # and a change of at least 5% of the clean objective's size
+    assert gain.mean() > 3 * random_gain.abs().mean(), summary
+    assert gain.mean() > 0.05 * clean.abs().mean(), summary
+    assert_weights_untouched(tiny_models)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.fixture
+def x_batch(photos_small) -> torch.Tensor:
+    return to_x01(photos_small)
+
+
+def unet_output_grad_flags(models):
+    """A forward hook recording whether each UNet output is part of an autograd graph."""
+    flags: list[bool] = []
+
+    def hook(_module, _inputs, output):
+        flags.append(bool(output.sample.requires_grad if hasattr(output, "sample") else output[0].requires_grad))
+
+    return flags, models.unet.register_forward_hook(hook)
+
+
+def independent_sds_grad(models, x01: torch.Tensor, inputs: StepInputs, extra_z_grad=None) -> torch.Tensor:
+    """(dz/dx)^T v with v = (eps_theta(z_t, t, c) - eps) [+ extra], by torch.func.vjp of the encoder alone."""
+    z, vjp_fn = torch.func.vjp(lambda x: independent_encode(models, x), x01)
+    with torch.no_grad():
+        z_t = independent_noisy_latent(models, z.detach(), inputs.t, inputs.noise)
+        residual = models.unet(z_t, inputs.t, encoder_hidden_states=inputs.cond).sample - inputs.noise
+    v = residual if extra_z_grad is None else extra_z_grad(residual, z.detach())
+    (grad,) = vjp_fn(v)
+    return grad
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 summation order: elementwise relative to the gradient's scale."""
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+    assert cosine(actual, expected) > 0.99999
+
+
+@pytest.mark.parametrize("name", ["sds+", "sds-"])
+def test_sds_gradient_is_encoder_vjp_with_unet_residual(name, tiny_models, x_batch):
+    models = tiny_models
+    inputs = fixed_inputs(models, len(x_batch))
+    method = make_method(name)
+    expected = independent_sds_grad(models, x_batch, inputs)
+
+    x = x_batch.clone().requires_grad_(True)
+    flags, handle = unet_output_grad_flags(models)
+    try:
+        grad = method.grad(models, x, inputs)
+        direct = sds_direction(models, x_batch.clone().requires_grad_(True), inputs)
+        direction = method.direction(models, x_batch.clone().requires_grad_(True), inputs)
+    finally:
+        handle.remove()
+    assert flags and not any(flags), "the UNet ran inside autograd"
+    assert_grad_close(grad, expected)
+    assert_grad_close(direct, expected)
+    assert_grad_close(direction, expected if method.ascend else -expected)
+    assert_weights_untouched(models)
+
+
+def test_sds_gradient_differs_from_full_semantic_gradient(tiny_models, x_batch):
+    """SDS skips the UNet Jacobian, so it is not the full dL_sem/dx (which AdvDM uses)."""
+    models = tiny_models
+    inputs = fixed_inputs(models, len(x_batch))
+    sds = make_method("sds+").grad(models, x_batch.clone().requires_grad_(True), inputs)
+    full = make_method("advdm").grad(models, x_batch.clone().requires_grad_(True), inputs)
+    for s, f in zip(sds, full):
+        assert cosine(s, f) < 0.99
+    assert not torch.allclose(sds / sds.norm(), full / full.norm(), atol=1e-3)
+
+
+def test_sdst_gradient_is_encoder_vjp_of_rate_residual_plus_textural(tiny_models, x_batch):
+    models = tiny_models
+    protector = build_protector(models, ProtectConfig(method="sdst-", sdst_rate=5.0))
+    target = protector.target_latent((SIZE, SIZE)).expand(len(x_batch), -1, -1, -1)
+    inputs = fixed_inputs(models, len(x_batch), with_target=target)
+    expected = independent_sds_grad(
+        models, x_batch, inputs, extra_z_grad=lambda res, z: 5.0 * res + 2 * (z - target)
+    )
+    flags, handle = unet_output_grad_flags(models)
+    try:
+        grad = protector.method.grad(models, x_batch.clone().requires_grad_(True), inputs)
+    finally:
+        handle.remove()
+    assert flags and not any(flags)
+    assert_grad_close(grad, expected)
+
+
+def independent_semantic_loss(models, x01: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    z = independent_encode(models, x01)
+    z_t = independent_noisy_latent(models, z, inputs.t, inputs.noise)
+    eps_theta = models.unet(z_t, inputs.t, encoder_hidden_states=inputs.cond).sample
+    return ((eps_theta - inputs.noise) ** 2).mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("name", ["advdm", "advdm-"])
+def test_advdm_gradient_is_autograd_through_the_whole_graph(name, tiny_models, x_batch):
+    models = tiny_models
+    inputs = fixed_inputs(models, len(x_batch))
+    x_ref = x_batch.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(independent_semantic_loss(models, x_ref, inputs).sum(), x_ref)
+
+    flags, handle = unet_output_grad_flags(models)
+    try:
+        method = make_method(name)
+        grad = method.grad(models, x_batch.clone().requires_grad_(True), inputs)
+        direction = method.direction(models, x_batch.clone().requires_grad_(True), inputs)
+    finally:
+        handle.remove()
+    assert flags and all(flags), "AdvDM must differentiate through the UNet"
+    assert_grad_close(grad, expected)
+    assert_grad_close(direction, expected if method.ascend else -expected)
+    assert_weights_untouched(models)
+
+
+@pytest.mark.parametrize("name", ["photoguard", "mist"])
+def test_textural_method_gradients_match_autograd(name, tiny_models, x_batch):
+    models = tiny_models
+    protector = build_protector(models, ProtectConfig(method=name, mist_weight=1e4))
+    target = protector.target_latent((SIZE, SIZE)).expand(len(x_batch), -1, -1, -1)
+    inputs = fixed_inputs(models, len(x_batch), with_target=target)
+    x_ref = x_batch.clone().requires_grad_(True)
+    loss = ((independent_encode(models, x_ref) - target) ** 2).sum(dim=(1, 2, 3))
+    if name == "mist":
+        loss = loss - 1e4 * independent_semantic_loss(models, x_ref, inputs)
+    (expected,) = torch.autograd.grad(loss.sum(), x_ref)
+    grad = protector.method.grad(models, x_batch.clone().requires_grad_(True), inputs)
+    assert_grad_close(grad, expected)
+    assert_weights_untouched(models)
+
+
+# --------------------------------------------------------------------------- engine behaviour
+
+
+def test_same_seed_and_key_reproduce_exactly(tiny_models, photos_small):
+    config = ProtectConfig(method="sds-", steps=3, seed=5)
+    first = build_protector(tiny_models, config).protect(photos_small[:2], keys=["a", "b"])
+    again = build_protector(tiny_models, config).protect(photos_small[:2], keys=["a", "b"])
+    other_seed = build_protector(tiny_models, ProtectConfig(method="sds-", steps=3, seed=6)).protect(
+        photos_small[:2], keys=["a", "b"]
+    )
+    for a, b, c in zip(first, again, other_seed):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("init", ["random", "zero"])
+def test_zero_steps_is_the_start_point(init, tiny_models, photos_small):
+    deltas = build_protector(tiny_models, ProtectConfig(method="sds-", steps=0, init=init, eps=8)).protect(
+        photos_small[:1], keys=["a"]
+    )
+    if init == "zero":
+        assert np.abs(deltas[0]).max() == 0
+    else:
+        assert 0 < np.abs(deltas[0]).max() <= 8
+
+
+def test_native_resolution_on_odd_size_keeps_size_and_budget(tiny_models, photos_small):
+    odd = np.asarray(Image.fromarray(photos_small[0]).resize((53, 37)))  # 37 rows x 53 columns
+    protector = build_protector(tiny_models, ProtectConfig(method="sds-", eps=8, steps=3))
+    (delta,) = protector.protect([odd], keys=["odd"])
+    assert delta.shape == (37, 53, 3)
+    (res,) = protect_encoded(protector, ["odd"], [png_bytes(odd)])
+    assert res.error is None
+    out = decode_image(res.data).rgb
+    assert out.shape == odd.shape
+    assert 0 < linf(out, odd) <= 8
+    assert (res.metrics["width"], res.metrics["height"]) == (53, 37)
+
+
+def test_mixed_sizes_in_one_batch(tiny_models, photos_small):
+    small = np.asarray(Image.fromarray(photos_small[1]).resize((20, 30)))
+    protector = build_protector(tiny_models, ProtectConfig(method="sds-", eps=8, steps=2))
+    deltas = protector.protect([photos_small[0], small, photos_small[2]], keys=["a", "b", "c"])
+    assert [d.shape for d in deltas] == [(SIZE, SIZE, 3), (30, 20, 3), (SIZE, SIZE, 3)]
+    assert all(np.abs(d).max() <= 8 for d in deltas)
+
+
+@pytest.mark.parametrize("method", ["sds-", "advdm"])
+def test_fixed_resolution_maps_back_to_original_size_within_budget(method, tiny_models, photos_small):
+    odd = np.asarray(Image.fromarray(photos_small[3]).resize((53, 37)))
+    protector = build_protector(tiny_models, ProtectConfig(method=method, eps=6.5, steps=3, resolution=32))
+    (delta,) = protector.protect([odd], keys=["odd"])
+    assert delta.shape == (37, 53, 3) and np.abs(delta).max() <= 6.5
+    (res,) = protect_encoded(protector, ["odd"], [png_bytes(odd)])
+    assert res.error is None
+    out = decode_image(res.data).rgb
+    assert out.shape == odd.shape
+    assert 0 < linf(out, odd) <= 6
+
+
+def test_config_validation():
+    for bad in (dict(eps=-1), dict(eps=300), dict(steps=-1), dict(step_size=0), dict(init="x"), dict(resolution="big")):
+        with pytest.raises(ValueError):
+            ProtectConfig(**bad)
+    with pytest.raises(ValueError, match="unknown method"):
+        make_method("nope")
