@@ -1,7 +1,7 @@
 """The Ray evaluation stage: mimic protected images and their clean originals, measure the gap.
 
     read_samples(PROTECTED) --+
-                              +-- join on key --> annotate (group, method, eps, run, prompt)
+                              +-- union, groupby(key) (inner join) --> annotate (group, method, eps, run, prompt)
     read_samples(CLEAN) ------+        |
                                        +--> PairEvaluator actors (map_batches, ActorPoolStrategy;
                                        |    SDEdit/inpaint models and metric backbones loaded once
@@ -378,8 +378,8 @@ class GroupTrainer:
                 fs.create_dir(dest, recursive=True)
                 with open(weights, "rb") as f, fs.open_output_stream(f"{dest}/{weights.name}") as g:
                     g.write(f.read())
-        prompt = getattr(mimic.config, "prompt_template", "").format(
-            token=getattr(mimic.config, "token", None) or _token(scenario, group))
+        # CLIP score against the prompt with the group's name in place of the learned token
+        prompt = mimic.config.prompt_template.format(token=group)
         rows = []
 
         def row(metric, value, n, seconds, baseline=False):
@@ -412,20 +412,28 @@ def mimic_slug(group: str) -> str:
     return placeholder_token(group)[1:-1]
 
 
-def _token(scenario: str, group: str) -> str:
-    from .mimic.textual_inversion import placeholder_token
-
-    return placeholder_token(group)
-
-
 # ---------------------------------------------------------------------------- driver
 
 
-def _tagged(ds, prefix: str):
-    def rename(batch: pa.Table) -> pa.Table:
-        return pa.table({"key": batch["key"], f"{prefix}_image": batch["image"], f"{prefix}_meta": batch["meta"]})
+def _tagged(ds, role: str):
+    def tag(batch: pa.Table) -> pa.Table:
+        return pa.table({"key": batch["key"], "role": pa.array([role] * len(batch), pa.string()),
+                         "image": batch["image"], "meta": batch["meta"]})
 
-    return ds.map_batches(rename, batch_format="pyarrow")
+    return ds.map_batches(tag, batch_format="pyarrow")
+
+
+def pair_by_key(group: pa.Table) -> pa.Table:
+    """All rows of one key (from protected and clean) -> one joined row; keys missing a side are dropped."""
+    rows = {r["role"]: r for r in group.to_pylist()}
+    if "p" not in rows or "c" not in rows or rows["p"]["image"] is None or rows["c"]["image"] is None:
+        return pa.table({"key": pa.array([], pa.string()), "p_image": pa.array([], pa.binary()),
+                         "p_meta": pa.array([], pa.string()), "c_image": pa.array([], pa.binary()),
+                         "c_meta": pa.array([], pa.string())})
+    p, c = rows["p"], rows["c"]
+    return pa.table({"key": [p["key"]], "p_image": pa.array([p["image"]], pa.binary()),
+                     "p_meta": pa.array([p["meta"]], pa.string()), "c_image": pa.array([c["image"]], pa.binary()),
+                     "c_meta": pa.array([c["meta"]], pa.string())})
 
 
 def actor_options(settings: EvalSettings) -> dict:
@@ -447,7 +455,8 @@ def build_pairs(settings: EvalSettings):
 
     prot = _tagged(read_samples(settings.protected, settings.s3_options), "p")
     clean = _tagged(read_samples(settings.clean, settings.s3_options), "c")
-    joined = prot.join(clean, join_type="inner", num_partitions=max(1, settings.actors or 1), on=("key",))
+    # an inner join on key as a groupby (Dataset.join would need polars, not a dependency here)
+    joined = prot.union(clean).groupby("key").map_groups(pair_by_key, batch_format="pyarrow")
     return joined.map_batches(annotate, fn_kwargs={"settings": settings}, batch_format="pyarrow")
 
 
@@ -493,7 +502,7 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     opts = actor_options(settings)
     rows: list[dict] = []
     per_image = pairs.map_batches(PairEvaluator, fn_constructor_kwargs={"settings": settings},
-                                  batch_size=settings.batch_size, batch_format="pyarrow", **opts)
+                                  batch_size=settings.batch_size, batch_format="pyarrow", **opts).materialize()
     rows += aggregate(per_image)  # visibility rows always; sdedit / inpaint when asked for
     if training_wanted:
         trained = pairs.groupby("group_id").map_groups(
