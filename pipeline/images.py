@@ -38,6 +38,7 @@ class DecodedImage:
     gray16: np.ndarray | None = None  # H x W uint16 source pixels of 16-bit grayscale images
     exif: bytes | None = None
     icc_profile: bytes | None = None
+    bits: int = 8  # bits per sample in the file; Pillow decodes 16-bit RGB(A) PNGs to 8 bits
 
     @property
     def size(self) -> tuple[int, int]:
@@ -70,6 +71,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     if getattr(img, "n_frames", 1) > 1:
         raise ImageError(f"animated {img.format} ({img.n_frames} frames) is not supported")
     fmt = img.format or "PNG"
+    raw = img.tile[0][3] if img.tile else None  # the decoder's raw mode, e.g. "RGB;16B"
+    bits = 16 if isinstance(raw, str) and ";16" in raw else 8
     try:
         img.load()
     except Exception as err:
@@ -97,6 +100,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         gray16=gray16,
         exif=img.info.get("exif"),
         icc_profile=img.info.get("icc_profile") if mode != "CMYK" else None,
+        bits=bits,
     )
 
 

@@ -107,6 +107,30 @@ def test_png_16bit_grayscale_stays_16bit_within_budget():
     assert linf(back.rgb, src.rgb) <= 4
 
 
+def png_16bit_rgb(pixels: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG written by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_png_16bit_rgb_is_flagged_and_written_as_8bit_within_budget():
+    pixels = np.random.default_rng(0).integers(0, 65536, (20, 30, 3)).astype(np.uint16)
+    src, out, back = roundtrip(png_16bit_rgb(pixels), eps=6.0)
+    assert src.bits == 16 and src.gray16 is None  # Pillow decodes it to 8 bits per channel
+    np.testing.assert_array_equal(src.rgb, (pixels >> 8).astype(np.uint8))
+    written = Image.open(io.BytesIO(out))
+    assert written.format == "PNG" and written.mode == "RGB" and written.size == (30, 20)
+    assert 0 < linf(back.rgb, src.rgb) <= 6
+
+
 def test_palette_with_transparency_becomes_rgba_with_alpha_kept():
     pal = Image.fromarray(random_rgb()).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     src, out, back = roundtrip(encode(pal, "PNG", transparency=0), eps=6.0)

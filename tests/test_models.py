@@ -38,7 +38,12 @@ def parts(models):
     return {"vae": models.vae, "unet": models.unet, "text_encoder": models.text_encoder}
 
 
-def test_tiny_loads_identically_twice_without_network(tiny_models, no_network):
+def test_tiny_loads_identically_twice_without_network(tiny_models, no_network, monkeypatch):
+    import huggingface_hub.constants
+
+    # even with the hub allowed, a built-in (a local directory) must not touch the network
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     again = load_models("tiny", device="cpu", dtype="fp32")
     assert no_network == []
     for name, module in parts(tiny_models).items():

@@ -32,6 +32,20 @@ def encode(img: Image.Image, fmt: str, **params) -> bytes:
     return buf.getvalue()
 
 
+def png_16bit_rgb(pixels: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG written by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
 def photo(h: int = 48, w: int = 40) -> np.ndarray:
     from skimage import data
 
@@ -51,6 +65,7 @@ def awkward_inputs() -> dict[str, bytes]:
         "empty.png": b"",  # e.g. what an unreadable file yields
         "truncated.png": good_png[: len(good_png) // 2],
         "gray16.png": encode(Image.fromarray(gray16), "PNG"),
+        "rgb16.png": png_16bit_rgb(rgb.astype(np.uint16) * 257),
         "cmyk.jpg": encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95),
         "palette_alpha.png": encode(
             Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=32), "PNG", transparency=3
@@ -117,11 +132,13 @@ def test_every_awkward_input_protected_or_reported(protector):
 
 def test_reasons_and_warnings(protector):
     inputs = awkward_inputs()
-    names = ["cmyk.jpg", "rotated.jpg", "one_pixel.png", "palette_alpha.png"]
+    names = ["cmyk.jpg", "rotated.jpg", "one_pixel.png", "palette_alpha.png", "rgb16.png", "gray16.png"]
     res = {r.key: r for r in protect_encoded(protector, names, [inputs[n] for n in names])}
     assert any("JPEG" in w for w in res["rotated.jpg"].warnings)
     assert any("CMYK" in w for w in res["cmyk.jpg"].warnings)
     assert any("RGBA" in w for w in res["palette_alpha.png"].warnings)
+    assert any("16-bit" in w for w in res["rgb16.png"].warnings)  # depth lost: said, not silent
+    assert not res["gray16.png"].warnings  # 16-bit grayscale is written as 16-bit
     assert math.isnan(res["one_pixel.png"].metrics["ssim"])  # too small for SSIM's window: NaN, not a crash
     assert Image.open(io.BytesIO(res["rotated.jpg"].data)).size == (40, 48)  # stored size, not rotated
 

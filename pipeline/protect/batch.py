@@ -74,6 +74,8 @@ def protect_encoded(
             res.warnings.append("JPEG output: lossy compression weakens the protection; prefer PNG or WebP")
         if image.output_mode != image.mode:
             res.warnings.append(f"mode {image.mode} written as {image.output_mode}")
+        if image.bits == 16 and image.gray16 is None:
+            res.warnings.append("16-bit colour written as 8-bit (decoded to 8 bits per channel)")
     return results
 
 
