@@ -7,7 +7,9 @@ One group = `--images` photos (scikit-image's, resized square). For each mimic: 
 (once, not per group), then per group training (default steps), saving the weights, loading
 them back with diffusers' loader and generating the default number of images. The first group
 is a warm-up; the median of the next `--repeats` groups is reported. The machine's load average
-is recorded, since a shared CPU slows everything down.
+is recorded, since a shared CPU slows everything down; on a CPU shared with other jobs use
+``--threads 1`` (two OpenMP threads per process on an oversubscribed 2-core machine ran 10-40x
+slower than one in our measurements).
 
 Writes benchmarks/results/<--out> (markdown) and prints it.
 """
@@ -66,10 +68,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--images", type=int, default=4, help="images per group")
     p.add_argument("--repeats", type=int, default=2, help="measured groups (after one warm-up group)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="mimic_cpu.md")
     args = p.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from pipeline.mimic import Lora, LoraConfig, TextualInversion, TextualInversionConfig
     from pipeline.mimic.common import model_path
