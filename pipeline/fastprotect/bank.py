@@ -145,6 +145,7 @@ class FastProtectBank:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(self.to_bytes())
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a bank is shared like a model
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
