@@ -100,6 +100,14 @@ def test_bank_is_refused_for_another_model(trained, tmp_path):
         FastProtectBank.load(other)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_bank_accepts_the_same_model_in_another_dtype(trained, dtype):
+    from pipeline.models import load_models
+
+    _, _, path = trained
+    load_bank_for(load_models("tiny", device="cpu", dtype=dtype), path)  # trained in fp32: still the same model
+
+
 def test_missing_default_bank_names_the_training_command(monkeypatch, tmp_path):
     from pipeline.models import load_models
 

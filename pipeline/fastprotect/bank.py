@@ -17,9 +17,9 @@ settings and data summary, the losses before and after training and the code ver
 Model check (`check_model`): a bank is used only with the model it was trained for, i.e.
 1. the config fingerprint matches (same VAE and UNet architecture and latent scale: a bank for
    ``tiny`` is refused for ``tiny-inpaint``, whose UNet differs, and for any other family), and
-2. the encoder's weights match: per-parameter mean and std within a relative 1e-3 (not a
-   hash, so the same weights loaded in fp32, fp16 or on another device still match, while any
-   fine-tuning or edit of the encoder is caught).
+2. the encoder's weights match: per-parameter mean and std within a relative 1e-3 (1e-2 for
+   a model loaded in bf16). Not a hash, so the same weights loaded in fp32, fp16, bf16 or on
+   another device still match, while an edit or fine-tune of the encoder is caught.
 The model *id* is recorded but not compared: a hub id and a local copy of the same model are
 the same model. Anything else is refused with `BankMismatchError`, saying how to retrain.
 """
@@ -44,7 +44,10 @@ BANK_FORMAT = "mimicshield-fastprotect-bank"
 BANK_FORMAT_VERSION = 1
 METADATA_KEY = "mimicshield"
 TENSOR_NAMES = ("perturbations", "centroids", "target_latents", "target_entropies", "target_images", "model_signature")
-SIGNATURE_RTOL, SIGNATURE_ATOL = 1e-3, 1e-6
+# (rtol, atol) for the encoder signature: loading fp32 weights in fp16 moves a mean or std by
+# about 1e-4 relative, in bf16 by about 1e-3; an edit or fine-tune of 1% or more is caught
+SIGNATURE_TOLERANCE = {torch.bfloat16: (1e-2, 5e-4)}
+SIGNATURE_DEFAULT_TOLERANCE = (1e-3, 1e-5)
 
 
 class BankMismatchError(ValueError):
@@ -169,8 +172,9 @@ class FastProtectBank:
                 f"(their VAE/UNet configs differ); {retrain}"
             )
         signature = encoder_signature(models)
+        rtol, atol = SIGNATURE_TOLERANCE.get(models.dtype, SIGNATURE_DEFAULT_TOLERANCE)
         if signature.shape != self.model_signature.shape or not torch.allclose(
-            signature, self.model_signature.double(), rtol=SIGNATURE_RTOL, atol=SIGNATURE_ATOL
+            signature, self.model_signature.double(), rtol=rtol, atol=atol
         ):
             raise BankMismatchError(
                 f"{source} was trained for model {trained_for!r}; {models.model_id!r} has the same architecture "
