@@ -47,7 +47,6 @@ from .mimic import (
 )
 
 TABLE = "mimicry_metrics"
-PAIRED = ("psnr", "ssim", "lpips", "clip_i2i")
 GROUP_KEYS = ["run", "group", "scenario", "setting", "method", "eps", "metric", "calibrated"]
 ROW_SCHEMA = pa.schema([
     ("run", pa.string()), ("group", pa.string()), ("scenario", pa.string()), ("setting", pa.string()),
@@ -112,7 +111,8 @@ def annotate(batch: pa.Table, settings: EvalSettings) -> pa.Table:
         eps = float(eps) if isinstance(eps, (int, float)) else math.nan
         run = settings.run or params.get("run_id") or default_run
         group = "all" if group in (None, "") else str(group)
-        prompt = p_meta.get("prompt") or c_meta.get("prompt") or settings.prompt
+        prompt = next((m[k] for m in (p_meta, c_meta) for k in ("prompt", "caption")
+                       if isinstance(m.get(k), str) and m[k].strip()), settings.prompt)
         rows.append({
             "key": row["key"], "p_image": row["p_image"], "c_image": row["c_image"],
             "meta": json.dumps({**c_meta, **{k: v for k, v in p_meta.items() if k != "mimicshield"}}),
@@ -249,10 +249,7 @@ class PairEvaluator:
 
     def _evaluate(self, items) -> list[dict]:
         rows = []
-        meta = [items_r for items_r in items]
-        recs = [m[0] for m in meta]
-        prot = [m[1] for m in meta]
-        clean = [m[2] for m in meta]
+        recs, prot, clean = (list(column) for column in zip(*items))
         keys = [r["key"] for r in recs]
         prompts = [r["prompt"] for r in recs]
         metas = [json.loads(r["meta"]) for r in recs]
@@ -269,8 +266,8 @@ class PairEvaluator:
                 for source, images in (("protected", prot), ("clean", clean))
             }
         for scenario, by_source in outputs.items():
+            index = {k: i for i, k in enumerate(keys)}
             for out_p, out_c in zip(by_source["protected"], by_source["clean"]):
-                index = {k: i for i, k in enumerate(keys)}
                 per_image_p = out_p.seconds / max(1, len(out_p.keys))
                 per_image_c = out_c.seconds / max(1, len(out_c.keys))
                 for j, key in enumerate(out_p.keys):

@@ -78,6 +78,7 @@ def test_every_scenario_writes_schema_rows(tmp_path):
 
 
 def test_ray_evaluation_over_s3_then_report(ray_local, s3_server, s3_bucket, tmp_path, capsys):
+    from jobs.evaluate import main as evaluate_job
     from pipeline.cli import main
     from test_report import images_loaded_in_chromium
 
@@ -90,9 +91,12 @@ def test_ray_evaluation_over_s3_then_report(ray_local, s3_server, s3_bucket, tmp
     code = main(["protect", f"s3://{s3_bucket}/clean/", f"s3://{s3_bucket}/prot/", "--model", "tiny", "--steps", "2",
                  "--eps", "8", "--step-size", "2", "--device", "cpu", "--no-progress"])
     assert code == 0, capsys.readouterr().err
-    code = main(["evaluate", f"s3://{s3_bucket}/prot/", "--clean", f"s3://{s3_bucket}/clean/",
-                 "--output", f"s3://{s3_bucket}/eval/", "--scenario", "sdedit,inpaint,textual_inversion,lora",
-                 *FAST_ARGS])
+    # through the Ray job entry point, with a config file (as `ray job submit` would run it)
+    config = tmp_path / "evaluate.json"
+    config.write_text(json.dumps({"protected": f"s3://{s3_bucket}/prot/", "clean": f"s3://{s3_bucket}/clean/",
+                                  "output": f"s3://{s3_bucket}/eval/",
+                                  "scenario": ["sdedit", "inpaint", "textual_inversion", "lora"]}))
+    code = evaluate_job(["--config", str(config), "--no-report", *FAST_ARGS])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "testing" not in out.out + out.err  # credentials never printed
