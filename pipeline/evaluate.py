@@ -258,6 +258,12 @@ class PairEvaluator:
                 continue
             for name, value in self.metrics.paired([p], [c]).items():
                 rows.append(self._row(r, "visibility", "inputs", name, value, 0.0, mimic=False))
+        if not self.mimics:  # only training scenarios asked for: still show the inputs
+            for r, p, c in zip(recs, prot, clean):
+                if c.shape == p.shape and self.samples.wants("visibility", r["group"]):
+                    self.samples.write("visibility", r["group"], r["key"], grid([[c, p, amplified_perturbation(c, p)]]), {
+                        "key": r["key"], "run": r["run"], "method": r["method"], "eps": r["eps"],
+                        "rows": ["clean | protected | amplified perturbation"], "columns": []})
         outputs = {}
         for scenario, mimic in self.mimics.items():
             kwargs = {"metas": metas} if scenario == "inpaint" else {}

@@ -125,3 +125,23 @@ def test_ray_evaluation_over_s3_then_report(ray_local, s3_server, s3_bucket, tmp
     page.write_bytes(client.get_object(Bucket=s3_bucket, Key="eval/report.html")["Body"].read())
     loaded, total = images_loaded_in_chromium(page, tmp_path)
     assert total >= 6 and loaded == total
+
+
+def test_cli_refuses_unknown_scenario(capsys):
+    from pipeline.cli import main
+
+    assert main(["evaluate", "prot", "--clean", "clean", "--output", "out", "--scenario", "sdedit,dreambooth"]) == 2
+    assert "unknown scenario(s) ['dreambooth']" in capsys.readouterr().err
+
+
+def test_inputs_grid_when_only_training_scenarios(tmp_path, photos):
+    from pipeline.sample_data import png_bytes
+
+    clean = png_bytes(photos["coffee"][:64, :64])
+    batch = pa.Table.from_pylist([{"key": "k", "p_image": perturbed(clean, 8, 0), "c_image": clean,
+                                   "p_meta": None, "c_meta": None}])
+    settings = EvalSettings(protected="prot", clean="clean", output=str(tmp_path), device="cpu", method="mist", eps=8,
+                            scenarios=("lora",), **FAST_CONFIGS)
+    rows = PairEvaluator(settings)(annotate(batch, settings)).to_pylist()
+    assert {(r["scenario"], r["group"], r["method"]) for r in rows} == {("visibility", "all", "mist")}
+    assert (tmp_path / "samples/visibility/all/k.png").exists()
