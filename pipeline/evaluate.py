@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from .eval_metrics import MetricConfig, Metrics
+from .models import DEFAULT_MODEL
 from .mimic import (
     SCENARIOS,
     TRAINING_SCENARIOS,
@@ -62,8 +63,8 @@ class EvalSettings:
     output: str
     scenarios: tuple[str, ...] = SCENARIOS
     group_by: str = "artist"
-    model: str = "tiny"
-    inpaint_model: str | None = None  # None: the model's inpainting twin (tiny -> tiny-inpaint)
+    model: str = DEFAULT_MODEL
+    inpaint_model: str | None = None  # None: the model's inpainting twin (tiny -> tiny-inpaint, SD 1.5 -> its inpainting)
     device: str = "auto"
     dtype: str = "auto"
     method: str | None = None  # override / fill in the protection method of the protected samples
@@ -492,10 +493,14 @@ class EvalSummary:
 def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     """Run every requested scenario over PROTECTED vs CLEAN; write the table; return a summary."""
     from .io import split_uri, to_uri
-    from .ray_pipeline import ensure_ray
+    from .mimic.common import inpaint_model_for
+    from .ray_pipeline import check_model, ensure_ray
     from .tables import write_table
 
     start = time.perf_counter()
+    check_model(settings.model)  # fail fast on the driver, not in every actor
+    if "inpaint" in settings.scenarios:
+        check_model(settings.inpaint_model or inpaint_model_for(settings.model))
     ensure_ray(settings.address)
     eval_id = f"eval-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     pairs = build_pairs(settings)

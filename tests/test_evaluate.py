@@ -50,7 +50,8 @@ def test_every_scenario_writes_schema_rows(tmp_path):
          "c_meta": s["json"].decode()}
         for i, s in enumerate(samples)
     ])
-    settings = EvalSettings(protected="prot", clean="clean", output=str(tmp_path), device="cpu", **FAST_CONFIGS)
+    settings = EvalSettings(protected="prot", clean="clean", output=str(tmp_path), model="tiny", device="cpu",
+                            **FAST_CONFIGS)
     joined = annotate(batch, settings)
     assert joined.column("group").to_pylist() == ["A", "A"] and joined.column("eps").to_pylist() == [8.0, 8.0]
 
@@ -132,6 +133,9 @@ def test_cli_refuses_unknown_scenario(capsys):
 
     assert main(["evaluate", "prot", "--clean", "clean", "--output", "out", "--scenario", "sdedit,dreambooth"]) == 2
     assert "unknown scenario(s) ['dreambooth']" in capsys.readouterr().err
+    # a model that cannot be loaded stops the run on the driver, with a clear message
+    assert main(["evaluate", "prot", "--clean", "clean", "--output", "out", "--model", "/no/such/model"]) == 2
+    assert "unknown model '/no/such/model'" in capsys.readouterr().err
 
 
 def test_inputs_grid_when_only_training_scenarios(tmp_path, photos):
@@ -140,8 +144,8 @@ def test_inputs_grid_when_only_training_scenarios(tmp_path, photos):
     clean = png_bytes(photos["coffee"][:64, :64])
     batch = pa.Table.from_pylist([{"key": "k", "p_image": perturbed(clean, 8, 0), "c_image": clean,
                                    "p_meta": None, "c_meta": None}])
-    settings = EvalSettings(protected="prot", clean="clean", output=str(tmp_path), device="cpu", method="mist", eps=8,
-                            scenarios=("lora",), **FAST_CONFIGS)
+    settings = EvalSettings(protected="prot", clean="clean", output=str(tmp_path), model="tiny", device="cpu",
+                            method="mist", eps=8, scenarios=("lora",), **FAST_CONFIGS)
     rows = PairEvaluator(settings)(annotate(batch, settings)).to_pylist()
     assert {(r["scenario"], r["group"], r["method"]) for r in rows} == {("visibility", "all", "mist")}
     assert (tmp_path / "samples/visibility/all/k.png").exists()

@@ -16,6 +16,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def add_parser(sub) -> None:
     from ..mimic import SCENARIOS
+    from ..models import DEFAULT_MODEL
 
     p = sub.add_parser(
         "evaluate",
@@ -31,8 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--output", required=True, help="output folder or s3:// prefix")
     p.add_argument("--scenario", type=_names, default=SCENARIOS, help=f"comma-separated: {','.join(SCENARIOS)}")
     p.add_argument("--group-by", default="artist", help="metadata field grouping samples for the training mimics")
-    p.add_argument("--model", default="tiny", help="mimic model: hub id, local diffusers directory or built-in")
-    p.add_argument("--inpaint-model", default=None, help="inpainting model (default: tiny-inpaint for tiny, else --model)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="mimic model: hub id, local diffusers directory or built-in (tiny, sd15-arch, ...)")
+    p.add_argument("--inpaint-model", default=None,
+                   help="inpainting model (default: tiny-inpaint for tiny, SD 1.5 inpainting for SD 1.5, else --model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="SDEdit/inpaint weights dtype")
     p.add_argument("--method", default=None, help="protection method, when the samples' metadata lacks it")
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         summary = run_evaluation(settings_from_args(args))
-    except (InputError, ModelLoadError, ValueError, FileNotFoundError) as err:
+    except (InputError, ModelLoadError, ValueError, FileNotFoundError) as err:  # raised before any actor starts
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
     print(summary)

@@ -102,6 +102,13 @@ def model_path(model: str) -> str:
     return str(local) if local.is_dir() else model
 
 
+INPAINT_TWINS = {
+    "tiny": "tiny-inpaint",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-inpainting",
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-inpainting",
+}
+
+
 def inpaint_model_for(model: str) -> str:
-    """The inpainting twin of a model name: tiny -> tiny-inpaint; anything else is used as given."""
-    return {"tiny": "tiny-inpaint"}.get(model, model)
+    """The inpainting twin of a known model (tiny -> tiny-inpaint, SD 1.5 -> SD 1.5 inpainting); else `model`."""
+    return INPAINT_TWINS.get(model, model)
