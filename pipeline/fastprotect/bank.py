@@ -206,8 +206,12 @@ def load_bank_for(models: DiffusionModels, path: str | os.PathLike | None = None
         path = default_bank_path(models.model_id)
         if not Path(path).is_file():
             if models.model_id == "tiny":
+                import sys
+
                 from .train import train_default_tiny_bank
 
+                print(f"mimicshield: training the default FastProtect bank for 'tiny' once (cached at {path})",
+                      file=sys.stderr)
                 train_default_tiny_bank(models, path)
             else:
                 raise FileNotFoundError(
