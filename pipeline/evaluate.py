@@ -506,6 +506,11 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     pairs = build_pairs(settings)
     training_wanted = any(s in settings.scenarios for s in TRAINING_SCENARIOS)
     pairs = pairs.materialize()
+    if pairs.count() == 0:
+        from .io import InputError
+
+        raise InputError(f"no sample of {settings.protected} has a clean original with the same key in "
+                         f"{settings.clean}: nothing to evaluate")
     log(f"evaluating {pairs.count()} protected/clean pairs: {', '.join(settings.scenarios)}")
     opts = actor_options(settings)
     rows: list[dict] = []
