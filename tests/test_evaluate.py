@@ -149,3 +149,15 @@ def test_inputs_grid_when_only_training_scenarios(tmp_path, photos):
     rows = PairEvaluator(settings)(annotate(batch, settings)).to_pylist()
     assert {(r["scenario"], r["group"], r["method"]) for r in rows} == {("visibility", "all", "mist")}
     assert (tmp_path / "samples/visibility/all/k.png").exists()
+
+
+def test_no_matching_keys_is_an_error(ray_local, tmp_path, photos, capsys):
+    from pipeline.cli import main
+
+    for folder, name in (("prot", "x.png"), ("clean", "y.png")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(png_bytes(photos["coffee"][:64, :64]))
+    code = main(["evaluate", str(tmp_path / "prot"), "--clean", str(tmp_path / "clean"), "--output",
+                 str(tmp_path / "out"), "--model", "tiny", "--scenario", "sdedit", "--device", "cpu"])
+    assert code == 2
+    assert "has a clean original with the same key" in capsys.readouterr().err
