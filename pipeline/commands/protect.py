@@ -43,6 +43,8 @@ def add_protection_options(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     m.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: fp16 on GPU)")
     m.add_argument("--batch-size", type=int, default=4, help="images per protection batch (default 4)")
+    m.add_argument("--low-memory", action="store_true",
+                   help="less GPU memory, same result: checkpoint the VAE encoder, keep the text encoder on CPU")
 
 
 def config_from_args(args: argparse.Namespace) -> ProtectConfig:
