@@ -167,6 +167,13 @@ class SDSMinus(SDSPlus):
 
 
 class SDSTMinus(Method):
+    """SDS(-) plus the textural term: x <- x - alpha sign(r g_sds + dL_tex/dx).
+
+    Both terms are descended: L_sem as in SDS(-), L_tex as in PhotoGuard (pull E(x) toward E(y)).
+    The reference writes the step as sign(r g_sds - g_tex); we read that with its own sign
+    convention for g_sds, and keep the one that descends both losses, as the name says.
+    """
+
     name, ascend, needs_target = "sdst-", False, True
     summary = "SDS(-) plus the textural term (r = 5): strongest on SDEdit/inpainting"
 
