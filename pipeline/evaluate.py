@@ -31,7 +31,7 @@ import posixpath
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -490,6 +490,25 @@ class EvalSummary:
                 f"{self.seconds:.1f}s\n  table:   {self.table}\n  samples: {self.samples}")
 
 
+def protection_from_runs(settings: EvalSettings) -> tuple[str | None, float | None]:
+    """(method, eps) of the completed protect runs recorded under PROTECTED/tables/runs, when they agree.
+
+    Folder outputs carry no per-sample metadata; this is where their protection parameters are.
+    """
+    import pyarrow.parquet as pq
+
+    from .io import split_uri
+
+    try:
+        fs, root = split_uri(settings.protected, settings.s3_options)
+        runs = pq.read_table(f"{root.rstrip('/')}/tables/runs", filesystem=fs).to_pylist()
+    except Exception:  # no runs table (not written by `mimicshield protect`): nothing to learn
+        return None, None
+    params = {(r["method"], json.loads(r["config"]).get("protect", {}).get("eps")) for r in runs
+              if r.get("status") == "completed" and r.get("config")}
+    return next(iter(params)) if len(params) == 1 else (None, None)
+
+
 def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     """Run every requested scenario over PROTECTED vs CLEAN; write the table; return a summary."""
     from .io import split_uri, to_uri
@@ -498,6 +517,10 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     from .tables import write_table
 
     start = time.perf_counter()
+    if settings.method is None or settings.eps is None:  # folder outputs: from the protect runs, when they agree
+        method, eps = protection_from_runs(settings)
+        settings = replace(settings, method=settings.method or method,
+                           eps=settings.eps if settings.eps is not None else eps)
     check_model(settings.model)  # fail fast on the driver, not in every actor
     if "inpaint" in settings.scenarios:
         check_model(settings.inpaint_model or inpaint_model_for(settings.model))

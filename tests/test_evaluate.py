@@ -161,3 +161,33 @@ def test_no_matching_keys_is_an_error(ray_local, tmp_path, photos, capsys):
                  str(tmp_path / "out"), "--model", "tiny", "--scenario", "sdedit", "--device", "cpu"])
     assert code == 2
     assert "has a clean original with the same key" in capsys.readouterr().err
+
+
+def test_folder_outputs_take_method_and_eps_from_the_protect_runs_table(tmp_path):
+    """Folder outputs carry no per-sample metadata: method/eps come from tables/runs when runs agree."""
+    import json
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+
+    from pipeline.evaluate import EvalSettings, protection_from_runs
+    from pipeline.tables import load_schema, write_table
+
+    def filler(field):  # a value for each required column this test does not care about
+        if pa.types.is_timestamp(field.type):
+            return datetime.now(timezone.utc)
+        return {pa.string(): "", pa.int64(): 0, pa.float64(): 0.0, pa.bool_(): False}.get(field.type)
+
+    required = {f.name: filler(f) for f in load_schema("runs") if not f.nullable}
+
+    def run_row(run_id, status, method, eps):
+        return {**required, "run_id": run_id, "status": status, "method": method,
+                "config": json.dumps({"protect": {"method": method, "eps": eps}})}
+
+    settings = EvalSettings(protected=str(tmp_path), clean=str(tmp_path), output=str(tmp_path / "eval"))
+    assert protection_from_runs(settings) == (None, None)  # no runs table
+    runs = str(tmp_path / "tables" / "runs")
+    write_table([run_row("a", "failed", "advdm", 4.0), run_row("b", "completed", "sds-", 8.0)], "runs", runs)
+    assert protection_from_runs(settings) == ("sds-", 8.0)  # failed runs don't count
+    write_table([run_row("c", "completed", "photoguard", 8.0)], "runs", runs)
+    assert protection_from_runs(settings) == (None, None)  # runs disagree: leave it to --method/--eps
