@@ -140,20 +140,9 @@ class Metrics:
 
     @cached_property
     def lpips_net(self) -> nn.Module:
-        import lpips
+        from .lpips_net import build_lpips
 
-        path = self.config.lpips_weights
-        # pretrained=True: the linear heads ship with the lpips package (no download);
-        # pnet_rand=True: never ask torchvision for ImageNet weights, load ours (or stay random)
-        net = _seeded(lambda: lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False))
-        if path:
-            state = _load_state_dict(path)
-            trunk = {}
-            for name, _ in net.net.named_parameters():  # slice{k}.{i}.weight <- features.{i}.weight
-                _, index, kind = name.split(".")
-                trunk[name] = state[f"features.{index}.{kind}"]
-            net.net.load_state_dict(trunk)
-        return net.eval().to(self.device)
+        return build_lpips(self.config.lpips_weights, self.device)[0]
 
     @cached_property
     def clip(self):
@@ -279,10 +268,3 @@ class Metrics:
         return out
 
 
-def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
-    return state.get("state_dict", state) if isinstance(state, dict) else state

@@ -31,8 +31,8 @@ def add_protection_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sdst-rate", type=float, default=5.0, help="r in sdst-'s r g_sds + g_tex (default 5)")
     g.add_argument("--bank", default=None, help="fastprotect: bank file from `mimicshield train-fastprotect` "
                    "(default: the model's default bank; built on the fly for tiny)")
-    g.add_argument("--lpips-weights", default=None, help="fastprotect: LPIPS-alex state dict for a calibrated "
-                   "strength map (default: random, seeded, uncalibrated)")
+    g.add_argument("--lpips-weights", default=None, help="fastprotect: torchvision AlexNet weights for a "
+                   "calibrated LPIPS strength map (default: random, seeded, uncalibrated)")
     m = parser.add_argument_group("model and device")
     m.add_argument(
         "--model",

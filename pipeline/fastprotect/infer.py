@@ -16,10 +16,10 @@ For an image x (any H x W) and a bank trained at R x R with budget eta (bank.py)
    budget; no antialias, so small outputs keep the pattern's amplitude), in pixel units, and
    clamped to [-eps, eps].
 
-LPIPS: `lpips.LPIPS(net='alex', spatial=True)`. Its weights cannot be downloaded here, so by
-default the AlexNet trunk and the linear heads are *random* (seeded, hence deterministic):
-the map is then uncalibrated, a proxy for visibility, not the LPIPS of the paper. Pass a state
-dict of the whole LPIPS module (alex trunk + heads, safetensors or a torch file) as
+LPIPS: spatial LPIPS-alex from pipeline.lpips_net: the lpips package's own linear heads and an
+AlexNet trunk that cannot be downloaded here, so by default it is *random* (seeded, hence
+deterministic): the map is then uncalibrated, a proxy for visibility, not the LPIPS of the paper.
+Pass torchvision's AlexNet weights (`alexnet-owt-7be5be79.pth` or a safetensors copy) as
 ``extra["lpips_weights"]`` (CLI: --lpips-weights) for the calibrated map.
 `extra["adaptive_strength"] = False` skips step 5 (ablation).
 
@@ -30,9 +30,7 @@ runs `config.steps` steps of it.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,29 +45,13 @@ from .kmeans import nearest_centroid
 
 FASTPROTECT_METHODS = ("fastprotect", "fastprotect+pgd")
 LPIPS_MIN_SIDE = 64
-LPIPS_SEED = 0
 
 
 def build_lpips(weights: str | None = None, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, bool]:
-    """(spatial LPIPS-alex module, calibrated?). Random but seeded without `weights`."""
-    import lpips
+    """(spatial LPIPS-alex module, calibrated?): see pipeline.lpips_net."""
+    from ..lpips_net import build_lpips as build
 
-    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
-        warnings.simplefilter("ignore")  # torchvision's `pretrained` deprecation notices
-        torch.manual_seed(LPIPS_SEED)
-        net = lpips.LPIPS(net="alex", pretrained=False, pnet_rand=True, spatial=True, verbose=False)
-    if weights:
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"LPIPS weights not found: {weights}")
-        if str(weights).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(weights)
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
-    net.requires_grad_(False)
-    return net.eval().to(device), bool(weights)
+    return build(weights, device, spatial=True)
 
 
 class FastProtector:
