@@ -48,3 +48,13 @@ def build_lpips(weights: str | None = None, device: torch.device | str = "cpu",
         net.net.load_state_dict(trunk)
     net.requires_grad_(False)
     return net.eval().to(device), bool(weights)
+
+
+@torch.no_grad()
+def lpips_distance(net: torch.nn.Module, a, b) -> float:
+    """LPIPS between two uint8 H x W x 3 images (0 for identical images)."""
+    import numpy as np
+
+    device = next(net.parameters()).device
+    x, y = (torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device) for img in (a, b))
+    return float(net(x, y).mean())

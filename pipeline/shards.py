@@ -198,7 +198,7 @@ class UnitSink:
             "method": self.run["method"], "eps": float(self.run["eps"]), "step_size": float(self.run["step_size"]),
             "steps": int(self.run["steps"]), "model": self.run["model"], "model_revision": self.run["model_revision"],
             "width": row["width"], "height": row["height"], "linf": row["linf"], "psnr": row["psnr"],
-            "ssim": row["ssim"], "lpips": None, "seconds": row["seconds"], "device": row["device"],
+            "ssim": row["ssim"], "lpips": row["lpips"], "seconds": row["seconds"], "device": row["device"],
             "warnings": row["warnings"], "run_id": self.run["run_id"],
         })
 

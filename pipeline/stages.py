@@ -33,6 +33,7 @@ RESULT_SCHEMA = pa.schema(
         ("linf", pa.float64()),
         ("psnr", pa.float64()),
         ("ssim", pa.float64()),
+        ("lpips", pa.float64()),  # only with --lpips-weights (a random backbone is not reported)
         ("seconds", pa.float64()),
         ("device", pa.string()),
         ("warnings", pa.string()),
@@ -102,18 +103,26 @@ class ProtectActor:
         self.protector = build_protector(models, ProtectConfig(**settings["config"]))
         self.device = str(models.device)
         self.max_pixels = settings.get("max_pixels", DEFAULT_MAX_PIXELS)
+        self.lpips = None
+        weights = self.protector.config.extra.get("lpips_weights")
+        if weights:  # LPIPS in protect_metrics only when it means something: calibrated weights
+            from .lpips_net import build_lpips, lpips_distance
+
+            net = build_lpips(weights, models.device)[0]
+            self.lpips = lambda clean, protected: lpips_distance(net, clean, protected)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from .protect.batch import protect_encoded
 
         rows = _rows(batch)
         for row in rows:
-            row.update(out_ext=None, linf=None, psnr=None, ssim=None, seconds=None, device=None, warnings=None)
+            row.update(out_ext=None, linf=None, psnr=None, ssim=None, lpips=None, seconds=None, device=None,
+                       warnings=None)
         todo = [row for row in rows if not row["stage"]]
         if todo:
             results = protect_encoded(
                 self.protector, [r["key"] for r in todo], [r["image"] for r in todo],
-                prompts=[sample_prompt(r) for r in todo], max_pixels=self.max_pixels,
+                prompts=[sample_prompt(r) for r in todo], max_pixels=self.max_pixels, lpips=self.lpips,
             )
             for row, res in zip(todo, results):
                 if res.error:
@@ -121,6 +130,7 @@ class ProtectActor:
                     continue
                 m = res.metrics
                 row.update(image=res.data, out_ext=res.ext, linf=m["linf"], psnr=m["psnr"], ssim=m["ssim"],
+                           lpips=m.get("lpips"),
                            seconds=m["seconds"], device=self.device, warnings="; ".join(res.warnings) or None)
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 

@@ -92,6 +92,7 @@ def test_s3_to_s3_keys_metadata_budget_tables(ray_local, s3_server, s3_bucket, c
     rows = check_tables(s3, f"{s3_bucket}/out")
     assert len(rows["protect_metrics"]) == 6 and not rows["errors"]
     assert max(r["linf"] for r in rows["protect_metrics"]) <= EPS
+    assert all(r["lpips"] is None for r in rows["protect_metrics"])  # no calibrated weights: not reported
     (run,) = rows["runs"]
     assert run["status"] == "completed" and run["samples_in"] == 6 and run["samples_written"] == 6
     assert "testing" not in run["config"] and json.loads(run["config"])["protect"]["method"] == "sds-"
@@ -120,11 +121,17 @@ def test_folder_to_folder(ray_local, tmp_path, capsys):
 
 
 def test_bad_samples_become_error_rows(ray_local, tmp_path, capsys):
+    import torchvision
+    from safetensors.torch import save_file
+
     good = photo_samples(2)
     samples = [good[0], *bad_samples(good[1]["png"]), good[1]]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "mixed.tar").write_bytes(shard_bytes(samples))
-    code = main(["protect", str(tmp_path / "in"), str(tmp_path / "out"), *FAST])
+    # AlexNet weights in torchvision's format (random here: real ones cannot be downloaded) fill `lpips`
+    save_file(torchvision.models.alexnet(weights=None).state_dict(), str(tmp_path / "alexnet.safetensors"))
+    code = main(["protect", str(tmp_path / "in"), str(tmp_path / "out"), *FAST,
+                 "--lpips-weights", str(tmp_path / "alexnet.safetensors")])
     out = capsys.readouterr()
     assert code == 0, out.err
     rows = check_tables(pafs.LocalFileSystem(), str(tmp_path / "out"))
@@ -133,6 +140,7 @@ def test_bad_samples_become_error_rows(ray_local, tmp_path, capsys):
     assert "too large" in errors["bad-bomb"]["reason"]  # refused from the header, before decoding
     assert "empty" in errors["bad-empty"]["reason"]
     assert len(rows["protect_metrics"]) + len(rows["errors"]) == len(samples)  # counts balance
+    assert all(r["lpips"] > 0 for r in rows["protect_metrics"])  # computed, and the images did change
     written = tar_samples((tmp_path / "out" / "mixed.tar").read_bytes())
     assert sorted(written) == sorted(g["__key__"] for g in good)
     assert f"{len(samples)} samples in, 2 protected, 6 errors" in out.out

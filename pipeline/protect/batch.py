@@ -8,6 +8,7 @@ one `ProtectResult`, written or failed, so every sample is accounted for.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,8 +35,12 @@ def protect_encoded(
     datas: list[bytes],
     prompts: list[str | None] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
 ) -> list[ProtectResult]:
-    """Decode, protect, re-encode and measure a batch; one result per input, in order."""
+    """Decode, protect, re-encode and measure a batch; one result per input, in order.
+
+    `lpips(clean, written)` adds an ``lpips`` metric (pass one only with calibrated weights).
+    """
     results = [ProtectResult(key=k) for k in keys]
     prompts = prompts or [None] * len(keys)
     decoded: dict[int, DecodedImage] = {}
@@ -70,6 +75,8 @@ def protect_encoded(
             continue
         h, w = image.size
         res.metrics = {**visibility_metrics(image.rgb, written), "seconds": seconds_each, "width": w, "height": h}
+        if lpips is not None:
+            res.metrics["lpips"] = lpips(image.rgb, written)
         if image.format == "JPEG":
             res.warnings.append("JPEG output: lossy compression weakens the protection; prefer PNG or WebP")
         if image.output_mode != image.mode:
