@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from image_files import png_16bit_rgb  # tests/image_files.py
 from pipeline.images import (
     ImageError,
     apply_perturbation,
@@ -105,20 +106,6 @@ def test_png_16bit_grayscale_stays_16bit_within_budget():
     assert diff.max() <= 4 * 257  # budget 4.5 -> 4 steps of 1/255 of the 16-bit range
     assert diff.max() > 0
     assert linf(back.rgb, src.rgb) <= 4
-
-
-def png_16bit_rgb(pixels: np.ndarray) -> bytes:
-    """A 16-bit-per-channel RGB PNG written by hand (Pillow cannot write one)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    h, w, _ = pixels.shape
-    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))
-    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def test_png_16bit_rgb_is_flagged_and_written_as_8bit_within_budget():

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from image_files import png_16bit_rgb  # tests/image_files.py
 from pipeline.images import decode_image
 from pipeline.protect import ProtectConfig, build_protector
 from pipeline.protect.batch import protect_encoded
@@ -30,20 +31,6 @@ def encode(img: Image.Image, fmt: str, **params) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **params)
     return buf.getvalue()
-
-
-def png_16bit_rgb(pixels: np.ndarray) -> bytes:
-    """A 16-bit-per-channel RGB PNG written by hand (Pillow cannot write one)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    h, w, _ = pixels.shape
-    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))
-    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def photo(h: int = 48, w: int = 40) -> np.ndarray:
