@@ -25,26 +25,18 @@ from types import SimpleNamespace
 import numpy as np
 
 from .common import MimicOutput, load_pipeline, native_resolution
-from .training import encode_latents, generate, group_seed, train_denoiser
+from .training import MimicTrainingConfig, encode_latents, generate, group_seed, train_denoiser
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(MimicTrainingConfig):
     rank: int = 4
-    steps: int = 50
     learning_rate: float = 1e-3
-    batch_size: int = 4
     token: str = "sks"  # a rare word standing for the group's style
     train_template: str = "a painting in the style of {token}"
-    prompt_template: str = "a painting in the style of {token}"
-    num_images: int = 4  # generated per group
-    inference_steps: int = 25
-    guidance_scale: float = 7.5
-    seed: int = 0
-    resolution: int | None = None
     targets: tuple[str, ...] = LORA_TARGETS
 
 

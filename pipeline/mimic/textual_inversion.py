@@ -27,26 +27,18 @@ import numpy as np
 import torch
 
 from .common import MimicOutput, load_pipeline, native_resolution
-from .training import encode_latents, generate, group_seed, train_denoiser
+from .training import MimicTrainingConfig, encode_latents, generate, group_seed, train_denoiser
 
 
 @dataclass
-class TextualInversionConfig:
-    steps: int = 50
+class TextualInversionConfig(MimicTrainingConfig):
     learning_rate: float = 5e-3
-    batch_size: int = 4
     initializer: str = "painting"  # the word the new embedding starts from
     train_templates: tuple[str, ...] = (
         "a painting in the style of {token}",
         "an artwork in the style of {token}",
         "a picture of {token}",
     )
-    prompt_template: str = "a painting in the style of {token}"
-    num_images: int = 4  # generated per group
-    inference_steps: int = 25
-    guidance_scale: float = 7.5
-    seed: int = 0
-    resolution: int | None = None
 
 
 def placeholder_token(group: str) -> str:

@@ -13,12 +13,27 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .common import generators, key_seed, to_model_tensor, to_uint8
+
+
+@dataclass
+class MimicTrainingConfig:
+    """What every trained mimic (textual inversion, LoRA) shares: its training budget and generation."""
+
+    steps: int = 50
+    batch_size: int = 4
+    prompt_template: str = "a painting in the style of {token}"
+    num_images: int = 4  # generated per group
+    inference_steps: int = 25
+    guidance_scale: float = 7.5
+    seed: int = 0
+    resolution: int | None = None
 
 
 @torch.no_grad()
