@@ -13,6 +13,15 @@ Resume: a unit whose marker exists (for the same inputs) is skipped. A crash bef
 leaves files that the rerun overwrites under the same names: no duplicate, nothing missing.
 Shards are spooled to a local temporary file while their samples arrive, then uploaded whole
 (local output: written beside the target under a hidden name and renamed into place).
+
+Crash windows are testable at one seam, `fault_point(point, unit_id)`, called at each step of a
+unit's commit. With ``MIMICSHIELD_FAULT=<point>:<unit id>`` in the environment of the process that
+commits, it raises `CommitFault` there (tests only). The points, in order:
+
+    mid-unit         the unit's first sample was added (folder output: its first file is written)
+    output-written   the output shard is uploaded (folder output: every file is written)
+    tables-written   protect_metrics and errors are written, the marker is not
+    committed        the marker is written
 """
 
 from __future__ import annotations
@@ -34,6 +43,19 @@ from .io import TABLES_DIR, to_uri
 
 MARKER_DIR = "_units"  # leading underscore: Parquet dataset readers skip it
 SAME_FORMAT = {"jpeg": "jpg", "tiff": "tif"}
+FAULT_ENV = "MIMICSHIELD_FAULT"  # tests: "<point>:<unit id>" (see module doc)
+FAULT_POINTS = ("mid-unit", "output-written", "tables-written", "committed")
+
+
+class CommitFault(RuntimeError):
+    """Raised on purpose by `fault_point` (FAULT_ENV) to test resuming after a crash."""
+
+
+def fault_point(point: str, unit_id: str) -> None:
+    """The seam where tests crash a unit's commit: raises `CommitFault` when FAULT_ENV names this point."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec and spec == f"{point}:{unit_id}":
+        raise CommitFault(f"{FAULT_ENV}={spec}: injected crash")
 
 
 @dataclass
@@ -193,6 +215,8 @@ class UnitSink:
             write_bytes(self.out_fs, path, row["image"])
             output = to_uri(self.out_fs, path)
         self.counts.written += 1
+        if self.counts.written == 1:
+            fault_point("mid-unit", self.unit.id)
         self.metrics.append({
             "key": row["key"], "source": row["source"], "output": output, "format": suffix,
             "method": self.run["method"], "eps": float(self.run["eps"]), "step_size": float(self.run["step_size"]),
@@ -213,14 +237,17 @@ class UnitSink:
             finally:
                 os.unlink(local)
                 self.spool = None
+        fault_point("output-written", unit.id)
         tables.write_table(self.metrics, "protect_metrics", posixpath.join(table_root, "protect_metrics"),
                            self.out_fs, basename=unit.id)
         tables.write_table(self.errors, "errors", posixpath.join(table_root, "errors"), self.out_fs, basename=unit.id)
+        fault_point("tables-written", unit.id)
         marker = {"unit": unit.id, "inputs_digest": unit.digest(), "inputs": len(unit.inputs),
                   "output": to_uri(self.out_fs, unit.output), "run_id": self.run["run_id"],
                   "samples": self.counts.samples, "written": self.counts.written, "errors": self.counts.errors}
         write_bytes(self.out_fs, marker_path(self.out_root, unit.id), json.dumps(marker).encode())
         self.unit = None
+        fault_point("committed", unit.id)
         return self.counts
 
     def abort(self) -> None:
