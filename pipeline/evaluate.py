@@ -427,17 +427,33 @@ def _tagged(ds, role: str):
     return ds.map_batches(tag, batch_format="pyarrow")
 
 
+PAIR_SCHEMA = pa.schema([("key", pa.string()), ("p_image", pa.binary()), ("p_meta", pa.string()),
+                         ("c_image", pa.binary()), ("c_meta", pa.string())])
+
+
 def pair_by_key(group: pa.Table) -> pa.Table:
-    """All rows of one key (from protected and clean) -> one joined row; keys missing a side are dropped."""
+    """All rows of one key (from protected and clean) -> one joined row; a side without an image stays null."""
     rows = {r["role"]: r for r in group.to_pylist()}
-    if "p" not in rows or "c" not in rows or rows["p"]["image"] is None or rows["c"]["image"] is None:
-        return pa.table({"key": pa.array([], pa.string()), "p_image": pa.array([], pa.binary()),
-                         "p_meta": pa.array([], pa.string()), "c_image": pa.array([], pa.binary()),
-                         "c_meta": pa.array([], pa.string())})
-    p, c = rows["p"], rows["c"]
-    return pa.table({"key": [p["key"]], "p_image": pa.array([p["image"]], pa.binary()),
-                     "p_meta": pa.array([p["meta"]], pa.string()), "c_image": pa.array([c["image"]], pa.binary()),
-                     "c_meta": pa.array([c["meta"]], pa.string())})
+    p, c = rows.get("p") or {}, rows.get("c") or {}
+    key = (p or c)["key"]
+    return pa.Table.from_pylist([{"key": key, "p_image": p.get("image"), "p_meta": p.get("meta"),
+                                  "c_image": c.get("image"), "c_meta": c.get("meta")}], schema=PAIR_SCHEMA)
+
+
+def one_sided(batch: pa.Table) -> pa.Table:
+    """The joined rows missing their protected or their clean image: key and which side is there."""
+    import pyarrow.compute as pc
+
+    p_missing, c_missing = pc.is_null(batch["p_image"]), pc.is_null(batch["c_image"])
+    side = pc.if_else(p_missing, pa.scalar("clean"), pa.scalar("protected"))
+    mask = pc.or_(p_missing, c_missing)
+    return pa.table({"key": pc.filter(batch["key"], mask), "side": pc.filter(side, mask)})
+
+
+def both_sides(batch: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.and_(pc.is_valid(batch["p_image"]), pc.is_valid(batch["c_image"])))
 
 
 def actor_options(settings: EvalSettings) -> dict:
@@ -454,14 +470,35 @@ def actor_options(settings: EvalSettings) -> dict:
 
 
 def build_pairs(settings: EvalSettings):
-    """Protected and clean samples joined on key and annotated (a lazy Ray Dataset)."""
+    """Protected and clean samples joined on key (a lazy Ray Dataset of PAIR_SCHEMA rows, one per key).
+
+    Keys found on one side only keep a row with the other side null (see `one_sided`, `both_sides`).
+    """
     from .io import read_samples
 
     prot = _tagged(read_samples(settings.protected, settings.s3_options), "p")
     clean = _tagged(read_samples(settings.clean, settings.s3_options), "c")
     # an inner join on key as a groupby (Dataset.join would need polars, not a dependency here)
-    joined = prot.union(clean).groupby("key").map_groups(pair_by_key, batch_format="pyarrow")
-    return joined.map_batches(annotate, fn_kwargs={"settings": settings}, batch_format="pyarrow")
+    return prot.union(clean).groupby("key").map_groups(pair_by_key, batch_format="pyarrow")
+
+
+def unmatched_keys(joined) -> dict[str, list[str]]:
+    """{"protected": keys without a clean original, "clean": keys without a protected copy}, sorted."""
+    out: dict[str, list[str]] = {"protected": [], "clean": []}
+    for r in joined.map_batches(one_sided, batch_format="pyarrow").take_all():
+        out[r["side"]].append(r["key"])
+    return {side: sorted(keys) for side, keys in out.items()}
+
+
+def describe_unmatched(unmatched: dict[str, list[str]]) -> str | None:
+    """One line for the log about keys on only one side, or None when every key is paired."""
+    parts = []
+    for side, other in (("protected", "clean original"), ("clean", "protected copy")):
+        keys = unmatched[side]
+        if keys:
+            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            parts.append(f"{len(keys)} {side} sample(s) without a {other} ({shown})")
+    return ("not evaluated: " + "; ".join(parts)) if parts else None
 
 
 def aggregate(per_image) -> list[dict]:
@@ -526,7 +563,12 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
         check_model(settings.inpaint_model or inpaint_model_for(settings.model))
     ensure_ray(settings.address)
     eval_id = f"eval-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
-    pairs = build_pairs(settings)
+    joined = build_pairs(settings).materialize()
+    unmatched = unmatched_keys(joined)
+    if describe_unmatched(unmatched):
+        log(describe_unmatched(unmatched))
+    pairs = joined.map_batches(both_sides, batch_format="pyarrow").map_batches(
+        annotate, fn_kwargs={"settings": settings}, batch_format="pyarrow")
     training_wanted = any(s in settings.scenarios for s in TRAINING_SCENARIOS)
     pairs = pairs.materialize()
     if pairs.count() == 0:
@@ -549,7 +591,9 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     path = write_table(rows, TABLE, f"{root}/tables/{TABLE}", filesystem=fs, basename=eval_id)
     fs.create_dir(f"{root}/evaluations", recursive=True)
     with fs.open_output_stream(f"{root}/evaluations/{eval_id}.json") as f:
-        f.write(json.dumps(settings_record(settings), indent=1, default=str).encode())
+        record = {**settings_record(settings), "unmatched": {side: {"count": len(keys), "keys": keys[:100]}
+                                                             for side, keys in unmatched.items()}}
+        f.write(json.dumps(record, indent=1, default=str).encode())
     groups = len({(r["run"], r["group"]) for r in rows})
     return EvalSummary(eval_id, to_uri(fs, path), len(rows), groups, time.perf_counter() - start,
                        to_uri(fs, f"{root}/samples"))
