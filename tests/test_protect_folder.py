@@ -83,7 +83,7 @@ def check_protected(name: str, source: bytes, written: bytes) -> None:
         assert diff(out.rgb, src.rgb) <= EPS, name
         assert diff(out.rgb, src.rgb) > 0 or min(src.size) == 1, name
     else:
-        assert diff(out.rgb, src.rgb) <= EPS + 24, name  # lossy: close, not exact
+        assert diff(out.rgb, src.rgb) <= EPS + 20, name  # lossy: quality 95 moves a pixel by <= 18 more (measured)
     if src.alpha is not None:
         np.testing.assert_array_equal(out.alpha, src.alpha, err_msg=name)
     if src.gray16 is not None:
@@ -101,6 +101,7 @@ def protector(tiny_models):
     return build_protector(tiny_models, ProtectConfig(method="sds-", eps=EPS, step_size=2, steps=2))
 
 
+@pytest.mark.mutation
 def test_every_awkward_input_protected_or_reported(protector):
     inputs = awkward_inputs()
     names = list(inputs)
@@ -117,6 +118,7 @@ def test_every_awkward_input_protected_or_reported(protector):
         assert res.metrics["linf"] <= EPS or name.endswith(".jpg")
 
 
+@pytest.mark.mutation
 def test_reasons_and_warnings(protector):
     inputs = awkward_inputs()
     names = ["cmyk.jpg", "rotated.jpg", "one_pixel.png", "palette_alpha.png", "rgb16.png", "gray16.png"]
@@ -130,11 +132,13 @@ def test_reasons_and_warnings(protector):
     assert Image.open(io.BytesIO(res["rotated.jpg"].data)).size == (40, 48)  # stored size, not rotated
 
 
+@pytest.mark.mutation
 def test_only_bad_inputs(protector):
     results = protect_encoded(protector, ["a", "b"], [b"", b"nope"])
     assert [r.stage for r in results] == ["decode", "decode"]
 
 
+@pytest.mark.mutation
 def test_oversized_image_refused_with_reason(protector):
     data = encode(Image.fromarray(photo()), "PNG")
     (res,) = protect_encoded(protector, ["big"], [data], max_pixels=100)
