@@ -9,6 +9,8 @@
   residual under no_grad); the UNet never enters autograd; AdvDM's gradient is autograd through
   the whole graph; no method ever produces gradients for model weights.
 - Resolution: native works on odd sizes; `--resolution N` maps back to the original size.
+
+Tests marked `mutation` are the fast subset mutmut runs against pipeline/protect/ (README, "Tests").
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ PAPER_DIRECTIONS = {
 MIST_W, SDST_R = 1e4, 5.0
 
 
+@pytest.mark.mutation
 def test_direction_table_covers_every_pgd_method():
     assert set(PAPER_DIRECTIONS) == set(PGD_METHODS)
 
@@ -262,6 +265,7 @@ def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert cosine(actual, expected) > 0.99999
 
 
+@pytest.mark.mutation
 @pytest.mark.parametrize("name", ["sds+", "sds-"])
 def test_sds_gradient_is_encoder_vjp_with_unet_residual(name, tiny_models, x_batch):
     models = tiny_models
@@ -284,6 +288,7 @@ def test_sds_gradient_is_encoder_vjp_with_unet_residual(name, tiny_models, x_bat
     assert_weights_untouched(models)
 
 
+@pytest.mark.mutation
 def test_sds_gradient_differs_from_full_semantic_gradient(tiny_models, x_batch):
     """SDS skips the UNet Jacobian, so it is not the full dL_sem/dx (which AdvDM uses)."""
     models = tiny_models
@@ -295,6 +300,7 @@ def test_sds_gradient_differs_from_full_semantic_gradient(tiny_models, x_batch):
     assert not torch.allclose(sds / sds.norm(), full / full.norm(), atol=1e-3)
 
 
+@pytest.mark.mutation
 def test_sdst_gradient_is_encoder_vjp_of_rate_residual_plus_textural(tiny_models, x_batch):
     models = tiny_models
     protector = build_protector(models, ProtectConfig(method="sdst-", sdst_rate=5.0))
@@ -321,6 +327,7 @@ def independent_semantic_loss(models, x01: torch.Tensor, inputs: StepInputs) -> 
     return ((eps_theta - inputs.noise) ** 2).mean(dim=(1, 2, 3))
 
 
+@pytest.mark.mutation
 @pytest.mark.parametrize("name", ["advdm", "advdm-"])
 def test_advdm_gradient_is_autograd_through_the_whole_graph(name, tiny_models, x_batch):
     models = tiny_models
@@ -341,6 +348,7 @@ def test_advdm_gradient_is_autograd_through_the_whole_graph(name, tiny_models, x
     assert_weights_untouched(models)
 
 
+@pytest.mark.mutation
 @pytest.mark.parametrize("name", ["photoguard", "mist"])
 def test_textural_method_gradients_match_autograd(name, tiny_models, x_batch):
     models = tiny_models
@@ -362,6 +370,7 @@ def test_textural_method_gradients_match_autograd(name, tiny_models, x_batch):
 # --------------------------------------------------------------------------- engine behaviour
 
 
+@pytest.mark.mutation
 def test_same_seed_and_key_reproduce_exactly(tiny_models, photos_small):
     config = ProtectConfig(method="sds-", steps=3, seed=5)
     first = build_protector(tiny_models, config).protect(photos_small[:2], keys=["a", "b"])
@@ -374,6 +383,7 @@ def test_same_seed_and_key_reproduce_exactly(tiny_models, photos_small):
         assert not np.array_equal(a, c)
 
 
+@pytest.mark.mutation
 @pytest.mark.parametrize("init", ["random", "zero"])
 def test_zero_steps_is_the_start_point(init, tiny_models, photos_small):
     deltas = build_protector(tiny_models, ProtectConfig(method="sds-", steps=0, init=init, eps=8)).protect(
@@ -385,6 +395,7 @@ def test_zero_steps_is_the_start_point(init, tiny_models, photos_small):
         assert 0 < np.abs(deltas[0]).max() <= 8
 
 
+@pytest.mark.mutation
 def test_native_resolution_on_odd_size_keeps_size_and_budget(tiny_models, photos_small):
     odd = np.asarray(Image.fromarray(photos_small[0]).resize((53, 37)))  # 37 rows x 53 columns
     protector = build_protector(tiny_models, ProtectConfig(method="sds-", eps=8, steps=3))
@@ -398,6 +409,7 @@ def test_native_resolution_on_odd_size_keeps_size_and_budget(tiny_models, photos
     assert (res.metrics["width"], res.metrics["height"]) == (53, 37)
 
 
+@pytest.mark.mutation
 def test_mixed_sizes_in_one_batch(tiny_models, photos_small):
     small = np.asarray(Image.fromarray(photos_small[1]).resize((20, 30)))
     protector = build_protector(tiny_models, ProtectConfig(method="sds-", eps=8, steps=2))
@@ -406,6 +418,7 @@ def test_mixed_sizes_in_one_batch(tiny_models, photos_small):
     assert all(np.abs(d).max() <= 8 for d in deltas)
 
 
+@pytest.mark.mutation
 @pytest.mark.parametrize("method", ["sds-", "advdm"])
 def test_fixed_resolution_maps_back_to_original_size_within_budget(method, tiny_models, photos_small):
     odd = np.asarray(Image.fromarray(photos_small[3]).resize((53, 37)))
@@ -419,6 +432,7 @@ def test_fixed_resolution_maps_back_to_original_size_within_budget(method, tiny_
     assert 0 < linf(out, odd) <= 6
 
 
+@pytest.mark.mutation
 def test_config_validation():
     for bad in (dict(eps=-1), dict(eps=300), dict(steps=-1), dict(step_size=0), dict(init="x"), dict(resolution="big")):
         with pytest.raises(ValueError):
@@ -444,6 +458,7 @@ class RecordingMethod:
         return self.inner.direction(models, x01, inputs)
 
 
+@pytest.mark.mutation
 @pytest.mark.parametrize("init", ["zero", "random"])
 def test_every_pgd_iterate_stays_in_the_eps_ball_and_pixel_range(init, tiny_models, photos_small):
     """Projection after *each* step: with step 2 and eps 3, two unprojected steps already leave the ball."""
@@ -465,6 +480,7 @@ def test_every_pgd_iterate_stays_in_the_eps_ball_and_pixel_range(init, tiny_mode
         assert np.abs(d).max() <= eps + 1e-4
 
 
+@pytest.mark.mutation
 def test_written_perturbation_is_the_rounded_one(tiny_models, photos_small):
     """written - clean == round(delta) (clipped to the pixel range): not floor, not truncation."""
     from pipeline.images import apply_perturbation, encode_image
@@ -482,6 +498,7 @@ def test_written_perturbation_is_the_rounded_one(tiny_models, photos_small):
         np.testing.assert_array_equal(written.astype(np.int64), expected)
 
 
+@pytest.mark.mutation
 def test_a_samples_output_does_not_depend_on_its_batch_or_order(tiny_models, photos_small):
     """The README's promise: seed + key decide a sample's noise, so batch and order change nothing."""
     config = ProtectConfig(method="sds-", steps=3, seed=11)

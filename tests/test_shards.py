@@ -30,6 +30,7 @@ from pipeline.shards import (
     write_bytes,
 )
 
+pytestmark = pytest.mark.mutation  # fast: mutmut runs this module (README, "Tests")
 LOCAL = pafs.LocalFileSystem()
 RUN = {"run_id": "run-1", "method": "sds-", "eps": 8.0, "step_size": 1.0, "steps": 2, "model": "tiny",
        "model_revision": None}
