@@ -68,3 +68,11 @@ def test_lpips_loads_alexnet_weights_from_a_path(tmp_path, images):
     assert m.calibrated["lpips"]
     assert torch.equal(m.lpips_net.net.slice1[0].weight, state["features.0.weight"])
     assert m.lpips(images[:1], images[:1]) == 0.0
+
+
+def test_kid_of_identical_sets_is_near_zero_and_far_from_a_different_set(metrics, images):
+    """KID compares the two sets it is given: identical sets sit near 0 (its unbiased estimate is not exactly 0)."""
+    group = images + [img[:, ::-1].copy() for img in images]  # 6 images: a smaller estimator bias than 3
+    same = metrics.fid_kid(group, [img.copy() for img in group])["kid"]
+    other = metrics.fid_kid([255 - img for img in group], group)["kid"]  # the random backbone's scale is small
+    assert other > 0 and abs(same) < 0.2 * other, (same, other)
