@@ -128,3 +128,17 @@ def test_annotate_reads_group_method_eps_and_prompt_from_the_metadata():
     assert len({r["group_id"] for r in rows}) == 3
     forced = annotate(batch, EvalSettings(protected="p", clean="c", output="o", method="sds-", eps=4, run="R"))
     assert {(r["method"], r["eps"], r["run"]) for r in forced.to_pylist()} == {("sds-", 4.0, "R")}
+    # the run is the PROTECTED URI's last part ("run" when it has none), slashes and all
+    for uri, run in (("s3://b/runX/", "runX"), ("/", "run"), ("out//", "out")):
+        one = annotate(batch.slice(1, 1), EvalSettings(protected=uri, clean="c", output="o"))
+        assert one.column("run").to_pylist() == [run], uri
+
+
+@pytest.mark.mutation
+def test_unknown_scenarios_are_refused_with_the_choices():
+    from pipeline.mimic import SCENARIOS
+
+    with pytest.raises(ValueError) as err:
+        EvalSettings(protected="p", clean="c", output="o", scenarios=("sdedit", "dreambooth"))
+    assert str(err.value) == f"unknown scenario(s) ['dreambooth']; choose from {', '.join(SCENARIOS)}"
+    assert EvalSettings(protected="p", clean="c", output="o", scenarios=("lora",)).scenarios == ("lora",)

@@ -217,3 +217,12 @@ def test_animated_gif_is_an_error():
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
     with pytest.raises(ImageError, match="animated"):
         decode_image(buf.getvalue())
+
+
+def test_perturbation_is_rounded_not_floored_or_truncated():
+    rgb = np.full((2, 4, 3), 100, np.uint8)
+    delta = np.array([0.4, 0.6, -0.4, -0.6, 1.49, -1.51, 2.7, -2.7], np.float32).reshape(2, 4, 1).repeat(3, axis=2)
+    src = decode_image(encode(Image.fromarray(rgb), "PNG"))
+    written = decode_image(encode_image(src, apply_perturbation(src, delta, 8.0))).rgb.astype(int)
+    np.testing.assert_array_equal(written[..., 0].ravel() - 100, [0, 1, 0, -1, 1, -2, 3, -3])
+    np.testing.assert_array_equal(quantize_perturbation(delta, 2.0)[..., 0].ravel(), [0, 1, 0, -1, 1, -2, 2, -2])

@@ -223,3 +223,15 @@ def test_first_unreadable_names_the_bad_shard(tmp_path):
     units = [Unit("good", [str(good)], ""), Unit("bad", [str(bad)], "")]
     assert first_unreadable(LOCAL, units) == str(bad)
     assert first_unreadable(LOCAL, units[:1]) is None
+    # at most `limit` units are read through (16 by default): a bad 17th is not looked at
+    assert first_unreadable(LOCAL, [units[0]] * 16 + [units[1]]) is None
+    assert first_unreadable(LOCAL, [units[0]] * 15 + [units[1]]) == str(bad)
+
+
+def test_first_unreadable_names_an_s3_shard_by_its_uri(s3_server, s3_bucket):
+    import boto3
+
+    boto3.client("s3", **s3_server).put_object(Bucket=s3_bucket, Key="in/bad.tar", Body=b"not a tar" * 100)
+    s3 = pafs.S3FileSystem(endpoint_override=s3_server["endpoint_url"].split("//")[1], scheme="http",
+                           region="us-east-1", access_key="testing", secret_key="testing")
+    assert first_unreadable(s3, [Unit("bad", [f"{s3_bucket}/in/bad.tar"], "")]) == f"s3://{s3_bucket}/in/bad.tar"
