@@ -37,13 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from ..models import DiffusionModels
-from ..protect.engine import ProtectConfig, Protector
+from ..protect.engine import FASTPROTECT_METHODS, ProtectConfig, Protector
 from ..protect.methods import encode
 from .bank import FastProtectBank, load_bank_for
 from .features import latent_entropy, pooled_latent
 from .kmeans import nearest_centroid
 
-FASTPROTECT_METHODS = ("fastprotect", "fastprotect+pgd")
 LPIPS_MIN_SIDE = 64
 
 
@@ -59,7 +58,7 @@ class FastProtector:
 
     def __init__(self, models: DiffusionModels, config: ProtectConfig, bank: FastProtectBank | None = None):
         self.models, self.config = models, config
-        self.bank = bank if bank is not None else load_bank_for(models, config.extra.get("bank"))
+        self.bank = bank if bank is not None else load_bank_for(models, config.extra.get("bank") or default_bank(models))
         if bank is not None:
             bank.check_model(models)
         device = models.device
@@ -119,6 +118,13 @@ class FastProtector:
             full = F.interpolate(d[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             out.append(full.clamp_(-eps, eps).permute(1, 2, 0).float().cpu().numpy())
         return out
+
+
+def default_bank(models: DiffusionModels):
+    """The model's default bank path; the built-in tiny model's is trained there once if missing."""
+    from .train import ensure_default_bank  # training code only on this path, never for a given --bank
+
+    return ensure_default_bank(models)
 
 
 def square(rgb: np.ndarray, resolution: int) -> torch.Tensor:
