@@ -58,9 +58,14 @@ class FastProtector:
 
     def __init__(self, models: DiffusionModels, config: ProtectConfig, bank: FastProtectBank | None = None):
         self.models, self.config = models, config
-        self.bank = bank if bank is not None else load_bank_for(models, config.extra.get("bank") or default_bank(models))
-        if bank is not None:
+        if bank is None:
+            path = config.extra.get("bank")
+            if path is None:
+                build_default_bank(models)  # only the built-in tiny model's, and only once
+            bank = load_bank_for(models, path)  # None: the default bank, or an error naming the command
+        else:
             bank.check_model(models)
+        self.bank = bank
         device = models.device
         self.perturbations = self.bank.perturbations.to(device).float()
         self.centroids = self.bank.centroids.to(device).float()
@@ -120,11 +125,12 @@ class FastProtector:
         return out
 
 
-def default_bank(models: DiffusionModels):
-    """The model's default bank path; the built-in tiny model's is trained there once if missing."""
-    from .train import ensure_default_bank  # training code only on this path, never for a given --bank
+def build_default_bank(models: DiffusionModels) -> None:
+    """Train the built-in tiny model's default bank if it is missing (other models: nothing)."""
+    if models.model_id == "tiny":
+        from .train import ensure_default_bank  # training code only on this path, never to load a bank
 
-    return ensure_default_bank(models)
+        ensure_default_bank(models)
 
 
 def square(rgb: np.ndarray, resolution: int) -> torch.Tensor:
