@@ -3,7 +3,8 @@
     python benchmarks/bench_cluster.py                  # head (driver only) + 2 worker nodes, tiny model
 
 `ray.cluster_utils.Cluster` starts a head node with no CPUs (it only hosts the driver, like a
-cluster's head that owns the job) and two worker "nodes" with 1 CPU each, all on this machine.
+cluster's head that owns the job) and two worker "nodes" with 2 CPUs each (one protection actor
+and one CPU task each), all on this machine.
 The run then:
 
 1. protects --shards shards and stops on purpose after the first committed unit
@@ -32,6 +33,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
+# Cluster() records its address in $RAY_TMPDIR/ray/ray_current_cluster, where any plain ray.init() on
+# this machine would then connect: keep the simulated cluster in a private temp dir of its own
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
 
 
 def main() -> None:
@@ -53,7 +57,7 @@ def main() -> None:
 
     ModelSpec("tiny").check()  # build the tiny model once, before any node starts
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(args.workers)]
+    workers = [cluster.add_node(num_cpus=2) for _ in range(args.workers)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     head_id = ray.get_runtime_context().get_node_id()

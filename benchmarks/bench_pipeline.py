@@ -244,13 +244,21 @@ def main() -> None:
     args = p.parse_args()
 
     results = {"args": vars(args), "cpus": os.cpu_count(), "started_load_average": load()}
-    if not args.skip_throughput:
-        results["throughput"] = bench_throughput(args)
-    if not args.skip_driver:
-        results["driver"] = [bench_driver(args, n) for n in (4, 40)]
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_pipeline_{args.method.replace('+', 'p')}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+
+    def save() -> None:  # after every figure: a long run stopped early keeps what it measured
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    if not args.skip_throughput:
+        results["throughput"] = bench_throughput(args)
+        save()
+    if not args.skip_driver:
+        results["driver"] = []
+        for n in (4, 40):
+            results["driver"].append(bench_driver(args, n))
+            save()
+    save()
     if "throughput" in results:
         t = results["throughput"]
         print(f"throughput ({t['images']} + {2 * t['images']} images {args.size}px, {args.model}, {args.method}, "

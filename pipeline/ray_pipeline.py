@@ -216,7 +216,10 @@ def actor_options(s: RunSettings) -> tuple[dict, str]:
         compute = ray.data.ActorPoolStrategy(min_size=1, max_size=size)
         return {"compute": compute, "num_gpus": 1, "num_cpus": 1}, f"{size} GPU actor(s)"
     size = s.actors or 1
-    per_actor = max(0.5, (cpus - 1) / size)  # leave a core for reading, decoding and writing
+    # leave a core for reading, decoding, encoding and writing on every node an actor may land on
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [cpus]
+    smallest = min(c for c in node_cpus if c > 0) if any(c > 0 for c in node_cpus) else cpus
+    per_actor = max(0.5, min(smallest - 1, (cpus - 1) / size))
     compute = ray.data.ActorPoolStrategy(size=size)
     return {"compute": compute, "num_cpus": per_actor, "_threads": max(1, int(per_actor))}, f"{size} CPU actor(s)"
 
@@ -232,11 +235,12 @@ def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord):
     ctx.enable_progress_bars = s.progress
     paths = [p for unit in pending for p in unit.inputs]
     ds = read_paths(plan.in_fs, paths, plan.kind, root=plan.in_root, with_members=True)
-    # CPU stages reserve the memory a largest allowed image needs (pixels + working copies); this also
-    # keeps Ray from fusing the decode tasks into the protection actors (it fuses task -> actor stages
-    # with equal resources): decoding stays off the actors' critical path
+    # CPU stages reserve a worker's own memory (torch, codecs: about 0.5 GiB) plus what a largest allowed
+    # image needs (pixels + working copies); this also keeps Ray from fusing the decode tasks into the
+    # protection actors (it fuses task -> actor stages with equal resources): decoding stays off the
+    # actors' critical path
     cpu = {"batch_format": "pyarrow", "batch_size": s.cpu_batch_size(), "num_cpus": 1,
-           "memory": max(256 * 2**20, 6 * s.max_pixels)}
+           "memory": 512 * 2**20 + 6 * s.max_pixels}
     ds = ds.map_batches(Decoder(UnitIndex(plan.kind, pending), s.max_pixels), **cpu)
     options, device = actor_options(s)
     threads = options.pop("_threads", None)
