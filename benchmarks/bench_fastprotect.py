@@ -76,6 +76,7 @@ def bank_for(models, args) -> str | None:
 
 def pipeline_rate(args, bank: str | None, n: int) -> tuple[float, float]:
     """(raw images/s on 2n images, steady-state images/s) through run_protect."""
+    from pipeline.models import ModelSpec
     from pipeline.protect import ProtectConfig
     from pipeline.ray_pipeline import RunSettings, run_protect
     from pipeline.sample_data import png_bytes
@@ -88,8 +89,9 @@ def pipeline_rate(args, bank: str | None, n: int) -> tuple[float, float]:
         for i, img in enumerate(sample_images(count, args.size)):
             (src / f"img{i:05d}.png").write_bytes(png_bytes(img))
         config = ProtectConfig(method="fastprotect", eps=args.eps, extra={"bank": bank} if bank else {})
-        settings = RunSettings(input=str(src), output=str(root / f"out-{label}"), config=config, model=args.model,
-                               device=args.device, dtype=args.dtype, batch_size=args.batch, progress=False)
+        settings = RunSettings(input=str(src), output=str(root / f"out-{label}"), config=config,
+                               model=ModelSpec(args.model, device=args.device, dtype=args.dtype),
+                               batch_size=args.batch, progress=False)
         t = time.perf_counter()
         run_protect(settings, log=lambda *a, **k: None)
         walls[label] = time.perf_counter() - t
@@ -114,7 +116,7 @@ def main() -> int:
 
     from pipeline.models import load_models
     from pipeline.protect import ProtectConfig, build_protector
-    from pipeline.protect.batch import protect_encoded
+    from pipeline.encoded import protect_encoded
     from pipeline.sample_data import png_bytes
 
     models = load_models(args.model, device=args.device, dtype=args.dtype)

@@ -1,20 +1,24 @@
-"""Pipeline throughput vs the protection actor alone, and peak memory vs the number of shards.
+"""Pipeline throughput vs the protector alone, and the driver's memory and traffic vs the number of shards.
 
-    python benchmarks/bench_pipeline.py                       # CPU, tiny model, small sizes
-    python benchmarks/bench_pipeline.py --model sd15-arch --size 512 --steps 20 --device cuda
+    python benchmarks/bench_pipeline.py --method fastprotect          # CPU, tiny model, 64 px
+    python benchmarks/bench_pipeline.py --method sds- --steps 30
+    python benchmarks/bench_pipeline.py --method sds- --model sd15-arch --size 512 --steps 20 --device cuda  # GPU
 
-1. Throughput: the same images (in WebDataset shards), model, steps and batch size go
-   (a) through the whole pipeline (`run_protect`: read -> validate -> actor pool -> write shards + tables),
-   (b) straight into one `ProtectActor` (a Ray actor with the same resources) as ready-made batches.
-   ratio = pipeline images/s / actor images/s; >= 0.9 means reading, decoding and writing hide behind
-   protection. A pipeline run includes its start-up (Ray Data planning, actor start, model load) and
-   the actor figure does not (model loaded before timing), so the pipeline also runs on twice the
-   images: the steady-state rate is the extra images over the extra seconds, start-up cancelled.
-   Both ratios are reported (raw, a lower bound; steady state, what a long job sees).
-2. Memory: peak resident memory of the whole process tree (driver, raylet, workers) while protecting
-   4 and 40 shards of the same size; it must not grow with the number of shards.
+1. Throughput. The same images (WebDataset shards), model, method and batch size go
+   (a) through the whole pipeline (`run_protect`: read -> decode -> protection actors -> encode + write
+       in workers -> driver commits), on N and on 2N images: steady state = N / (t(2N) - t(N)), which
+       cancels the start-up (Ray Data planning, actor start, model load);
+   (b) through the protector alone: `build_protector(...).protect(rgbs, keys)` on the decoded images, in
+       batches of --batch-size, in a process with the actor's thread count (what the actor's work costs
+       with no pipeline around it); and through one `ProtectActor` (a Ray actor with the pipeline's
+       resources) fed ready-decoded Arrow batches.
+   ratio = pipeline steady images/s / protector images/s. Each figure is the median of --repeats.
+2. Driver. Peak RSS of the driver process alone and the bytes of result rows it received
+   (`RunSummary.driver_bytes`), protecting 4 and 40 shards of the same images, each in a fresh process
+   with its own Ray: flat when the driver never holds image bytes.
 
-Writes benchmarks/results/bench_pipeline.json and prints a table.
+Writes benchmarks/results/bench_pipeline_<method>.json and prints a table. The machine's load
+average is recorded with each figure (a shared 2-core machine is noisy).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -31,7 +36,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
 
 
 def make_shards(root: Path, shards: int, per_shard: int, size: int) -> None:
@@ -43,73 +50,139 @@ def make_shards(root: Path, shards: int, per_shard: int, size: int) -> None:
         (root / f"shard-{s:06d}.tar").write_bytes(shard_bytes(samples[s * per_shard : (s + 1) * per_shard]))
 
 
-def settings(args, src: Path, dst: Path):
+def spec(args):
+    from pipeline.models import ModelSpec
+
+    return ModelSpec(args.model, device=args.device, dtype=args.dtype)
+
+
+def config(args, steps: int | None = None):
     from pipeline.protect import ProtectConfig
+
+    return ProtectConfig(method=args.method, steps=args.steps if steps is None else steps, eps=16, step_size=1)
+
+
+def settings(args, src: Path, dst: Path, steps: int | None = None):
     from pipeline.ray_pipeline import RunSettings
 
-    return RunSettings(input=str(src), output=str(dst), model=args.model, device=args.device,
-                       batch_size=args.batch_size, progress=False,
-                       config=ProtectConfig(method=args.method, steps=args.steps, eps=16, step_size=1))
+    return RunSettings(input=str(src), output=str(dst), model=spec(args), config=config(args, steps),
+                       batch_size=args.batch_size, progress=False)
 
 
-def bench_throughput(args) -> dict:
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def decoded_images(src: Path) -> tuple[list, list[str]]:
+    import tarfile
+
+    from pipeline.images import decode_image
+
+    images, keys = [], []
+    for shard in sorted(src.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".png"):
+                    images.append(decode_image(tar.extractfile(m).read()).rgb)
+                    keys.append(m.name[:-4])
+    return images, keys
+
+
+def protector_rate(args, images, keys, threads: int) -> float:
+    """images/s of protector.protect alone, this process, `threads` torch threads, after a warm-up batch."""
+    import torch
+
+    from pipeline.protect import build_protector
+
+    torch.set_num_threads(threads)
+    protector = build_protector(spec(args).on("cuda" if args.device == "auto" and torch.cuda.is_available()
+                                              else args.device).load(), config(args))
+    b = args.batch_size
+    protector.protect(images[:b], keys[:b])  # warm-up (first-call allocations, bank, target latents)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(0, len(images), b):
+        protector.protect(images[i : i + b], keys[i : i + b])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return len(images) / (time.perf_counter() - t0)
+
+
+def actor_rate(args, src: Path, s) -> float:
+    """images/s of one ProtectActor (Ray actor, pipeline resources) on ready-decoded Arrow batches."""
     import pyarrow as pa
     import ray
 
     from pipeline.io import read_samples
-    from pipeline.ray_pipeline import actor_options, ensure_ray, run_protect
-    from pipeline.stages import ProtectActor, Validator
+    from pipeline.ray_pipeline import actor_options
+    from pipeline.shards import UnitIndex, plan_units
+    from pipeline.stages import Decoder, ProtectActor
 
+    rows = read_samples(str(src)).take_all()
+    paths = sorted({r["source"] for r in rows})
+    index = UnitIndex("shards", plan_units("shards", paths, str(src), "/tmp/unused"))
+    table = pa.Table.from_pylist([{**r, "member_names": [], "member_data": []} for r in rows])
+    batches = [Decoder(index)(table.slice(i, s.batch_size)) for i in range(0, len(rows), s.batch_size)]
+    options, _ = actor_options(s)
+    threads = options.pop("_threads", None)
+    cls = ray.remote(num_cpus=options.get("num_cpus", 1), num_gpus=options.get("num_gpus", 0))(ProtectActor)
+    model = s.model.on("cuda") if options.get("num_gpus") and s.model.device == "auto" else s.model
+    actor = cls.remote(model, s.config, threads)
+    ray.get(actor.__call__.remote(batches[0]))  # warm-up (also loads the model)
+    t0 = time.perf_counter()
+    ray.get([actor.__call__.remote(b) for b in batches])
+    seconds = time.perf_counter() - t0
+    ray.kill(actor)
+    return len(rows) / seconds
+
+
+def bench_throughput(args) -> dict:
+    from pipeline.ray_pipeline import actor_options, ensure_ray, run_protect
+
+    out = {"pipeline_steady": [], "pipeline_raw": [], "protector": [], "actor": [], "load": []}
     with tempfile.TemporaryDirectory() as tmp:
-        src, src2 = Path(tmp) / "in", Path(tmp) / "in2"
+        tmp = Path(tmp)
+        src, src2 = tmp / "in", tmp / "in2"
         make_shards(src, args.shards, args.per_shard, args.size)
         make_shards(src2, 2 * args.shards, args.per_shard, args.size)
         n = args.shards * args.per_shard
-        ensure_ray(None)
-        s = settings(args, src, Path(tmp) / "out")
-        from pipeline.ray_pipeline import check_model
-
-        check_model(s.model)
-        warm = Path(tmp) / "warm"
+        ray = ensure_ray(None)
+        s = settings(args, src, tmp / "out")
+        s.model.check()
+        options, device = actor_options(s)
+        threads = options.get("_threads") or 1
+        warm = tmp / "warm"
         make_shards(warm, 1, s.batch_size, args.size)
-        run_protect(settings(args, warm, Path(tmp) / "warm-out"), log=lambda m: None)  # one-time costs
-        t0 = time.perf_counter()
-        summary = run_protect(s, log=lambda m: None)
-        pipeline_s = time.perf_counter() - t0
-        assert summary.samples_written == n, summary
-        t0 = time.perf_counter()
-        summary = run_protect(settings(args, src2, Path(tmp) / "out2"), log=lambda m: None)
-        pipeline2_s = time.perf_counter() - t0
-        assert summary.samples_written == 2 * n, summary
-
-        # the actor alone: same resources, same batches, model loaded before the clock starts
-        rows = read_samples(str(src)).take_all()
-        from pipeline.io import MEMBER_FIELDS  # noqa: F401  (batches carry the same columns as in the pipeline)
-
-        table = pa.Table.from_pylist([{**r, "member_names": [], "member_data": []} for r in rows])
-        batches = [Validator()(table.slice(i, s.batch_size)) for i in range(0, n, s.batch_size)]
-        options, _ = actor_options(s)
-        threads = options.pop("_threads", None)
-        cls = ray.remote(num_cpus=options.get("num_cpus", 1), num_gpus=options.get("num_gpus", 0))(ProtectActor)
-        device = "cuda" if options.get("num_gpus") else s.device
-        actor = cls.remote({"model": s.model, "device": device, "dtype": s.dtype, "threads": threads,
-                            "config": s.config.to_dict(), "revision": None})
-        ray.get(actor.__call__.remote(batches[0]))  # warm-up (also loads the model)
-        t0 = time.perf_counter()
-        ray.get([actor.__call__.remote(b) for b in batches])
-        actor_s = time.perf_counter() - t0
-        ray.kill(actor)
+        run_protect(settings(args, warm, tmp / "warm-out"), log=lambda m: None)  # one-time costs (bank, caches)
+        images, keys = decoded_images(src)
+        for r in range(args.repeats):
+            out["load"].append(load())
+            t0 = time.perf_counter()
+            summary = run_protect(settings(args, src, tmp / f"out-{r}"), log=lambda m: None)
+            t1 = time.perf_counter() - t0
+            assert summary.samples_written == n, summary
+            t0 = time.perf_counter()
+            summary = run_protect(settings(args, src2, tmp / f"out2-{r}"), log=lambda m: None)
+            t2 = time.perf_counter() - t0
+            assert summary.samples_written == 2 * n, summary
+            out["pipeline_raw"].append(2 * n / t2)
+            out["pipeline_steady"].append(n / max(t2 - t1, 1e-9))
+            out["actor"].append(actor_rate(args, src, s))
+            out["protector"].append(protector_rate(args, images, keys, threads))
+        ray.shutdown()
+    med = {k: round(statistics.median(v), 3) for k, v in out.items()}
     return {
-        "images": n, "pipeline_seconds": round(pipeline_s, 2), "actor_seconds": round(actor_s, 2),
-        "pipeline_images_per_s": round(n / pipeline_s, 3), "actor_images_per_s": round(n / actor_s, 3),
-        "ratio": round(actor_s / pipeline_s, 3),
-        "pipeline_2x_seconds": round(pipeline2_s, 2),
-        "pipeline_steady_images_per_s": round(n / (pipeline2_s - pipeline_s), 3),
-        "steady_ratio": round(actor_s / (pipeline2_s - pipeline_s), 3),
+        "images": n, "device": device, "threads": threads, "runs": {k: [round(x, 3) for x in v] for k, v in out.items()},
+        "pipeline_steady_images_per_s": med["pipeline_steady"], "pipeline_raw_images_per_s": med["pipeline_raw"],
+        "protector_images_per_s": med["protector"], "actor_images_per_s": med["actor"],
+        "ratio_steady_vs_protector": round(med["pipeline_steady"] / med["protector"], 3),
+        "ratio_steady_vs_actor": round(med["pipeline_steady"] / med["actor"], 3),
+        "load_average": med["load"],
     }
 
 
-def _memory_child(args, shards: int, queue) -> None:
+def _driver_child(args, shards: int, queue) -> None:
     import psutil
 
     from pipeline.ray_pipeline import ensure_ray, run_protect
@@ -117,39 +190,34 @@ def _memory_child(args, shards: int, queue) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
         make_shards(src, shards, args.mem_per_shard, args.size)
+        input_bytes = sum(p.stat().st_size for p in src.glob("*.tar"))
         ensure_ray(None)
         me = psutil.Process()
         peak, done = 0, threading.Event()
 
         def sample():
             nonlocal peak
-            import ray
-
             while not done.is_set():
-                total = 0
-                procs = [me, *me.children(recursive=True)]
-                for p in procs:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                peak = max(peak, total)
-                time.sleep(0.2)
+                peak = max(peak, me.memory_info().rss)
+                time.sleep(0.05)
 
         t = threading.Thread(target=sample, daemon=True)
         t.start()
-        s = settings(args, src, Path(tmp) / "out")
-        s.config.steps = args.mem_steps
-        summary = run_protect(s, log=lambda m: None)
+        before = me.memory_info().rss
+        summary = run_protect(settings(args, src, Path(tmp) / "out", steps=args.mem_steps), log=lambda m: None)
         done.set()
         t.join()
-        queue.put({"shards": shards, "images": summary.samples_written, "peak_rss_mib": round(peak / 2**20)})
+        queue.put({"shards": shards, "images": summary.samples_written, "input_mib": round(input_bytes / 2**20, 2),
+                   "driver_rss_before_mib": round(before / 2**20), "driver_peak_rss_mib": round(peak / 2**20),
+                   "driver_bytes_received": summary.driver_bytes,
+                   "driver_bytes_per_image": round(summary.driver_bytes / max(summary.samples_in, 1), 1),
+                   "seconds": round(summary.seconds, 1), "load_average": load()})
 
 
-def bench_memory(args, shards: int) -> dict:
+def bench_driver(args, shards: int) -> dict:
     ctx = mp.get_context("spawn")  # a fresh Ray per measurement
     queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(args, shards, queue))
+    proc = ctx.Process(target=_driver_child, args=(args, shards, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -161,33 +229,46 @@ def main() -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--method", default="sds-")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="PGD steps (gradient methods)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--per-shard", type=int, default=16)
-    p.add_argument("--mem-per-shard", type=int, default=8)
+    p.add_argument("--per-shard", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--mem-per-shard", type=int, default=16)
     p.add_argument("--mem-steps", type=int, default=2)
-    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-driver", action="store_true")
+    p.add_argument("--out", default=None, help="result file (default benchmarks/results/bench_pipeline_<method>.json)")
     args = p.parse_args()
 
-    results = {"args": vars(args), "throughput": bench_throughput(args)}
-    import ray
-
-    ray.shutdown()
-    if not args.skip_memory:
-        results["memory"] = [bench_memory(args, n) for n in (4, 40)]
-    out = Path(__file__).parent / "results" / "bench_pipeline.json"
+    results = {"args": vars(args), "cpus": os.cpu_count(), "started_load_average": load()}
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_pipeline_{args.method.replace('+', 'p')}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    t = results["throughput"]
-    print(f"throughput ({t['images']} images {args.size}px, {args.model}, {args.steps} steps, batch {args.batch_size}):")
-    print(f"  pipeline {t['pipeline_images_per_s']} img/s ({t['pipeline_seconds']} s incl. start-up), "
-          f"actor alone {t['actor_images_per_s']} img/s ({t['actor_seconds']} s): ratio {t['ratio']}")
-    print(f"  steady state (pipeline on {2 * t['images']} images took {t['pipeline_2x_seconds']} s): "
-          f"{t['pipeline_steady_images_per_s']} img/s, ratio {t['steady_ratio']}")
-    for m in results.get("memory", []):
-        print(f"  {m['shards']} shards ({m['images']} images): peak RSS of the process tree {m['peak_rss_mib']} MiB")
+
+    def save() -> None:  # after every figure: a long run stopped early keeps what it measured
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    if not args.skip_throughput:
+        results["throughput"] = bench_throughput(args)
+        save()
+    if not args.skip_driver:
+        results["driver"] = []
+        for n in (4, 40):
+            results["driver"].append(bench_driver(args, n))
+            save()
+    save()
+    if "throughput" in results:
+        t = results["throughput"]
+        print(f"throughput ({t['images']} + {2 * t['images']} images {args.size}px, {args.model}, {args.method}, "
+              f"batch {args.batch_size}, {t['device']}, load {t['load_average']}):")
+        print(f"  pipeline steady {t['pipeline_steady_images_per_s']} img/s (raw {t['pipeline_raw_images_per_s']}), "
+              f"protector alone {t['protector_images_per_s']} img/s, actor alone {t['actor_images_per_s']} img/s")
+        print(f"  ratio pipeline/protector {t['ratio_steady_vs_protector']}, pipeline/actor {t['ratio_steady_vs_actor']}")
+    for m in results.get("driver", []):
+        print(f"  {m['shards']} shards ({m['images']} images, {m['input_mib']} MiB in): driver peak RSS "
+              f"{m['driver_peak_rss_mib']} MiB, received {m['driver_bytes_received']} B ({m['driver_bytes_per_image']} B/image)")
     print(f"written to {out}")
 
 

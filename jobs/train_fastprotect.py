@@ -20,17 +20,11 @@ import posixpath
 import sys
 
 
-def _train_task(images, summary: dict, options: dict) -> tuple[bytes, list[dict], dict]:
-    """Runs on the worker: load the model, train, return (bank bytes, loss history, metadata)."""
-    import argparse as _argparse
-
-    from pipeline.commands.train_fastprotect import train_config_from_args
+def _train_task(images, summary: dict, model, config) -> tuple[bytes, list[dict], dict]:
+    """Runs on the worker: load the model (a ModelSpec), train (a TrainConfig), return (bank bytes, loss history, metadata)."""
     from pipeline.fastprotect.train import train_bank
-    from pipeline.models import load_models
 
-    args = _argparse.Namespace(**options)
-    models = load_models(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
-    bank, history = train_bank(models, images, train_config_from_args(args), summary, progress=False)
+    bank, history = train_bank(model.load(), images, config, summary, progress=False)
     return bank.to_bytes(), history, bank.metadata
 
 
@@ -49,9 +43,10 @@ def write_bytes(uri: str, data: bytes, s3: dict | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     import ray
 
-    from pipeline.commands.train_fastprotect import add_training_options, train_config_from_args
+    from pipeline.commands.train_fastprotect import add_training_options, model_from_args, train_config_from_args
     from pipeline.fastprotect.bank import default_bank_path
     from pipeline.fastprotect.train import load_training_images
+    from pipeline.models import ModelLoadError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_options(parser)
@@ -60,17 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     s3 = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
     try:
         config = train_config_from_args(args)
+        model = model_from_args(args)
+        model.check()  # on the driver, before the task starts
         images, summary = load_training_images(args.data, config.resolution, args.max_images, config.seed, s3)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ModelLoadError) as err:
         print(f"train_fastprotect: error: {err}", file=sys.stderr)
         return 2
     if not ray.is_initialized():
         ray.init(address=args.address)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=0)(_train_task)
-    options = {k: v for k, v in vars(args).items() if k != "address"}
     try:
-        data, history, meta = ray.get(task.remote(ray.put(images), summary, options))
+        data, history, meta = ray.get(task.remote(ray.put(images), summary, model, config))
     except ray.exceptions.RayTaskError as err:
         cause = err.as_instanceof_cause()
         if isinstance(cause, (ValueError, FileNotFoundError, RuntimeError)):

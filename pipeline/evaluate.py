@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from .eval_metrics import MetricConfig, Metrics
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, ModelSpec
 from .mimic import (
     SCENARIOS,
     TRAINING_SCENARIOS,
@@ -86,6 +86,18 @@ class EvalSettings:
         bad = [s for s in self.scenarios if s not in SCENARIOS]
         if bad:
             raise ValueError(f"unknown scenario(s) {bad}; choose from {', '.join(SCENARIOS)}")
+        ModelSpec(self.model, device=self.device, dtype=self.dtype)  # device and dtype validated once, here
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        """The mimic model as the `ModelSpec` protect and train-fastprotect use."""
+        return ModelSpec(self.model, device=self.device, dtype=self.dtype)
+
+    @property
+    def inpaint_spec(self) -> ModelSpec:
+        from .mimic.common import inpaint_model_for
+
+        return ModelSpec(self.inpaint_model or inpaint_model_for(self.model), device=self.device, dtype=self.dtype)
 
 
 def _is_builtin(model: str) -> bool:
@@ -549,8 +561,7 @@ def protection_from_runs(settings: EvalSettings) -> tuple[str | None, float | No
 def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     """Run every requested scenario over PROTECTED vs CLEAN; write the table; return a summary."""
     from .io import split_uri, to_uri
-    from .mimic.common import inpaint_model_for
-    from .ray_pipeline import check_model, ensure_ray
+    from .ray_pipeline import ensure_ray
     from .tables import write_table
 
     start = time.perf_counter()
@@ -558,9 +569,9 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
         method, eps = protection_from_runs(settings)
         settings = replace(settings, method=settings.method or method,
                            eps=settings.eps if settings.eps is not None else eps)
-    check_model(settings.model)  # fail fast on the driver, not in every actor
+    settings.model_spec.check()  # fail fast on the driver, not in every actor
     if "inpaint" in settings.scenarios:
-        check_model(settings.inpaint_model or inpaint_model_for(settings.model))
+        settings.inpaint_spec.check()
     ensure_ray(settings.address)
     eval_id = f"eval-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     joined = build_pairs(settings).materialize()

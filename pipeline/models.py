@@ -1,6 +1,12 @@
 """Load the parts of a Stable Diffusion model: VAE, UNet, text encoder, tokenizer, scheduler.
 
-`load_models(model_id)` accepts
+`ModelSpec(model, revision, device, dtype, low_memory)` says which model to load and how; it is
+validated when built (once, from the CLI or a config file), travels as an object to every Ray actor
+and task, and `spec.load()` (or `load_models(spec)`) loads it. `spec.check()` fails fast on the
+driver when the model cannot be found, before any actor starts. `load_models(model_id, device=...)`
+keeps working with plain arguments.
+
+A model name accepted by both is
 - a built-in name (``tiny``, ``tiny-inpaint``, ``sd15-arch``, ``sd21-arch``; see builtin_models),
 - a local directory in diffusers format (``model_index.json`` with ``vae/``, ``unet/``, ...),
 - a Hugging Face hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
@@ -12,7 +18,8 @@ eval mode: protection only ever needs gradients with respect to the *input image
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -123,8 +130,76 @@ def _resolve_path(model_id: str) -> tuple[str, bool]:
     return model_id, False
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load and how: the one description every command and stage passes around.
+
+    Validated once, when built; `load()` gives the frozen `DiffusionModels`, `check()` the
+    driver-side preflight (builds a built-in model once, checks a local directory, or asks the hub
+    for ``model_index.json``).
+    """
+
+    model: str = DEFAULT_MODEL  # hub id, local diffusers directory, or a built-in name
+    revision: str | None = None  # hub revision (commit, tag); ignored for local and built-in models
+    device: str = "auto"  # auto (cuda when present, else cpu), cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto (fp16 on cuda, fp32 elsewhere), fp32, fp16, bf16
+    low_memory: bool = False  # VAE-encoder checkpointing, text encoder on CPU: same result, less GPU memory
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be a hub id, a local directory or a built-in name, got {self.model!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from auto, {', '.join(DTYPES)}")
+        if not DEVICE_PATTERN.fullmatch(str(self.device)):
+            raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+    def on(self, device: str) -> "ModelSpec":
+        """The same model on another device (e.g. the device a Ray actor was given)."""
+        return replace(self, device=device)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.model in BUILTIN_MODELS
+
+    def load(self) -> "DiffusionModels":
+        return load_models(self.model, device=self.device, dtype=self.dtype, revision=self.revision,
+                           low_memory=self.low_memory)
+
+    def check(self) -> None:
+        """Raise `ModelLoadError` (on the driver, before any Ray work) when the model cannot be loaded."""
+        if self.is_builtin:
+            builtin_model_path(self.model)  # generate it once here rather than in every actor
+            return
+        local = os.path.expanduser(self.model)
+        if os.path.isdir(local):
+            if not os.path.exists(os.path.join(local, "model_index.json")) and not os.path.isdir(os.path.join(local, "unet")):
+                raise ModelLoadError(f"{self.model} is a directory but not a diffusers model (no model_index.json, no unet/)")
+            return
+        if self.model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", self.model):
+            raise ModelLoadError(
+                f"unknown model {self.model!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), not a local diffusers "
+                "directory, not a hub id (owner/name)"
+            )
+        try:
+            from huggingface_hub import hf_hub_download
+
+            hf_hub_download(self.model, "model_index.json", revision=self.revision)
+        except Exception as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ModelLoadError(
+                f"cannot reach model {self.model!r} on the Hugging Face hub ({type(err).__name__}: {first}). Pass a "
+                f"local diffusers directory or a built-in ({', '.join(BUILTIN_MODELS)})"
+            ) from None
+
+
 def load_models(
-    model_id: str = DEFAULT_MODEL,
+    model_id: "str | ModelSpec" = DEFAULT_MODEL,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     revision: str | None = None,
@@ -132,10 +207,17 @@ def load_models(
 ) -> DiffusionModels:
     """Load a Stable Diffusion model's parts, frozen, on `device` in `dtype`.
 
+    `model_id` may be a `ModelSpec`, which then says everything (`load_models(spec)` is
+    `spec.load()`; the other arguments must be left out).
+
     `low_memory` trades time for GPU memory, with identical results: the VAE encoder recomputes
     its activations in the backward pass (gradient checkpointing: about 1.6 GB less at 512x512
     in fp16 for SD) and the text encoder stays on the CPU (prompts are encoded once and cached).
     """
+    if isinstance(model_id, ModelSpec):
+        if (device, dtype, revision, low_memory) != ("auto", "auto", None, False):
+            raise TypeError("load_models(spec): the spec holds device, dtype, revision and low_memory")
+        return model_id.load()
     import diffusers
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -1,15 +1,18 @@
-"""`run_protect`: the one code path from INPUT to OUTPUT, on local Ray or a cluster.
+"""`run_protect(RunSettings) -> RunSummary`: the one code path from INPUT to OUTPUT, on local Ray or a cluster.
 
-    preflight (driver, before any Ray work): method, model, input listing, output bucket
-    plan units (shards or chunks of files), skip the ones an earlier run committed (resume)
-    read_webdataset / read_binary_files  -> Validator (CPU tasks)
-      -> ProtectActor pool (map_batches, ActorPoolStrategy; 1 GPU per actor when there are GPUs)
-      -> driver: rows arrive in input order (preserve_order), each unit's shard is spooled and
-         committed when the next unit starts (shards.py); tables per unit; one runs row at the end
+    RunSettings(input, output, config=ProtectConfig(...), model=ModelSpec(...), ...)   validated when built
+    preflight (driver, before any Ray work): model, input listing, output bucket, units, resume
+    read_webdataset / read_binary_files -> Decoder (CPU tasks: decode once)
+      -> ProtectActor pool (map_batches, ActorPoolStrategy; 1 GPU per actor when there are GPUs):
+         pixels in, perturbations out, nothing else
+      -> Encoder + Writer (CPU tasks): encode, measure, write files / shard parts from the worker
+      -> driver: small per-sample rows in input order; each unit is committed (shards.commit_unit:
+         output assembled by a worker task, tables, marker) as soon as the next unit's rows arrive
 
-Protection dominates the cost by orders of magnitude (many forward/backward passes per image), so
-writing from the driver is not the bottleneck; what matters is that reading, decoding and writing
-overlap with the actors, which Ray Data's streaming executor does.
+The driver never holds image bytes: its memory and traffic grow with the number of samples (one
+small row each), not with their size, so one head node can drive many GPU nodes. Rows must arrive
+in input order (`preserve_order`) for the driver to know when a unit is complete; outputs are small,
+so the ordering costs a little buffering, not throughput.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import os
 import platform
 import posixpath
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,10 +34,12 @@ from . import tables
 from .images import DEFAULT_MAX_PIXELS
 from .io import (
     InputError, TABLES_DIR, check_bucket, is_s3, list_images, list_shards, parse_uri, pattern_root,
-    public_s3_options, read_paths, split_uri, to_uri,
+    public_s3_options, read_paths, split_uri,
 )
-from .protect import ALL_METHODS, ProtectConfig
-from .shards import UnitSink, committed, first_unreadable, plan_units
+from .models import ModelSpec
+from .protect import ProtectConfig
+from .records import RunRecord
+from .shards import UnitResult, clear_parts, commit_unit, committed, fault_point, first_unreadable, plan_units
 
 FAULT_ENV = "MIMICSHIELD_FAULT_AFTER_UNITS"  # tests: fail after this many units were committed
 
@@ -60,21 +64,34 @@ class InjectedFault(RuntimeError):
 
 @dataclass
 class RunSettings:
+    """One protect run, built once (CLI, config file or Python) and validated when built."""
+
     input: str
     output: str
-    config: ProtectConfig
-    model: str = "tiny"
-    revision: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 4
-    low_memory: bool = False  # models.load_models(low_memory=...): less GPU memory, same result
+    config: ProtectConfig = field(default_factory=ProtectConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    batch_size: int = 4  # images per protection batch
     actors: int | None = None  # protection actors (default: one per GPU, or 1 on CPU)
     address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray started in-process
     s3: dict = field(default_factory=dict)  # endpoint_url, region, access_key, ... (env otherwise)
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_size: int = 256  # files per unit for folder input
     progress: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.config, ProtectConfig):
+            raise TypeError(f"config must be a ProtectConfig, got {type(self.config).__name__}")
+        if not isinstance(self.model, ModelSpec):
+            raise TypeError(f"model must be a ModelSpec, got {type(self.model).__name__} (ModelSpec({self.model!r}))")
+        for name in ("batch_size", "chunk_size", "max_pixels"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError("--actors must be >= 1")
+
+    def cpu_batch_size(self) -> int:
+        """Rows per decode / encode task: a few protection batches (task overhead amortised)."""
+        return max(16, 4 * self.batch_size)
 
 
 @dataclass
@@ -91,6 +108,9 @@ class RunSummary:
     errors: int
     seconds: float
     device: str
+    driver_bytes: int = 0  # Arrow bytes of the result rows the driver received (no image bytes)
+    writer_nodes: dict = field(default_factory=dict)  # Ray node id -> samples written from it
+    assembler_nodes: dict = field(default_factory=dict)  # Ray node id -> shards assembled on it
 
     @property
     def images_per_second(self) -> float:
@@ -126,35 +146,8 @@ def versions() -> dict:
 
 
 def check_model(model: str, revision: str | None = None) -> None:
-    """Fail fast, on the driver, when `model` cannot be loaded by the actors."""
-    import re
-
-    from .builtin_models import BUILTIN_MODELS, builtin_model_path
-    from .models import ModelLoadError
-
-    if model in BUILTIN_MODELS:
-        builtin_model_path(model)  # generate it once here rather than in every actor
-        return
-    local = os.path.expanduser(model)
-    if os.path.isdir(local):
-        if not os.path.exists(os.path.join(local, "model_index.json")) and not os.path.isdir(os.path.join(local, "unet")):
-            raise ModelLoadError(f"{model} is a directory but not a diffusers model (no model_index.json, no unet/)")
-        return
-    if model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
-        raise ModelLoadError(
-            f"unknown model {model!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), not a local diffusers "
-            "directory, not a hub id (owner/name)"
-        )
-    try:
-        from huggingface_hub import hf_hub_download
-
-        hf_hub_download(model, "model_index.json", revision=revision)
-    except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelLoadError(
-            f"cannot reach model {model!r} on the Hugging Face hub ({type(err).__name__}: {first}). Pass a local "
-            f"diffusers directory or a built-in ({', '.join(BUILTIN_MODELS)})"
-        ) from None
+    """Fail fast, on the driver, when `model` cannot be loaded (`ModelSpec.check`)."""
+    ModelSpec(model, revision=revision).check()
 
 
 @dataclass
@@ -169,11 +162,10 @@ class Plan:
 
 
 def preflight(s: RunSettings) -> Plan:
-    """Everything that can make the whole run fail, checked before Ray starts working."""
-    if s.config.method not in ALL_METHODS:
-        raise ValueError(f"unknown method {s.config.method!r}; choose from {', '.join(ALL_METHODS)}")
-    if s.batch_size < 1:
-        raise ValueError("--batch-size must be >= 1")
+    """Everything that can make the whole run fail, checked before Ray starts working.
+
+    (Method, budget, dtype and the other options were validated when the settings were built.)
+    """
     in_fs, in_path, kind = parse_uri(s.input, s.s3)
     if kind == "shards":
         paths, root = list_shards(in_fs, in_path, s.input), pattern_root(in_path)  # a .tar path: its folder
@@ -218,123 +210,166 @@ def actor_options(s: RunSettings) -> tuple[dict, str]:
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
-    want_gpu = s.device.startswith("cuda") or (s.device == "auto" and gpus > 0)
+    want_gpu = s.model.device.startswith("cuda") or (s.model.device == "auto" and gpus > 0)
     if want_gpu:
         size = s.actors or max(gpus, 1)
         compute = ray.data.ActorPoolStrategy(min_size=1, max_size=size)
         return {"compute": compute, "num_gpus": 1, "num_cpus": 1}, f"{size} GPU actor(s)"
     size = s.actors or 1
-    per_actor = max(0.5, (cpus - 1) / size)  # leave a core for reading, decoding and writing
+    # leave a core for reading, decoding, encoding and writing on every node an actor may land on
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [cpus]
+    smallest = min(c for c in node_cpus if c > 0) if any(c > 0 for c in node_cpus) else cpus
+    per_actor = max(0.5, min(smallest - 1, (cpus - 1) / size))
     compute = ray.data.ActorPoolStrategy(size=size)
     return {"compute": compute, "num_cpus": per_actor, "_threads": max(1, int(per_actor))}, f"{size} CPU actor(s)"
 
 
-def build_dataset(s: RunSettings, plan: Plan, pending: list):
+def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord):
     import ray
 
-    from .stages import ProtectActor, Validator
+    from .shards import UnitIndex
+    from .stages import Decoder, Encoder, ProtectActor, Writer
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows come back in input order: units commit one by one
     ctx.enable_progress_bars = s.progress
     paths = [p for unit in pending for p in unit.inputs]
     ds = read_paths(plan.in_fs, paths, plan.kind, root=plan.in_root, with_members=True)
-    # decoding runs in CPU tasks of their own. Each reserves the memory a largest allowed image needs
-    # (RGB + a working copy), which also keeps Ray from fusing this stage into the protection actors
-    # (it fuses task -> actor stages with equal resources): decoding stays off the actors' critical path
-    ds = ds.map_batches(Validator(s.max_pixels), batch_format="pyarrow", batch_size=s.batch_size * 4,
-                        num_cpus=1, memory=max(256 * 2**20, 6 * s.max_pixels))
+    # CPU stages reserve a worker's own memory (torch, codecs: about 0.5 GiB) plus what a largest allowed
+    # image needs (pixels + working copies); this also keeps Ray from fusing the decode tasks into the
+    # protection actors (it fuses task -> actor stages with equal resources): decoding stays off the
+    # actors' critical path
+    cpu = {"batch_format": "pyarrow", "batch_size": s.cpu_batch_size(), "num_cpus": 1,
+           "memory": 512 * 2**20 + 6 * s.max_pixels}
+    ds = ds.map_batches(Decoder(UnitIndex(plan.kind, pending), s.max_pixels), **cpu)
     options, device = actor_options(s)
     threads = options.pop("_threads", None)
-    device_name = "cuda" if (s.device == "auto" and "num_gpus" in options) else s.device
-    settings = {
-        "model": s.model, "revision": s.revision, "device": device_name,
-        "dtype": s.dtype, "low_memory": s.low_memory, "threads": threads, "max_pixels": s.max_pixels, "config": s.config.to_dict(),
-    }
-    ds = ds.map_batches(ProtectActor, fn_constructor_args=(settings,), batch_format="pyarrow",
-                        batch_size=s.batch_size, **options)
+    spec = s.model.on("cuda") if (s.model.device == "auto" and "num_gpus" in options) else s.model
+    ds = ds.map_batches(ProtectActor, fn_constructor_kwargs={"model": spec, "config": s.config, "threads": threads},
+                        batch_format="pyarrow", batch_size=s.batch_size, **options)
+    ds = ds.map_batches(Encoder(s.config.eps, s.max_pixels, s.config.extra.get("lpips_weights")), **cpu)
+    writer = Writer(plan.kind, plan.out_fs, plan.out_root, {u.id: u.output for u in pending}, run.sample_params(),
+                    run.run_id)
+    ds = ds.map_batches(writer, **cpu)  # same resources as the Encoder: fused into the same tasks
     return ds, device
+
+
+def remote_assembler(nodes: list | None = None):
+    """An `assemble(out_fs, parts, path)` for `commit_unit` that runs in a worker task, not here."""
+    import ray
+
+    from .stages import assemble_task
+
+    task = ray.remote(num_cpus=0, max_retries=2, scheduling_strategy="SPREAD")(assemble_task)
+
+    def assemble(out_fs, parts, path):
+        size, node = ray.get(task.remote(out_fs, parts, path))
+        if nodes is not None:
+            nodes.append(node)
+        return size
+
+    return assemble
 
 
 # ---------------------------------------------------------------- the run
 
 
+@dataclass
+class _Receiver:
+    """Driver side: gathers each unit's small rows and commits units in order."""
+
+    plan: Plan
+    run: RunRecord
+    pending: list
+    assemble: object
+    progress: bool = True
+    fault_after: int = 0
+
+    def __post_init__(self):
+        self.order = {u.id: i for i, u in enumerate(self.pending)}
+        self.position = 0  # index in `pending` of the next unit to commit
+        self.open: dict[str, UnitResult] = {}
+        self.counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0}
+        self.writer_nodes: dict[str, int] = {}
+        self.bar = tqdm(total=len(self.pending), unit="shard" if self.plan.kind == "shards" else "chunk",
+                        desc="committed", disable=not self.progress, file=sys.stderr)
+
+    def add(self, row: dict) -> None:
+        idx = self.order[row["unit"]]
+        if idx < self.position:
+            raise RuntimeError(f"internal: sample {row['key']} of {row['unit']} arrived after its unit was committed")
+        self.commit_through(idx)  # rows arrive in input order: every unit before this one is complete
+        res = self.open.setdefault(row["unit"], UnitResult(self.pending[idx]))
+        res.counts.samples += 1
+        if row["stage"]:
+            res.counts.errors += 1
+            res.errors.append({"key": row["key"], "source": row["source"], "stage": row["stage"],
+                               "reason": row["reason"] or "unknown", "run_id": self.run.run_id})
+            return
+        res.counts.written += 1
+        if res.counts.written == 1:
+            fault_point("mid-unit", res.unit.id)  # tests: the workers wrote part of this unit
+        self.writer_nodes[row["node"]] = self.writer_nodes.get(row["node"], 0) + 1
+        if row["part"] and (not res.parts or res.parts[-1] != row["part"]):
+            res.parts.append(row["part"])
+        measured = {k: row[k] for k in ("width", "height", "linf", "psnr", "ssim", "lpips", "seconds", "device",
+                                        "warnings")}
+        res.metrics.append(self.run.metric_row(row["key"], row["source"], row["output"], row["format"], measured))
+
+    def commit_through(self, last: int) -> None:
+        """Commit pending[position:last] (units with no rows at all are committed empty)."""
+        while self.position < last:
+            unit = self.pending[self.position]
+            result = self.open.pop(unit.id, None) or UnitResult(unit)
+            c = commit_unit(self.plan.out_fs, self.plan.out_root, self.plan.kind, result, self.run.run_id,
+                            assemble=self.assemble)
+            self.position += 1
+            self.counts["units_done"] += 1
+            self.counts["samples_in"] += c.samples
+            self.counts["samples_written"] += c.written
+            self.counts["errors"] += c.errors
+            self.bar.update(1)
+            self.bar.set_postfix(samples=self.counts["samples_in"], errors=self.counts["errors"])
+            if self.fault_after and self.counts["units_done"] >= self.fault_after:
+                raise InjectedFault(f"{FAULT_ENV}={self.fault_after}: stopping after {self.fault_after} units")
+
+
 def run_protect(s: RunSettings, log=print) -> RunSummary:
     """Protect everything under `s.input` into `s.output`; returns the summary (see module doc)."""
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
-    run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    s.config = ProtectConfig(**s.config.to_dict())  # validates
+    run = RunRecord(run_id=started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6], config=s.config,
+                    model=s.model, version=versions()["mimicshield"])
     plan = preflight(s)
-    check_model(s.model, s.revision)
+    s.model.check()
     pending = [u for u in plan.units if u.id not in plan.done]
     if plan.done:
         log(f"resuming: {len(plan.done)} of {len(plan.units)} units already done in {s.output}, skipping them")
-    run = {"run_id": run_id, "method": s.config.method, "eps": s.config.eps, "step_size": s.config.step_size,
-           "steps": s.config.steps, "model": s.model, "model_revision": s.revision}
-    meta_params = {"method": s.config.method, "eps": s.config.eps, "step_size": s.config.step_size,
-                   "steps": s.config.steps, "init": s.config.init, "seed": s.config.seed,
-                   "resolution": s.config.resolution, "model": s.model, "model_revision": s.revision,
-                   "version": versions()["mimicshield"], "run_id": run_id}
     counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0}
-    device, failure, position = "-", None, 0
-    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    device, failure, driver_bytes, receiver, assembled_on = "-", None, 0, None, []
     try:
         if pending:
-            ray = ensure_ray(s.address)
-            ds, device = build_dataset(s, plan, pending)
-            source_unit = {}
-            for unit in pending:
-                for p in unit.inputs:
-                    source_unit[to_uri(plan.in_fs, p)] = unit
-            order = {u.id: i for i, u in enumerate(pending)}
-            with tempfile.TemporaryDirectory(prefix="mimicshield-spool-") as tmpdir:
-                sink = UnitSink(plan.kind, plan.out_fs, plan.out_root, run, meta_params, tmpdir=tmpdir)
-                bar = tqdm(total=len(pending), unit="shard" if plan.kind == "shards" else "chunk",
-                           desc="committed", disable=not s.progress, file=sys.stderr)
-                position = -1  # index in `pending` of the unit being received
-
-                def commit_through(last: int) -> None:
-                    nonlocal position
-                    while position < last:
-                        if sink.unit is not None:
-                            c = sink.commit()
-                            counts["units_done"] += 1
-                            counts["samples_in"] += c.samples
-                            counts["samples_written"] += c.written
-                            counts["errors"] += c.errors
-                            bar.update(1)
-                            bar.set_postfix(samples=counts["samples_in"], errors=counts["errors"])
-                            if fault_after and counts["units_done"] >= fault_after:
-                                raise InjectedFault(f"{FAULT_ENV}={fault_after}: stopping after {fault_after} units")
-                        position += 1
-                        if position < len(pending):
-                            sink.begin(pending[position])
-
-                batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-                try:
-                    for batch in batches:
-                        for row in batch.to_pylist():
-                            unit = source_unit[row["source"]]
-                            idx = order[unit.id]
-                            if idx < position:
-                                raise RuntimeError(f"internal: sample {row['key']} of {unit.id} arrived after its unit was committed")
-                            if idx > position:
-                                commit_through(idx)
-                            sink.add(row)
-                    commit_through(len(pending))  # the last unit, and trailing empty ones
-                except BaseException:
-                    sink.abort()
-                    raise
-                finally:
-                    bar.close()
-                    if hasattr(batches, "close"):
-                        batches.close()  # stops the streaming executor and its actors now, not at GC
-            del ray
+            if plan.kind == "shards":
+                clear_parts(plan.out_fs, plan.out_root, {u.id for u in pending})  # left by an interrupted run
+            ensure_ray(s.address)
+            ds, device = build_dataset(s, plan, pending, run)
+            receiver = _Receiver(plan, run, pending, remote_assembler(assembled_on), s.progress,
+                                 int(os.environ.get(FAULT_ENV, "0") or 0))
+            counts = receiver.counts
+            batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+            try:
+                for batch in batches:
+                    driver_bytes += batch.nbytes
+                    for row in batch.to_pylist():
+                        receiver.add(row)
+                receiver.commit_through(len(pending))  # the last unit, and trailing empty ones
+            finally:
+                receiver.bar.close()
+                if hasattr(batches, "close"):
+                    batches.close()  # stops the streaming executor and its actors now, not at GC
     except BaseException as err:
         failure = short_error(err)
         if plan.kind == "shards" and "ReadError" in failure and pending:
-            done_ids = set(plan.done)
-            left = [u for u in pending[max(position, 0):] if u.id not in done_ids]
+            left = pending[receiver.position if receiver else 0 :]
             bad = first_unreadable(plan.in_fs, left)
             if bad:
                 failure = f"cannot read shard {bad} ({failure}); remove or repair it and rerun to resume"
@@ -342,27 +377,28 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
         raise
     finally:
         seconds = time.perf_counter() - t0
-        _write_run_row(s, plan, run_id, started, seconds, counts, failure)
-    return RunSummary(run_id=run_id, input=s.input, output=s.output, kind=plan.kind, units_total=len(plan.units),
-                      units_skipped=len(plan.done), seconds=seconds, device=device, **counts)
+        _write_run_row(s, plan, run, started, seconds, counts, failure)
+    return RunSummary(run_id=run.run_id, input=s.input, output=s.output, kind=plan.kind, units_total=len(plan.units),
+                      units_skipped=len(plan.done), seconds=seconds, device=device, driver_bytes=driver_bytes,
+                      writer_nodes=dict(receiver.writer_nodes) if receiver else {},
+                      assembler_nodes={n: assembled_on.count(n) for n in set(assembled_on)}, **counts)
 
 
-def _write_run_row(s: RunSettings, plan: Plan, run_id: str, started, seconds: float, counts: dict, failure) -> None:
-    config = {
-        "protect": s.config.to_dict(), "model": s.model, "revision": s.revision, "device": s.device, "dtype": s.dtype,
-        "batch_size": s.batch_size, "low_memory": s.low_memory, "actors": s.actors, "max_pixels": s.max_pixels, "chunk_size": s.chunk_size,
-        "s3": public_s3_options(s.s3) if (is_s3(s.input) or is_s3(s.output)) else None,
-    }
+def _write_run_row(s: RunSettings, plan: Plan, run: RunRecord, started, seconds: float, counts: dict, failure) -> None:
+    config = run.config_json(
+        batch_size=s.batch_size, actors=s.actors, max_pixels=s.max_pixels, chunk_size=s.chunk_size,
+        s3=public_s3_options(s.s3) if (is_s3(s.input) or is_s3(s.output)) else None,
+    )
     row = {
-        "run_id": run_id, "status": "failed" if failure else "completed", "input": s.input, "output": s.output,
-        "kind": plan.kind, "config": json.dumps(config, sort_keys=True), "versions": json.dumps(versions(), sort_keys=True),
-        "model": s.model, "model_revision": s.revision, "method": s.config.method,
+        "run_id": run.run_id, "status": "failed" if failure else "completed", "input": s.input, "output": s.output,
+        "kind": plan.kind, "config": config, "versions": json.dumps(versions(), sort_keys=True),
+        "model": run.model.model, "model_revision": run.model.revision, "method": run.config.method,
         "units_total": len(plan.units), "units_skipped": len(plan.done), **counts,
         "started_at": started, "finished_at": datetime.now(timezone.utc), "seconds": seconds,
         "images_per_second": counts["samples_in"] / seconds if seconds > 0 else 0.0,
         "failure": failure,
     }
     try:
-        tables.write_table([row], "runs", posixpath.join(plan.out_root, TABLES_DIR, "runs"), plan.out_fs, basename=run_id)
+        tables.write_table([row], "runs", posixpath.join(plan.out_root, TABLES_DIR, "runs"), plan.out_fs, basename=run.run_id)
     except Exception as err:  # never hide the run's own failure behind this one
         print(f"mimicshield: could not write the runs table: {err}", file=sys.stderr)

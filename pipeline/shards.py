@@ -1,24 +1,36 @@
-"""Units of work and how a finished unit is committed: output shard, tables, then a marker.
+"""Units of work, where their outputs go, and how a finished unit is committed.
 
 A *unit* is one input shard (shard input) or a fixed chunk of image files (folder input). Its
 outputs have deterministic names derived from the input, so a rerun replaces rather than
 duplicates:
 
     OUTPUT/<relative shard path>                      protected shard (same basename as the input)
+    OUTPUT/<relative file path>                       protected file (folder input)
     OUTPUT/tables/protect_metrics/<unit>.parquet      one row per written sample
     OUTPUT/tables/errors/<unit>.parquet               one row per failed sample (may be empty)
     OUTPUT/tables/_units/<unit>.json                  commit marker, written last
+    OUTPUT/tables/_parts/<unit>/<run>-<n>.tar         staging: parts of a shard, written by workers
 
-Resume: a unit whose marker exists (for the same inputs) is skipped. A crash before the marker
-leaves files that the rerun overwrites under the same names: no duplicate, nothing missing.
-Shards are spooled to a local temporary file while their samples arrive, then uploaded whole
-(local output: written beside the target under a hidden name and renamed into place).
+Who writes what: Ray worker tasks encode the protected samples and write them, a folder's files
+under their final names, a shard's samples as *parts* (runs of complete tar members, no end
+marker) in the staging folder. The driver only receives small per-sample rows (key, part name,
+measurements) and commits each unit in input order with `commit_unit`:
 
-Crash windows are testable at one seam, `fault_point(point, unit_id)`, called at each step of a
-unit's commit. With ``MIMICSHIELD_FAULT=<point>:<unit id>`` in the environment of the process that
-commits, it raises `CommitFault` there (tests only). The points, in order:
+    1. output   shards: one worker task concatenates the parts into the final shard (+ tar end
+                marker) and uploads it whole (local: written beside it, renamed into place);
+                folder: nothing to do, the files are in place
+    2. tables   protect_metrics and errors rows of the unit
+    3. marker   the unit's id, input fingerprint and counts: "all of it is there"
 
-    mid-unit         the unit's first sample was added (folder output: its first file is written)
+Resume: a unit whose marker exists for the same inputs (`Unit.fingerprint`) is skipped. A crash
+(``kill -9`` included) anywhere before the marker leaves files that the rerun rewrites under the
+same names, and staging parts that the rerun deletes first: no duplicate, nothing missing.
+
+Crash windows are testable at one seam, `fault_point(point, unit_id)`, called by the driver at each
+step of a unit's commit. With ``MIMICSHIELD_FAULT=<point>:<unit id>`` in the driver's environment
+it raises `CommitFault` there (tests only). The points, in order:
+
+    mid-unit         the driver received the unit's first written sample (workers wrote part of it)
     output-written   the output shard is uploaded (folder output: every file is written)
     tables-written   protect_metrics and errors are written, the marker is not
     committed        the marker is written
@@ -26,13 +38,12 @@ commits, it raises `CommitFault` there (tests only). The points, in order:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-import io
 import json
 import os
 import posixpath
 import tarfile
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 
@@ -42,6 +53,7 @@ from . import tables
 from .io import TABLES_DIR, to_uri
 
 MARKER_DIR = "_units"  # leading underscore: Parquet dataset readers skip it
+PARTS_DIR = "_parts"  # staging parts of shards being written
 SAME_FORMAT = {"jpeg": "jpg", "tiff": "tif"}
 FAULT_ENV = "MIMICSHIELD_FAULT"  # tests: "<point>:<unit id>" (see module doc)
 FAULT_POINTS = ("mid-unit", "output-written", "tables-written", "committed")
@@ -64,7 +76,8 @@ class Unit:
     inputs: list[str]  # input paths on the input filesystem
     output: str  # output shard path (shards) or output root (folder)
 
-    def digest(self) -> str:
+    def fingerprint(self) -> str:
+        """What the marker records about the inputs; a unit is done only for the same fingerprint."""
         return hashlib.sha256("\n".join(self.inputs).encode()).hexdigest()[:16]
 
 
@@ -92,6 +105,28 @@ def plan_units(kind: str, paths: list[str], in_root: str, out_root: str, chunk_s
     ]
 
 
+class UnitIndex:
+    """Which unit an input path belongs to (built once on the driver, shipped to the read-side tasks).
+
+    Shards: a dict of shard paths. Folders: chunks are contiguous runs of the sorted listing, so
+    only each chunk's first path is kept and a lookup is a bisection (small for millions of files).
+    """
+
+    def __init__(self, kind: str, units: list[Unit]):
+        self.kind = kind
+        if kind == "shards":
+            self.by_path = {u.inputs[0]: u.id for u in units}
+        else:
+            self.firsts = [u.inputs[0] for u in units]
+            self.ids = [u.id for u in units]
+
+    def __call__(self, path: str) -> str:
+        path = path[len("s3://"):] if path.startswith("s3://") else path
+        if self.kind == "shards":
+            return self.by_path[path]
+        return self.ids[bisect.bisect_right(self.firsts, path) - 1]
+
+
 def marker_path(out_root: str, unit_id: str) -> str:
     return posixpath.join(out_root, TABLES_DIR, MARKER_DIR, f"{unit_id}.json")
 
@@ -106,7 +141,7 @@ def committed(out_fs: pafs.FileSystem, out_root: str, units: list[Unit]) -> set[
         if unit.id in present:
             with out_fs.open_input_stream(marker_path(out_root, unit.id)) as f:
                 marker = json.loads(f.read())
-            if marker.get("inputs_digest") == unit.digest():
+            if marker.get("inputs_digest") == unit.fingerprint():
                 done.add(unit.id)
     return done
 
@@ -138,32 +173,96 @@ def same_suffix(orig: str | None, new: str) -> str:
     return new
 
 
-class ShardSpool:
-    """A WebDataset tar built in a local temporary file (members written as they arrive)."""
+# ---------------------------------------------------------------- tar parts
 
-    def __init__(self, tmpdir: str):
-        fd, self.path = tempfile.mkstemp(suffix=".tar", dir=tmpdir)
-        self._file = os.fdopen(fd, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+TAR_BLOCK, TAR_RECORD = 512, 10240  # tarfile's block and record sizes
+TAR_END = b"\0" * (2 * TAR_BLOCK)  # end-of-archive marker
 
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        for suffix, data in members:
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644  # deterministic bytes
-            self._tar.addfile(info, io.BytesIO(data))
 
-    def close(self) -> str:
-        self._tar.close()
-        self._file.close()
-        return self.path
+def tar_members(key: str, members: list[tuple[str, bytes]]) -> bytes:
+    """One sample's members as tar blocks (USTAR header + data + padding), deterministic bytes.
 
-    def discard(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+    Concatenating such runs and adding `tar_end(size)` gives the same file as tarfile would.
+    """
+    out = bytearray()
+    for suffix, data in members:
+        info = tarfile.TarInfo(f"{key}.{suffix}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        out += info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+        out += data
+        out += b"\0" * (-len(data) % TAR_BLOCK)
+    return bytes(out)
+
+
+def tar_end(size: int) -> bytes:
+    """The end-of-archive marker plus padding to a full record, for a tar of `size` member bytes."""
+    return TAR_END + b"\0" * (-(size + len(TAR_END)) % TAR_RECORD)
+
+
+def parts_root(out_root: str) -> str:
+    return posixpath.join(out_root, TABLES_DIR, PARTS_DIR)
+
+
+def parts_dir(out_root: str, unit_id: str) -> str:
+    return posixpath.join(parts_root(out_root), unit_id)
+
+
+def part_path(out_root: str, unit_id: str, run_id: str) -> str:
+    """A new, unique staging path for a part of `unit_id`."""
+    return posixpath.join(parts_dir(out_root, unit_id), f"{run_id}-{uuid.uuid4().hex[:12]}.tar")
+
+
+def clear_parts(out_fs: pafs.FileSystem, out_root: str, unit_ids: set[str]) -> int:
+    """Delete staging parts left by an interrupted run for `unit_ids` (one listing); returns how many dirs."""
+    infos = out_fs.get_file_info(pafs.FileSelector(parts_root(out_root), allow_not_found=True))
+    stale = [i.path for i in infos if posixpath.basename(i.path) in unit_ids]
+    for path in stale:
+        out_fs.delete_dir(path)
+    return len(stale)
+
+
+def assemble_shard(out_fs: pafs.FileSystem, parts: list[str], path: str) -> int:
+    """Concatenate tar parts into the shard at `path`, add the end marker; returns its size in bytes.
+
+    Runs in a worker task (stages.assemble_task). Local output: the first part is extended in
+    place and renamed (no copy); object stores: one streamed upload, visible once complete.
+    """
+    out_fs.create_dir(posixpath.dirname(path), recursive=True)
+    if isinstance(out_fs, pafs.LocalFileSystem) and parts:
+        first, size = parts[0], os.path.getsize(parts[0])
+        with open(first, "ab") as out:
+            for part in parts[1:]:
+                with open(part, "rb") as f:
+                    size += _copy(f, out)
+            out.write(tar_end(size))
+        os.replace(first, path)
+        return size + len(tar_end(size))
+    if isinstance(out_fs, pafs.LocalFileSystem):
+        tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "wb") as out:
+            out.write(tar_end(0))
+        os.replace(tmp, path)
+        return len(tar_end(0))
+    size = 0
+    with out_fs.open_output_stream(path) as out:
+        for part in parts:
+            with out_fs.open_input_stream(part) as f:
+                size += _copy(f, out)
+        out.write(tar_end(size))
+    return size + len(tar_end(size))
+
+
+def _copy(src, dst, chunk: int = 8 * 2**20) -> int:
+    n = 0
+    while True:
+        data = src.read(chunk)
+        if not data:
+            return n
+        dst.write(data)
+        n += len(data)
+
+
+# ---------------------------------------------------------------- commit
 
 
 @dataclass
@@ -174,86 +273,58 @@ class UnitCounts:
 
 
 @dataclass
-class UnitSink:
-    """Receives a unit's result rows in order and commits the unit (see module doc)."""
+class UnitResult:
+    """What the driver gathered for one unit from the workers' small result rows."""
 
-    kind: str
-    out_fs: pafs.FileSystem
-    out_root: str
-    run: dict  # run_id, method, eps, step_size, steps, model, model_revision
-    meta_params: dict  # what goes under the "mimicshield" field of each sample's JSON
-    tmpdir: str = field(default_factory=tempfile.gettempdir)
-    unit: Unit | None = None
-    spool: ShardSpool | None = None
+    unit: Unit
+    parts: list[str] = field(default_factory=list)  # staging parts, in input order (shards)
+    metrics: list[dict] = field(default_factory=list)  # protect_metrics rows
+    errors: list[dict] = field(default_factory=list)  # errors rows
+    counts: UnitCounts = field(default_factory=UnitCounts)
 
-    def begin(self, unit: Unit) -> None:
-        self.unit, self.counts = unit, UnitCounts()
-        self.metrics: list[dict] = []
-        self.errors: list[dict] = []
-        self.spool = ShardSpool(self.tmpdir) if self.kind == "shards" else None
 
-    def add(self, row: dict) -> None:
-        from .stages import protected_meta
+def write_unit_output(out_fs: pafs.FileSystem, kind: str, result: UnitResult, assemble=assemble_shard) -> None:
+    """Step 1: the unit's shard from its parts (folder files are already in place)."""
+    if kind == "shards":
+        assemble(out_fs, result.parts, result.unit.output)
 
-        self.counts.samples += 1
-        if row["stage"]:
-            self.counts.errors += 1
-            self.errors.append({"key": row["key"], "source": row["source"], "stage": row["stage"],
-                                "reason": row["reason"] or "unknown", "run_id": self.run["run_id"]})
-            return
-        suffix = same_suffix(row["ext"], row["out_ext"])
-        if self.kind == "shards":
-            meta_text, meta_name = protected_meta(row["meta"], self.meta_params)
-            members = [(suffix, row["image"])]
-            extra = dict(zip(row["member_names"] or [], row["member_data"] or []))
-            extra[meta_name] = meta_text.encode()
-            members += sorted(extra.items())
-            self.spool.add(row["key"], members)
-            output = to_uri(self.out_fs, self.unit.output)
-        else:
-            path = posixpath.join(self.out_root, f"{row['key']}.{suffix}")
-            write_bytes(self.out_fs, path, row["image"])
-            output = to_uri(self.out_fs, path)
-        self.counts.written += 1
-        if self.counts.written == 1:
-            fault_point("mid-unit", self.unit.id)
-        self.metrics.append({
-            "key": row["key"], "source": row["source"], "output": output, "format": suffix,
-            "method": self.run["method"], "eps": float(self.run["eps"]), "step_size": float(self.run["step_size"]),
-            "steps": int(self.run["steps"]), "model": self.run["model"], "model_revision": self.run["model_revision"],
-            "width": row["width"], "height": row["height"], "linf": row["linf"], "psnr": row["psnr"],
-            "ssim": row["ssim"], "lpips": row["lpips"], "seconds": row["seconds"], "device": row["device"],
-            "warnings": row["warnings"], "run_id": self.run["run_id"],
-        })
 
-    def commit(self) -> UnitCounts:
-        """Output shard, then tables, then the marker: the marker means 'all of it is there'."""
-        unit = self.unit
-        table_root = posixpath.join(self.out_root, TABLES_DIR)
-        if self.spool is not None:
-            local = self.spool.close()
-            try:
-                write_bytes(self.out_fs, unit.output, local_file=local)
-            finally:
-                os.unlink(local)
-                self.spool = None
-        fault_point("output-written", unit.id)
-        tables.write_table(self.metrics, "protect_metrics", posixpath.join(table_root, "protect_metrics"),
-                           self.out_fs, basename=unit.id)
-        tables.write_table(self.errors, "errors", posixpath.join(table_root, "errors"), self.out_fs, basename=unit.id)
-        fault_point("tables-written", unit.id)
-        marker = {"unit": unit.id, "inputs_digest": unit.digest(), "inputs": len(unit.inputs),
-                  "output": to_uri(self.out_fs, unit.output), "run_id": self.run["run_id"],
-                  "samples": self.counts.samples, "written": self.counts.written, "errors": self.counts.errors}
-        write_bytes(self.out_fs, marker_path(self.out_root, unit.id), json.dumps(marker).encode())
-        self.unit = None
-        fault_point("committed", unit.id)
-        return self.counts
+def write_unit_tables(out_fs: pafs.FileSystem, out_root: str, result: UnitResult) -> None:
+    """Step 2: the unit's protect_metrics and errors files (replacing any from an interrupted run)."""
+    table_root = posixpath.join(out_root, TABLES_DIR)
+    for name, rows in (("protect_metrics", result.metrics), ("errors", result.errors)):
+        tables.write_table(rows, name, posixpath.join(table_root, name), out_fs, basename=result.unit.id)
 
-    def abort(self) -> None:
-        if self.spool is not None:
-            self.spool.discard()
-        self.unit, self.spool = None, None
+
+def write_marker(out_fs: pafs.FileSystem, out_root: str, result: UnitResult, run_id: str) -> None:
+    """Step 3, last: the marker that makes the unit count as done (`committed`)."""
+    unit, c = result.unit, result.counts
+    marker = {"unit": unit.id, "inputs_digest": unit.fingerprint(), "inputs": len(unit.inputs),
+              "output": to_uri(out_fs, unit.output), "run_id": run_id,
+              "samples": c.samples, "written": c.written, "errors": c.errors}
+    write_bytes(out_fs, marker_path(out_root, unit.id), json.dumps(marker).encode())
+
+
+def commit_unit(out_fs: pafs.FileSystem, out_root: str, kind: str, result: UnitResult, run_id: str,
+                assemble=assemble_shard) -> UnitCounts:
+    """Commit one finished unit: output, then tables, then marker (see module doc).
+
+    `assemble(out_fs, parts, path)` builds a shard from its parts; the pipeline passes one that
+    runs `assemble_shard` in a worker task, so no image byte passes through the driver. A failure
+    (or kill) at any step leaves no marker: the next run redoes the unit under the same names.
+    """
+    write_unit_output(out_fs, kind, result, assemble)
+    fault_point("output-written", result.unit.id)
+    write_unit_tables(out_fs, out_root, result)
+    fault_point("tables-written", result.unit.id)
+    write_marker(out_fs, out_root, result, run_id)
+    if kind == "shards":
+        try:
+            out_fs.delete_dir(parts_dir(out_root, result.unit.id))  # also any part of a retried task
+        except (FileNotFoundError, OSError):
+            pass
+    fault_point("committed", result.unit.id)
+    return result.counts
 
 
 def first_unreadable(in_fs: pafs.FileSystem, units: list[Unit], limit: int = 16) -> str | None:

@@ -1,72 +1,77 @@
-"""The Ray Data stages between reading samples and writing them: validate (CPU) and protect (actors).
+"""The Ray Data stages between reading samples and committing units.
 
     rows from io.read_paths (key, source, image, ext, meta, member_names, member_data)
-      -> Validator        CPU tasks: decode once; a bad sample becomes an error row, never a crash
-      -> ProtectActor     an actor pool, the model loaded once per actor (one GPU each when present):
-                          protect_encoded = decode, PGD, re-encode in the source format, measure
-      -> rows of RESULT_SCHEMA, one per input sample, in input order (written by shards.py)
+      -> Decoder        CPU tasks: size checked on the header, decoded once; pixels + what encoding
+                        needs (format, mode, alpha, 16-bit plane, EXIF, ICC) go on as Arrow columns
+      -> ProtectActor   an actor pool, model loaded once per actor (one GPU each when present):
+                        tensor work only, uint8 pixels in, the int16 perturbation that is written out
+      -> Encoder        CPU tasks: apply, encode in the source format, measure the written file
+      -> Writer         CPU tasks (fused with Encoder): write folder files under their final names,
+                        shard samples as staging parts (shards.py); emit small rows, no image bytes
+      -> the driver commits units in order (ray_pipeline.py, shards.commit_unit)
 
 Every stage maps a pyarrow batch to a pyarrow batch of a fixed schema, and every input row gives
-exactly one output row: samples in = samples written + error rows, by construction.
+exactly one output row: samples in = samples written + error rows, by construction. A bad sample
+becomes a row with `stage` and `reason` set, never a crash. The per-sample work is encoded.py's
+(`decode`, `quantize`, `finish`), the same functions `protect_encoded` runs in one process.
+
+Shaped for archive inputs: one row per image (a sample with several image members can become
+several rows with the same unit), and every row carries its `unit`, so the writer never needs to
+know where the unit ends; the driver does, because rows arrive in input order.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
+import time
+from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
-from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from .io import MEMBER_FIELDS, SAMPLE_SCHEMA, sample_meta
+from .encoded import decode, finish, quantize
+from .images import DEFAULT_MAX_PIXELS, DecodedImage, ImageError
+from .io import MEMBER_FIELDS, sample_meta, to_uri
 
-VALIDATED_SCHEMA = pa.schema(
-    list(SAMPLE_SCHEMA) + MEMBER_FIELDS + [
-        ("width", pa.int64()),
-        ("height", pa.int64()),
+# what the Decoder passes on: the sample's metadata and members, and the decoded image
+DECODED_SCHEMA = pa.schema(
+    [("key", pa.string()), ("source", pa.string()), ("unit", pa.string()), ("ext", pa.string()), ("meta", pa.string())]
+    + MEMBER_FIELDS + [
+        ("prompt", pa.string()),  # the sample's own prompt (JSON prompt/caption or .txt), else null
         ("stage", pa.string()),  # set when the sample failed: read, decode, protect, encode
         ("reason", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("rgb", pa.binary()),  # H x W x 3 uint8, what protection sees
+        ("format", pa.string()),
+        ("mode", pa.string()),
+        ("alpha", pa.binary()),  # H x W uint8, or null
+        ("gray16", pa.binary()),  # H x W uint16 source plane of 16-bit grayscale images, or null
+        ("exif", pa.binary()),
+        ("icc", pa.binary()),
+        ("bits", pa.int64()),
     ]
 )
-RESULT_SCHEMA = pa.schema(
-    list(VALIDATED_SCHEMA) + [
-        ("out_ext", pa.string()),  # suffix of the protected image in `image`
-        ("linf", pa.float64()),
-        ("psnr", pa.float64()),
-        ("ssim", pa.float64()),
-        ("lpips", pa.float64()),  # only with --lpips-weights (a random backbone is not reported)
-        ("seconds", pa.float64()),
-        ("device", pa.string()),
-        ("warnings", pa.string()),
-    ]
-)
-
-
-def _rows(batch: pa.Table) -> list[dict]:
-    return batch.to_pylist()
-
-
-class Validator:
-    """CPU stage: decode each image once (size limit checked on the header, before decoding)."""
-
-    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.max_pixels = max_pixels
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for row in _rows(batch):
-            row.update(width=None, height=None, stage=None, reason=None)
-            if row["image"] is None:
-                row.update(stage="read", reason="no image member in sample (expected one of .png/.jpg/.webp/...)")
-            else:
-                try:
-                    h, w = decode_image(row["image"], max_pixels=self.max_pixels).size
-                    row.update(width=w, height=h)
-                except ImageError as err:
-                    row.update(stage="decode", reason=str(err))
-            if row["stage"]:
-                row["image"] = None  # nothing downstream needs the bad bytes
-            out.append(row)
-        return pa.Table.from_pylist(out, schema=VALIDATED_SCHEMA)
+# what the ProtectActor adds
+PROTECTED_FIELDS = [
+    ("delta", pa.binary()),  # H x W x 3 int16: the quantised perturbation, |delta| <= floor(eps)
+    ("seconds", pa.float64()),  # protection seconds per image (the batch's time / its images)
+    ("device", pa.string()),
+]
+# what the Writer emits, and all the driver ever receives: no image bytes
+RESULT_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source", pa.string()), ("unit", pa.string()),
+    ("part", pa.string()),  # staging part holding the sample (shards), else null
+    ("output", pa.string()),  # URI of the written shard or file
+    ("format", pa.string()),  # suffix of the written image member
+    ("width", pa.int64()), ("height", pa.int64()),
+    ("linf", pa.float64()), ("psnr", pa.float64()), ("ssim", pa.float64()),
+    ("lpips", pa.float64()),  # only with --lpips-weights (a random backbone is not reported)
+    ("seconds", pa.float64()), ("device", pa.string()), ("warnings", pa.string()),
+    ("stage", pa.string()), ("reason", pa.string()),
+    ("node", pa.string()),  # Ray node that wrote it (benchmarks, debugging)
+])
 
 
 def sample_prompt(row: dict) -> str | None:
@@ -81,58 +86,156 @@ def sample_prompt(row: dict) -> str | None:
     return None
 
 
+def pack_decoded(image: DecodedImage) -> dict:
+    """A `DecodedImage` as DECODED_SCHEMA columns (raw buffers plus shape)."""
+    h, w = image.size
+    return {"width": w, "height": h, "rgb": image.rgb.tobytes(), "format": image.format, "mode": image.mode,
+            "alpha": None if image.alpha is None else image.alpha.tobytes(),
+            "gray16": None if image.gray16 is None else image.gray16.astype("<u2").tobytes(),
+            "exif": image.exif, "icc": image.icc_profile, "bits": image.bits}
+
+
+def unpack_decoded(row: dict) -> DecodedImage:
+    h, w = row["height"], row["width"]
+    return DecodedImage(
+        rgb=unpack_rgb(row["rgb"], h, w), format=row["format"], mode=row["mode"],
+        alpha=None if row["alpha"] is None else np.frombuffer(row["alpha"], np.uint8).reshape(h, w),
+        gray16=None if row["gray16"] is None else np.frombuffer(row["gray16"], "<u2").reshape(h, w).astype(np.uint16),
+        exif=row["exif"], icc_profile=row["icc"], bits=row["bits"],
+    )
+
+
+def unpack_rgb(data: bytes, height: int, width: int) -> np.ndarray:
+    return np.frombuffer(data, np.uint8).reshape(height, width, 3)
+
+
+# ---------------------------------------------------------------- decode (CPU tasks)
+
+
+@dataclass
+class Decoder:
+    """Decode each image once (size limit checked on the header, before decoding)."""
+
+    unit_of: object  # shards.UnitIndex: input path -> unit id
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for row in batch.to_pylist():
+            image = row.pop("image")
+            row.update(unit=self.unit_of(row["source"]), prompt=sample_prompt(row), stage=None, reason=None)
+            try:
+                row.update(pack_decoded(decode(image, self.max_pixels)))
+            except ImageError as err:
+                row.update(stage="read" if image is None else "decode", reason=str(err))
+            out.append(row)
+        return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+
+
+# ---------------------------------------------------------------- protect (actors)
+
+
 class ProtectActor:
     """Callable class for `map_batches(compute=ActorPoolStrategy(...))`: loads the model once.
 
-    `settings` holds model, revision, device, dtype, threads, max_pixels and config (a
-    ProtectConfig as a dict). Images of any mix of sizes can share a batch: the engine groups
-    them by working size internally.
+    Only tensor work happens here: pixels in, quantised perturbations out; the other columns pass
+    through as Arrow buffers, untouched. Images of any mix of sizes can share a batch: the engine
+    groups them by working size internally.
     """
 
-    def __init__(self, settings: dict):
+    def __init__(self, model, config, threads: int | None = None):
         import torch
 
-        from .models import load_models
-        from .protect import ProtectConfig, build_protector
+        from .protect import build_protector
 
-        if settings.get("threads"):
-            torch.set_num_threads(int(settings["threads"]))
-        models = load_models(settings["model"], device=settings.get("device", "auto"),
-                             dtype=settings.get("dtype", "auto"), revision=settings.get("revision"),
-                             low_memory=bool(settings.get("low_memory", False)))
-        self.protector = build_protector(models, ProtectConfig(**settings["config"]))
+        if threads:
+            torch.set_num_threads(int(threads))
+        models = model.load()  # a ModelSpec, already on this actor's device
+        self.protector = build_protector(models, config)
         self.device = str(models.device)
-        self.max_pixels = settings.get("max_pixels", DEFAULT_MAX_PIXELS)
-        self.lpips = None
-        weights = self.protector.config.extra.get("lpips_weights")
-        if weights:  # LPIPS in protect_metrics only when it means something: calibrated weights
-            from .lpips_net import build_lpips, lpips_distance
-
-            net = build_lpips(weights, models.device)[0]
-            self.lpips = lambda clean, protected: lpips_distance(net, clean, protected)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from .protect.batch import protect_encoded
-
-        rows = _rows(batch)
-        for row in rows:
-            row.update(out_ext=None, linf=None, psnr=None, ssim=None, lpips=None, seconds=None, device=None,
-                       warnings=None)
-        todo = [row for row in rows if not row["stage"]]
+        n = batch.num_rows
+        stage, reason = batch.column("stage").to_pylist(), batch.column("reason").to_pylist()
+        delta: list[bytes | None] = [None] * n
+        seconds: list[float | None] = [None] * n
+        todo = [i for i in range(n) if stage[i] is None]
         if todo:
-            results = protect_encoded(
-                self.protector, [r["key"] for r in todo], [r["image"] for r in todo],
-                prompts=[sample_prompt(r) for r in todo], max_pixels=self.max_pixels, lpips=self.lpips,
-            )
-            for row, res in zip(todo, results):
-                if res.error:
-                    row.update(image=None, stage=res.stage, reason=res.error)
-                    continue
-                m = res.metrics
-                row.update(image=res.data, out_ext=res.ext, linf=m["linf"], psnr=m["psnr"], ssim=m["ssim"],
-                           lpips=m.get("lpips"),
-                           seconds=m["seconds"], device=self.device, warnings="; ".join(res.warnings) or None)
-        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+            cols = {c: batch.column(c).take(todo).to_pylist() for c in ("key", "prompt", "rgb", "width", "height")}
+            images = [unpack_rgb(d, h, w) for d, h, w in zip(cols["rgb"], cols["height"], cols["width"])]
+            start = time.perf_counter()
+            try:
+                deltas = self.protector.protect(images, keys=cols["key"], prompts=cols["prompt"])
+                each = (time.perf_counter() - start) / len(todo)
+                eps = self.protector.config.eps
+                for i, d in zip(todo, deltas):
+                    delta[i], seconds[i] = quantize(d, eps).tobytes(), each
+            except Exception as err:  # e.g. out of memory on one huge image: fail the batch's rows, not the job
+                for i in todo:
+                    stage[i], reason[i] = "protect", f"{type(err).__name__}: {err}"
+        batch = batch.set_column(batch.schema.get_field_index("stage"), "stage", pa.array(stage, pa.string()))
+        batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
+        for name, typ in PROTECTED_FIELDS:
+            values = {"delta": delta, "seconds": seconds, "device": [self.device] * n}[name]
+            batch = batch.append_column(name, pa.array(values, typ))
+        return batch
+
+
+# ---------------------------------------------------------------- encode + write (CPU tasks)
+
+_LPIPS: dict = {}  # weights path -> LPIPS function, built once per worker process
+
+
+def lpips_function(weights: str):
+    """LPIPS(clean, written) on CPU with calibrated AlexNet weights (cached per process)."""
+    if weights not in _LPIPS:
+        from .lpips_net import build_lpips, lpips_distance
+
+        net = build_lpips(weights, "cpu")[0]
+        _LPIPS[weights] = lambda clean, protected: lpips_distance(net, clean, protected)
+    return _LPIPS[weights]
+
+
+@dataclass
+class Encoder:
+    """Apply each perturbation, encode in the source format, measure the written file.
+
+    Emits the DECODED columns needed to write (key, source, unit, ext, meta, members), the encoded
+    bytes (`data`, `out_ext`) and the measurements; pixels are dropped here.
+    """
+
+    eps: float
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    lpips_weights: str | None = None  # LPIPS in protect_metrics only with calibrated weights
+
+    SCHEMA = pa.schema(
+        [("key", pa.string()), ("source", pa.string()), ("unit", pa.string()), ("ext", pa.string()),
+         ("meta", pa.string())] + MEMBER_FIELDS + [
+            ("data", pa.binary()), ("out_ext", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+            ("linf", pa.float64()), ("psnr", pa.float64()), ("ssim", pa.float64()), ("lpips", pa.float64()),
+            ("seconds", pa.float64()), ("device", pa.string()), ("warnings", pa.string()),
+            ("stage", pa.string()), ("reason", pa.string()),
+        ]
+    )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        lpips = lpips_function(self.lpips_weights) if self.lpips_weights else None
+        out = []
+        for row in batch.to_pylist():
+            res = {k: row[k] for k in ("key", "source", "unit", "ext", "meta", "member_names", "member_data",
+                                       "width", "height", "seconds", "device", "stage", "reason")}
+            if not row["stage"]:
+                h, w = row["height"], row["width"]
+                delta = np.frombuffer(row["delta"], np.int16).reshape(h, w, 3)
+                done = finish(row["key"], unpack_decoded(row), delta, self.eps, row["seconds"], self.max_pixels, lpips)
+                if done.error:
+                    res.update(stage=done.stage, reason=done.error)
+                else:
+                    m = done.metrics
+                    res.update(data=done.data, out_ext=done.ext, linf=m["linf"], psnr=m["psnr"], ssim=m["ssim"],
+                               lpips=m.get("lpips"), warnings="; ".join(done.warnings) or None)
+            out.append(res)
+        return pa.Table.from_pylist(out, schema=self.SCHEMA)
 
 
 def protected_meta(meta: str | None, params: dict) -> tuple[str, str | None]:
@@ -150,3 +253,63 @@ def protected_meta(meta: str | None, params: dict) -> tuple[str, str | None]:
     value = dict(value)
     value["mimicshield"] = params
     return json.dumps(value, ensure_ascii=False), "json"
+
+
+@dataclass
+class Writer:
+    """Write the encoded samples from the worker; emit one small RESULT_SCHEMA row per sample.
+
+    Folder input: each file at OUTPUT/<key>.<suffix> (whole-file writes). Shard input: the batch's
+    samples of each unit as one staging part (tar members, shards.tar_members); the driver's
+    commit concatenates a unit's parts into its shard.
+    """
+
+    kind: str  # "shards" or "folder"
+    out_fs: object  # pyarrow FileSystem of OUTPUT
+    out_root: str
+    unit_outputs: dict  # unit id -> output shard path (shards)
+    sample_params: dict  # RunRecord.sample_params(): the "mimicshield" field of each sample's JSON
+    run_id: str
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import ray
+
+        from .shards import part_path, same_suffix, tar_members, write_bytes
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        out, parts = [], {}  # unit id -> [tar bytes]
+        for row in batch.to_pylist():
+            res = {k: row.get(k) for k in RESULT_SCHEMA.names}
+            res["node"] = node
+            if not row["stage"]:
+                suffix = same_suffix(row["ext"], row["out_ext"])
+                res["format"] = suffix
+                if self.kind == "shards":
+                    meta_text, meta_name = protected_meta(row["meta"], self.sample_params)
+                    extra = dict(zip(row["member_names"] or [], row["member_data"] or []))
+                    extra[meta_name] = meta_text.encode()
+                    members = [(suffix, row["data"]), *sorted(extra.items())]
+                    parts.setdefault(row["unit"], []).append(tar_members(row["key"], members))
+                    res["output"] = to_uri(self.out_fs, self.unit_outputs[row["unit"]])
+                else:
+                    path = posixpath.join(self.out_root, f"{row['key']}.{suffix}")
+                    write_bytes(self.out_fs, path, row["data"])
+                    res["output"] = to_uri(self.out_fs, path)
+            out.append(res)
+        names = {}
+        for unit, chunks in parts.items():
+            names[unit] = part_path(self.out_root, unit, self.run_id)
+            write_bytes(self.out_fs, names[unit], b"".join(chunks))
+        for res in out:
+            if not res["stage"] and self.kind == "shards":
+                res["part"] = names[res["unit"]]
+        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+
+def assemble_task(out_fs, parts: list[str], path: str) -> tuple[int, str]:
+    """Ray task body: `shards.assemble_shard` on a worker; returns (bytes written, node id)."""
+    import ray
+
+    from .shards import assemble_shard
+
+    return assemble_shard(out_fs, parts, path), ray.get_runtime_context().get_node_id()

@@ -17,7 +17,7 @@ from pipeline.fastprotect.bank import BankMismatchError, FastProtectBank, defaul
 from pipeline.fastprotect.infer import FastProtector, square
 from pipeline.fastprotect.train import TrainConfig, load_training_images, skimage_crops, train_bank
 from pipeline.protect import ProtectConfig, build_protector
-from pipeline.protect.batch import protect_encoded
+from pipeline.encoded import protect_encoded
 from pipeline.protect.methods import encode
 
 R = 32  # training resolution of the test bank
@@ -236,7 +236,9 @@ def test_ray_job_trains_a_bank(ray_local, train_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_default_tiny_bank_is_built_and_used(tiny_models):
     """No --bank for tiny: the default bank (README recipe) is trained once, cached, and used."""
-    bank = load_bank_for(tiny_models)
+    from pipeline.fastprotect.train import ensure_default_bank
+
+    bank = load_bank_for(tiny_models, ensure_default_bank(tiny_models))
     assert default_bank_path("tiny").is_file()
     assert bank.metadata["resolution"] == 64 and bank.metadata["model_id"] == "tiny"
     protector = build_protector(tiny_models, ProtectConfig(method="fastprotect", eps=8))

@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.images import decode_image
 from pipeline.protect import ProtectConfig, build_protector
-from pipeline.protect.batch import protect_encoded
+from pipeline.encoded import protect_encoded
 from pipeline.protect.methods import METHODS, StepInputs, make_method, sds_direction
 
 PGD_METHODS = tuple(METHODS)  # advdm, advdm-, photoguard, mist, sds+, sds-, sdst- (FastProtect: its own tests)

@@ -21,6 +21,7 @@ from pyarrow import fs as pafs
 from jobs.protect import main as protect_job
 from pipeline import tables
 from pipeline.cli import main
+from pipeline.models import ModelSpec
 from pipeline.protect import ProtectConfig
 from pipeline.ray_pipeline import FAULT_ENV, InjectedFault, RunSettings, run_protect
 from pipeline.sample_data import bad_samples, photo_samples, shard_bytes
@@ -151,7 +152,7 @@ def test_resume_after_interruption(ray_local, tmp_path, monkeypatch):
     src.mkdir()
     for i in range(3):
         (src / f"shard-{i:06d}.tar").write_bytes(shard_bytes(photo_samples(2, prefix=f"s{i}-")))
-    settings = RunSettings(input=str(src), output=str(dst), model="tiny", device="cpu", progress=False,
+    settings = RunSettings(input=str(src), output=str(dst), model=ModelSpec("tiny", device="cpu"), progress=False,
                            config=ProtectConfig(steps=2, eps=EPS, step_size=2))
     monkeypatch.setenv(FAULT_ENV, "1")
     with pytest.raises(InjectedFault):
@@ -169,6 +170,44 @@ def test_resume_after_interruption(ray_local, tmp_path, monkeypatch):
     keys = [r["key"] for r in rows["protect_metrics"]]
     assert sorted(keys) == sorted(f"s{i}-0000{j}" for i in range(3) for j in range(2))  # no duplicate, none missing
     assert sorted(r["status"] for r in rows["runs"]) == ["completed", "failed"]
+
+
+def test_shards_written_by_workers_committed_by_the_driver(ray_local, tmp_path, monkeypatch, capsys):
+    """The driver writes no image byte: shard writes from this process fail, yet the run completes."""
+    from pipeline import shards
+    from pipeline.protect import engine
+
+    real_write, real_post_init = shards.write_bytes, engine.ProtectConfig.__post_init__
+    built = []
+
+    def driver_write(out_fs, path, data=None, local_file=None):
+        assert path.endswith(".json"), f"the driver wrote {path}"  # markers only
+        return real_write(out_fs, path, data, local_file)
+
+    def counting_post_init(self):
+        built.append(self.method)
+        real_post_init(self)
+
+    monkeypatch.setattr(shards, "write_bytes", driver_write)
+    monkeypatch.setattr(shards, "assemble_shard", lambda *a: pytest.fail("shard assembled on the driver"))
+    monkeypatch.setattr(engine.ProtectConfig, "__post_init__", counting_post_init)
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    inputs = {i: photo_samples(3, sizes=((64, 64),), prefix=f"s{i}-") for i in range(2)}
+    for i, samples in inputs.items():
+        (src / f"shard-{i:06d}.tar").write_bytes(shard_bytes(samples))
+    (dst / "tables" / "_parts" / "shard-000001").mkdir(parents=True)  # staging left by a killed run
+    (dst / "tables" / "_parts" / "shard-000001" / "old-run-0.tar").write_bytes(b"stale")
+    code = main(["protect", str(src), str(dst), *FAST, "--batch-size", "2"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert built == ["sds-"]  # the ProtectConfig was built (and validated) once on the driver
+    for i, samples in inputs.items():
+        written = tar_samples((dst / f"shard-{i:06d}.tar").read_bytes())
+        assert list(written) == [s["__key__"] for s in samples]  # input order, nothing stale, no duplicate
+    assert not any((dst / "tables" / "_parts").iterdir())  # staging emptied
+    rows = check_tables(pafs.LocalFileSystem(), str(dst))
+    assert sorted(r["key"] for r in rows["protect_metrics"]) == sorted(s["__key__"] for v in inputs.values() for s in v)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from PIL import Image
 from image_files import png_16bit_rgb  # tests/image_files.py
 from pipeline.images import decode_image
 from pipeline.protect import ProtectConfig, build_protector
-from pipeline.protect.batch import protect_encoded
+from pipeline.encoded import protect_encoded
 
 EPS = 8
 ORIENTATION = 0x0112

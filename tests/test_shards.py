@@ -16,38 +16,57 @@ import pytest
 from pyarrow import fs as pafs
 
 from pipeline import tables
+from pipeline.models import ModelSpec
+from pipeline.protect.engine import ProtectConfig
+from pipeline.records import RunRecord
 from pipeline.sample_data import shard_bytes
 from pipeline.shards import (
     FAULT_ENV,
     CommitFault,
     Unit,
-    UnitSink,
+    UnitResult,
+    commit_unit,
     committed,
     first_unreadable,
     marker_path,
+    part_path,
+    parts_dir,
     plan_units,
     same_suffix,
+    tar_members,
     write_bytes,
 )
+from pipeline.stages import protected_meta
 
 pytestmark = pytest.mark.mutation  # fast: mutmut runs this module (README, "Tests")
 LOCAL = pafs.LocalFileSystem()
-RUN = {"run_id": "run-1", "method": "sds-", "eps": 8.0, "step_size": 1.0, "steps": 2, "model": "tiny",
-       "model_revision": None}
-
-
-def row(key: str, source: str, image: bytes | None = b"png-bytes", stage: str | None = None, **extra) -> dict:
-    base = {"key": key, "source": source, "image": image, "ext": "png", "meta": None, "member_names": [],
-            "member_data": [], "width": 4, "height": 3, "stage": stage, "reason": "bad" if stage else None,
-            "out_ext": "png", "linf": 8.0, "psnr": 40.0, "ssim": 0.9, "lpips": None, "seconds": 0.5,
+RUN = RunRecord("run-1", ProtectConfig(method="sds-", eps=8.0, step_size=1.0, steps=2), ModelSpec("tiny"))
+MEASURED = {"width": 4, "height": 3, "linf": 8.0, "psnr": 40.0, "ssim": 0.9, "lpips": None, "seconds": 0.5,
             "device": "cpu", "warnings": None}
-    base.update(extra)
-    return base
 
 
 def members(path: Path) -> list[tuple[str, bytes]]:
     with tarfile.open(path) as tar:
         return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def staged_result(tmp_path: Path, samples: list[tuple[str, list[tuple[str, bytes]]]], errors=(), per_part=1):
+    """A shard unit as the workers leave it: its samples' tar members written as staging parts."""
+    out = str(tmp_path / "out")
+    unit = Unit("shard-000000", [str(tmp_path / "in" / "shard-000000.tar")], f"{out}/shard-000000.tar")
+    result = UnitResult(unit)
+    for i in range(0, len(samples), per_part):
+        path = part_path(out, unit.id, RUN.run_id)
+        write_bytes(LOCAL, path, b"".join(tar_members(k, m) for k, m in samples[i : i + per_part]))
+        result.parts.append(path)
+    for key, m in samples:
+        result.metrics.append(RUN.metric_row(key, unit.inputs[0], unit.output, m[0][0], MEASURED))
+    for key, reason in errors:
+        result.errors.append({"key": key, "source": unit.inputs[0], "stage": "decode", "reason": reason,
+                              "run_id": RUN.run_id})
+    result.counts.samples = len(samples) + len(errors)
+    result.counts.written, result.counts.errors = len(samples), len(errors)
+    return out, unit, result
 
 
 # --------------------------------------------------------------------------- planning
@@ -74,110 +93,82 @@ def test_plan_units_for_files_are_fixed_chunks_in_order():
     assert plan_units("folder", paths, "/in", "/out", chunk_size=256)[0].inputs == paths
 
 
-def test_digest_depends_on_every_input_and_its_order():
+def test_fingerprint_depends_on_every_input_and_its_order():
     a = Unit("u", ["/in/1.png", "/in/2.png"], "/out")
-    assert a.digest() == Unit("other-id", ["/in/1.png", "/in/2.png"], "/x").digest()
-    assert a.digest() != Unit("u", ["/in/1.png"], "/out").digest()
-    assert a.digest() != Unit("u", ["/in/2.png", "/in/1.png"], "/out").digest()
-    assert a.digest() != Unit("u", ["/in/1.png", "/in/3.png"], "/out").digest()
+    assert a.fingerprint() == Unit("other-id", ["/in/1.png", "/in/2.png"], "/x").fingerprint()
+    assert a.fingerprint() != Unit("u", ["/in/1.png"], "/out").fingerprint()
+    assert a.fingerprint() != Unit("u", ["/in/2.png", "/in/1.png"], "/out").fingerprint()
+    assert a.fingerprint() != Unit("u", ["/in/1.png", "/in/3.png"], "/out").fingerprint()
 
 
 # --------------------------------------------------------------------------- commit
 
 
-def shard_sink(tmp_path: Path) -> tuple[UnitSink, Unit]:
-    unit = Unit("shard-000000", [str(tmp_path / "in" / "shard-000000.tar")], str(tmp_path / "out" / "shard-000000.tar"))
-    sink = UnitSink("shards", LOCAL, str(tmp_path / "out"), RUN, {"method": "sds-"}, tmpdir=str(tmp_path))
-    return sink, unit
+def test_commit_assembles_parts_then_writes_tables_and_marker(tmp_path):
+    samples = [("a", [("png", b"A"), ("cls", b"7"), ("json", b'{"x": 1}')]), ("c", [("jpeg", b"C" * 700)]),
+               ("d", [("png", b"D")])]
+    out, unit, result = staged_result(tmp_path, samples, errors=[("b", "bad")], per_part=2)
+    assert len(result.parts) == 2
+    counts = commit_unit(LOCAL, out, "shards", result, RUN.run_id)
+    assert (counts.samples, counts.written, counts.errors) == (4, 3, 1)
 
-
-def test_commit_writes_shard_tables_and_marker(tmp_path):
-    sink, unit = shard_sink(tmp_path)
-    src = unit.inputs[0]
-    sink.begin(unit)
-    meta = json.dumps({"caption": "x"})  # as read: the JSON member is both `meta` and one of the members
-    sink.add(row("a", src, image=b"A", meta=meta, member_names=["cls", "json", "txt"],
-                 member_data=[b"7", meta.encode(), b"t"], out_ext="png", ext="png"))
-    sink.add(row("b", src, stage="decode", image=None))
-    sink.add(row("c", src, image=b"C", ext="jpeg", out_ext="jpg", meta="[1]", member_names=["json"],
-                 member_data=[b"[1]"]))
-    counts = sink.commit()
-    assert (counts.samples, counts.written, counts.errors) == (3, 2, 1)
-
-    got = members(tmp_path / "out" / "shard-000000.tar")
-    assert [n for n, _ in got] == ["a.png", "a.cls", "a.json", "a.txt", "c.jpeg", "c.json",
-                                 "c.mimicshield.json"]
-    data = dict(got)
-    assert data["a.png"] == b"A" and data["a.txt"] == b"t" and data["a.cls"] == b"7" and data["c.jpeg"] == b"C"
-    assert json.loads(data["a.json"]) == {"caption": "x", "mimicshield": {"method": "sds-"}}
-    assert data["c.json"] == b"[1]"  # not an object: kept as it was, the parameters beside it
-    assert json.loads(data["c.mimicshield.json"]) == {"mimicshield": {"method": "sds-"}}
-    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+    got = members(Path(unit.output))  # the parts, concatenated in order, form one valid tar
+    assert got == [("a.png", b"A"), ("a.cls", b"7"), ("a.json", b'{"x": 1}'), ("c.jpeg", b"C" * 700),
+                   ("d.png", b"D")]
+    with tarfile.open(unit.output) as tar:
         assert {(m.mtime, m.mode) for m in tar.getmembers()} == {(0, 0o644)}  # deterministic bytes
 
     root = tmp_path / "out" / "tables"
-    metrics = pq.read_table(root / "protect_metrics" / "shard-000000.parquet").to_pylist()
     tables.check_file(str(root / "protect_metrics" / "shard-000000.parquet"), "protect_metrics")
     tables.check_file(str(root / "errors" / "shard-000000.parquet"), "errors")
+    metrics = pq.read_table(root / "protect_metrics" / "shard-000000.parquet").to_pylist()
     assert [(r["key"], r["format"], r["output"], r["run_id"]) for r in metrics] == [
-        ("a", "png", str(tmp_path / "out" / "shard-000000.tar"), "run-1"),
-        ("c", "jpeg", str(tmp_path / "out" / "shard-000000.tar"), "run-1")]
-    assert metrics[0]["eps"] == 8.0 and metrics[0]["linf"] == 8.0 and metrics[0]["method"] == "sds-"
+        ("a", "png", unit.output, "run-1"), ("c", "jpeg", unit.output, "run-1"), ("d", "png", unit.output, "run-1")]
+    assert metrics[0]["eps"] == 8.0 and metrics[0]["method"] == "sds-" and metrics[0]["steps"] == 2
     errors = pq.read_table(root / "errors" / "shard-000000.parquet").to_pylist()
     assert [(r["key"], r["stage"], r["reason"]) for r in errors] == [("b", "decode", "bad")]
 
-    marker = json.loads(Path(marker_path(str(tmp_path / "out"), unit.id)).read_text())
-    assert marker["inputs_digest"] == unit.digest()
-    assert (marker["samples"], marker["written"], marker["errors"]) == (3, 2, 1)
-    assert committed(LOCAL, str(tmp_path / "out"), [unit]) == {unit.id}
-    assert not list((tmp_path / "out").rglob("*.tmp")) and not list(tmp_path.glob("*.tar"))  # nothing left over
+    marker = json.loads(Path(marker_path(out, unit.id)).read_text())
+    assert marker["inputs_digest"] == unit.fingerprint()
+    assert (marker["samples"], marker["written"], marker["errors"]) == (4, 3, 1)
+    assert committed(LOCAL, out, [unit]) == {unit.id}
+    assert not Path(parts_dir(out, unit.id)).exists()  # staging removed after the marker
+    assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
-def test_folder_unit_writes_each_file_under_its_key(tmp_path):
-    unit = Unit("files-000000", ["/in/a.png", "/in/sub/b.jpg"], str(tmp_path / "out"))
-    sink = UnitSink("folder", LOCAL, str(tmp_path / "out"), RUN, {}, tmpdir=str(tmp_path))
-    sink.begin(unit)
-    sink.add(row("a", "/in/a.png", image=b"A"))
-    sink.add(row("sub/b", "/in/sub/b.jpg", image=b"B", ext="jpg", out_ext="jpg"))
-    sink.commit()
-    assert (tmp_path / "out" / "a.png").read_bytes() == b"A"
-    assert (tmp_path / "out" / "sub" / "b.jpg").read_bytes() == b"B"
-    metrics = pq.read_table(tmp_path / "out" / "tables" / "protect_metrics" / "files-000000.parquet").to_pylist()
-    assert [r["output"] for r in metrics] == [str(tmp_path / "out" / "a.png"), str(tmp_path / "out" / "sub" / "b.jpg")]
+def test_protection_parameters_go_into_the_sample_json():
+    params = {"method": "sds-", "eps": 8.0}
+    text, name = protected_meta('{"caption": "x"}', params)
+    assert name == "json" and json.loads(text) == {"caption": "x", "mimicshield": params}
+    text, name = protected_meta(None, params)
+    assert name == "json" and json.loads(text) == {"mimicshield": params}
+    text, name = protected_meta("[1]", params)  # not an object: kept as it is, the parameters beside it
+    assert name == "mimicshield.json" and json.loads(text) == {"mimicshield": params}
 
 
 @pytest.mark.parametrize("point, shard, tables_, marker", [
-    ("mid-unit", False, False, False),
     ("output-written", True, False, False),
     ("tables-written", True, True, False),
     ("committed", True, True, True),
 ])
 def test_a_crash_at_each_point_leaves_exactly_the_steps_before_it(point, shard, tables_, marker, tmp_path,
                                                                    monkeypatch):
-    sink, unit = shard_sink(tmp_path)
-    out = tmp_path / "out"
+    out, unit, result = staged_result(tmp_path, [("a", [("png", b"A")]), ("b", [("png", b"B")])])
     monkeypatch.setenv(FAULT_ENV, f"{point}:{unit.id}")
     with pytest.raises(CommitFault):
-        sink.begin(unit)
-        sink.add(row("a", unit.inputs[0]))
-        sink.add(row("b", unit.inputs[0]))
-        sink.commit()
-    sink.abort()
-    assert (out / "shard-000000.tar").exists() == shard
-    assert (out / "tables" / "protect_metrics" / "shard-000000.parquet").exists() == tables_
-    assert (out / "tables" / "errors" / "shard-000000.parquet").exists() == tables_
-    assert Path(marker_path(str(out), unit.id)).exists() == marker
-    assert committed(LOCAL, str(out), [unit]) == ({unit.id} if marker else set())
-    assert not list(tmp_path.glob("*.tar"))  # the spool never outlives the unit
+        commit_unit(LOCAL, out, "shards", result, RUN.run_id)
+    assert Path(unit.output).exists() == shard
+    assert (tmp_path / "out" / "tables" / "protect_metrics" / "shard-000000.parquet").exists() == tables_
+    assert (tmp_path / "out" / "tables" / "errors" / "shard-000000.parquet").exists() == tables_
+    assert Path(marker_path(out, unit.id)).exists() == marker
+    assert committed(LOCAL, out, [unit]) == ({unit.id} if marker else set())
 
 
 def test_fault_point_only_fires_for_its_unit(tmp_path, monkeypatch):
-    sink, unit = shard_sink(tmp_path)
+    out, unit, result = staged_result(tmp_path, [("a", [("png", b"A")])])
     monkeypatch.setenv(FAULT_ENV, "output-written:some-other-unit")
-    sink.begin(unit)
-    sink.add(row("a", unit.inputs[0]))
-    sink.commit()
-    assert committed(LOCAL, str(tmp_path / "out"), [unit]) == {unit.id}
+    commit_unit(LOCAL, out, "shards", result, RUN.run_id)
+    assert committed(LOCAL, out, [unit]) == {unit.id}
 
 
 def test_committed_needs_a_marker_for_the_same_inputs(tmp_path):
@@ -185,7 +176,7 @@ def test_committed_needs_a_marker_for_the_same_inputs(tmp_path):
     units = [Unit("u0", ["/in/a.png"], out), Unit("u1", ["/in/b.png"], out), Unit("u2", ["/in/c.png"], out)]
     assert committed(LOCAL, out, units) == set()  # no marker folder at all
     for unit in units[:2]:
-        write_bytes(LOCAL, marker_path(out, unit.id), json.dumps({"inputs_digest": unit.digest()}).encode())
+        write_bytes(LOCAL, marker_path(out, unit.id), json.dumps({"inputs_digest": unit.fingerprint()}).encode())
     (tmp_path / "out" / "tables" / "_units" / "u2.json").write_text(json.dumps({"inputs_digest": "stale"}))
     assert committed(LOCAL, out, units) == {"u0", "u1"}
     changed = [Unit("u0", ["/in/a.png", "/in/new.png"], out), units[1], units[2]]

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import boto3
     from moto.server import ThreadedMotoServer
 
+    from ..models import ModelSpec
     from ..protect import ProtectConfig
     from ..ray_pipeline import RunSettings, run_protect
 
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
               f"(demo settings; real protection uses a real checkpoint and ~100 steps)", file=sys.stderr)
         settings = RunSettings(
             input=source, output=target, config=ProtectConfig(method=args.method, eps=args.eps, steps=args.steps),
-            model=args.model, device="auto", batch_size=4, progress=not args.no_progress,
+            model=ModelSpec(args.model), batch_size=4, progress=not args.no_progress,
             s3={"endpoint_url": endpoint, "region": "us-east-1"},
         )
         summary = run_protect(settings, log=lambda m: print(m, file=sys.stderr))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..models import DEFAULT_MODEL, DTYPES
+from ..models import DEFAULT_MODEL, DTYPES, ModelSpec
 from ..protect import ALL_METHODS, ProtectConfig
 
 METHOD_HELP = "; ".join(f"{name}" for name in ALL_METHODS)
@@ -45,6 +45,11 @@ def add_protection_options(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--batch-size", type=int, default=4, help="images per protection batch (default 4)")
     m.add_argument("--low-memory", action="store_true",
                    help="less GPU memory, same result: checkpoint the VAE encoder, keep the text encoder on CPU")
+
+
+def model_from_args(args: argparse.Namespace) -> ModelSpec:
+    return ModelSpec(model=args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+                     low_memory=bool(getattr(args, "low_memory", False)))
 
 
 def config_from_args(args: argparse.Namespace) -> ProtectConfig:
@@ -116,23 +121,44 @@ def load_config_file(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options given on the command line `argv` (whatever their value, default or not).
+
+    argparse only fills in a default where the namespace lacks the attribute, so parsing into a
+    namespace pre-filled with a marker leaves exactly the options that were not given at the marker.
+    """
+    unset = object()
+    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_known_args(argv, namespace=probe)
+    return {k for k, v in vars(probe).items() if v is not unset and v is not None}
+
+
 def apply_config_file(args: argparse.Namespace) -> dict:
-    """Fill options left at their defaults from --config; returns the file's `s3` section."""
+    """Fill the options not given on the command line from --config; returns the file's `s3` section.
+
+    The command line wins, also when its value equals the default (``--eps 16`` beats ``eps: 4``).
+    """
     if not getattr(args, "config", None):
         return {}
     values = load_config_file(args.config)
     s3 = values.pop("s3", None) or {}
     parser = getattr(args, "_parser", None)
+    argv = getattr(args, "_argv", None)
+    given = explicit_options(parser, argv) if parser is not None and argv is not None else None
     for key, value in values.items():
         if not hasattr(args, key) or key.startswith("_") or key in ("func", "config"):
             raise ValueError(f"{args.config}: unknown option {key!r}")
-        default = parser.get_default(key) if parser is not None else None
-        if getattr(args, key) == default:
+        if given is None:  # no command line known (a Namespace built in code): fall back on the defaults
+            default = parser.get_default(key) if parser is not None else None
+            if getattr(args, key) == default:
+                setattr(args, key, value)
+        elif key not in given:
             setattr(args, key, value)
     return dict(s3)
 
 
 def settings_from_args(args: argparse.Namespace):
+    """The run's typed settings (`ProtectConfig`, `ModelSpec`, `RunSettings`), each built and validated once."""
     from ..ray_pipeline import RunSettings
 
     s3 = apply_config_file(args)
@@ -143,12 +169,19 @@ def settings_from_args(args: argparse.Namespace):
     if args.region:
         s3["region"] = args.region
     return RunSettings(
-        input=str(args.input), output=str(args.output), config=config_from_args(args), model=args.model,
-        revision=args.revision, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-        low_memory=bool(getattr(args, "low_memory", False)),
-        actors=args.actors, address=args.address, s3=s3, max_pixels=args.max_pixels,
+        input=str(args.input), output=str(args.output), config=config_from_args(args), model=model_from_args(args),
+        batch_size=args.batch_size, actors=args.actors, address=args.address, s3=s3, max_pixels=args.max_pixels,
         chunk_size=args.chunk_size, progress=not args.no_progress,
     )
+
+
+def parse_settings(argv: list[str]):
+    """`RunSettings` for ``mimicshield protect ARGV`` (what `run` would use), without running anything."""
+    from ..cli import build_parser
+
+    args = build_parser().parse_args(["protect", *argv])
+    args._argv = list(argv)
+    return settings_from_args(args)
 
 
 def run(args: argparse.Namespace) -> int:

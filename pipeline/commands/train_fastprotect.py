@@ -63,6 +63,13 @@ def train_config_from_args(args: argparse.Namespace):
     return replace(base, **{k: v for k in TRAIN_FIELDS if (v := getattr(args, k, None)) is not None})
 
 
+def model_from_args(args: argparse.Namespace):
+    """The `ModelSpec` of the model the bank is trained for (the same spec `protect` builds)."""
+    from ..models import ModelSpec
+
+    return ModelSpec(model=args.model, revision=args.revision, device=args.device, dtype=args.dtype)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("train-fastprotect", help="pre-train a FastProtect bank (mixture of perturbations)",
                        description=__doc__.split("\n\n", 1)[1])
@@ -75,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..fastprotect.bank import default_bank_path
     from ..fastprotect.train import load_training_images, train_bank
-    from ..models import ModelLoadError, load_models
+    from ..models import ModelLoadError
 
     try:
         config = train_config_from_args(args)
-        models = load_models(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+        models = model_from_args(args).load()
         s3 = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
         images, summary = load_training_images(args.data, config.resolution, args.max_images, config.seed, s3)
         out = Path(args.out) if args.out else default_bank_path(args.model)

@@ -196,28 +196,17 @@ def _read_header(data: bytes, source: str) -> dict:
 def load_bank_for(models: DiffusionModels, path: str | os.PathLike | None = None) -> FastProtectBank:
     """The bank at `path` (or the model's default bank), checked against `models`.
 
-    Default bank (`path` None): $MIMICSHIELD_CACHE/banks/<model>-default.safetensors. For the
-    built-in ``tiny`` model a missing default bank is trained on the spot with the fixed recipe
-    of `train.TINY_DEFAULT` (about half a minute on CPU) and cached, exactly what the README
-    command ``mimicshield train-fastprotect --model tiny --data skimage`` writes. For any other
-    model a missing default bank is an error naming the command that trains one.
+    Loading never trains: a missing bank is `FileNotFoundError` naming the command that trains one.
+    (The built-in ``tiny`` model's default bank is built on demand by the protector, explicitly:
+    `pipeline.fastprotect.train.ensure_default_bank`.)
     """
     if path is None:
         path = default_bank_path(models.model_id)
         if not Path(path).is_file():
-            if models.model_id == "tiny":
-                import sys
-
-                from .train import train_default_tiny_bank
-
-                print(f"mimicshield: training the default FastProtect bank for 'tiny' once (cached at {path})",
-                      file=sys.stderr)
-                train_default_tiny_bank(models, path)
-            else:
-                raise FileNotFoundError(
-                    f"no FastProtect bank given (--bank) and no default bank for {models.model_id!r} at {path}; "
-                    f"{train_command(models.model_id)} (omit --out to write that default path)"
-                )
+            raise FileNotFoundError(
+                f"no FastProtect bank given (--bank) and no default bank for {models.model_id!r} at {path}; "
+                f"{train_command(models.model_id)} (omit --out to write that default path)"
+            )
     bank = FastProtectBank.load(path)
     bank.check_model(models, source=f"bank {path}")
     return bank

@@ -37,13 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from ..models import DiffusionModels
-from ..protect.engine import ProtectConfig, Protector
+from ..protect.engine import FASTPROTECT_METHODS, ProtectConfig, Protector
 from ..protect.methods import encode
 from .bank import FastProtectBank, load_bank_for
 from .features import latent_entropy, pooled_latent
 from .kmeans import nearest_centroid
 
-FASTPROTECT_METHODS = ("fastprotect", "fastprotect+pgd")
 LPIPS_MIN_SIDE = 64
 
 
@@ -59,9 +58,14 @@ class FastProtector:
 
     def __init__(self, models: DiffusionModels, config: ProtectConfig, bank: FastProtectBank | None = None):
         self.models, self.config = models, config
-        self.bank = bank if bank is not None else load_bank_for(models, config.extra.get("bank"))
-        if bank is not None:
+        if bank is None:
+            path = config.extra.get("bank")
+            if path is None:
+                build_default_bank(models)  # only the built-in tiny model's, and only once
+            bank = load_bank_for(models, path)  # None: the default bank, or an error naming the command
+        else:
             bank.check_model(models)
+        self.bank = bank
         device = models.device
         self.perturbations = self.bank.perturbations.to(device).float()
         self.centroids = self.bank.centroids.to(device).float()
@@ -119,6 +123,14 @@ class FastProtector:
             full = F.interpolate(d[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             out.append(full.clamp_(-eps, eps).permute(1, 2, 0).float().cpu().numpy())
         return out
+
+
+def build_default_bank(models: DiffusionModels) -> None:
+    """Train the built-in tiny model's default bank if it is missing (other models: nothing)."""
+    if models.model_id == "tiny":
+        from .train import ensure_default_bank  # training code only on this path, never to load a bank
+
+        ensure_default_bank(models)
 
 
 def square(rgb: np.ndarray, resolution: int) -> torch.Tensor:

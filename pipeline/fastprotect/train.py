@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from ..images import ImageError, decode_image
 from ..models import DiffusionModels
-from .bank import FastProtectBank, config_fingerprint, encoder_signature
+from .bank import FastProtectBank, config_fingerprint, default_bank_path, encoder_signature
 from .features import (CENTROID_GRID, ENTROPY_BINS, ENTROPY_RANGE, encode_with_features, feature_layer_names,
                        latent_entropy, pooled_latent)
 from .kmeans import kmeans_pp
@@ -340,3 +340,19 @@ def train_default_tiny_bank(models: DiffusionModels, path: str | Path, progress:
     bank, _ = train_bank(models, images, cfg, summary, progress=progress)
     bank.save(path)
     return bank
+
+
+def ensure_default_bank(models: DiffusionModels) -> Path:
+    """The default bank path of `models`; for the built-in ``tiny`` model, trained there first if missing.
+
+    The same bank the README command ``mimicshield train-fastprotect --model tiny --data skimage``
+    writes (the fixed `TINY_DEFAULT` recipe, about half a minute on CPU). Other models are not
+    trained on the fly: their path is returned as it is and loading it names the command to run.
+    """
+    path = default_bank_path(models.model_id)
+    if models.model_id == "tiny" and not path.is_file():
+        import sys
+
+        print(f"mimicshield: training the default FastProtect bank for 'tiny' once (cached at {path})", file=sys.stderr)
+        train_default_tiny_bank(models, path)
+    return path

@@ -8,17 +8,15 @@ gradient methods (methods.py) run through the PGD engine (engine.py); `fastprote
 from __future__ import annotations
 
 from ..models import DiffusionModels
-from .engine import ProtectConfig, Protector
-from .methods import METHODS
-
-FASTPROTECT_METHODS = ("fastprotect", "fastprotect+pgd")  # pipeline.fastprotect.infer
-ALL_METHODS = tuple(METHODS) + FASTPROTECT_METHODS
+from .engine import ALL_METHODS, FASTPROTECT_METHODS, ProtectConfig, Protector
 
 
 def build_protector(models: DiffusionModels, config: ProtectConfig) -> Protector:
-    """A protector for `config.method` with `models` loaded."""
-    if config.method not in ALL_METHODS:
-        raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(ALL_METHODS)}")
+    """A protector for `config.method` with `models` loaded (`config` validated the method).
+
+    ``build_protector(load_models("tiny"), ProtectConfig(method="sds-", eps=16)).protect(images, keys)``
+    returns one float H x W x 3 perturbation (pixel units, within eps) per uint8 H x W x 3 image.
+    """
     if config.method in FASTPROTECT_METHODS:
         from ..fastprotect.infer import build_fastprotector  # imports this package: load lazily
 
@@ -26,4 +24,4 @@ def build_protector(models: DiffusionModels, config: ProtectConfig) -> Protector
     return Protector(models, config)
 
 
-__all__ = ["ALL_METHODS", "ProtectConfig", "Protector", "build_protector"]
+__all__ = ["ALL_METHODS", "FASTPROTECT_METHODS", "ProtectConfig", "Protector", "build_protector"]

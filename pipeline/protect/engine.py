@@ -23,15 +23,21 @@ import torch
 import torch.nn.functional as F
 
 from ..models import DiffusionModels
-from .methods import StepInputs, encode, make_method
+from .methods import METHODS, StepInputs, encode, make_method
 from .targets import load_target
 
 DEFAULT_PROMPT = "a photo"
+FASTPROTECT_METHODS = ("fastprotect", "fastprotect+pgd")  # pipeline.fastprotect.infer
+ALL_METHODS = tuple(METHODS) + FASTPROTECT_METHODS
 
 
 @dataclass
 class ProtectConfig:
-    """Every knob of a protection run. Serialised into the runs table and shard metadata."""
+    """Every knob of a protection run, validated once when built (method included).
+
+    The runs table, each protected sample's ``mimicshield`` metadata and each protect_metrics row
+    are written from this object (`record()`), so they cannot disagree.
+    """
 
     method: str = "sds-"
     eps: float = 16.0  # L-inf budget, [0, 255] pixel units
@@ -48,6 +54,8 @@ class ProtectConfig:
 
     def __post_init__(self):
         self.resolution = str(self.resolution)
+        if self.method not in ALL_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(ALL_METHODS)}")
         if not 0 <= self.eps <= 255:
             raise ValueError(f"eps must be in [0, 255] pixel units, got {self.eps}")
         if self.step_size <= 0 or self.steps < 0:
@@ -59,6 +67,11 @@ class ProtectConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def record(self) -> dict:
+        """The parameters that identify a protected image (shard metadata, metric rows, runs table)."""
+        return {"method": self.method, "eps": float(self.eps), "step_size": float(self.step_size),
+                "steps": int(self.steps), "init": self.init, "seed": int(self.seed), "resolution": self.resolution}
 
 
 def sample_seed(seed: int, key: str) -> int:
