@@ -1,22 +1,25 @@
-"""Built-in Stable Diffusion models generated from configs, for tests and benchmarks.
+"""Built-in Stable Diffusion models, for tests, benchmarks and the demo (nothing is downloaded).
 
-Nothing here downloads anything. Each built-in model is created from a config with a fixed
-seed, saved once in diffusers format (safetensors) to a cache directory, and from then on
-loaded through the very same `from_pretrained` path as a real checkpoint.
+Each built-in model is assembled from a config (below) and, for the trained ones, weights
+shipped in this package; it is saved once in diffusers format (safetensors) to a cache
+directory and from then on loaded through the very same `from_pretrained` path as a real
+checkpoint.
 
-- ``tiny``         an SD 1.x-shaped model small enough for a PGD step in well under a second
-                   on CPU at 64x64. Its VAE and text encoder are random; its latent scale is
-                   calibrated (1/std of latents, as SD's 0.18215 is) and its UNet is trained for
-                   a few hundred steps to predict noise on crops of scikit-image's sample photos
-                   (about 30 s on CPU, once), so that eps_theta depends on its input the way a
-                   real denoiser's does. It checks machinery, not protection strength.
-- ``tiny-inpaint`` the same with a 9-channel (inpainting) UNet.
+- ``tiny``         an SD 1.x-shaped latent diffusion model small enough for CPU, *trained* on
+                   scikit-image's bundled photos by `pipeline.builtin_training` (weights in
+                   ``pipeline/weights/``, sha256 checked on load): its VAE (1/8 downsampling,
+                   4 latent channels, like SD's) reconstructs held-out photos, its latent scale is
+                   calibrated (1/std of latents, as SD's 0.18215 is) and its UNet denoises those
+                   latents conditioned on the text encoder (random, seeded, frozen; shipped too).
+                   Small enough to measure whether a protection hurts a mimic; not a real model.
+- ``tiny-inpaint`` the same VAE and text encoder with a 9-channel UNet trained to inpaint.
 - ``sd15-arch``    the real SD 1.5 architecture with random weights (speed/memory benchmarks).
 - ``sd21-arch``    the real SD 2.1-base architecture with random weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-BUILTIN_VERSION = "v1"  # bump when a config below changes, so caches are rebuilt
+BUILTIN_VERSION = "v2"  # bump when a config below changes, so caches are rebuilt
 SEED = 0
 
 
@@ -74,12 +77,12 @@ CONFIGS: dict[str, dict] = {
             # four blocks like SD, so the latent is 1/8 of the image, with few channels
             down_block_types=["DownEncoderBlock2D"] * 4,
             up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[16, 32, 32, 32],
+            block_out_channels=[16, 32, 64, 128],  # cheap at full resolution, wide at 1/8
             layers_per_block=1,
             latent_channels=4,
             norm_num_groups=8,
             sample_size=64,
-            scaling_factor=0.18215,
+            scaling_factor=0.18215,  # replaced by the calibrated scale of the shipped weights
         ),
         unet=dict(
             in_channels=4,
@@ -184,11 +187,75 @@ def build_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+# --------------------------------------------------------------------------- trained weights
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_NAME = "tiny-v2.safetensors"  # made by `python -m pipeline.builtin_training` (seed 0)
+# the two commands that made it (curve: benchmarks/results/builtin_tiny_curve.jsonl); phase 1 trains
+# at a constant learning rate, so its weights after 450 steps do not depend on the planned total
+WEIGHTS_RECIPE = (
+    "python -m pipeline.builtin_training --out A --vae-steps 450 --vae-only --threads 1",
+    "python -m pipeline.builtin_training --out A --vae-init A/vae-checkpoint.safetensors --vae-steps 100 "
+    "--vae-lr 4e-4 --vae-seed 1 --unet-steps 300 --inpaint-steps 200 --unet-batch 16 --pool 512 --threads 1",
+)
+WEIGHTS_SHA256 = "95e37fff7a6ce1a8993aa73de06fe8cd6c44a4054beae097157e693720ce14b0"
+# which built-ins take trained weights, and the prefix of their UNet in the weights file
+TRAINED_UNETS = {"tiny": "unet.tiny.", "tiny-inpaint": "unet.tiny-inpaint."}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pack_weights(vae, text_encoder, unets: dict) -> dict[str, torch.Tensor]:
+    """One flat tensor dict: ``vae.*``, ``text_encoder.*``, ``unet.<built-in name>.*``."""
+    out = {f"vae.{k}": v for k, v in vae.state_dict().items()}
+    out.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
+    for name, unet in unets.items():
+        out.update({f"{TRAINED_UNETS[name]}{k}": v for k, v in unet.state_dict().items()})
+    # fp16 on disk (a few MB); loading copies the values into the fp32 models
+    return {k: (v.half() if v.is_floating_point() else v).detach().contiguous() for k, v in out.items()}
+
+
+def load_trained_weights(pipe, name: str, path: Path | None = None) -> None:
+    """Put the shipped weights of built-in `name` into `pipe` (checking the file's sha256)."""
+    from safetensors import safe_open
+
+    path = path or WEIGHTS_DIR / WEIGHTS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall mimicshield, or rebuild it with "
+                                "`python -m pipeline.builtin_training --out DIR`")
+    if path == WEIGHTS_DIR / WEIGHTS_NAME and sha256(path) != WEIGHTS_SHA256:
+        raise ValueError(f"{path} does not match its recorded sha256 {WEIGHTS_SHA256} (corrupt or replaced)")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        scale = float(f.metadata()["scaling_factor"])
+
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    pipe.vae.load_state_dict(part("vae."))
+    pipe.text_encoder.load_state_dict(part("text_encoder."), strict=False)  # position_ids may be a buffer
+    pipe.unet.load_state_dict(part(TRAINED_UNETS[name]))
+    pipe.vae.register_to_config(scaling_factor=scale)
+
+
 # --------------------------------------------------------------------------- build + save
 
 
-def _build_pipeline(name: str):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**dict(_SCHEDULER, prediction_type=prediction_type))
+
+
+def random_parts(name: str) -> dict:
+    """The parts of built-in `name` with seeded random weights: vae, unet, text_encoder, tokenizer."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CONFIGS[name]
@@ -202,79 +269,27 @@ def _build_pipeline(name: str):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    text_encoder = CLIPTextModel(text_cfg)
-    scheduler = DDPMScheduler(**_SCHEDULER)
+    return {"vae": vae, "unet": unet, "text_encoder": CLIPTextModel(text_cfg), "tokenizer": tokenizer}
+
+
+def _build_pipeline(name: str):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = CONFIGS[name]
     pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
+        **random_parts(name),
+        scheduler=scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if name in TRAINED_UNETS:
+        load_trained_weights(pipe, name)
     return pipe if cfg["dtype"] == torch.float32 else pipe.to(dtype=cfg["dtype"])
 
 
-def _sample_crops(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """n random square crops of scikit-image's bundled photos, resized to size x size, in [0, 1]."""
-    import numpy as np
-    import torch.nn.functional as F
-    from skimage import data
-
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
-    pool = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1).float() / 255 for p in photos]
-    crops = []
-    for _ in range(n):
-        img = pool[int(torch.randint(len(pool), (1,), generator=generator))]
-        side = int(torch.randint(size, min(img.shape[1:]) + 1, (1,), generator=generator))
-        top = int(torch.randint(0, img.shape[1] - side + 1, (1,), generator=generator))
-        left = int(torch.randint(0, img.shape[2] - side + 1, (1,), generator=generator))
-        crop = img[None, :, top : top + side, left : left + side]
-        crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0])
-    return torch.stack(crops)
-
-
-def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64) -> None:
-    """Calibrate the latent scale and teach the tiny UNet to predict noise (in place, seeded).
-
-    The denoising loss is the standard one, || eps_theta(z_t, t, c) - eps ||^2. For a 9-channel
-    (inpainting) UNet the input is [z_t, mask, masked latent], with random box masks.
-    """
-    import torch.nn.functional as F
-
-    gen = torch.Generator().manual_seed(SEED)
-    vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
-    with torch.no_grad():
-        latents = vae.encode(_sample_crops(64, size, gen) * 2 - 1).latent_dist.mean
-        vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 4))
-        tokens = pipe.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt")
-        cond = pipe.text_encoder(tokens.input_ids)[0].expand(batch, -1, -1)
-    scale = vae.config.scaling_factor
-    unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    for _ in range(steps):
-        with torch.no_grad():
-            z = vae.encode(_sample_crops(batch, size, gen) * 2 - 1).latent_dist.mean * scale
-        noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        z_t = scheduler.add_noise(z, noise, t)
-        if unet.config.in_channels == 9:
-            mask = torch.zeros(batch, 1, *z.shape[2:])
-            for m in mask:
-                h, w = (int(torch.randint(2, z.shape[2] + 1, (1,), generator=gen)) for _ in range(2))
-                m[:, :h, :w] = 1
-            z_t = torch.cat([z_t, mask, z * (1 - mask)], dim=1)
-        loss = F.mse_loss(unet(z_t, t, encoder_hidden_states=cond).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    unet.eval()
-
-
 def builtin_model_path(name: str) -> Path:
-    """Directory of built-in model `name` in diffusers format, generated on first use."""
+    """Directory of built-in model `name` in diffusers format, assembled on first use."""
     if name not in CONFIGS:
         raise KeyError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
     target = cache_root() / f"{name}-{BUILTIN_VERSION}"
@@ -283,10 +298,7 @@ def builtin_model_path(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        pipe = _build_pipeline(name)
-        if name.startswith("tiny"):
-            _train_tiny_denoiser(pipe)
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        _build_pipeline(name).save_pretrained(tmp, safe_serialization=True)
         try:
             tmp.rename(target)  # atomic: concurrent builders (Ray actors) cannot half-write
         except OSError:

@@ -1,0 +1,115 @@
+"""The trained built-in `tiny`: its shipped weights, the script that made them, what it has learned.
+
+Figures are measured on photos held out of training (builtin_training.HELD_OUT), at 64 px.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import builtin_models as bm
+from pipeline import builtin_training as bt
+
+# measured on the shipped weights: 15.55 dB, SSIM 0.450 on 18 held-out images (benchmarks/results/builtin_tiny.md);
+# a random VAE scores about 10 dB and SSIM under 0.1
+MIN_VAE_PSNR = 13.5
+MIN_VAE_SSIM = 0.35
+
+
+def test_held_out_photos_are_not_trained_on():
+    assert not set(bt.HELD_OUT) & set(bt.TRAIN_PHOTOS)
+    # the photos the other tests use (tests/conftest.py) are training photos, not evaluation ones
+    assert {"astronaut", "coffee", "chelsea"} <= set(bt.TRAIN_PHOTOS)
+    for name in bt.TRAIN_PHOTOS + bt.HELD_OUT:  # bundled with scikit-image: no download
+        img = bt.load_photo(name)
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) >= 64
+
+
+def test_shipped_weights_match_their_recorded_sha256():
+    path = bm.WEIGHTS_DIR / bm.WEIGHTS_NAME
+    assert path.stat().st_size < 16 * 2**20  # a few MB inside the package
+    assert bm.sha256(path) == bm.WEIGHTS_SHA256
+
+
+def test_a_replaced_weights_file_is_refused(monkeypatch):
+    monkeypatch.setattr(bm, "WEIGHTS_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="sha256"):
+        bm._build_pipeline("tiny")
+
+
+def test_tiny_and_tiny_inpaint_share_the_trained_vae_and_text_encoder(tiny_models):
+    from pipeline.models import load_models
+
+    inpaint = load_models("tiny-inpaint", device="cpu", dtype="fp32")
+    for a, b in ((tiny_models.vae, inpaint.vae), (tiny_models.text_encoder, inpaint.text_encoder)):
+        for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(p, q), name
+    assert inpaint.unet.config.in_channels == 9 and tiny_models.unet.config.in_channels == 4
+    assert tiny_models.latent_scale == inpaint.latent_scale != 0.18215  # calibrated, not SD's constant
+
+
+def test_vae_reconstructs_held_out_photos(tiny_models):
+    """PSNR of E -> D on held-out photos at 64 px (a random VAE scores about 10 dB)."""
+    figures = bt.evaluate_vae(tiny_models.vae, bt.held_out_images(64, crops_per_photo=4))
+    assert figures["psnr"] > MIN_VAE_PSNR and figures["ssim"] > MIN_VAE_SSIM
+
+
+def test_latent_scale_gives_unit_variance_latents(tiny_models):
+    from pipeline.protect.methods import encode
+
+    z = encode(tiny_models, bt.held_out_images(64, crops_per_photo=8))
+    assert 0.6 < float(z.std()) < 1.6
+
+
+def test_unet_denoises_better_than_predicting_zero(tiny_models):
+    """|| eps_theta(z_t, t, c) - eps ||^2 on held-out latents is well under E||eps||^2 = 1."""
+    from pipeline.protect.methods import encode
+
+    gen = torch.Generator().manual_seed(0)
+    z = encode(tiny_models, bt.held_out_images(64, crops_per_photo=8))
+    noise = torch.randn(z.shape, generator=gen)
+    t = torch.randint(50, 600, (len(z),), generator=gen)
+    z_t = tiny_models.scheduler.add_noise(z, noise, t)
+    cond = tiny_models.encode_prompts(["a photo"] * len(z))
+    with torch.no_grad():
+        err = (tiny_models.unet(z_t, t, encoder_hidden_states=cond).sample - noise).pow(2).mean()
+    assert float(err) < 0.5
+
+
+def test_unet_is_conditioned_on_the_prompt(tiny_models):
+    from pipeline.protect.methods import encode
+
+    gen = torch.Generator().manual_seed(1)
+    z = encode(tiny_models, bt.held_out_images(64, crops_per_photo=1))
+    t = torch.full((len(z),), 700)
+    z_t = tiny_models.scheduler.add_noise(z, torch.randn(z.shape, generator=gen), t)
+    with torch.no_grad():
+        a, b = (tiny_models.unet(z_t, t, encoder_hidden_states=tiny_models.encode_prompts([p] * len(z))).sample
+                for p in ("a photo of coins", "a photo of hubble_deep_field"))
+    assert float((a - b).abs().mean()) > 0.01
+
+
+@pytest.mark.slow
+def test_training_script_runs_and_its_weights_load(tmp_path):
+    """A few steps of every stage of the script that made the shipped weights; they load back."""
+    from safetensors import safe_open
+
+    small = dict(batch=2, warmup=1)
+    path = bt.train_builtin(tmp_path, bt.VAETraining(steps=2, crop=32, eval_every=2, **small),
+                            bt.UNetTraining(steps=2, log_every=1, **small), bt.UNetTraining(steps=2, log_every=1, **small),
+                            pool_size=4, calibration_crops=8)
+    stages = [line.split('"stage": "')[1].split('"')[0] for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
+    assert stages.count("vae") == 1 and stages.count("unet") == 2 and stages.count("unet-inpaint") == 2
+    assert stages[-1] == "done"
+    with safe_open(str(path), framework="pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"vae", "text_encoder", "unet"}
+        assert float(f.metadata()["scaling_factor"]) > 0
+    from diffusers import StableDiffusionPipeline
+
+    for name in ("tiny", "tiny-inpaint"):
+        parts = bm.random_parts(name)
+        pipe = StableDiffusionPipeline(**parts, scheduler=bm.scheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        bm.load_trained_weights(pipe, name, path)  # strict: every tensor present, none left over
