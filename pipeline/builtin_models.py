@@ -13,6 +13,17 @@ loaded through the very same `from_pretrained` path as a real checkpoint.
 - ``tiny-inpaint`` the same with a 9-channel (inpainting) UNet.
 - ``sd15-arch``    the real SD 1.5 architecture with random weights (speed/memory benchmarks).
 - ``sd21-arch``    the real SD 2.1-base architecture with random weights.
+
+Model coverage (v-prediction, SDXL; issue 14), in their own blocks below:
+- ``tiny-v``          ``tiny`` with a v-prediction scheduler, its UNet trained to predict
+                      v = sqrt(a_t) eps - sqrt(1 - a_t) z0 (same quick training path).
+- ``tiny-xl``         SDXL-shaped and small: two text encoders (the second with a projection, whose
+                      pooled output conditions the UNet with the size time ids), ``text_time``
+                      added embedding, a VAE with its own scaling factor and ``force_upcast``; trained
+                      like ``tiny``. ``tiny-xl-inpaint`` is its 9-channel inpainting twin.
+- ``sd21-768-arch``   the real SD 2.1 (768 x 768, v-prediction) architecture, random weights.
+- ``sdxl-arch``       the real SDXL base architecture, random weights (about 7 GB in fp16; built in
+                      fp16 directly, so building needs about that much memory, not 4x).
 """
 
 from __future__ import annotations
@@ -150,6 +161,84 @@ CONFIGS: dict[str, dict] = {
 }
 CONFIGS["tiny-inpaint"] = dict(CONFIGS["tiny"], unet=dict(CONFIGS["tiny"]["unet"], in_channels=9))
 
+# --------------------------------------------------------------------------- v-prediction (issue 14)
+# A config may override scheduler fields (`scheduler=`); `prediction_type` then decides what the
+# quick training path (`_train_tiny_denoiser`) and every loss in the package compare the UNet with.
+
+CONFIGS["tiny-v"] = dict(CONFIGS["tiny"], scheduler=dict(prediction_type="v_prediction"))
+CONFIGS["sd21-768-arch"] = dict(  # stabilityai/stable-diffusion-2-1: 768 px, v-prediction
+    CONFIGS["sd21-arch"],
+    vae=dict(_SD_VAE, sample_size=768),
+    unet=dict(CONFIGS["sd21-arch"]["unet"], sample_size=96),
+    scheduler=dict(prediction_type="v_prediction"),
+)
+
+# --------------------------------------------------------------------------- SDXL (issue 14)
+# `family="sdxl"`: two text encoders (`text`: CLIPTextModel, `text_2`: CLIPTextModelWithProjection),
+# UNet `addition_embed_type="text_time"` with
+#     projection_class_embeddings_input_dim = text_2.projection_dim + 6 * addition_time_embed_dim
+# (pooled text embedding + six size ids), cross_attention_dim = text.hidden + text_2.hidden.
+
+_TINY_XL_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
+)
+CONFIGS["tiny-xl"] = dict(
+    family="sdxl",
+    seed=1,  # weights of its own (SDXL's VAE is not SD's): transfer from tiny goes through another encoder
+    vae=dict(CONFIGS["tiny"]["vae"], scaling_factor=0.13025, force_upcast=True),  # calibrated in training
+    unet=dict(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],  # as SDXL: no attention at full size
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        attention_head_dim=4,
+        use_linear_projection=True,
+        cross_attention_dim=64,  # 32 + 32
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,  # 32 + 6 * 8
+        norm_num_groups=8,
+        sample_size=8,
+    ),
+    text=dict(_TINY_XL_TEXT, hidden_act="quick_gelu"),
+    text_2=_TINY_XL_TEXT,
+    dtype=torch.float32,
+)
+CONFIGS["tiny-xl-inpaint"] = dict(CONFIGS["tiny-xl"], unet=dict(CONFIGS["tiny-xl"]["unet"], in_channels=9))
+CONFIGS["sdxl-arch"] = dict(  # stabilityai/stable-diffusion-xl-base-1.0, random weights
+    family="sdxl",
+    vae=dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    unet=dict(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        block_out_channels=[320, 640, 1280],
+        layers_per_block=2,
+        attention_head_dim=[5, 10, 20],
+        transformer_layers_per_block=[1, 2, 10],
+        use_linear_projection=True,
+        cross_attention_dim=2048,  # 768 + 1280
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 1280 + 6 * 256
+        sample_size=128,
+    ),
+    text=dict(  # CLIP ViT-L/14
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
+    ),
+    text_2=dict(  # OpenCLIP ViT-bigG/14
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        max_position_embeddings=77, vocab_size=49408, projection_dim=1280, hidden_act="gelu",
+    ),
+    dtype=torch.float16,
+    init_dtype=torch.float16,  # 3.5 B parameters: initialise in fp16 (7 GB), never in fp32 (14 GB)
+)
+
 BUILTIN_MODELS = tuple(CONFIGS)
 
 
@@ -187,34 +276,75 @@ def build_tokenizer():
 # --------------------------------------------------------------------------- build + save
 
 
-def _build_pipeline(name: str):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+class _default_dtype:
+    """Create modules in `dtype` (random init straight in fp16 for the large random-weight models)."""
 
-    cfg = CONFIGS[name]
-    tokenizer = build_tokenizer()
-    torch.manual_seed(SEED)
-    vae = AutoencoderKL(**cfg["vae"])
-    unet = UNet2DConditionModel(**cfg["unet"])
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.old = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.old)
+
+
+def _text_encoder(text: dict, tokenizer, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     text_cfg = CLIPTextConfig(
-        **{"vocab_size": len(tokenizer), **cfg["text"]},  # the SD configs name CLIP's 49408
+        **{"vocab_size": len(tokenizer), **text},  # the SD configs name CLIP's 49408
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    text_encoder = CLIPTextModel(text_cfg)
-    scheduler = DDPMScheduler(**_SCHEDULER)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(text_cfg)
+
+
+def build_pipeline(name: str):
+    """The diffusers pipeline of built-in `name`, freshly initialised with the fixed seed (not trained).
+
+    Call it under ``torch.device("meta")`` to get the architecture without allocating weights.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    cfg = CONFIGS[name]
+    tokenizer = build_tokenizer()
+    torch.manual_seed(cfg.get("seed", SEED))
+    with _default_dtype(cfg.get("init_dtype", torch.float32)):
+        vae = AutoencoderKL(**cfg["vae"])
+        unet = UNet2DConditionModel(**cfg["unet"])
+        text_encoder = _text_encoder(cfg["text"], tokenizer)
+        text_encoder_2 = _text_encoder(cfg["text_2"], tokenizer, with_projection=True) if "text_2" in cfg else None
+    scheduler = DDPMScheduler(**{**_SCHEDULER, **cfg.get("scheduler", {})})
+    if cfg.get("family") == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=build_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     return pipe if cfg["dtype"] == torch.float32 else pipe.to(dtype=cfg["dtype"])
+
+
+_build_pipeline = build_pipeline
 
 
 def _sample_crops(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -236,21 +366,38 @@ def _sample_crops(n: int, size: int, generator: torch.Generator) -> torch.Tensor
     return torch.stack(crops)
 
 
-def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64) -> None:
-    """Calibrate the latent scale and teach the tiny UNet to predict noise (in place, seeded).
+def _tiny_conditioning(pipe, batch: int, size: int) -> tuple[torch.Tensor, dict | None]:
+    """(c, added_cond_kwargs) for "a photo": SD's last hidden state, or SDXL's two encoders + time ids."""
+    from diffusers import StableDiffusionXLPipeline
 
-    The denoising loss is the standard one, || eps_theta(z_t, t, c) - eps ||^2. For a 9-channel
-    (inpainting) UNet the input is [z_t, mask, masked latent], with random box masks.
+    from .models import sdxl_time_ids
+
+    if not isinstance(pipe, StableDiffusionXLPipeline):
+        tokens = pipe.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt")
+        return pipe.text_encoder(tokens.input_ids)[0].expand(batch, -1, -1), None
+    embeds, _, pooled, _ = pipe.encode_prompt("a photo", device="cpu", do_classifier_free_guidance=False)
+    added = {"text_embeds": pooled.expand(batch, -1), "time_ids": sdxl_time_ids(size, size, batch)}
+    return embeds.expand(batch, -1, -1), added
+
+
+def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64) -> None:
+    """Calibrate the latent scale and teach the tiny UNet to denoise (in place, seeded).
+
+    The denoising loss is the standard one, || f_theta(z_t, t, c) - y_t ||^2, with y_t the
+    scheduler's prediction target (eps, or v for v-prediction: models.prediction_target). For a
+    9-channel (inpainting) UNet the input is [z_t, mask, masked latent], with random box masks.
+    SDXL-shaped pipelines are conditioned with both text encoders, the pooled embedding and time ids.
     """
     import torch.nn.functional as F
+
+    from .models import prediction_target
 
     gen = torch.Generator().manual_seed(SEED)
     vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
     with torch.no_grad():
         latents = vae.encode(_sample_crops(64, size, gen) * 2 - 1).latent_dist.mean
         vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 4))
-        tokens = pipe.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt")
-        cond = pipe.text_encoder(tokens.input_ids)[0].expand(batch, -1, -1)
+        cond, added = _tiny_conditioning(pipe, batch, size)
     scale = vae.config.scaling_factor
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
@@ -266,7 +413,8 @@ def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64
                 h, w = (int(torch.randint(2, z.shape[2] + 1, (1,), generator=gen)) for _ in range(2))
                 m[:, :h, :w] = 1
             z_t = torch.cat([z_t, mask, z * (1 - mask)], dim=1)
-        loss = F.mse_loss(unet(z_t, t, encoder_hidden_states=cond).sample, noise)
+        pred = unet(z_t, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        loss = F.mse_loss(pred, prediction_target(scheduler, z, noise, t))
         opt.zero_grad()
         loss.backward()
         opt.step()

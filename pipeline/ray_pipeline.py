@@ -34,7 +34,7 @@ from .io import (
     InputError, TABLES_DIR, check_bucket, is_s3, list_images, list_shards, parse_uri, pattern_root,
     public_s3_options, read_paths, split_uri, to_uri,
 )
-from .protect import ALL_METHODS, ProtectConfig
+from .protect import ALL_METHODS, ProtectConfig, check_ensemble_method
 from .shards import UnitSink, committed, first_unreadable, plan_units
 
 FAULT_ENV = "MIMICSHIELD_FAULT_AFTER_UNITS"  # tests: fail after this many units were committed
@@ -123,6 +123,16 @@ def versions() -> dict:
 
 
 # ---------------------------------------------------------------- preflight
+
+
+def check_models(model: str, revision: str | None = None) -> list[str]:
+    """`check_model` for each model of `A,B,...` (an ensemble); returns the model ids."""
+    from .models import split_model_ids, split_revisions
+
+    names = split_model_ids(model)
+    for name, rev in zip(names, split_revisions(revision, len(names))):
+        check_model(name, rev)
+    return names
 
 
 def check_model(model: str, revision: str | None = None) -> None:
@@ -265,7 +275,8 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     s.config = ProtectConfig(**s.config.to_dict())  # validates
     plan = preflight(s)
-    check_model(s.model, s.revision)
+    models = check_models(s.model, s.revision)  # ["A", "B"] for --model A,B (an ensemble)
+    check_ensemble_method(s.config.method, len(models))
     pending = [u for u in plan.units if u.id not in plan.done]
     if plan.done:
         log(f"resuming: {len(plan.done)} of {len(plan.units)} units already done in {s.output}, skipping them")
@@ -274,7 +285,7 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
     meta_params = {"method": s.config.method, "eps": s.config.eps, "step_size": s.config.step_size,
                    "steps": s.config.steps, "init": s.config.init, "seed": s.config.seed,
                    "resolution": s.config.resolution, "model": s.model, "model_revision": s.revision,
-                   "version": versions()["mimicshield"], "run_id": run_id}
+                   "models": models, "version": versions()["mimicshield"], "run_id": run_id}
     counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0}
     device, failure, position = "-", None, 0
     fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
@@ -349,7 +360,7 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
 
 def _write_run_row(s: RunSettings, plan: Plan, run_id: str, started, seconds: float, counts: dict, failure) -> None:
     config = {
-        "protect": s.config.to_dict(), "model": s.model, "revision": s.revision, "device": s.device, "dtype": s.dtype,
+        "protect": s.config.to_dict(), "model": s.model, "models": s.model.split(","), "revision": s.revision, "device": s.device, "dtype": s.dtype,
         "batch_size": s.batch_size, "low_memory": s.low_memory, "actors": s.actors, "max_pixels": s.max_pixels, "chunk_size": s.chunk_size,
         "s3": public_s3_options(s.s3) if (is_s3(s.input) or is_s3(s.output)) else None,
     }

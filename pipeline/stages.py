@@ -92,15 +92,16 @@ class ProtectActor:
     def __init__(self, settings: dict):
         import torch
 
-        from .models import load_models
+        from .models import load_ensemble
         from .protect import ProtectConfig, build_protector
 
         if settings.get("threads"):
             torch.set_num_threads(int(settings["threads"]))
-        models = load_models(settings["model"], device=settings.get("device", "auto"),
-                             dtype=settings.get("dtype", "auto"), revision=settings.get("revision"),
-                             low_memory=bool(settings.get("low_memory", False)))
-        self.protector = build_protector(models, ProtectConfig(**settings["config"]))
+        members = load_ensemble(settings["model"], device=settings.get("device", "auto"),  # "A,B": an ensemble
+                                dtype=settings.get("dtype", "auto"), revision=settings.get("revision"),
+                                low_memory=bool(settings.get("low_memory", False)))
+        self.protector = build_protector(members, ProtectConfig(**settings["config"]))
+        models = members[0]
         self.device = str(models.device)
         self.max_pixels = settings.get("max_pixels", DEFAULT_MAX_PIXELS)
         self.lpips = None

@@ -3,9 +3,17 @@
 `build_protector(models, config)` is the one way to get a protector for a method name:
 gradient methods (methods.py) run through the PGD engine (engine.py); `fastprotect` and
 `fastprotect+pgd` (pre-trained perturbations, pipeline/fastprotect/) offer the same interface.
+
+`models` may be a list of loaded models (an ensemble, ``--model A,B``): gradient methods then
+sum the per-model directions (engine.py). FastProtect refuses an ensemble: a bank is trained
+against one encoder (its fingerprint is checked), so an ensemble bank would have to be trained
+against all of them, which `train-fastprotect` does not do; protect with one model, or use a
+gradient method (e.g. ``sds-``) for the ensemble.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from ..models import DiffusionModels
 from .engine import ProtectConfig, Protector
@@ -15,10 +23,25 @@ FASTPROTECT_METHODS = ("fastprotect", "fastprotect+pgd")  # pipeline.fastprotect
 ALL_METHODS = tuple(METHODS) + FASTPROTECT_METHODS
 
 
-def build_protector(models: DiffusionModels, config: ProtectConfig) -> Protector:
-    """A protector for `config.method` with `models` loaded."""
+def check_ensemble_method(method: str, n_models: int) -> None:
+    """FastProtect banks belong to one model: refuse an ensemble with a message saying what to do."""
+    if n_models > 1 and method in FASTPROTECT_METHODS:
+        raise ValueError(
+            f"--method {method} cannot protect against an ensemble of {n_models} models: a FastProtect bank "
+            "is trained against one model's encoder. Use one --model with fastprotect, or a gradient method "
+            "(sds-, advdm, ...) with --model A,B"
+        )
+
+
+def build_protector(models: DiffusionModels | Sequence[DiffusionModels], config: ProtectConfig) -> Protector:
+    """A protector for `config.method` with `models` loaded (one model, or a list: an ensemble)."""
     if config.method not in ALL_METHODS:
         raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(ALL_METHODS)}")
+    if not isinstance(models, DiffusionModels):
+        models = list(models)
+        check_ensemble_method(config.method, len(models))
+        if len(models) == 1:
+            models = models[0]
     if config.method in FASTPROTECT_METHODS:
         from ..fastprotect.infer import build_fastprotector  # imports this package: load lazily
 
@@ -26,4 +49,4 @@ def build_protector(models: DiffusionModels, config: ProtectConfig) -> Protector
     return Protector(models, config)
 
 
-__all__ = ["ALL_METHODS", "ProtectConfig", "Protector", "build_protector"]
+__all__ = ["ALL_METHODS", "ProtectConfig", "Protector", "build_protector", "check_ensemble_method"]
