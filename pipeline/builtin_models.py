@@ -380,13 +380,14 @@ def _tiny_conditioning(pipe, batch: int, size: int) -> tuple[torch.Tensor, dict 
     return embeds.expand(batch, -1, -1), added
 
 
-def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64) -> None:
+def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64, calibrate: bool = True) -> None:
     """Calibrate the latent scale and teach the tiny UNet to denoise (in place, seeded).
 
     The denoising loss is the standard one, || f_theta(z_t, t, c) - y_t ||^2, with y_t the
     scheduler's prediction target (eps, or v for v-prediction: models.prediction_target). For a
     9-channel (inpainting) UNet the input is [z_t, mask, masked latent], with random box masks.
     SDXL-shaped pipelines are conditioned with both text encoders, the pooled embedding and time ids.
+    `calibrate=False` keeps the VAE's scaling factor (a trained VAE brings its own).
     """
     import torch.nn.functional as F
 
@@ -396,7 +397,8 @@ def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64
     vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
     with torch.no_grad():
         latents = vae.encode(_sample_crops(64, size, gen) * 2 - 1).latent_dist.mean
-        vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 4))
+        if calibrate:
+            vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 4))
         cond, added = _tiny_conditioning(pipe, batch, size)
     scale = vae.config.scaling_factor
     unet.train()
