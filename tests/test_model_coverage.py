@@ -319,6 +319,7 @@ def test_sdxl_in_fp16_keeps_the_vae_in_fp32():
 # --------------------------------------------------------------------------- mimics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,inpaint_model", [("tiny-v", "tiny-inpaint"), ("tiny-xl", "tiny-xl-inpaint")])
 def test_mimics_run_on_v_prediction_and_sdxl(model, inpaint_model, photos_small, tmp_path):
     from pipeline.mimic import Inpaint, InpaintConfig, Lora, LoraConfig, SDEdit, SDEditConfig
@@ -391,6 +392,7 @@ def test_fastprotect_refuses_an_ensemble(tiny_models, tiny_v):
             build_protector([tiny_models, tiny_v], ProtectConfig(method=method))
 
 
+@pytest.mark.slow
 def test_cli_ensemble_records_every_model(ray_local, tmp_path, photos_small, capsys):
     import pyarrow.parquet as pq
 
