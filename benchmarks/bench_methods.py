@@ -14,7 +14,7 @@ subprocess, so one configuration's allocations never inflate the next one's peak
 Examples::
 
     python benchmarks/bench_methods.py --preset cpu                 # tiny@64 and sd15-arch@256 on CPU
-    python benchmarks/bench_methods.py --preset gpu                 # sd15-arch@512 on CUDA, fp16
+    python benchmarks/bench_methods.py --preset gpu                 # sd15-arch@512, sd21-768-arch@768, sdxl-arch@1024 on CUDA, fp16
     python benchmarks/bench_methods.py --model tiny --resolution 64 --batch-sizes 1 8 --methods sds- advdm
 
 Results go to benchmarks/results/<name>.json and .md (see --name).
@@ -39,7 +39,10 @@ METHODS = ("advdm", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst-")
 PRESETS = {
     # (model, resolution, batch sizes, device, dtype)
     "cpu": [("tiny", 64, (1, 8), "cpu", "fp32"), ("sd15-arch", 256, (1, 8), "cpu", "fp32")],
-    "gpu": [("sd15-arch", 512, (1, 8), "cuda", "fp16")],
+    "gpu": [("sd15-arch", 512, (1, 8), "cuda", "fp16"),
+            # issue 14: SD 2.1 768 (v-prediction) and SDXL at their native sizes; SDXL's VAE stays fp32 under
+            # fp16 (about 13 GiB of saved activations per 1024 px image for sds-: bench_memory_model.py)
+            ("sd21-768-arch", 768, (1, 4), "cuda", "fp16"), ("sdxl-arch", 1024, (1, 2), "cuda", "fp16")],
 }
 
 

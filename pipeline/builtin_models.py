@@ -15,6 +15,18 @@ checkpoint.
 - ``tiny-inpaint`` the same VAE and text encoder with a 9-channel UNet trained to inpaint.
 - ``sd15-arch``    the real SD 1.5 architecture with random weights (speed/memory benchmarks).
 - ``sd21-arch``    the real SD 2.1-base architecture with random weights.
+
+Model coverage (v-prediction, SDXL), in their own blocks below. The tiny variants take ``tiny``'s
+trained VAE and latent scale and train their own UNet on its latents on first use (seeded, a few
+hundred steps: `_train_tiny_denoiser`, about a minute on CPU, once per cache):
+- ``tiny-v``          ``tiny`` with a v-prediction scheduler, its UNet trained to predict
+                      v = sqrt(a_t) eps - sqrt(1 - a_t) z0.
+- ``tiny-xl``         SDXL-shaped and small: two text encoders (the second with a projection, whose
+                      pooled output conditions the UNet with the size time ids), ``text_time``
+                      added embedding, ``tiny``'s VAE with ``force_upcast``. ``tiny-xl-inpaint`` is its 9-channel inpainting twin.
+- ``sd21-768-arch``   the real SD 2.1 (768 x 768, v-prediction) architecture, random weights.
+- ``sdxl-arch``       the real SDXL base architecture, random weights (about 7 GB in fp16; built in
+                      fp16 directly, so building needs about that much memory, not 4x).
 """
 
 from __future__ import annotations
@@ -153,6 +165,84 @@ CONFIGS: dict[str, dict] = {
 }
 CONFIGS["tiny-inpaint"] = dict(CONFIGS["tiny"], unet=dict(CONFIGS["tiny"]["unet"], in_channels=9))
 
+# --------------------------------------------------------------------------- v-prediction (issue 14)
+# A config may override scheduler fields (`scheduler=`); `prediction_type` then decides what the
+# quick training path (`_train_tiny_denoiser`) and every loss in the package compare the UNet with.
+
+CONFIGS["tiny-v"] = dict(CONFIGS["tiny"], scheduler=dict(prediction_type="v_prediction"))
+CONFIGS["sd21-768-arch"] = dict(  # stabilityai/stable-diffusion-2-1: 768 px, v-prediction
+    CONFIGS["sd21-arch"],
+    vae=dict(_SD_VAE, sample_size=768),
+    unet=dict(CONFIGS["sd21-arch"]["unet"], sample_size=96),
+    scheduler=dict(prediction_type="v_prediction"),
+)
+
+# --------------------------------------------------------------------------- SDXL (issue 14)
+# `family="sdxl"`: two text encoders (`text`: CLIPTextModel, `text_2`: CLIPTextModelWithProjection),
+# UNet `addition_embed_type="text_time"` with
+#     projection_class_embeddings_input_dim = text_2.projection_dim + 6 * addition_time_embed_dim
+# (pooled text embedding + six size ids), cross_attention_dim = text.hidden + text_2.hidden.
+
+_TINY_XL_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
+)
+CONFIGS["tiny-xl"] = dict(
+    family="sdxl",
+    seed=1,  # weights of its own (SDXL's VAE is not SD's): transfer from tiny goes through another encoder
+    vae=dict(CONFIGS["tiny"]["vae"], scaling_factor=0.13025, force_upcast=True),  # calibrated in training
+    unet=dict(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],  # as SDXL: no attention at full size
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        attention_head_dim=4,
+        use_linear_projection=True,
+        cross_attention_dim=64,  # 32 + 32
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,  # 32 + 6 * 8
+        norm_num_groups=8,
+        sample_size=8,
+    ),
+    text=dict(_TINY_XL_TEXT, hidden_act="quick_gelu"),
+    text_2=_TINY_XL_TEXT,
+    dtype=torch.float32,
+)
+CONFIGS["tiny-xl-inpaint"] = dict(CONFIGS["tiny-xl"], unet=dict(CONFIGS["tiny-xl"]["unet"], in_channels=9))
+CONFIGS["sdxl-arch"] = dict(  # stabilityai/stable-diffusion-xl-base-1.0, random weights
+    family="sdxl",
+    vae=dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    unet=dict(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        block_out_channels=[320, 640, 1280],
+        layers_per_block=2,
+        attention_head_dim=[5, 10, 20],
+        transformer_layers_per_block=[1, 2, 10],
+        use_linear_projection=True,
+        cross_attention_dim=2048,  # 768 + 1280
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 1280 + 6 * 256
+        sample_size=128,
+    ),
+    text=dict(  # CLIP ViT-L/14
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
+    ),
+    text_2=dict(  # OpenCLIP ViT-bigG/14
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        max_position_embeddings=77, vocab_size=49408, projection_dim=1280, hidden_act="gelu",
+    ),
+    dtype=torch.float16,
+    init_dtype=torch.float16,  # 3.5 B parameters: initialise in fp16 (7 GB), never in fp32 (14 GB)
+)
+
 BUILTIN_MODELS = tuple(CONFIGS)
 
 
@@ -253,39 +343,185 @@ def scheduler(prediction_type: str = "epsilon"):
     return DDPMScheduler(**dict(_SCHEDULER, prediction_type=prediction_type))
 
 
-def random_parts(name: str) -> dict:
-    """The parts of built-in `name` with seeded random weights: vae, unet, text_encoder, tokenizer."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+class _default_dtype:
+    """Create modules in `dtype` (random init straight in fp16 for the large random-weight models)."""
 
-    cfg = CONFIGS[name]
-    tokenizer = build_tokenizer()
-    torch.manual_seed(SEED)
-    vae = AutoencoderKL(**cfg["vae"])
-    unet = UNet2DConditionModel(**cfg["unet"])
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.old = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.old)
+
+
+def _text_encoder(text: dict, tokenizer, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     text_cfg = CLIPTextConfig(
-        **{"vocab_size": len(tokenizer), **cfg["text"]},  # the SD configs name CLIP's 49408
+        **{"vocab_size": len(tokenizer), **text},  # the SD configs name CLIP's 49408
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return {"vae": vae, "unet": unet, "text_encoder": CLIPTextModel(text_cfg), "tokenizer": tokenizer}
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(text_cfg)
+
+
+def build_pipeline(name: str):
+    """The diffusers pipeline of built-in `name`, freshly initialised with the fixed seed (not trained).
+
+    Call it under ``torch.device("meta")`` to get the architecture without allocating weights.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    cfg = CONFIGS[name]
+    tokenizer = build_tokenizer()
+    torch.manual_seed(cfg.get("seed", SEED))
+    with _default_dtype(cfg.get("init_dtype", torch.float32)):
+        vae = AutoencoderKL(**cfg["vae"])
+        unet = UNet2DConditionModel(**cfg["unet"])
+        text_encoder = _text_encoder(cfg["text"], tokenizer)
+        text_encoder_2 = _text_encoder(cfg["text_2"], tokenizer, with_projection=True) if "text_2" in cfg else None
+    scheduler = DDPMScheduler(**{**_SCHEDULER, **cfg.get("scheduler", {})})
+    if cfg.get("family") == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=build_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    return pipe if cfg["dtype"] == torch.float32 else pipe.to(dtype=cfg["dtype"])
+
+
+
+
+def _sample_crops(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """n random square crops of scikit-image's bundled photos, resized to size x size, in [0, 1]."""
+    import numpy as np
+    import torch.nn.functional as F
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
+    pool = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1).float() / 255 for p in photos]
+    crops = []
+    for _ in range(n):
+        img = pool[int(torch.randint(len(pool), (1,), generator=generator))]
+        side = int(torch.randint(size, min(img.shape[1:]) + 1, (1,), generator=generator))
+        top = int(torch.randint(0, img.shape[1] - side + 1, (1,), generator=generator))
+        left = int(torch.randint(0, img.shape[2] - side + 1, (1,), generator=generator))
+        crop = img[None, :, top : top + side, left : left + side]
+        crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0])
+    return torch.stack(crops)
+
+
+def _tiny_conditioning(pipe, batch: int, size: int) -> tuple[torch.Tensor, dict | None]:
+    """(c, added_cond_kwargs) for "a photo": SD's last hidden state, or SDXL's two encoders + time ids."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from .models import sdxl_time_ids
+
+    if not isinstance(pipe, StableDiffusionXLPipeline):
+        tokens = pipe.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt")
+        return pipe.text_encoder(tokens.input_ids)[0].expand(batch, -1, -1), None
+    embeds, _, pooled, _ = pipe.encode_prompt("a photo", device="cpu", do_classifier_free_guidance=False)
+    added = {"text_embeds": pooled.expand(batch, -1), "time_ids": sdxl_time_ids(size, size, batch)}
+    return embeds.expand(batch, -1, -1), added
+
+
+def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64, calibrate: bool = True) -> None:
+    """Calibrate the latent scale and teach the tiny UNet to denoise (in place, seeded).
+
+    The denoising loss is the standard one, || f_theta(z_t, t, c) - y_t ||^2, with y_t the
+    scheduler's prediction target (eps, or v for v-prediction: models.prediction_target). For a
+    9-channel (inpainting) UNet the input is [z_t, mask, masked latent], with random box masks.
+    SDXL-shaped pipelines are conditioned with both text encoders, the pooled embedding and time ids.
+    `calibrate=False` keeps the VAE's scaling factor (a trained VAE brings its own).
+    """
+    import torch.nn.functional as F
+
+    from .models import prediction_target
+
+    gen = torch.Generator().manual_seed(SEED)
+    vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
+    with torch.no_grad():
+        latents = vae.encode(_sample_crops(64, size, gen) * 2 - 1).latent_dist.mean
+        if calibrate:
+            vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 4))
+        cond, added = _tiny_conditioning(pipe, batch, size)
+    scale = vae.config.scaling_factor
+    unet.train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    for _ in range(steps):
+        with torch.no_grad():
+            z = vae.encode(_sample_crops(batch, size, gen) * 2 - 1).latent_dist.mean * scale
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        z_t = scheduler.add_noise(z, noise, t)
+        if unet.config.in_channels == 9:
+            mask = torch.zeros(batch, 1, *z.shape[2:])
+            for m in mask:
+                h, w = (int(torch.randint(2, z.shape[2] + 1, (1,), generator=gen)) for _ in range(2))
+                m[:, :h, :w] = 1
+            z_t = torch.cat([z_t, mask, z * (1 - mask)], dim=1)
+        pred = unet(z_t, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        loss = F.mse_loss(pred, prediction_target(scheduler, z, noise, t))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    unet.eval()
+
+
+
+
+def random_parts(name: str) -> dict:
+    """The parts of built-in `name` with seeded random weights: vae, unet, text_encoder, tokenizer."""
+    pipe = build_pipeline(name)
+    return {"vae": pipe.vae, "unet": pipe.unet, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
+
+
+def load_trained_vae(pipe, path: Path | None = None) -> None:
+    """Put the shipped trained VAE of ``tiny`` (and its latent scale) into `pipe` (same VAE architecture)."""
+    from safetensors import safe_open
+
+    path = path or WEIGHTS_DIR / WEIGHTS_NAME
+    if path == WEIGHTS_DIR / WEIGHTS_NAME and sha256(path) != WEIGHTS_SHA256:
+        raise ValueError(f"{path} does not match its recorded sha256 {WEIGHTS_SHA256} (corrupt or replaced)")
+    with safe_open(str(path), framework="pt") as f:
+        vae = {k[len("vae."):]: f.get_tensor(k) for k in f.keys() if k.startswith("vae.")}
+        scale = float(f.metadata()["scaling_factor"])
+    pipe.vae.load_state_dict(vae)
+    pipe.vae.register_to_config(scaling_factor=scale)
 
 
 def _build_pipeline(name: str):
-    from diffusers import StableDiffusionPipeline
-
-    cfg = CONFIGS[name]
-    pipe = StableDiffusionPipeline(
-        **random_parts(name),
-        scheduler=scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    """Built-in `name`, ready to save: shipped weights (tiny, tiny-inpaint); or, for the other tiny
+    variants (tiny-v, tiny-xl, ...), tiny's trained VAE with a UNet trained here on its latents
+    (`_train_tiny_denoiser`, seeded, once per cache); or random weights (the *-arch models)."""
+    pipe = build_pipeline(name)
     if name in TRAINED_UNETS:
         load_trained_weights(pipe, name)
-    return pipe if cfg["dtype"] == torch.float32 else pipe.to(dtype=cfg["dtype"])
+    elif name.startswith("tiny"):
+        load_trained_vae(pipe)
+        _train_tiny_denoiser(pipe, calibrate=False)
+    return pipe
 
 
 def builtin_model_path(name: str) -> Path:

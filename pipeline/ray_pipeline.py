@@ -37,7 +37,7 @@ from .io import (
     public_s3_options, read_paths, split_uri,
 )
 from .models import ModelSpec
-from .protect import ProtectConfig
+from .protect import ProtectConfig, check_ensemble_method
 from .records import RunRecord
 from .shards import UnitResult, clear_parts, commit_unit, committed, fault_point, first_unreadable, plan_units
 
@@ -83,6 +83,7 @@ class RunSettings:
             raise TypeError(f"config must be a ProtectConfig, got {type(self.config).__name__}")
         if not isinstance(self.model, ModelSpec):
             raise TypeError(f"model must be a ModelSpec, got {type(self.model).__name__} (ModelSpec({self.model!r}))")
+        check_ensemble_method(self.config.method, len(self.model.model_ids))  # --model A,B: not with fastprotect
         for name in ("batch_size", "chunk_size", "max_pixels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -340,7 +341,7 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
     run = RunRecord(run_id=started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6], config=s.config,
                     model=s.model, version=versions()["mimicshield"])
     plan = preflight(s)
-    s.model.check()
+    s.model.check()  # every model of an ensemble (--model A,B)
     pending = [u for u in plan.units if u.id not in plan.done]
     if plan.done:
         log(f"resuming: {len(plan.done)} of {len(plan.units)} units already done in {s.output}, skipping them")

@@ -37,7 +37,8 @@ class RunRecord:
         return {**self.config.record(), "model": self.model.model, "model_revision": self.model.revision}
 
     def sample_params(self) -> dict:
-        return {**self.params(), "version": self.version, "run_id": self.run_id}
+        """The ``mimicshield`` field of each sample's JSON: `params()`, every model of an ensemble, version, run."""
+        return {**self.params(), "models": self.model.model_ids, "version": self.version, "run_id": self.run_id}
 
     def metric_row(self, key: str, source: str, output: str, fmt: str, measured: dict) -> dict:
         """A protect_metrics row: the sample, where it was written, its measurements and the run's parameters.
@@ -48,5 +49,6 @@ class RunRecord:
                 "run_id": self.run_id}
 
     def config_json(self, **run_options) -> str:
-        return json.dumps({"protect": self.config.to_dict(), "model": self.model.to_dict(), **run_options},
+        return json.dumps({"protect": self.config.to_dict(), "model": self.model.to_dict(),
+                           "models": self.model.model_ids, **run_options},
                           sort_keys=True)

@@ -150,8 +150,9 @@ class ProtectActor:
 
         if threads:
             torch.set_num_threads(int(threads))
-        models = model.load()  # a ModelSpec, already on this actor's device
-        self.protector = build_protector(models, config)
+        members = model.load_all()  # a ModelSpec, already on this actor's device; A,B: an ensemble
+        self.protector = build_protector(members, config)
+        models = members[0]
         self.device = str(models.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -37,9 +37,12 @@ def add_protection_options(parser: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"hub id or local diffusers directory, or a built-in: tiny, sd15-arch, sd21-arch (default {DEFAULT_MODEL})",
+        help=f"hub id or local diffusers directory (SD 1.x, 2.x incl. v-prediction, SDXL), or a built-in: tiny, "
+        f"tiny-v, tiny-xl, sd15-arch, sd21-arch, sd21-768-arch, sdxl-arch; A,B,... protects against all of them at "
+        f"once (an ensemble; not with fastprotect) (default {DEFAULT_MODEL})",
     )
-    m.add_argument("--revision", default=None, help="hub revision (commit, tag) for reproducibility")
+    m.add_argument("--revision", default=None, help="hub revision (commit, tag) for reproducibility; "
+                   "for an ensemble one per model, comma-separated (empty for the default)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     m.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: fp16 on GPU)")
     m.add_argument("--batch-size", type=int, default=4, help="images per protection batch (default 4)")

@@ -5,7 +5,10 @@ model's native size by default: 512 for SD 1.5, 64 for the built-in ``tiny``), a
 Diff-Protect reference evaluation does. Outputs are uint8 H x W x 3 arrays at that size.
 
 Pipelines are plain diffusers pipelines loaded from the model's directory (``models.path``),
-safety checker off, progress bars off.
+safety checker off, progress bars off; an SDXL model (its model_index.json names an SDXL pipeline)
+gets the SDXL pipeline of the same kind. The diffusers pipelines follow the scheduler's
+``prediction_type`` (eps or v) themselves; what we write by hand uses models.prediction_target
+and models.predicted_original.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models import resolve_device, resolve_dtype
+from ..models import is_sdxl_class, pipeline_class_name, resolve_device, resolve_dtype, sdxl_time_ids
 
 
 @dataclass
@@ -73,21 +76,56 @@ def to_uint8(images) -> list[np.ndarray]:
 def load_pipeline(kind: str, model_path: str, device="auto", dtype="auto"):
     """A diffusers pipeline of `kind` ("text2img", "img2img", "inpaint") from a model directory or hub id."""
     import diffusers
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-    classes = {
-        "text2img": StableDiffusionPipeline,
-        "img2img": StableDiffusionImg2ImgPipeline,
-        "inpaint": StableDiffusionInpaintPipeline,
-    }
     diffusers.utils.logging.disable_progress_bar()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    pipe = classes[kind].from_pretrained(
-        model_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+    if is_sdxl_model(model_path):
+        classes = {
+            "text2img": diffusers.StableDiffusionXLPipeline,
+            "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
+            "inpaint": diffusers.StableDiffusionXLInpaintPipeline,
+        }  # their VAE is upcast to fp32 for decoding when its config says force_upcast
+        pipe = classes[kind].from_pretrained(model_path, dtype=dtype, add_watermarker=False)
+    else:
+        classes = {
+            "text2img": diffusers.StableDiffusionPipeline,
+            "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+            "inpaint": diffusers.StableDiffusionInpaintPipeline,
+        }
+        pipe = classes[kind].from_pretrained(
+            model_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def is_sdxl_model(model_path: str) -> bool:
+    """Whether the model at `model_path` (directory or hub id) is an SDXL model."""
+    from pathlib import Path
+
+    local = Path(model_path).expanduser()
+    try:
+        return is_sdxl_class(pipeline_class_name(str(local) if local.is_dir() else model_path,
+                                                 is_local=local.is_dir()))
+    except Exception:  # unreachable hub: from_pretrained will say so with the real error
+        return False
+
+
+def is_sdxl_pipeline(pipe) -> bool:
+    return hasattr(pipe, "text_encoder_2")
+
+
+def text_conditioning(pipe, prompts: list[str], height: int, width: int) -> tuple[torch.Tensor, dict | None]:
+    """(c, added_cond_kwargs) for `prompts`, as the pipeline itself conditions its UNet (no guidance)."""
+    if is_sdxl_pipeline(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), device=pipe.device, do_classifier_free_guidance=False)
+        added = {"text_embeds": pooled.to(pipe.unet.dtype),
+                 "time_ids": sdxl_time_ids(height, width, len(prompts), pipe.device, pipe.unet.dtype)}
+        return embeds.to(pipe.unet.dtype), added
+    tokens = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+    return pipe.text_encoder(tokens)[0].to(pipe.unet.dtype), None
 
 
 def model_path(model: str) -> str:
@@ -104,6 +142,8 @@ def model_path(model: str) -> str:
 
 INPAINT_TWINS = {
     "tiny": "tiny-inpaint",
+    "tiny-xl": "tiny-xl-inpaint",
+    "stabilityai/stable-diffusion-xl-base-1.0": "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-inpainting",
     "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-inpainting",
 }

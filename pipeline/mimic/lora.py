@@ -4,9 +4,10 @@ For each group, peft LoRA adapters (rank r, alpha = r) are added to the UNet's a
 projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``), W' = W + B A with A: d x r, B: r x d,
 B initialised so that W' = W at the start; only A and B are trained, with the denoising loss
 
-    L = E_{z, t, eps} || eps_theta'(z_t, t, c) - eps ||^2,  c = "a painting in the style of sks"
+    L = E_{z, t, eps} || f_theta'(z_t, t, c) - y_t ||^2,  c = "a painting in the style of sks"
 
-The adapters are saved with diffusers' ``StableDiffusionPipeline.save_lora_weights`` (a
+(y_t = eps or v: training.py). The adapters are saved with the pipeline class's own
+``save_lora_weights`` (StableDiffusionPipeline or StableDiffusionXLPipeline; a
 ``pytorch_lora_weights.safetensors`` file, diffusers key names) and generation loads them back
 with ``load_lora_weights``, the path any user of the saved file would take.
 
@@ -53,8 +54,9 @@ class Lora:
         self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         self.resolution = self.config.resolution or native_resolution(self.pipe)
-        for part in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
-            part.requires_grad_(False)
+        for part in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)):
+            if part is not None:
+                part.requires_grad_(False)
 
     @property
     def setting(self) -> str:
@@ -63,7 +65,6 @@ class Lora:
     def train(self, images: list[np.ndarray], group: str, save_dir: str | Path) -> Path:
         """Train adapters on `images`, save them under `save_dir`; returns the safetensors file."""
         import peft
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
@@ -79,17 +80,18 @@ class Lora:
             for p in params:
                 p.data = p.data.float()  # trainable weights in fp32 whatever the model's dtype
             parts = SimpleNamespace(unet=unet, text_encoder=self.pipe.text_encoder, tokenizer=self.pipe.tokenizer,
-                                    scheduler=self.train_scheduler)
+                                    text_encoder_2=getattr(self.pipe, "text_encoder_2", None),
+                                    tokenizer_2=getattr(self.pipe, "tokenizer_2", None), scheduler=self.train_scheduler)
             latents = encode_latents(self.pipe, images, self.resolution)
             prompt = cfg.train_template.format(token=cfg.token)
             unet.train()
             train_denoiser(parts, latents, lambda rng, n: [prompt] * n, params, steps=cfg.steps,
                            learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
-                           seed=group_seed(cfg.seed, group))
+                           seed=group_seed(cfg.seed, group), resolution=self.resolution)
             unet.eval()
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
             Path(save_dir).mkdir(parents=True, exist_ok=True)
-            StableDiffusionPipeline.save_lora_weights(str(save_dir), unet_lora_layers=layers,
+            type(self.pipe).save_lora_weights(str(save_dir), unet_lora_layers=layers,
                                                       weight_name=LORA_FILE, safe_serialization=True)
         finally:
             unet.delete_adapters(adapter)

@@ -4,7 +4,9 @@ Two ways of denoising, as in the Diff-Protect reference evaluation:
 
 - ``one_step``: a single x0 prediction from z_t, with t = round(s * (T - 1)):
       z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps,       z_0 = s_vae * E(x)
-      x0_hat = D( (z_t - sqrt(1 - a_t) eps_theta(z_t, t, c)) / sqrt(a_t) / s_vae )
+      x0_hat = D( z0_hat(z_t, f_theta(z_t, t, c)) / s_vae )
+  with z0_hat = (z_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t) for an eps model and
+  z0_hat = sqrt(a_t) z_t - sqrt(1 - a_t) v_hat for a v-prediction model (models.predicted_original).
 - ``ddim``: diffusers' `StableDiffusionImg2ImgPipeline` with a `DDIMScheduler` and
   ``ddim_steps`` steps over the full schedule (strength s runs round(s * ddim_steps) of them).
 
@@ -23,7 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .common import MimicOutput, generators, load_pipeline, native_resolution, to_model_tensor, to_pil, to_uint8
+from ..models import predicted_original
+from .common import (
+    MimicOutput, generators, load_pipeline, native_resolution, text_conditioning, to_model_tensor, to_pil, to_uint8,
+)
 
 SDEDIT_MODES = ("one_step", "ddim")
 
@@ -93,8 +98,11 @@ class SDEdit:
         pipe, cfg = self.pipe, self.config
         dtype = pipe.unet.dtype
         scale = pipe.vae.config.scaling_factor
-        x = to_model_tensor(images, self.resolution).to(self.device, dtype)
-        z0 = pipe.vae.encode(x).latent_dist.mean * scale
+        vae_dtype = torch.float32 if (dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
+                                      and hasattr(pipe, "text_encoder_2")) else dtype  # SDXL's VAE in fp16
+        pipe.vae.to(vae_dtype)
+        x = to_model_tensor(images, self.resolution).to(self.device, vae_dtype)
+        z0 = (pipe.vae.encode(x).latent_dist.mean * scale).to(dtype)
         n_train = pipe.scheduler.config.num_train_timesteps
         t = int(round(strength * (n_train - 1)))
         gens = generators(cfg.seed, keys, self.device)
@@ -102,14 +110,15 @@ class SDEdit:
         alpha = pipe.scheduler.alphas_cumprod[t].to(self.device, torch.float32)
         z_t = (alpha.sqrt() * z0.float() + (1 - alpha).sqrt() * eps.to(self.device).float()).to(dtype)
         timesteps = torch.full((len(images),), t, device=self.device, dtype=torch.long)
-        cond = self._embed(prompts)
-        eps_hat = pipe.unet(z_t, timesteps, encoder_hidden_states=cond).sample
+        size = self.resolution
+        cond, added = text_conditioning(pipe, prompts, size, size)
+        out = pipe.unet(z_t, timesteps, encoder_hidden_states=cond, added_cond_kwargs=added).sample
         if cfg.guidance_scale > 1:
-            uncond = self._embed([""] * len(images))
-            eps_u = pipe.unet(z_t, timesteps, encoder_hidden_states=uncond).sample
-            eps_hat = eps_u + cfg.guidance_scale * (eps_hat - eps_u)
-        z0_hat = (z_t.float() - (1 - alpha).sqrt() * eps_hat.float()) / alpha.sqrt()
-        x0_hat = pipe.vae.decode((z0_hat / scale).to(dtype)).sample
+            uncond, added_u = text_conditioning(pipe, [""] * len(images), size, size)
+            out_u = pipe.unet(z_t, timesteps, encoder_hidden_states=uncond, added_cond_kwargs=added_u).sample
+            out = out_u + cfg.guidance_scale * (out - out_u)  # linear in the output: eps or v alike
+        z0_hat = predicted_original(pipe.scheduler, z_t, out, timesteps)
+        x0_hat = pipe.vae.decode((z0_hat / scale).to(vae_dtype)).sample
         return to_uint8(x0_hat)
 
     @torch.no_grad()
@@ -126,9 +135,3 @@ class SDEdit:
             output_type="np",
         ).images
         return to_uint8(out)
-
-    def _embed(self, prompts: list[str]) -> torch.Tensor:
-        pipe = self.pipe
-        tokens = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return pipe.text_encoder(tokens)[0].to(pipe.unet.dtype)

@@ -4,6 +4,18 @@
     x_{k+1}  = Proj_{||x' - x||_inf <= eps, 0 <= x' <= 255} ( x_k + alpha * sign(d_k) )
 
 d_k is the method's signed direction (methods.py). Budgets are in [0, 255] pixel units.
+
+Ensembles (``--model A,B,...``): the protector holds several loaded models and each step uses
+
+    d_k = sum_m  d_k^m / mean|d_k^m|        (per sample; mean over the image's elements)
+
+with d_k^m the method's direction on model m, each with its own (t, eps) draw, prompt
+embedding and target latent. Dividing by the mean absolute value puts every model's direction on
+the same scale before they are summed, so a model whose gradient is larger (another VAE, latent
+scale, or an eps vs a v target) cannot dominate the sign. This is the per-gradient L1
+normalisation of MI-FGSM (Dong et al., "Boosting Adversarial Attacks with Momentum", CVPR 2018,
+eq. 6: g / ||g||_1) applied per model instead of per iteration; the ensemble rule itself is the
+one asked for in issue 14. With one model the step is exactly the single-model step.
 Protection runs on a working copy of each image (padded to the model's multiple, or resized to
 a square N x N); the perturbation is mapped back to the original size, where it still lies in the
 eps-ball, and is rounded when the file is written.
@@ -16,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -112,29 +125,58 @@ def start_to_working(delta: np.ndarray, size: tuple[int, int], resolution: str) 
     return F.interpolate(d, size=size, mode="bilinear", align_corners=False)[0]
 
 
+def combine_directions(directions: list[torch.Tensor]) -> torch.Tensor:
+    """sum_m d_m / mean|d_m| per sample (float32); a single direction is returned unchanged."""
+    if len(directions) == 1:
+        return directions[0]
+    total = torch.zeros_like(directions[0], dtype=torch.float32)
+    for d in directions:
+        d = d.float()
+        scale = d.abs().flatten(1).mean(1).clamp_min(torch.finfo(torch.float32).tiny)
+        total += d / scale.view(-1, *([1] * (d.dim() - 1)))
+    return total
+
+
 class Protector:
-    """Runs one protection method over batches of images with one loaded model.
+    """Runs one protection method over batches of images with one loaded model, or an ensemble.
 
     Usage::
 
         protector = Protector(load_models("tiny"), ProtectConfig(method="sds-", steps=100))
         deltas = protector.protect([rgb_uint8, ...], keys=["a", ...])   # float H x W x 3 arrays
+        ensemble = Protector(load_ensemble("tiny,tiny-v"), config)      # see the module doc
     """
 
-    def __init__(self, models: DiffusionModels, config: ProtectConfig):
-        self.models = models
+    def __init__(self, models: DiffusionModels | Sequence[DiffusionModels], config: ProtectConfig):
+        self.members: list[DiffusionModels] = [models] if isinstance(models, DiffusionModels) else list(models)
+        if not self.members:
+            raise ValueError("a protector needs at least one model")
+        if len({m.device for m in self.members}) > 1:
+            raise ValueError("the models of an ensemble must be on one device")
+        self.models = self.members[0]  # the model of a single-model protector
         self.config = config
         self.method = make_method(config.method, config.mist_weight, config.sdst_rate)
         self._target = load_target(config.target)
-        self._target_latents: dict[tuple[int, int], torch.Tensor] = {}
+        self._target_latents: dict[tuple[int, int, int], torch.Tensor] = {}
 
-    def target_latent(self, size: tuple[int, int]) -> torch.Tensor:
-        """s * E(y) of the textural target at a working size (computed once per size)."""
-        if size not in self._target_latents:
-            y = to_working(self._target, size, resolution="resize")[None].to(self.models.device)
+    @property
+    def model_ids(self) -> list[str]:
+        return [m.model_id for m in self.members]
+
+    @property
+    def pixel_multiple(self) -> int:
+        """A working size every model of the ensemble accepts (least common multiple)."""
+        return math.lcm(*(m.pixel_multiple for m in self.members))
+
+    def target_latent(self, size: tuple[int, int], member: int = 0) -> torch.Tensor:
+        """s * E(y) of the textural target at a working size, for one model (computed once per size)."""
+        key = (member, *size)
+        if key not in self._target_latents:
+            models = self.members[member]
+            y = to_working(self._target, size, resolution="resize")[None].to(models.device)
             with torch.no_grad():
-                self._target_latents[size] = encode(self.models, y)
-        return self._target_latents[size]
+                self._target_latents[key] = encode(models, y)
+        return self._target_latents[key]
 
     def protect(
         self,
@@ -151,7 +193,7 @@ class Protector:
         """
         keys = keys or [str(i) for i in range(len(images))]
         prompts = [p or self.config.prompt for p in (prompts or [None] * len(images))]
-        multiple = self.models.pixel_multiple
+        multiple = self.pixel_multiple
         groups: dict[tuple[int, int], list[int]] = {}
         for i, rgb in enumerate(images):
             groups.setdefault(working_size(*rgb.shape[:2], self.config.resolution, multiple), []).append(i)
@@ -175,8 +217,8 @@ class Protector:
 
         `start` (B x 3 x h x w, pixel units) replaces the configured init when given.
         """
-        cfg, models = self.config, self.models
-        device = models.device
+        cfg = self.config
+        device = self.models.device
         eps, alpha = cfg.eps / 255.0, cfg.step_size / 255.0
         gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, k)) for k in keys]
         x_clean = x.to(device)
@@ -188,21 +230,29 @@ class Protector:
             x_adv = (x_clean + eps * start.to(device)).clamp(0, 1)
         else:
             x_adv = x_clean.clone()
-        cond = models.encode_prompts(prompts)
-        latent_shape = (4, x.shape[2] // models.vae_factor, x.shape[3] // models.vae_factor)
-        target = None
-        if self.method.needs_target:
-            target = self.target_latent(tuple(x.shape[2:])).expand(len(keys), *latent_shape)
-        n_timesteps = models.scheduler.config.num_train_timesteps
+        height, width = x.shape[2:]
+        fixed = []  # per model: (models, cond, added_cond, latent shape, target latent)
+        for m, models in enumerate(self.members):
+            latent_shape = (models.latent_channels, height // models.vae_factor, width // models.vae_factor)
+            target = None
+            if self.method.needs_target:
+                target = self.target_latent((height, width), m).expand(len(keys), *latent_shape)
+            fixed.append((models, models.encode_prompts(prompts), models.added_conditioning(prompts, height, width),
+                          latent_shape, target))
         for _ in range(cfg.steps):
-            inputs = StepInputs(
-                cond=cond,
-                t=torch.cat([torch.randint(0, n_timesteps, (1,), generator=g) for g in gens]).to(device),
-                noise=torch.stack([torch.randn(latent_shape, generator=g) for g in gens]).to(device, models.dtype),
-                target_latent=target,
-            )
             x_adv.requires_grad_(True)
-            direction = self.method.direction(models, x_adv, inputs)
+            directions = []
+            for models, cond, added, latent_shape, target in fixed:  # draws: model by model, t then noise
+                n_timesteps = models.scheduler.config.num_train_timesteps
+                inputs = StepInputs(
+                    cond=cond,
+                    t=torch.cat([torch.randint(0, n_timesteps, (1,), generator=g) for g in gens]).to(device),
+                    noise=torch.stack([torch.randn(latent_shape, generator=g) for g in gens]).to(device, models.dtype),
+                    target_latent=target,
+                    added_cond=added,
+                )
+                directions.append(self.method.direction(models, x_adv, inputs))
+            direction = combine_directions(directions)
             with torch.no_grad():
                 x_adv = x_adv + alpha * direction.sign()
                 x_adv = torch.min(torch.max(x_adv, x_clean - eps), x_clean + eps).clamp(0, 1)

@@ -4,8 +4,13 @@ Notation (as in the paper): x is the image in [-1, 1] inside the model, z = s * 
 (s = vae.config.scaling_factor), t ~ U{0..T-1}, eps ~ N(0, I), z_t = sqrt(a_t) z + sqrt(1 - a_t) eps,
 c the prompt's text embedding, y a fixed target image for the textural loss.
 
-    L_sem(x) = E_{t,eps} || eps_theta(z_t, t, c) - eps ||^2          (semantic loss, mean)
+    L_sem(x) = E_{t,eps} || f_theta(z_t, t, c) - y_t ||^2            (semantic loss, mean)
     L_tex(x) = || E(x) - E(y) ||^2                                   (textural loss, sum)
+
+f_theta is the UNet and y_t its training target (models.prediction_target): y_t = eps for an
+epsilon model (the paper's eps_theta - eps), y_t = v = sqrt(a_t) eps - sqrt(1 - a_t) z for a
+v-prediction model (SD 2.x 768, many fine-tunes). The v target depends on z, so full-gradient
+methods differentiate it too. For SDXL, c also carries the pooled embedding and size time ids.
 
 Every method gives a *direction* g for the PGD step x <- x + alpha * sign(direction * g):
 
@@ -14,13 +19,18 @@ Every method gives a *direction* g for the PGD step x <- x + alpha * sign(direct
     advdm-       descend     dL_sem/dx                              UNet and encoder
     photoguard   descend     dL_tex/dx                              encoder
     mist         descend     d(L_tex - w L_sem)/dx,   w = 1e4       UNet and encoder
-    sds+         ascend      (dz/dx)^T (eps_theta - eps)            encoder only (SDS)
-    sds-         descend     (dz/dx)^T (eps_theta - eps)            encoder only (SDS)
+    sds+         ascend      (dz/dx)^T (f_theta - y_t)              encoder only (SDS)
+    sds-         descend     (dz/dx)^T (f_theta - y_t)              encoder only (SDS)
     sdst-        descend     r * g_sds + dL_tex/dx,   r = 5         encoder only
 
 The SDS family runs the UNet under `torch.no_grad()`: its Jacobian is skipped (paper eq. 5,
 "score distillation"), which is where the time and memory saving comes from. No method ever
 asks for gradients of model weights: they are frozen and only the image requires grad.
+
+SDS residual for v-prediction: with eps_hat = sqrt(a_t) v_hat + sqrt(1 - a_t) z_t (the eps a
+v-model implies), eps_hat - eps = sqrt(a_t) (v_hat - v). So the residual in v and the residual
+converted to eps differ by a positive factor per sample, which the sign step (and an ensemble's
+per-model normalisation) ignores: (v_hat - v) is the SDS residual of a v-model.
 """
 
 from __future__ import annotations
@@ -40,27 +50,41 @@ class StepInputs:
     t: torch.Tensor  # B timesteps
     noise: torch.Tensor  # B x 4 x h x w, eps
     target_latent: torch.Tensor | None = None  # B x 4 x h x w, s * E(y)
+    added_cond: dict | None = None  # SDXL: {"text_embeds": B x D pooled, "time_ids": B x 6}; None for SD
 
 
 # --------------------------------------------------------------------------- building blocks
 
 
 def encode(models: DiffusionModels, x01: torch.Tensor) -> torch.Tensor:
-    """z = s * E(x): the posterior mean of the VAE encoder (deterministic), x01 in [0, 1]."""
-    x = (x01 * 2 - 1).to(models.dtype)
-    return models.vae.encode(x).latent_dist.mean * models.latent_scale
+    """z = s * E(x): the posterior mean of the VAE encoder (deterministic), x01 in [0, 1].
+
+    The VAE runs in its own dtype (fp32 for SDXL under fp16); z comes back in the UNet's dtype.
+    """
+    x = (x01 * 2 - 1).to(models.vae.dtype)
+    return (models.vae.encode(x).latent_dist.mean * models.latent_scale).to(models.dtype)
 
 
-def predict_noise(models: DiffusionModels, z: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-    """eps_theta(z_t, t, c) with z_t = sqrt(a_t) z + sqrt(1 - a_t) eps."""
+def predict(models: DiffusionModels, z: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """f_theta(z_t, t, c) with z_t = sqrt(a_t) z + sqrt(1 - a_t) eps (eps_theta, or v_theta)."""
     z_t = models.scheduler.add_noise(z, inputs.noise.to(z.dtype), inputs.t)
-    return models.unet(z_t, inputs.t, encoder_hidden_states=inputs.cond).sample
+    return models.unet(z_t, inputs.t, encoder_hidden_states=inputs.cond, added_cond_kwargs=inputs.added_cond).sample
+
+
+predict_noise = predict  # the name for epsilon models
 
 
 def semantic_loss(models: DiffusionModels, z: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-    """L_sem per sample: mean over elements of (eps_theta(z_t, t, c) - eps)^2."""
-    err = predict_noise(models, z, inputs).float() - inputs.noise.float()
+    """L_sem per sample: mean over elements of (f_theta(z_t, t, c) - y_t)^2, y_t = eps or v."""
+    err = predict(models, z, inputs).float() - models.prediction_target(z, inputs.noise, inputs.t).float()
     return err.pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def sds_residual(models: DiffusionModels, z: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """f_theta(z_t, t, c) - y_t at a detached z, outside autograd (the UNet's Jacobian is skipped)."""
+    z = z.detach()
+    return predict(models, z, inputs) - models.prediction_target(z, inputs.noise, inputs.t)
 
 
 def textural_loss(z: torch.Tensor, target_latent: torch.Tensor) -> torch.Tensor:
@@ -69,14 +93,12 @@ def textural_loss(z: torch.Tensor, target_latent: torch.Tensor) -> torch.Tensor:
 
 
 def sds_direction(models: DiffusionModels, x01: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-    """g_sds = (dz/dx)^T (eps_theta(z_t, t, c) - eps): the encoder's vector-Jacobian product.
+    """g_sds = (dz/dx)^T (f_theta(z_t, t, c) - y_t): the encoder's vector-Jacobian product.
 
     The UNet runs without autograd, so nothing of it is kept for the backward pass.
     """
     z = encode(models, x01)
-    with torch.no_grad():
-        residual = predict_noise(models, z.detach(), inputs) - inputs.noise.to(z.dtype)
-    (grad,) = torch.autograd.grad(z, x01, grad_outputs=residual)
+    (grad,) = torch.autograd.grad(z, x01, grad_outputs=sds_residual(models, z, inputs))
     return grad
 
 
@@ -186,8 +208,7 @@ class SDSTMinus(Method):
 
     def grad(self, models, x01, inputs):  # r * g_sds + dL_tex/dx, both through the encoder only
         z = encode(models, x01)
-        with torch.no_grad():
-            residual = predict_noise(models, z.detach(), inputs) - inputs.noise.to(z.dtype)
+        residual = sds_residual(models, z, inputs)
         tex_grad_z = 2 * (z.float() - inputs.target_latent.float())  # d L_tex / d z
         (grad,) = torch.autograd.grad(z, x01, grad_outputs=self.rate * residual + tex_grad_z.to(z.dtype))
         return grad

@@ -1,0 +1,168 @@
+"""Transfer: protect with one model (or an ensemble), mimic with another (not a test).
+
+An archive protected against one encoder is protected against one encoder (FastProtect, Ahn et al.
+2025, sec. 5: SD 1.5 protections weaken on SD 2.1 and SDXL). This measures it on the built-ins:
+
+- protectors: each of `--protect` (single built-ins) and each ensemble of `--ensembles`
+  (``tiny,tiny-xl``: `--model A,B`, per-model directions normalised and summed, engine.py), all
+  with `--method` at `--eps` for `--steps` PGD steps; plus uniform noise U(-eps, eps) (``noise``);
+- mimics: each of `--mimic`; for every (protector, mimic) pair
+  - latent displacement under the *mimic's* encoder, ||E_m(x') - E_m(x)||_2 / ||E_m(x)||_2 (mean);
+  - SDEdit damage: the mimic's DDIM edit (`--strength`, `--ddim-steps`) of the protected image vs
+    the clean image, PSNR (lower = more damage), against the same for the clean image's edit.
+
+The built-ins' VAEs are random (issue 10 ships a trained one): ``tiny`` and ``tiny-v`` share the
+same random VAE (same config and seed), ``tiny-xl`` has one of its own (another seed, as SDXL's
+VAE differs from SD's). So tiny <-> tiny-v transfer goes through one shared encoder, tiny <-> tiny-xl
+through different ones. Random encoders measure the mechanism, not real-world strength.
+
+    python benchmarks/bench_transfer.py                       # tiny, tiny-v, tiny-xl at 64 px
+    python benchmarks/bench_transfer.py --steps 20 --name transfer_quick
+
+Writes benchmarks/results/<name>.json and .md (default transfer_cpu) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE.parent))
+
+
+def photos(n: int, size: int) -> list[np.ndarray]:
+    """n square crops of scikit-image photos at size x size (uint8)."""
+    from skimage import data
+
+    from pipeline.mimic.common import resize_square
+
+    pool = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry(),
+            data.hubble_deep_field()[:512, :512]]
+    out = []
+    for i in range(n):
+        img = pool[i % len(pool)]
+        side = min(img.shape[:2]) // (1 + i // len(pool))
+        out.append(resize_square(np.ascontiguousarray(img[:side, :side]), size))
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 100.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def apply(images, deltas) -> list[np.ndarray]:
+    return [np.clip(np.round(im.astype(np.float64) + d), 0, 255).astype(np.uint8) for im, d in zip(images, deltas)]
+
+
+def latents(models, images) -> "torch.Tensor":
+    import torch
+
+    from pipeline.protect.methods import encode
+
+    x = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images])
+    with torch.no_grad():
+        return encode(models, x).float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protect", default="tiny,tiny-v,tiny-xl", help="single protecting models")
+    parser.add_argument("--ensembles", default="tiny+tiny-xl,tiny+tiny-v+tiny-xl",
+                        help="ensembles, models joined with '+', separated by ','")
+    parser.add_argument("--mimic", default="tiny,tiny-v,tiny-xl")
+    parser.add_argument("--method", default="sds-")
+    parser.add_argument("--eps", type=float, default=16.0)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--step-size", type=float, default=2.0)
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--strength", type=float, default=0.3)
+    parser.add_argument("--ddim-steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+    parser.add_argument("--name", default="transfer_cpu")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from pipeline.mimic import SDEdit, SDEditConfig
+    from pipeline.mimic.common import model_path
+    from pipeline.models import load_models
+    from pipeline.protect import ProtectConfig, build_protector
+
+    names = sorted(set(args.protect.split(",")) | set(args.mimic.split(","))
+                   | {m for e in args.ensembles.split(",") if e for m in e.split("+")})
+    loaded = {n: load_models(n, device="cpu", dtype="fp32") for n in names}
+    images = photos(args.images, args.size)
+    keys = [f"img{i}" for i in range(len(images))]
+    config = ProtectConfig(method=args.method, eps=args.eps, steps=args.steps, step_size=args.step_size, seed=0)
+
+    protected: dict[str, list[np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+    rng = np.random.default_rng(0)
+    protected["noise"] = apply(images, [rng.uniform(-args.eps, args.eps, im.shape) for im in images])
+    seconds["noise"] = 0.0
+    protectors = [p for p in args.protect.split(",") if p] + [e for e in args.ensembles.split(",") if e]
+    for p in protectors:
+        members = [loaded[m] for m in p.split("+")]
+        start = time.perf_counter()
+        deltas = build_protector(members, config).protect(images, keys=keys)
+        seconds[p] = time.perf_counter() - start
+        protected[p] = apply(images, deltas)
+        print(f"protected with {p}: {seconds[p]:.1f} s", flush=True)
+
+    rows = []
+    for m in args.mimic.split(","):
+        models = loaded[m]
+        sdedit = SDEdit(model_path(m), SDEditConfig(strengths=(args.strength,), modes=("ddim",),
+                                                   ddim_steps=args.ddim_steps), device="cpu", dtype="fp32")
+        z_clean = latents(models, images)
+        (clean_edit,) = sdedit.run(images, keys, "clean")
+        clean_psnr = float(np.mean([psnr(o, c) for o, c in zip(clean_edit.images, images)]))
+        for p, imgs in protected.items():
+            z = latents(models, imgs)
+            shift = ((z - z_clean).flatten(1).norm(dim=1) / z_clean.flatten(1).norm(dim=1)).mean().item()
+            (edit,) = sdedit.run(imgs, keys, "protected")
+            damage = float(np.mean([psnr(o, c) for o, c in zip(edit.images, images)]))
+            rows.append({"protect": p, "mimic": m, "same_model": m in p.split("+"), "latent_shift": round(shift, 4),
+                         "sdedit_psnr": round(damage, 2), "sdedit_psnr_clean": round(clean_psnr, 2),
+                         "psnr_drop": round(clean_psnr - damage, 2), "protect_seconds": round(seconds[p], 1)})
+            print(json.dumps(rows[-1]), flush=True)
+
+    meta = {"args": vars(args), "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.machine(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+            "torch": torch.__version__}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    mimics = args.mimic.split(",")
+    lines = [f"# Transfer: {args.method}, eps {args.eps:g}, {args.steps} steps, {args.images} images at {args.size} px",
+             "", f"SDEdit DDIM s={args.strength:g}, {args.ddim_steps} steps. Cells: latent shift under the mimic's "
+             "encoder / PSNR drop of the mimic's edit vs the clean image's edit (dB; higher = more damage). "
+             "`*`: the mimic is (one of) the protecting model(s).", "",
+             "| protect \\ mimic | " + " | ".join(mimics) + " | seconds |", "|---|" + "---|" * (len(mimics) + 1)]
+    for p in protected:
+        cells = []
+        for m in mimics:
+            r = next(r for r in rows if r["protect"] == p and r["mimic"] == m)
+            cells.append(f"{r['latent_shift']:.3f} / {r['psnr_drop']:.2f}{' *' if r['same_model'] else ''}")
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {seconds[p]:.0f} |")
+    lines += ["", f"Machine: {meta['cpus']} CPUs, load average {meta['load_average'][0]:.1f} at the end; {meta['when']}."]
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
