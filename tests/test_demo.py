@@ -13,8 +13,7 @@ def test_demo_runs_end_to_end(ray_local, tmp_path, monkeypatch, capsys):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
         monkeypatch.setenv(name, "restored-after-the-test")  # the demo points these at its own endpoint
     out = tmp_path / "demo"
-    code = main(["demo", "--out-dir", str(out), "--shards", "2", "--samples", "2", "--steps", "2", "--no-progress",
-                 "--eval-ddim-steps", "4"])
+    code = main(["demo", "--out-dir", str(out), "--shards", "2", "--samples", "2", "--steps", "2", "--no-progress"])
     text = capsys.readouterr().out
     assert code == 0
     assert "5 samples in, 4 protected, 1 errors" in text  # one deliberately corrupt sample
@@ -22,7 +21,17 @@ def test_demo_runs_end_to_end(ray_local, tmp_path, monkeypatch, capsys):
     for table in ("protect_metrics", "errors", "runs"):
         assert list((out / "tables" / table).glob("*.parquet"))
     assert "bad-corrupt" in text and str(out) in text
-    # it ends with a small evaluation: the mimic's table, its sample grids and the report
+
+
+def test_demo_ends_with_a_small_evaluation(ray_local, tmp_path, monkeypatch, capsys):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(name, "restored-after-the-test")
+    out = tmp_path / "demo"
+    code = main(["demo", "--out-dir", str(out), "--shards", "1", "--samples", "2", "--steps", "2", "--no-progress",
+                 "--evaluate", "--eval-ddim-steps", "4"])
+    text = capsys.readouterr().out
+    assert code == 0
+    # the mimic's table, its sample grids (clean | protected | perturbation, then both mimics) and the report
     assert "mimicry (SDEdit)" in text and "psnr_pair" in text
     assert list((out / "evaluation" / "tables" / "mimicry_metrics").glob("*.parquet"))
     assert list((out / "evaluation" / "samples" / "sdedit").rglob("*.png"))

@@ -4,8 +4,8 @@ Starts an S3 endpoint on loopback (moto server), uploads WebDataset shards built
 scikit-image's bundled photos (several sizes, one deliberately corrupt sample), runs protection
 with the built-in `tiny` model through a local Ray (20 PGD steps by default, so it takes about a
 minute on 2 CPUs), prints the summary, and copies the protected shards and tables out of the
-loopback bucket into a local folder to look at. It ends with a small evaluation (skip it with
---no-evaluate): SDEdit (DDIM, strength 0.3) of the protected and the clean images by the same
+loopback bucket into a local folder to look at. With --evaluate it ends with a small evaluation:
+SDEdit (DDIM, strength 0.3) of the protected and the clean images by the same
 built-in model, its table, and `report.html`, whose sample grids show the mimic of each clean
 image next to the mimic of its protected copy.
 """
@@ -36,8 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--eps", type=float, default=16.0, help="L-inf budget in pixel units (default 16)")
     p.add_argument("--model", default="tiny", help="model (default: the built-in tiny model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-evaluate", action="store_true",
-                   help="skip the small SDEdit evaluation (protected vs clean) and its report at the end")
+    p.add_argument("--evaluate", action="store_true",
+                   help="end with a small SDEdit evaluation (protected vs clean) and its report.html")
     p.add_argument("--eval-ddim-steps", type=int, default=20, help="DDIM steps of the evaluation's SDEdit (default 20)")
     p.set_defaults(func=run)
 
@@ -97,8 +97,11 @@ def run(args: argparse.Namespace) -> int:
         print(summary)
         local = copy_out(client, BUCKET, "protected/", args.out_dir)
         print_tables(local)
-        if not args.no_evaluate:
+        if args.evaluate:
             evaluate(args, source, endpoint, client, local)
+        else:
+            print("\nnext: `mimicshield demo --evaluate` also runs a small SDEdit evaluation of the protected vs the "
+                  "clean images and writes report.html with sample grids")
     finally:
         server.stop()
     return 0
