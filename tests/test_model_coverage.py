@@ -29,7 +29,7 @@ from PIL import Image
 from pipeline.images import decode_image
 from pipeline.models import load_ensemble, load_models, predicted_original, prediction_target, split_model_ids
 from pipeline.protect import ProtectConfig, build_protector
-from pipeline.protect.batch import protect_encoded
+from pipeline.encoded import protect_encoded
 from pipeline.protect.engine import combine_directions
 from pipeline.protect.methods import METHODS, StepInputs, sds_direction
 
