@@ -16,14 +16,14 @@ checkpoint.
 - ``sd15-arch``    the real SD 1.5 architecture with random weights (speed/memory benchmarks).
 - ``sd21-arch``    the real SD 2.1-base architecture with random weights.
 
-Model coverage (v-prediction, SDXL), in their own blocks below. The tiny variants take ``tiny``'s
-trained VAE and latent scale and train their own UNet on its latents on first use (seeded, a few
-hundred steps: `_train_tiny_denoiser`, about a minute on CPU, once per cache):
+Model coverage (v-prediction, SDXL), in their own blocks below. The tiny variants train their UNet
+on first use (seeded, a few hundred steps: `_train_tiny_denoiser`, about a minute on CPU, once per
+cache); `tiny-v` on ``tiny``'s trained VAE, `tiny-xl` on a VAE of its own (see `_build_pipeline`):
 - ``tiny-v``          ``tiny`` with a v-prediction scheduler, its UNet trained to predict
                       v = sqrt(a_t) eps - sqrt(1 - a_t) z0.
 - ``tiny-xl``         SDXL-shaped and small: two text encoders (the second with a projection, whose
                       pooled output conditions the UNet with the size time ids), ``text_time``
-                      added embedding, ``tiny``'s VAE with ``force_upcast``. ``tiny-xl-inpaint`` is its 9-channel inpainting twin.
+                      added embedding, a VAE of its own seed with ``force_upcast``. ``tiny-xl-inpaint`` is its 9-channel inpainting twin.
 - ``sd21-768-arch``   the real SD 2.1 (768 x 768, v-prediction) architecture, random weights.
 - ``sdxl-arch``       the real SDXL base architecture, random weights (about 7 GB in fp16; built in
                       fp16 directly, so building needs about that much memory, not 4x).
@@ -512,15 +512,22 @@ def load_trained_vae(pipe, path: Path | None = None) -> None:
 
 
 def _build_pipeline(name: str):
-    """Built-in `name`, ready to save: shipped weights (tiny, tiny-inpaint); or, for the other tiny
-    variants (tiny-v, tiny-xl, ...), tiny's trained VAE with a UNet trained here on its latents
-    (`_train_tiny_denoiser`, seeded, once per cache); or random weights (the *-arch models)."""
+    """Built-in `name`, ready to save (seeded, once per cache):
+
+    - tiny, tiny-inpaint: the shipped trained weights;
+    - tiny-v: tiny's trained VAE and latent scale, its v-prediction UNet trained here on those latents;
+    - tiny-xl(-inpaint): a VAE of its own (seed 1, random, scale calibrated; SDXL's VAE differs from
+      SD's too, so transfer between tiny and tiny-xl measures another encoder), UNet trained here;
+    - the *-arch models: random weights.
+    """
     pipe = build_pipeline(name)
     if name in TRAINED_UNETS:
         load_trained_weights(pipe, name)
-    elif name.startswith("tiny"):
+    elif name == "tiny-v":
         load_trained_vae(pipe)
         _train_tiny_denoiser(pipe, calibrate=False)
+    elif name.startswith("tiny"):
+        _train_tiny_denoiser(pipe)
     return pipe
 
 
