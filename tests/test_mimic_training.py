@@ -65,3 +65,85 @@ def test_lora_trains_saves_safetensors_and_loads_back(group, tmp_path):
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     after = _generate(pipe, "a painting in the style of sks")
     assert np.abs(after - before).max() > 1e-3
+
+
+# --------------------------------------------------------------------------- training really trains
+
+
+def denoising_loss(unet, text_encoder, tokenizer, scheduler, latents, prompt: str, draws: int = 24) -> float:
+    """E || eps_theta(z_t, t, c) - eps ||^2 over fixed draws, written here from the diffusers parts alone."""
+    gen = torch.Generator().manual_seed(123)
+    z = latents.repeat(draws, 1, 1, 1)
+    noise = torch.randn(z.shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z),), generator=gen)
+    ids = tokenizer([prompt] * len(z), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        cond = text_encoder(ids)[0]
+        pred = unet(scheduler.add_noise(z, noise, t), t, encoder_hidden_states=cond).sample
+    return float(((pred - noise) ** 2).mean())
+
+
+@pytest.fixture(scope="module")
+def group_latents(group):
+    from diffusers import AutoencoderKL
+
+    from pipeline.mimic.common import to_model_tensor
+
+    vae = AutoencoderKL.from_pretrained(model_path("tiny"), subfolder="vae")
+    with torch.no_grad():
+        return vae.encode(to_model_tensor(group, 64)).latent_dist.mean * vae.config.scaling_factor
+
+
+def _text_model_with_row(token: str, row: torch.Tensor):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(model_path("tiny"), subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(model_path("tiny"), subfolder="text_encoder")
+    tokenizer.add_tokens(token)
+    encoder.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)] = row
+    return tokenizer, encoder
+
+
+def test_textual_inversion_moves_its_embedding_and_lowers_its_loss(group, group_latents):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    token = placeholder_token("Artist A")
+    tokenizer = CLIPTokenizer.from_pretrained(model_path("tiny"), subfolder="tokenizer")
+    table = CLIPTextModel.from_pretrained(model_path("tiny"), subfolder="text_encoder").get_input_embeddings().weight
+    initial = table[tokenizer("painting", add_special_tokens=False).input_ids].mean(0).detach()  # the initializer word
+
+    untrained = TextualInversion(model_path("tiny"), TextualInversionConfig(steps=0), device="cpu").train(group, "Artist A")
+    torch.testing.assert_close(untrained[token], initial)  # 0 steps: still the initializer (so the next check can fail)
+    trained = TextualInversion(model_path("tiny"), TextualInversionConfig(steps=30, learning_rate=2e-2), device="cpu")
+    learned = trained.train(group, "Artist A")[token]
+    assert float((learned - initial).norm()) > 0.05 * float(initial.norm())
+
+    unet = UNet2DConditionModel.from_pretrained(model_path("tiny"), subfolder="unet")
+    scheduler = DDPMScheduler.from_pretrained(model_path("tiny"), subfolder="scheduler")
+    prompt = f"a painting in the style of {token}"
+    before = denoising_loss(unet, *_text_model_with_row(token, initial)[::-1], scheduler, group_latents, prompt)
+    after = denoising_loss(unet, *_text_model_with_row(token, learned)[::-1], scheduler, group_latents, prompt)
+    assert after < before, (before, after)
+
+
+def test_lora_learns_nonzero_adapters_that_lower_its_loss(group, group_latents, tmp_path):
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file
+
+    cfg = LoraConfig(rank=2, steps=30, learning_rate=5e-3)
+    path = Lora(model_path("tiny"), cfg, device="cpu").train(group, "Artist A", tmp_path / "lora")
+    weights = load_file(str(path))
+    up = [v for k, v in weights.items() if "lora_B" in k or "lora.up" in k]  # B starts at zero: moved only by training
+    assert up and all(float(v.abs().max()) > 0 for v in up)
+
+    pipe = load_pipeline("text2img", model_path("tiny"), device="cpu", dtype="fp32")
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prompt = "a painting in the style of sks"
+    before = denoising_loss(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, group_latents, prompt)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    after = denoising_loss(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, group_latents, prompt)
+    assert after < before, (before, after)
