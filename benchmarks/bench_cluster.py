@@ -87,7 +87,12 @@ def main() -> None:
             summary = run_protect(s, log=lambda m: None)
             seconds = time.perf_counter() - t0
 
-            by_role = lambda counts: {nodes.get(n, "?"): counts[n] for n in counts}  # noqa: E731
+            def by_role(counts: dict) -> dict:
+                roles: dict = {}
+                for node, n in counts.items():
+                    roles[nodes.get(node, "?")] = roles.get(nodes.get(node, "?"), 0) + n
+                return roles
+
             shards_ok = all(
                 [m.name[: -len(".png")] for m in tarfile.open(dst / name).getmembers() if m.name.endswith(".png")] == want
                 for name, want in keys.items()
@@ -114,11 +119,11 @@ def main() -> None:
                   and "head" not in result["shards_assembled_by"] and committed_first == ["shard-000000.tar"]
                   and summary.units_skipped == 1 and not result["staging_left"])
             result["ok"] = ok
+            out = ROOT / "benchmarks" / "results" / "bench_cluster.json"
+            out.write_text(json.dumps(result, indent=2) + "\n")  # before the (slow) shutdown
     finally:
         ray.shutdown()
         cluster.shutdown()
-    out = ROOT / "benchmarks" / "results" / "bench_cluster.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"written to {out}")
     if not result.get("ok"):

@@ -219,9 +219,10 @@ def bench_driver(args, shards: int) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_driver_child, args=(args, shards, queue))
     proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    try:
+        return queue.get(timeout=3600)
+    finally:
+        proc.join(timeout=60)
 
 
 def main() -> None:

@@ -256,15 +256,21 @@ def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord):
 
 
 def remote_assembler(nodes: list | None = None):
-    """An `assemble(out_fs, parts, path)` for `commit_unit` that runs in a worker task, not here."""
+    """An `assemble(out_fs, result)` for `commit_unit` that runs in a worker task, not here.
+
+    The task goes to the node that wrote the unit's parts (a worker node, by construction; soft:
+    anywhere if that node is gone), never needs a CPU of its own (pure I/O) and is retried.
+    """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from .stages import assemble_task
 
-    task = ray.remote(num_cpus=0, max_retries=2, scheduling_strategy="SPREAD")(assemble_task)
+    task = ray.remote(num_cpus=0, max_retries=2)(assemble_task)
 
-    def assemble(out_fs, parts, path):
-        size, node = ray.get(task.remote(out_fs, parts, path))
+    def assemble(out_fs, result: UnitResult):
+        where = NodeAffinitySchedulingStrategy(result.node, soft=True) if result.node else "SPREAD"
+        size, node = ray.get(task.options(scheduling_strategy=where).remote(out_fs, result.parts, result.unit.output))
         if nodes is not None:
             nodes.append(node)
         return size
@@ -313,6 +319,7 @@ class _Receiver:
         self.writer_nodes[row["node"]] = self.writer_nodes.get(row["node"], 0) + 1
         if row["part"] and (not res.parts or res.parts[-1] != row["part"]):
             res.parts.append(row["part"])
+            res.node = row["node"]
         measured = {k: row[k] for k in ("width", "height", "linf", "psnr", "ssim", "lpips", "seconds", "device",
                                         "warnings")}
         res.metrics.append(self.run.metric_row(row["key"], row["source"], row["output"], row["format"], measured))

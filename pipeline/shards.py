@@ -281,12 +281,18 @@ class UnitResult:
     metrics: list[dict] = field(default_factory=list)  # protect_metrics rows
     errors: list[dict] = field(default_factory=list)  # errors rows
     counts: UnitCounts = field(default_factory=UnitCounts)
+    node: str | None = None  # Ray node that wrote the unit's last part (where its shard is assembled)
 
 
-def write_unit_output(out_fs: pafs.FileSystem, kind: str, result: UnitResult, assemble=assemble_shard) -> None:
+def assemble_here(out_fs: pafs.FileSystem, result: UnitResult) -> int:
+    """`assemble_shard` in this process (tests, tools); the pipeline runs it in a worker task instead."""
+    return assemble_shard(out_fs, result.parts, result.unit.output)
+
+
+def write_unit_output(out_fs: pafs.FileSystem, kind: str, result: UnitResult, assemble=assemble_here) -> None:
     """Step 1: the unit's shard from its parts (folder files are already in place)."""
     if kind == "shards":
-        assemble(out_fs, result.parts, result.unit.output)
+        assemble(out_fs, result)
 
 
 def write_unit_tables(out_fs: pafs.FileSystem, out_root: str, result: UnitResult) -> None:
@@ -306,11 +312,12 @@ def write_marker(out_fs: pafs.FileSystem, out_root: str, result: UnitResult, run
 
 
 def commit_unit(out_fs: pafs.FileSystem, out_root: str, kind: str, result: UnitResult, run_id: str,
-                assemble=assemble_shard) -> UnitCounts:
+                assemble=assemble_here) -> UnitCounts:
     """Commit one finished unit: output, then tables, then marker (see module doc).
 
-    `assemble(out_fs, parts, path)` builds a shard from its parts; the pipeline passes one that
-    runs `assemble_shard` in a worker task, so no image byte passes through the driver. A failure
+    `assemble(out_fs, result)` builds a shard from its parts; the pipeline passes one that runs
+    `assemble_shard` in a worker task on the node that wrote the parts, so no image byte passes
+    through the driver or its node. A failure
     (or kill) at any step leaves no marker: the next run redoes the unit under the same names.
     """
     write_unit_output(out_fs, kind, result, assemble)
