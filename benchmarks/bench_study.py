@@ -159,7 +159,11 @@ def bench_table(args) -> dict:
 
         rows = pq.read_table(p / "tables" / "runs").to_pylist()
         runs[p.name] = sum(x["seconds"] for x in rows if x["status"] == "completed" and x["units_done"])
+    cells = df.groupby(["method", "eps", "purification"])["cell_seconds"].first()
+    by_purification = cells.groupby(level="purification").mean().round(2).to_dict()
     return {"images": len(photos), "photos": list(photos), "protect_steps": args.steps, "study_seconds": seconds,
+            "cells": int(len(cells)), "mean_cell_seconds": round(float(cells.mean()), 2),
+            "cell_seconds_by_purification": by_purification,
             "retained": table, "damage_none_psnr_db": {f"{m} eps={e:g}": round(float(v), 3) for (m, e), v in none.items()},
             "protect_seconds": runs, "report": f"{output}/report.html"}
 

@@ -32,9 +32,9 @@ def test_spec_parsing():
 
 def test_eot_gradient_is_the_mean_of_per_transform_gradients(tiny_models, photos):
     """For fixed transforms, EOT's direction = mean_k grad_x L(T_k(x)) (advdm: the full loss gradient)."""
-    size = 32
-    x = torch.rand((2, 3, size, size), generator=torch.Generator().manual_seed(1))
-    inputs = step_inputs(tiny_models, 2, size)
+    size = 16
+    x = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(1))
+    inputs = step_inputs(tiny_models, 1, size)
     noise = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(2))
     transforms = [lambda v: jpeg(v, 60.0), lambda v: resize(v, 0.5), lambda v: v + 0.03 * noise,
                   make_transform(parse_eot("none")[0], 0.0)]
@@ -56,7 +56,7 @@ def test_eot_gradient_is_the_mean_of_per_transform_gradients(tiny_models, photos
 
 def test_eot_with_identity_transforms_is_the_plain_direction(tiny_models):
     """sds- (UNet outside autograd): K identity transforms give back the method's own direction."""
-    size = 32
+    size = 16
     x = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(3))
     inputs = step_inputs(tiny_models, 1, size)
     method = make_method("sds-")
@@ -74,7 +74,7 @@ def test_sampler_draws_per_sample_reproducibly():
 
 
 def test_protect_with_eot_keeps_the_budget(tiny_models, photos):
-    rgb = np.ascontiguousarray(photos["coffee"][:64, :64])
+    rgb = np.ascontiguousarray(photos["coffee"][:32, :32])
     eps = 8
     config = ProtectConfig(method="sds-", eps=eps, steps=2, step_size=2, eot="jpeg:50-95,resize:0.5-1,noise:0-0.05",
                            eot_samples=2)

@@ -77,7 +77,8 @@ def retained_matrix(df: pd.DataFrame, scenario: str, purifications: list[str] | 
         return pd.DataFrame()
     r = r.assign(row=[label(m, e) for m, e in zip(r["method"], r["eps"])])
     m = r.pivot_table(index="row", columns="purification", values="retained", aggfunc="mean", dropna=False)
-    order = [p for p in (purifications or list(dict.fromkeys(df["purification"]))) if p in m.columns]
+    order = purifications or sorted(dict.fromkeys(df["purification"]), key=lambda p: (p != "none", p))
+    order = [p for p in order if p in m.columns]
     return m[order]
 
 
@@ -200,7 +201,7 @@ def build_report(output: str, s3: dict | None = None) -> str:
         parts.append("<p class='note'><b>Uncalibrated:</b> some rows come from a random-weight model or metric "
                      "backbone (calibrated = false); they check the machinery and rank settings within this run, "
                      "they do not measure protection on a real model.</p>")
-    purifications = list(dict.fromkeys(df["purification"]))
+    purifications = sorted(dict.fromkeys(df["purification"]), key=lambda p: (p != "none", p))
     for scenario in dict.fromkeys(df["scenario"]):
         parts.append(f"<h2>{html.escape(scenario)}</h2>")
         matrix = retained_matrix(df, scenario, purifications)
