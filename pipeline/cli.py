@@ -8,7 +8,7 @@ import os
 import sys
 
 # each module defines `add_parser(subparsers)` (which sets `func`) for one sub-command
-COMMANDS = ["protect", "demo", "evaluate", "report", "train_fastprotect"]
+COMMANDS = ["protect", "demo", "evaluate", "report", "train_fastprotect", "study"]
 
 
 def build_parser() -> argparse.ArgumentParser:

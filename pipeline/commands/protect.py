@@ -29,6 +29,9 @@ def add_protection_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--mist-weight", type=float, default=1e4, help="w in mist's L_tex - w L_sem (default 1e4)")
     g.add_argument("--sdst-rate", type=float, default=5.0, help="r in sdst-'s r g_sds + g_tex (default 5)")
+    g.add_argument("--eot", default="", help="robust protection (expectation over transformation): average each "
+                   "step's direction over random differentiable transforms, e.g. jpeg:50-95,resize:0.5-1,noise:0-0.05")
+    g.add_argument("--eot-samples", type=int, default=1, help="transforms K averaged per PGD step with --eot (default 1)")
     g.add_argument("--bank", default=None, help="fastprotect: bank file from `mimicshield train-fastprotect` "
                    "(default: the model's default bank; built on the fly for tiny)")
     g.add_argument("--lpips-weights", default=None, help="fastprotect: torchvision AlexNet weights for a "
@@ -68,6 +71,8 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
         resolution=args.resolution,
         mist_weight=args.mist_weight,
         sdst_rate=args.sdst_rate,
+        eot=getattr(args, "eot", ""),
+        eot_samples=getattr(args, "eot_samples", 1),
         extra={k: v for k in ("bank", "lpips_weights") if (v := getattr(args, k, None)) is not None},
     )
 

@@ -63,6 +63,8 @@ class ProtectConfig:
     resolution: str = "native"  # "native" or a side length N (protect an N x N resized copy)
     mist_weight: float = 1e4
     sdst_rate: float = 5.0
+    eot: str = ""  # expectation over transformation, e.g. "jpeg:50-95,resize:0.5-1" (eot.py); "" = off
+    eot_samples: int = 1  # K transforms averaged per PGD step when `eot` is set
     extra: dict = field(default_factory=dict)  # method-specific options (e.g. FastProtect's bank)
 
     def __post_init__(self):
@@ -77,6 +79,12 @@ class ProtectConfig:
             raise ValueError(f"init must be 'random' or 'zero', got {self.init!r}")
         if self.resolution != "native" and not (self.resolution.isdigit() and int(self.resolution) > 0):
             raise ValueError(f"resolution must be 'native' or a positive integer, got {self.resolution!r}")
+        if self.eot:
+            from .eot import parse_eot
+
+            parse_eot(self.eot)
+        if self.eot_samples < 1:
+            raise ValueError(f"eot_samples must be >= 1, got {self.eot_samples}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -239,6 +247,11 @@ class Protector:
                 target = self.target_latent((height, width), m).expand(len(keys), *latent_shape)
             fixed.append((models, models.encode_prompts(prompts), models.added_conditioning(prompts, height, width),
                           latent_shape, target))
+        eot = None
+        if cfg.eot:  # average each model's direction over K random differentiable transforms (eot.py)
+            from .eot import EOTSampler
+
+            eot = EOTSampler(cfg.eot, cfg.eot_samples, cfg.seed, keys)
         for _ in range(cfg.steps):
             x_adv.requires_grad_(True)
             directions = []
@@ -251,7 +264,10 @@ class Protector:
                     target_latent=target,
                     added_cond=added,
                 )
-                directions.append(self.method.direction(models, x_adv, inputs))
+                if eot is None:
+                    directions.append(self.method.direction(models, x_adv, inputs))
+                else:
+                    directions.append(eot.direction(self.method, models, x_adv, inputs))
             direction = combine_directions(directions)
             with torch.no_grad():
                 x_adv = x_adv + alpha * direction.sign()

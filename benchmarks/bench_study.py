@@ -1,0 +1,186 @@
+"""Robustness-study benchmarks on CPU with the built-in tiny model.
+
+    python benchmarks/bench_study.py cells     # seconds per purification (per image) and per cell
+    python benchmarks/bench_study.py scaling   # the mimic phase with 1, 2, 4 Ray workers (Cluster simulation)
+    python benchmarks/bench_study.py table     # protection retained, default grid (+ sds-+eot), held-out photos
+
+Held-out photos: scikit-image's bundled photos the tiny model never saw in training (its UNet is
+trained on astronaut, coffee, chelsea, rocket, immunohistochemistry), cropped to 64 x 64.
+Results go to benchmarks/results/study_<part>.json (and the table study's report.html path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
+RESULTS = ROOT / "benchmarks" / "results"
+HELD_OUT = ("hubble_deep_field", "retina", "skin", "lily", "colorwheel", "logo")
+
+
+def held_out_photos(n: int, size: int = 64) -> dict[str, np.ndarray]:
+    from PIL import Image
+    from skimage import data
+
+    out = {}
+    for name in HELD_OUT:
+        try:
+            img = getattr(data, name)()
+        except Exception:  # not bundled with this scikit-image (needs a download)
+            continue
+        img = img[..., :3] if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2)
+        if img.dtype != np.uint8:
+            img = (255 * (img.astype(float) / max(1, img.max()))).astype(np.uint8)
+        side = min(img.shape[:2])
+        for j, (top, left) in enumerate(((0, 0), (img.shape[0] - side, img.shape[1] - side))):
+            crop = img[top : top + side, left : left + side]
+            out[f"{name}-{j}"] = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
+        if len(out) >= n:
+            break
+    return dict(list(out.items())[:n])
+
+
+def write_folder(photos: dict[str, np.ndarray], folder: Path) -> str:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, rgb in photos.items():
+        Image.fromarray(rgb).save(folder / f"{key}.png")
+    return str(folder)
+
+
+def study_args(clean: str, output: str, methods, eps, purifications, extra=()) -> list[str]:
+    return ["study", clean, output, "--model", "tiny", "--device", "cpu", "--methods", ",".join(methods),
+            "--eps", ",".join(str(e) for e in eps), "--purifications", ",".join(purifications),
+            "--scenarios", "sdedit", "--no-progress", *extra]
+
+
+def bench_cells(args) -> dict:
+    """Seconds per image of each purification, and per-cell seconds of the mimic, tiny at 64 px."""
+    from pipeline.purify import PurifyContext, parse_purification
+    from pipeline.study.grid import DEFAULT_PURIFICATIONS
+
+    photos = held_out_photos(args.images)
+    keys, images = list(photos), list(photos.values())
+    context = PurifyContext(model="tiny", device="cpu", dtype="fp32")
+    purify = {}
+    for spec in DEFAULT_PURIFICATIONS:
+        unit = parse_purification(spec)
+        unit.apply(images[:1], keys[:1], context=context)  # load models once
+        t = time.perf_counter()
+        unit.apply(images, keys, context=context)
+        purify[spec] = (time.perf_counter() - t) / len(images)
+    from pipeline.cli import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clean = write_folder(photos, Path(tmp) / "clean")
+        out = str(Path(tmp) / "study")
+        t = time.perf_counter()
+        main(study_args(clean, out, ["sds-"], [8], ["none", "jpeg:75", "noise:0.05"],
+                        ["--steps", str(args.steps), "--ddim-steps", "20"]))
+        total = time.perf_counter() - t
+        import pandas as pd
+
+        from pipeline.study.report import read_table
+
+        df = read_table(out)
+        per_cell = df.groupby(["method", "purification"])["cell_seconds"].first()
+    return {"images": len(images), "size": 64, "purify_seconds_per_image": purify,
+            "cell_seconds": {f"{m}/{p}": float(v) for (m, p), v in per_cell.items()},
+            "mean_cell_seconds": float(per_cell.mean()), "study_seconds": total, "protect_steps": args.steps,
+            "sdedit": "strengths 0.1,0.2,0.3,0.5 x one_step + ddim20", "cells": int(len(per_cell))}
+
+
+def bench_scaling(args) -> dict:
+    """The same study's mimic cells with 1, 2 and 4 worker nodes of a ray.cluster_utils.Cluster."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.cli import main
+
+    photos = held_out_photos(args.images)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        clean = write_folder(photos, Path(tmp) / "clean")
+        for workers in (1, 2, 4):
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+            for _ in range(workers):
+                cluster.add_node(num_cpus=1)
+            ray.init(address=cluster.address, log_to_driver=False)
+            output = str(Path(tmp) / f"study-{workers}")
+            base = ["--steps", "2", "--ddim-steps", "20", "--actors", str(workers)]
+            purifs = ["none", "jpeg:75", "noise:0.05", "blur:1"]
+            main(study_args(clean, output, ["sds-"], [8], purifs, base))  # protect + purify + cells, once
+            # time the cells alone: delete the committed cells and run again (protect/purify are reused)
+            import shutil
+
+            shutil.rmtree(Path(output) / "tables" / "robustness")
+            t = time.perf_counter()
+            main(study_args(clean, output, ["sds-"], [8], purifs, base))
+            out[workers] = {"cells": 2 * len(purifs), "seconds": time.perf_counter() - t}
+            ray.shutdown()
+            cluster.shutdown()
+    return {"images": len(photos), "physical_cores": os.cpu_count(), "mimic_phase": out}
+
+
+def bench_table(args) -> dict:
+    from pipeline.cli import main
+    from pipeline.study.grid import DEFAULT_EPS, DEFAULT_METHODS, DEFAULT_PURIFICATIONS
+    from pipeline.study.report import read_table, retained
+
+    photos = held_out_photos(args.images)
+    output = str(ROOT / "out" / "bench-study-table")
+    clean = write_folder(photos, ROOT / "out" / "bench-study-clean")
+    methods = [*DEFAULT_METHODS, "sds-+eot"]
+    t = time.perf_counter()
+    main(study_args(clean, output, methods, DEFAULT_EPS, DEFAULT_PURIFICATIONS,
+                    ["--steps", str(args.steps), "--ddim-steps", "20", "--eot-samples", "2"]))
+    seconds = time.perf_counter() - t
+    df = read_table(output)
+    r = retained(df)
+    table = {f"{m} eps={e:g}": {p: (None if np.isnan(v) else round(float(v), 3))
+                                for p, v in zip(g["purification"], g["retained"])}
+             for (m, e), g in r.groupby(["method", "eps"])}
+    none = r[r["purification"] == "none"].set_index(["method", "eps"])["damage"]
+    runs = {}
+    for p in (Path(output) / "protected").iterdir():
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(p / "tables" / "runs").to_pylist()
+        runs[p.name] = sum(x["seconds"] for x in rows if x["status"] == "completed" and x["units_done"])
+    cells = df.groupby(["method", "eps", "purification"])["cell_seconds"].first()
+    by_purification = cells.groupby(level="purification").mean().round(2).to_dict()
+    return {"images": len(photos), "photos": list(photos), "protect_steps": args.steps, "study_seconds": seconds,
+            "cells": int(len(cells)), "mean_cell_seconds": round(float(cells.mean()), 2),
+            "cell_seconds_by_purification": by_purification,
+            "retained": table, "damage_none_psnr_db": {f"{m} eps={e:g}": round(float(v), 3) for (m, e), v in none.items()},
+            "protect_seconds": runs, "report": f"{output}/report.html"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("part", choices=["cells", "scaling", "table"])
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20, help="PGD steps per protection")
+    args = p.parse_args(argv)
+    result = {"cells": bench_cells, "scaling": bench_scaling, "table": bench_table}[args.part](args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"study_{args.part}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""OUTPUT/report.html for a study: what survives which purification, at a glance.
+
+- a heatmap per scenario of *protection retained*: rows method/eps, columns purification,
+  value = damage under the purification / damage under `none` (1: the purification removes
+  nothing of the protection, 0: it removes all of it);
+- curves of mimic damage against purification strength, one panel per purification family;
+- sample grids: the same image through each purification (rows) for the clean and each
+  protected copy (columns: purified input | mimic output);
+- the retained table and the damage table in full.
+
+Damage is read on one headline metric per scenario (HEADLINE), averaged over its settings:
+PSNR of the mimic's output against the clean original for SDEdit and inpainting (calibrated
+for any backbone), CLIP image similarity for the training mimics.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+
+import numpy as np
+import pandas as pd
+
+from .store import TABLE_DIR, StudyStore
+
+HEADLINE = {"sdedit": "psnr_ref", "inpaint": "psnr_ref", "textual_inversion": "clip_i2i_ref",
+            "lora": "clip_i2i_ref"}
+
+
+def read_table(output: str, s3: dict | None = None) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..tables import load_schema
+
+    store = StudyStore(output, s3)
+    schema = load_schema("robustness")
+    files = sorted(store.files(TABLE_DIR, ".parquet"))
+    if not files:
+        return schema.empty_table().to_pandas()
+    return pa.concat_tables([pq.read_table(f, filesystem=store.fs, schema=schema) for f in files]).to_pandas()
+
+
+def label(method: str, eps: float) -> str:
+    return "none (clean)" if method == "none" else f"{method} eps={eps:g}"
+
+
+def headline(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, eps, purification, scenario): mean damage on the scenario's headline metric."""
+    rows = df[(df["method"] != "none") & (df["metric"] == df["scenario"].map(HEADLINE))]
+    if rows.empty:
+        return pd.DataFrame(columns=["method", "eps", "purification", "purification_name", "strength", "scenario",
+                                     "damage"])
+    keys = ["method", "eps", "purification", "purification_name", "strength", "scenario"]
+    return rows.groupby(keys, dropna=False, as_index=False)["damage"].mean()
+
+
+def retained(df: pd.DataFrame) -> pd.DataFrame:
+    """headline damage with `retained` = damage / damage under `none` (NaN without a `none` column)."""
+    h = headline(df)
+    if h.empty:
+        return h.assign(retained=[])
+    ref = h[h["purification"] == "none"].set_index(["method", "eps", "scenario"])["damage"]
+    idx = pd.MultiIndex.from_frame(h[["method", "eps", "scenario"]])
+    base = ref.reindex(idx).to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(np.abs(base) > 1e-9, h["damage"].to_numpy(dtype=float) / base, np.nan)
+    return h.assign(retained=ratio)
+
+
+def retained_matrix(df: pd.DataFrame, scenario: str, purifications: list[str] | None = None) -> pd.DataFrame:
+    r = retained(df)
+    r = r[r["scenario"] == scenario]
+    if r.empty:
+        return pd.DataFrame()
+    r = r.assign(row=[label(m, e) for m, e in zip(r["method"], r["eps"])])
+    m = r.pivot_table(index="row", columns="purification", values="retained", aggfunc="mean", dropna=False)
+    order = purifications or sorted(dict.fromkeys(df["purification"]), key=lambda p: (p != "none", p))
+    order = [p for p in order if p in m.columns]
+    return m[order]
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def heatmap_png(matrix: pd.DataFrame, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.1 * matrix.shape[1] + 2.5, 0.45 * matrix.shape[0] + 1.6))
+    values = matrix.to_numpy(dtype=float)
+    im = ax.imshow(np.clip(values, 0, 1.2), cmap="RdYlGn", vmin=0, vmax=1.2, aspect="auto")
+    ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=45, ha="right")
+    ax.set_yticks(range(matrix.shape[0]), matrix.index)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            v = values[i, j]
+            ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="protection retained")
+    return _png(fig)
+
+
+def curves_png(df: pd.DataFrame, scenario: str) -> bytes | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = headline(df)
+    h = h[(h["scenario"] == scenario) & (h["purification_name"] != "none")]
+    families = sorted(h["purification_name"].unique())
+    if not families:
+        return None
+    fig, axes = plt.subplots(1, len(families), figsize=(3.2 * len(families), 2.8), squeeze=False)
+    for ax, family in zip(axes[0], families):
+        f = h[h["purification_name"] == family]
+        for (method, eps), g in f.groupby(["method", "eps"]):
+            g = g.sort_values("strength")
+            ax.plot(g["strength"], g["damage"], marker="o", label=label(method, eps))
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.set_title(family)
+        ax.set_xlabel("strength")
+    axes[0][0].set_ylabel(f"damage ({HEADLINE.get(scenario, '')})")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+def sample_grid(store: StudyStore, df: pd.DataFrame, scenario: str, size: int = 64) -> list[tuple[str, bytes]]:
+    """(key, PNG) grids: rows purifications, columns (input | output) per source."""
+    from PIL import Image
+
+    from .grid import Cell, Source, slug
+
+    d = df[df["scenario"] == scenario]
+    sources = list(dict.fromkeys((m, e) for m, e in zip(d["method"], d["eps"])))
+    sources.sort(key=lambda s: (s[0] != "none", s[0], s[1]))
+    purifications = list(dict.fromkeys(d["purification"]))
+    keys = set()
+    cells = {}
+    for p in purifications:
+        for m, e in sources:
+            cell = Cell(Source(m, float(e)), p, scenario)
+            files = store.files(f"samples/study/{scenario}/{cell.id}", ".png")
+            cells[(p, m, e)] = {f.rsplit("/", 1)[1]: f for f in files}
+            keys |= {f.rsplit("/", 1)[1].rsplit(".", 2)[0] for f in files}
+    out = []
+    for key in sorted(keys)[:2]:
+        pad = 2
+        canvas = Image.new("RGB", (len(sources) * 2 * (size + pad) + pad, len(purifications) * (size + pad) + pad),
+                           "white")
+        for i, p in enumerate(purifications):
+            for j, (m, e) in enumerate(sources):
+                for k, kind in enumerate(("in", "out")):
+                    path = cells.get((p, m, e), {}).get(f"{slug(key)}.{kind}.png")
+                    if path is None:
+                        continue
+                    img = Image.open(io.BytesIO(store.read(path))).convert("RGB").resize((size, size))
+                    canvas.paste(img, (pad + (2 * j + k) * (size + pad), pad + i * (size + pad)))
+        buf = io.BytesIO()
+        canvas.save(buf, format="PNG")
+        caption = (f"{key}: rows {', '.join(purifications)}; column pairs (purified input | mimic output) for "
+                   + ", ".join(label(m, e) for m, e in sources))
+        out.append((caption, buf.getvalue()))
+    return out
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+CSS = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:12px}"
+       "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}h2{margin-top:1.5em}.note{color:#555}")
+
+
+def build_report(output: str, s3: dict | None = None) -> str:
+    df = read_table(output, s3)
+    store = StudyStore(output, s3)
+    parts = [f"<html><head><meta charset='utf-8'><title>mimicshield study</title><style>{CSS}</style></head><body>",
+             f"<h1>Robustness study: {html.escape(output)}</h1>"]
+    if df.empty:
+        parts.append("<p>No cells yet.</p></body></html>")
+        return "".join(parts)
+    uncalibrated = not bool(df["calibrated"].all())
+    parts.append(f"<p>{df['method'].ne('none').sum()} protected and {df['method'].eq('none').sum()} baseline rows; "
+                 f"{df.groupby(['method', 'eps', 'purification', 'scenario']).ngroups} cells. "
+                 "Protection retained = damage under the purification / damage with no purification, damage "
+                 "being how much worse the mimic copies the clean original than it does from the equally purified "
+                 "clean image (headline metric: " + ", ".join(f"{k} {v}" for k, v in HEADLINE.items()) + ").</p>")
+    if uncalibrated:
+        parts.append("<p class='note'><b>Uncalibrated:</b> some rows come from a random-weight model or metric "
+                     "backbone (calibrated = false); they check the machinery and rank settings within this run, "
+                     "they do not measure protection on a real model.</p>")
+    purifications = sorted(dict.fromkeys(df["purification"]), key=lambda p: (p != "none", p))
+    for scenario in dict.fromkeys(df["scenario"]):
+        parts.append(f"<h2>{html.escape(scenario)}</h2>")
+        matrix = retained_matrix(df, scenario, purifications)
+        if not matrix.empty:
+            parts.append(_img(heatmap_png(matrix, f"{scenario}: protection retained"), "heatmap"))
+            parts.append(matrix.round(3).to_html(na_rep="-"))
+        curves = curves_png(df, scenario)
+        if curves:
+            parts.append("<h3>Damage vs purification strength</h3>" + _img(curves, "curves"))
+        for caption, data in sample_grid(store, df, scenario):
+            parts.append(f"<h3>Samples</h3><p class='note'>{html.escape(caption)}</p>" + _img(data, caption))
+    parts.append("<h2>All rows</h2>")
+    cols = ["method", "eps", "purification", "scenario", "setting", "metric", "value", "baseline", "damage",
+            "n_images", "calibrated", "seconds"]
+    parts.append(df[cols].sort_values(cols[:6]).round(4).to_html(index=False, na_rep="-"))
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_report(output: str, s3: dict | None = None) -> str:
+    """Build OUTPUT/report.html; returns its URI."""
+    store = StudyStore(output, s3)
+    store.write(f"{store.root}/report.html", build_report(output, s3).encode())
+    return f"{store.output}/report.html"
+
+
+def format_summary(df: pd.DataFrame) -> str:
+    """The retained matrices as text, for the terminal."""
+    out = []
+    for scenario in dict.fromkeys(df["scenario"]):
+        m = retained_matrix(df, scenario)
+        if not m.empty:
+            out.append(f"protection retained, {scenario} ({HEADLINE.get(scenario)}):\n{m.round(2).to_string()}")
+    return "\n\n".join(out)

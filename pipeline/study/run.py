@@ -1,0 +1,210 @@
+"""`run_study`: protections x budgets x purifications x mimics, resumable, on local Ray or a cluster.
+
+    1. protect   CLEAN once per (method, eps) with the protect pipeline -> OUTPUT/protected/<source>/
+                 (itself resumable: committed shards are skipped)
+    2. purify    every source set (clean and each protection) under every purification, the same
+                 seed for the clean and protected copy of an image; CPU purifications as Ray
+                 tasks, model-based ones (diffpure, impress, noisy_upscale) in an actor pool
+    3. mimic     every cell (source x purification x scenario) in a pool of CellWorker actors, the
+                 clean (baseline) cells first: a protected cell's damage is its gap to them
+    4. report    OUTPUT/report.html from the table
+
+Each step skips what an earlier run committed (store.py), so rerunning the same command after a
+crash or a kill computes only the missing purified sets and cells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from ..purify import PurifyContext, parse_purification
+from . import adapter
+from .grid import CLEAN, Cell, StudyGrid
+from .store import StudyStore
+
+KILL_ENV = "MIMICSHIELD_STUDY_KILL_AFTER_CELLS"  # tests: SIGKILL this process after N cells were committed
+
+
+@dataclass
+class StudySettings:
+    clean: str
+    output: str
+    grid: StudyGrid
+    protect: object  # ProtectConfig: steps, step size, init, seed, prompt ...; method and eps set per source
+    evaluation: object  # evaluate's EvalSettings: mimic configs, metric backbones, model, device
+    model: str = "tiny"
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 4
+    low_memory: bool = False
+    eot: str = "jpeg:50-95,resize:0.5-1,noise:0-0.05"  # for methods written NAME+eot
+    eot_samples: int = 4
+    upscaler: str | None = None  # noisy_upscale: a diffusers x4 upscaler (None: the built-in random one)
+    upscaler_steps: int = 20
+    diffpure_steps: int = 20
+    seed: int = 0
+    samples: int = 2  # images per cell kept for the report's sample grids
+    actors: int | None = None  # cell and model-purification actors (default: one per GPU, else CPUs / 2)
+    protect_actors: int | None = None
+    address: str | None = None
+    s3: dict = field(default_factory=dict)
+    max_pixels: int = 64_000_000
+    chunk_size: int = 256
+    progress: bool = True
+
+    def purify_context(self) -> PurifyContext:
+        return PurifyContext(model=self.model, upscaler=self.upscaler, device=self.device, dtype=self.dtype,
+                             upscaler_steps=self.upscaler_steps, diffpure_steps=self.diffpure_steps)
+
+    def record(self) -> dict:
+        out = asdict(self)
+        out.pop("s3", None)  # never write credentials
+        out["evaluation"].pop("s3_options", None)
+        return out
+
+
+@dataclass
+class StudySummary:
+    output: str
+    cells_total: int
+    cells_skipped: int
+    cells_done: int
+    purified_done: int
+    seconds: float
+    report: str
+
+    def __str__(self) -> str:
+        return (f"mimicshield study: {self.cells_done} cells computed, {self.cells_skipped} already done, "
+                f"{self.cells_total} in total ({self.purified_done} purified sets made) in {self.seconds:.1f} s\n"
+                f"  table:  {self.output}/tables/robustness/\n  report: {self.report}")
+
+
+def worker_options(settings: StudySettings) -> tuple[int, dict, int | None]:
+    """(actors, Ray actor options, torch threads per actor) for the cell and purification pools."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if settings.device.startswith("cuda") or (settings.device == "auto" and gpus > 0):
+        return settings.actors or max(gpus, 1), {"num_gpus": 1, "num_cpus": 1}, None
+    n = settings.actors or max(1, cpus // 2)
+    return n, {"num_cpus": 1}, max(1, cpus // n)
+
+
+def run_study(settings: StudySettings, log=print) -> StudySummary:
+    import ray
+
+    t0 = time.perf_counter()
+    grid = settings.grid
+    store = StudyStore(settings.output, settings.s3)
+    adapter.check_model(settings.model, settings.revision)
+    adapter.ensure_ray(settings.address)
+    store.write(f"{store.root}/study.json", json.dumps(settings.record(), indent=1, default=str).encode())
+
+    cells = grid.cells()
+    done = store.done_cells(cells)
+    if done:
+        log(f"resuming: {len(done)} of {len(cells)} cells already done in {settings.output}")
+    pending = [c for c in cells if c.id not in done]
+    purified_made = 0
+    if pending:
+        wanted = sorted({(c.source, c.purification) for c in pending}, key=lambda u: (u[1], u[0].id))
+        have = store.done_purified(wanted)
+        todo = [u for u in wanted if u not in have]
+        # 1. protect the sources still to purify (each protect run skips what it committed before)
+        sources = {s for s, _ in todo}
+        for source in grid.protections:
+            if source in sources:
+                log(f"protect: {source.method} eps={source.eps:g} -> {store.protected_uri(source)}")
+                adapter.protect(settings, source, store.protected_uri(source), log=log)
+        # 2. purify the sets the pending cells need
+        encoded_refs = {}
+        for source in sources | {CLEAN}:
+            uri = settings.clean if source.is_clean else store.protected_uri(source)
+            encoded_refs[source] = ray.put(adapter.read_encoded(uri, settings.s3))
+        purified_made = _purify(settings, todo, encoded_refs, log)
+        # 3. mimic: baseline cells first, then the protected ones with their baselines
+        kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+        committed = 0
+
+        def on_done(result):
+            nonlocal committed
+            committed += 1
+            log(f"cell {result['cell']}: {result['rows']} rows, {result['seconds']:.1f} s")
+            if kill_after and committed >= kill_after:
+                sys.stderr.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        n, options, threads = worker_options(settings)
+        from .workers import CellWorker
+
+        Worker = ray.remote(CellWorker).options(**options)
+        actors = [Worker.remote(settings, threads) for _ in range(min(n, len(pending)))]
+        pool = ray.util.ActorPool(actors)
+        clean_ref = encoded_refs[CLEAN]
+        try:
+            baselines = [c for c in pending if c.source.is_clean]
+            for result in pool.map_unordered(lambda a, c: a.run.remote(c, clean_ref), baselines):
+                on_done(result)
+            protected = [c for c in pending if not c.source.is_clean]
+            base_values = _baselines(store, {(c.purification, c.scenario) for c in protected})
+            jobs = [(c, base_values.get((c.purification, c.scenario), {})) for c in protected]
+            for result in pool.map_unordered(lambda a, job: a.run.remote(job[0], clean_ref, job[1]), jobs):
+                on_done(result)
+        finally:
+            for actor in actors:  # free their resources now (the next study on this Ray needs them)
+                ray.kill(actor)
+    # 4. the report
+    from .report import write_report
+
+    report = write_report(settings.output, settings.s3)
+    return StudySummary(output=settings.output, cells_total=len(cells), cells_skipped=len(done),
+                        cells_done=len(pending), purified_done=purified_made, seconds=time.perf_counter() - t0,
+                        report=report)
+
+
+def _purify(settings: StudySettings, todo: list, encoded_refs: dict, log) -> int:
+    """Make the missing purified sets: CPU ones as Ray tasks, model-based ones in an actor pool."""
+    import ray
+
+    from .workers import PurifyActor, purify_set
+
+    if not todo:
+        return 0
+    cpu = [u for u in todo if not parse_purification(u[1]).needs_model]
+    model = [u for u in todo if parse_purification(u[1]).needs_model]
+    task = ray.remote(purify_set).options(num_cpus=1)
+    refs = [task.remote(settings, s, p, encoded_refs[s]) for s, p in cpu]
+    results = []
+    if model:
+        n, options, threads = worker_options(settings)
+        Actor = ray.remote(PurifyActor).options(**options)
+        actors = [Actor.remote(settings, threads) for _ in range(min(n, len(model)))]
+        try:
+            pool = ray.util.ActorPool(actors)
+            results += list(pool.map_unordered(lambda a, u: a.run.remote(u[0], u[1], encoded_refs[u[0]]), model))
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+    results += ray.get(refs)
+    for r in results:
+        log(f"purified {r['source']} with {r['purification']}: {r['images']} images, {r['seconds']:.1f} s")
+    return len(results)
+
+
+def _baselines(store: StudyStore, wanted: set) -> dict:
+    """(purification, scenario) -> {(setting, metric): value} from the committed clean cells."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for purification, scenario in wanted:
+        cell = Cell(CLEAN, purification, scenario)
+        rows = pq.read_table(store.cell_path(cell), filesystem=store.fs).to_pylist()
+        out[(purification, scenario)] = {(r["setting"], r["metric"]): r["value"] for r in rows}
+    return out

@@ -1,0 +1,140 @@
+"""Where a study keeps everything under OUTPUT (local or s3://), and how it resumes.
+
+    OUTPUT/protected/<source>/                 `protect` outputs, one per (method, eps)
+    OUTPUT/purified/<purification>/<source>.tar  purified images (<key>.png members)
+    OUTPUT/tables/robustness/<cell>.parquet    one file per cell: its rows and its commit marker
+    OUTPUT/samples/study/<scenario>/<cell>/<key>.in.png / .out.png   what the report's grids show
+    OUTPUT/study.json                          the settings of the last run (no credentials)
+    OUTPUT/report.html
+
+Every file that marks work as done is written whole or not at all (a temporary name, then a
+move; an S3 object appears only once its upload completes), so a study killed at any point
+and run again computes exactly the missing purified sets and cells, each once.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import tarfile
+import uuid
+
+import numpy as np
+from pyarrow import fs as pafs
+
+from . import adapter
+from .grid import Cell, Source, purified_id, slug
+
+TABLE_DIR = "tables/robustness"
+
+
+class StudyStore:
+    def __init__(self, output: str, s3: dict | None = None):
+        self.output = output.rstrip("/")
+        self.s3 = dict(s3 or {})
+        self.fs, root = adapter.split_uri(self.output, self.s3)
+        self.root = root.rstrip("/")
+
+    # ------------------------------------------------------------ paths
+
+    def protected_uri(self, source: Source) -> str:
+        return f"{self.output}/protected/{source.id}"
+
+    def purified_path(self, source: Source, purification: str) -> str:
+        return f"{self.root}/purified/{purified_id(source, purification)}.tar"
+
+    def cell_path(self, cell: Cell) -> str:
+        return f"{self.root}/{TABLE_DIR}/{cell.id}.parquet"
+
+    def sample_dir(self, cell: Cell) -> str:
+        return f"{self.root}/samples/study/{cell.scenario}/{cell.id}"
+
+    # ------------------------------------------------------------ resume
+
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type == pafs.FileType.File
+
+    def files(self, folder: str, suffix: str) -> set[str]:
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{folder}", recursive=True,
+                                                            allow_not_found=True))
+        except FileNotFoundError:
+            return set()
+        return {i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
+                and not posixpath.basename(i.path).startswith("_")}
+
+    def done_cells(self, cells: list[Cell]) -> set[str]:
+        present = self.files(TABLE_DIR, ".parquet")
+        return {c.id for c in cells if self.cell_path(c) in present}
+
+    def done_purified(self, units: list[tuple[Source, str]]) -> set[tuple[Source, str]]:
+        present = self.files("purified", ".tar")
+        return {u for u in units if self.purified_path(*u) in present}
+
+    # ------------------------------------------------------------ writing
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """`data` at `path`, whole or not at all (temporary sibling, then a move)."""
+        folder = posixpath.dirname(path)
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/_tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)
+
+    def write(self, path: str, data: bytes) -> None:
+        self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def write_purified(self, source: Source, purification: str, images: dict[str, np.ndarray]) -> None:
+        self.write_atomic(self.purified_path(source, purification), pack_pngs(images))
+
+    def read_purified(self, source: Source, purification: str) -> dict[str, np.ndarray]:
+        return unpack_pngs(self.read(self.purified_path(source, purification)))
+
+    def write_cell(self, cell: Cell, rows: list[dict]) -> None:
+        """The cell's rows as one Parquet file: written under a temporary name, then moved (the commit)."""
+        folder = f"{self.root}/{TABLE_DIR}"
+        tmp = f"_tmp-{uuid.uuid4().hex}-{cell.id}"
+        path = adapter.write_table(rows, folder, self.fs, basename=tmp)
+        self.fs.move(path, self.cell_path(cell))
+
+    def write_sample(self, cell: Cell, key: str, kind: str, rgb: np.ndarray) -> None:
+        self.write(f"{self.sample_dir(cell)}/{slug(key)}.{kind}.png", png(rgb))
+
+
+def png(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pack_pngs(images: dict[str, np.ndarray]) -> bytes:
+    """A tar of <key>.png members (WebDataset layout), in key order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key in sorted(images):
+            data = png(images[key])
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def unpack_pngs(data: bytes) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.endswith(".png"):
+                raw = tar.extractfile(member).read()
+                out[member.name[: -len(".png")]] = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    return out

@@ -1,0 +1,133 @@
+"""The study's units of work, run as Ray tasks and actors (and callable directly, as in the tests).
+
+- `purify_set`: one source set under one purification -> OUTPUT/purified/<p>/<source>.tar.
+  CPU purifications run as plain Ray tasks; model-based ones in `PurifyActor`s, which load the
+  model (or the upscaler) once.
+- `CellWorker`: one cell = a scenario's mimic on one purified set, measured against the clean
+  originals -> OUTPUT/tables/robustness/<cell>.parquet. Mimics are loaded once per actor.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+
+import numpy as np
+
+from ..purify import PurifyContext, parse_purification
+from . import adapter
+from .grid import Cell, Source
+from .store import StudyStore
+
+SIMILARITIES = ("psnr", "ssim", "clip_i2i", "clip_score")  # higher = the mimic got closer to the original
+
+
+def damage(metric: str, value: float, baseline: float | None) -> float | None:
+    """How much worse than the purified clean baseline, positive when the protection hurts the mimic."""
+    if baseline is None or value is None or math.isnan(value) or math.isnan(baseline):
+        return None
+    base = metric.removesuffix("_ref").removesuffix("_pair")
+    return baseline - value if base in SIMILARITIES else value - baseline
+
+
+def purify_set(settings, source: Source, purification: str, encoded: dict, context: PurifyContext | None = None,
+               ) -> dict:
+    """Purify every image of one source set and commit the purified tar; returns counts and seconds."""
+    start = time.perf_counter()
+    unit = parse_purification(purification)
+    keys = sorted(encoded)
+    images = [adapter.decode(encoded[k][0]) for k in keys]
+    out = unit.apply(images, keys, seed=settings.seed, context=context or settings.purify_context())
+    store = StudyStore(settings.output, settings.s3)
+    store.write_purified(source, purification, dict(zip(keys, out)))
+    return {"source": source.id, "purification": purification, "images": len(keys),
+            "seconds": time.perf_counter() - start}
+
+
+class PurifyActor:
+    """Ray actor for model-based purifications: the context (models) is loaded once."""
+
+    def __init__(self, settings, threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.settings = settings
+        self.context = settings.purify_context()
+
+    def run(self, source: Source, purification: str, encoded: dict) -> dict:
+        return purify_set(self.settings, source, purification, encoded, self.context)
+
+
+class CellWorker:
+    """Ray actor: runs cells (one scenario's mimic on one purified set) and commits their rows."""
+
+    def __init__(self, settings, threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.s = settings
+        self.ev = settings.evaluation
+        self.metrics = adapter.metrics(self.ev)
+        self.mimics: dict[str, object] = {}
+        self.store = StudyStore(settings.output, settings.s3)
+
+    def mimic(self, scenario: str):
+        if scenario not in self.mimics:
+            self.mimics[scenario] = adapter.build_mimic(scenario, self.ev)
+        return self.mimics[scenario]
+
+    def run(self, cell: Cell, clean: dict, baseline: dict | None = None) -> dict:
+        """Compute and commit one cell. `clean`: key -> (encoded original, metadata JSON);
+        `baseline`: (setting, metric) -> value of the clean cell under the same purification."""
+        start = time.perf_counter()
+        purified = self.store.read_purified(cell.source, cell.purification)
+        keys = [k for k in sorted(purified) if k in clean]
+        images = [purified[k] for k in keys]
+        originals = {k: adapter.decode(clean[k][0]) for k in keys}
+        metas = [adapter.sample_meta(clean[k][1]) for k in keys]
+        prompts = [next((m[f] for f in ("prompt", "caption") if isinstance(m.get(f), str) and m[f].strip()),
+                        self.ev.prompt) for m in metas]
+        mimic = self.mimic(cell.scenario)
+        results = []  # (setting, metric, value, n, seconds)
+        samples: dict[str, np.ndarray] = {}
+        if adapter.is_training(cell.scenario):
+            with tempfile.TemporaryDirectory(prefix="mimicshield-study-") as tmp:
+                out, _ = adapter.run_training(mimic, images, "all", cell.source.id, tmp)
+            prompt = adapter.prompt_template(mimic).format(token="all")
+            refs = [originals[k] for k in keys]
+            for name, value in self.metrics.set_metrics(out.images, refs, prompt=prompt).items():
+                metric = "clip_i2i_ref" if name == "clip_i2i" else name
+                results.append((out.setting, metric, value, len(out.images), out.seconds))
+            samples = {k: img for k, img in zip(keys, out.images)}
+        else:
+            outputs = adapter.run_per_image(mimic, cell.scenario, images, keys, cell.source.id, prompts, metas)
+            for out in outputs:
+                refs = [originals[k] for k in out.keys]
+                for name, value in self.metrics.paired(out.images, refs, clip=True).items():
+                    results.append((out.setting, f"{name}_ref", value, len(out.keys), out.seconds))
+            if outputs:
+                last = outputs[-1]  # the strongest setting: what the sample grids show
+                samples = dict(zip(last.keys, last.images))
+        for key in keys[: self.s.samples]:
+            self.store.write_sample(cell, key, "in", purified[key])
+            if key in samples:
+                self.store.write_sample(cell, key, "out", samples[key])
+        cell_seconds = time.perf_counter() - start
+        unit = parse_purification(cell.purification)
+        rows = []
+        for setting, metric, value, n, seconds in results:
+            value = float(value)
+            base = value if cell.source.is_clean else (baseline or {}).get((setting, metric))
+            rows.append({
+                "method": cell.source.method, "eps": float(cell.source.eps), "purification": cell.purification,
+                "purification_name": unit.name, "strength": unit.param, "scenario": cell.scenario,
+                "setting": setting, "metric": metric, "value": value, "n_images": int(n),
+                "calibrated": adapter.calibrated(self.metrics, metric, self.ev.model), "seconds": float(seconds),
+                "cell_seconds": cell_seconds, "baseline": base,
+                "damage": 0.0 if cell.source.is_clean else damage(metric, value, base),
+            })
+        self.store.write_cell(cell, rows)  # the commit: the cell is done once this file exists
+        return {"cell": cell.id, "rows": len(rows), "images": len(keys), "seconds": time.perf_counter() - start}

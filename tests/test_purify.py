@@ -1,0 +1,93 @@
+"""Each purification on a real photo: shape, range, determinism with a seed, the parameter's direction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.purify import PurifyContext, parse_purification, parse_purifications
+
+# (name, weak, strong): the strong parameter must change the photo more than the weak one
+CPU_CASES = [("jpeg", 90, 20), ("resize", 1.5, 4), ("noise", 0.02, 0.1), ("blur", 0.5, 2),
+             ("quantize", 6, 2), ("tvm", 0.02, 0.2)]
+
+
+@pytest.fixture(scope="module")
+def photo(photos) -> np.ndarray:
+    img = photos["astronaut"][:384, 64:448]
+    return np.asarray(Image.fromarray(img).resize((64, 48), Image.BICUBIC))  # not square, not a multiple of 16
+
+
+@pytest.fixture(scope="module")
+def context() -> PurifyContext:
+    return PurifyContext(model="tiny", device="cpu", dtype="fp32", upscaler_steps=4, diffpure_steps=10)
+
+
+def mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+def run(spec: str, photo: np.ndarray, seed: int = 0, key: str = "k", context=None) -> np.ndarray:
+    (out,) = parse_purification(spec).apply([photo], [key], seed=seed, context=context)
+    assert out.shape == photo.shape and out.dtype == np.uint8
+    return out
+
+
+def test_specs_parse_and_refuse():
+    assert parse_purification("jpeg:75").spec == "jpeg:75"
+    assert parse_purification("jpeg").spec == "jpeg:75"  # the default parameter
+    assert parse_purification(" NOISE:0.05 ").spec == "noise:0.05"
+    assert [u.spec for u in parse_purifications("none,blur:2")] == ["none", "blur:2"]
+    for bad, reason in [("sharpen:1", "unknown purification"), ("jpeg:x", "not a number"), ("none:3", "no parameter"),
+                        ("jpeg:0", "quality"), ("quantize:2.5", "whole number"), ("diffpure:1.5", r"\(0, 1\]"),
+                        ("resize:0.5", ">= 1"), ("jpeg:75,jpeg:75", "twice")]:
+        with pytest.raises(ValueError, match=reason):
+            parse_purifications(bad)
+
+
+def test_none_is_the_identity(photo):
+    assert np.array_equal(run("none", photo), photo)
+
+
+@pytest.mark.parametrize("name,weak,strong", CPU_CASES)
+def test_cpu_purification(photo, name, weak, strong):
+    a = run(f"{name}:{weak}", photo)
+    b = run(f"{name}:{strong}", photo)
+    assert np.array_equal(a, run(f"{name}:{weak}", photo))  # deterministic for a seed and key
+    assert 0 < mse(a, photo) < mse(b, photo)  # changes the photo, more at the stronger setting
+
+
+def test_noise_is_seeded_per_image(photo):
+    same = run("noise:0.05", photo, seed=1, key="a")
+    assert np.array_equal(same, run("noise:0.05", photo, seed=1, key="a"))
+    assert not np.array_equal(same, run("noise:0.05", photo, seed=2, key="a"))
+    assert not np.array_equal(same, run("noise:0.05", photo, seed=1, key="b"))
+    assert abs(np.std(same.astype(float) - photo) / 255 - 0.05) < 0.01  # sigma in [0, 1] units
+
+
+def test_diffpure_denoises_more_with_larger_t(photo, context):
+    near = run("diffpure:0.02", photo, context=context)
+    assert np.array_equal(near, run("diffpure:0.02", photo, context=context))
+    # the further the latent is noised, the more the result depends on the noise (seed), the less on the image
+    def spread(t):
+        return mse(run(f"diffpure:{t}", photo, seed=1, context=context), run(f"diffpure:{t}", photo, seed=2, context=context))
+
+    assert spread(0.02) < spread(0.6)
+
+
+def test_impress_moves_further_with_more_steps(photo, context):
+    few = run("impress:2", photo, context=context)
+    assert np.array_equal(few, run("impress:2", photo, context=context))
+    assert np.array_equal(run("impress:0", photo, context=context), photo)
+    assert 0 < mse(few, photo) < mse(run("impress:20", photo, context=context), photo)
+
+
+def test_noisy_upscale_runs_the_x4_upscaler(photo, context):
+    from pipeline.purify.noisy_upscale import upscaler
+
+    pipe = upscaler(context)
+    assert type(pipe).__name__ == "StableDiffusionUpscalePipeline"
+    out = run("noisy_upscale:0.1", photo, context=context)
+    assert np.array_equal(out, run("noisy_upscale:0.1", photo, context=context))
+    assert not np.array_equal(out, run("noisy_upscale:0.1", photo, seed=3, context=context))  # the noise is seeded

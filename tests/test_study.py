@@ -1,0 +1,130 @@
+"""`mimicshield study`: the grid as data, damage signs, and a study end to end over moto S3 with a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+from pyarrow import fs as pafs
+
+from pipeline import tables
+from pipeline.study.grid import CLEAN, StudyGrid
+from pipeline.study.workers import damage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_grid_cells_are_unique_and_baselines_first():
+    grid = StudyGrid(methods=("sds-", "photoguard+eot"), eps=(4, 8), purifications=("none", "jpeg:75", "noise"),
+                     scenarios=("sdedit", "lora"))
+    cells = grid.cells()
+    assert len(cells) == (1 + 2 * 2) * 3 * 2 and len({c.id for c in cells}) == len(cells)
+    assert all(c.source == CLEAN for c in cells[: 3 * 2])  # the clean baseline cells come first
+    assert grid.purifications == ("none", "jpeg:75", "noise:0.05")  # normalised specs
+    assert {s.id for s in grid.protections} == {"sds-_eps4", "sds-_eps8", "photoguard+eot_eps4", "photoguard+eot_eps8"}
+    assert [s.eot for s in grid.protections] == [False, False, True, True]
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    (dict(methods=("nope",)), "unknown method"), (dict(purifications=("blur:-1",)), "sigma"),
+    (dict(scenarios=("dreambooth",)), "unknown scenario"), (dict(eps=(0,)), "eps"), (dict(eps=(4, 4)), "twice"),
+])
+def test_grid_refuses_bad_input(kwargs, reason):
+    with pytest.raises(ValueError, match=reason):
+        StudyGrid(**kwargs)
+
+
+def test_damage_is_positive_when_the_protection_hurts_the_mimic():
+    assert damage("psnr_ref", 20.0, 25.0) == 5.0  # similarity: lower than the baseline
+    assert damage("lpips_ref", 0.5, 0.2) == pytest.approx(0.3)  # distance: higher than the baseline
+    assert damage("kid", 0.1, 0.3) == pytest.approx(-0.2)
+    assert damage("ssim_ref", 0.5, None) is None
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+METHODS, EPS, PURIFICATIONS = ("sds-", "photoguard"), (4.0, 8.0), ("none", "jpeg:50", "noise:0.1")
+CELLS = (1 + len(METHODS) * len(EPS)) * len(PURIFICATIONS)  # the clean baseline + 4 protections, x 3, x sdedit
+
+
+def study_command(clean: str, output: str) -> list[str]:
+    return ["study", clean, output, "--model", "tiny", "--device", "cpu", "--methods", ",".join(METHODS),
+            "--eps", ",".join(f"{e:g}" for e in EPS), "--purifications", ",".join(PURIFICATIONS),
+            "--scenarios", "sdedit", "--steps", "2", "--step-size", "2", "--strengths", "0.3",
+            "--sdedit-modes", "one_step", "--samples", "1", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_study_over_s3_survives_a_kill(s3_server, s3_bucket, ray_local):
+    from pipeline.cli import main
+    from pipeline.sample_data import photo_samples, shard_bytes
+
+    s3 = boto3.client("s3", **s3_server)
+    samples = photo_samples(3, sizes=((64, 64),))
+    s3.put_object(Bucket=s3_bucket, Key="clean/shard-000000.tar", Body=shard_bytes(samples))
+    clean, output = f"s3://{s3_bucket}/clean/", f"s3://{s3_bucket}/study"
+    env = {**os.environ, "MIMICSHIELD_STUDY_KILL_AFTER_CELLS": "5", "PYTHONPATH": str(REPO)}
+    # first run: SIGKILLed by itself after 5 committed cells (no cleanup of any kind runs)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *study_command(clean, output)], env=env,
+                            cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        log, _ = proc.communicate(timeout=900)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the Ray processes it started
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL, log.decode()[-3000:]
+    fs = pafs.S3FileSystem(endpoint_override=s3_server["endpoint_url"], access_key="testing",
+                           secret_key="testing", region="us-east-1")
+    table_dir = f"{s3_bucket}/study/tables/robustness"
+
+    def cell_files():
+        infos = fs.get_file_info(pafs.FileSelector(table_dir, allow_not_found=True))
+        return sorted(i.path for i in infos if i.path.endswith(".parquet") and "/_" not in i.path)
+
+    first = cell_files()
+    assert 5 <= len(first) < CELLS
+    before = {p: fs.get_file_info(p).mtime for p in first}
+    # rerun the same command: only the missing cells are computed
+    assert main(study_command(clean, output)) == 0
+    files = cell_files()
+    assert len(files) == CELLS
+    assert {p: fs.get_file_info(p).mtime for p in first} == before  # committed cells were not redone
+    rows = []
+    for path in files:
+        tables.check_file(path, "robustness", filesystem=fs)
+        rows += pq.read_table(path, filesystem=fs).to_pylist()
+    cells = {(r["method"], r["eps"], r["purification"], r["scenario"]) for r in rows}
+    expected = {("none", 0.0, p, "sdedit") for p in PURIFICATIONS} | {
+        (m, e, p, "sdedit") for m in METHODS for e in EPS for p in PURIFICATIONS}
+    assert cells == expected
+    per_cell = {}
+    for r in rows:  # every (cell, setting, metric) exactly once
+        k = (r["method"], r["eps"], r["purification"], r["setting"], r["metric"])
+        per_cell[k] = per_cell.get(k, 0) + 1
+    assert set(per_cell.values()) == {1}
+    assert {r["metric"] for r in rows} >= {"psnr_ref", "ssim_ref", "lpips_ref"}
+    for r in rows:
+        assert r["n_images"] == 3 and r["baseline"] is not None and r["damage"] is not None
+        if r["method"] == "none":
+            assert r["damage"] == 0 and r["baseline"] == r["value"]
+        else:
+            base = next(b for b in rows if b["method"] == "none" and b["purification"] == r["purification"]
+                        and b["setting"] == r["setting"] and b["metric"] == r["metric"])
+            assert r["baseline"] == base["value"]
+    # protected once per (method, eps), purified sets and the report are there
+    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix="study/")
+            for o in page.get("Contents", [])}
+    assert {f"study/protected/{m}_eps{e:g}/shard-000000.tar" for m in METHODS for e in EPS} <= keys
+    assert len([k for k in keys if k.startswith("study/purified/") and k.endswith(".tar")]) == CELLS
+    assert "study/report.html" in keys and not [k for k in keys if "/_tmp-" in k]
+    report = s3.get_object(Bucket=s3_bucket, Key="study/report.html")["Body"].read().decode()
+    assert "protection retained" in report.lower() and report.count("data:image/png") >= 3  # heatmap, curves, samples
