@@ -106,9 +106,10 @@ def evaluate_vae(vae, images: torch.Tensor) -> dict:
     """Reconstruction of `images` (in [0, 1]) through the posterior mean: PSNR and SSIM."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
+    was_training = vae.training
     vae.eval()
     recon = (vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
-    vae.train()
+    vae.train(was_training)  # a frozen model (e.g. a shared test fixture) stays in eval mode
     return {"psnr": float(psnr(recon, images).mean()), "ssim": float(ssim(recon, images, data_range=1.0))}
 
 
