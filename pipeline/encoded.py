@@ -12,9 +12,10 @@ yields exactly one `ProtectResult`, written or failed, so every sample is accoun
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -56,9 +57,16 @@ def finish(
     seconds: float | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
+    jpeg_as: str = "jpeg",
 ) -> ProtectResult:
-    """Apply `delta` (pixel units, float or the int16 of `quantize`), encode, measure the written file."""
+    """Apply `delta` (pixel units, float or the int16 of `quantize`), encode, measure the written file.
+
+    JPEG sources are written as JPEG with their own tables (`jpeg_as="jpeg"`) or as PNG
+    (`jpeg_as="png"`: the budget then holds exactly). The L-inf reported is the written file's.
+    """
     res = ProtectResult(key=key)
+    if jpeg_as == "png" and image.format == "JPEG":
+        image = replace(image, format="PNG", jpeg_qtables=None, jpeg_subsampling=None)
     try:
         pixels = apply_perturbation(image, delta, eps)
         res.data = encode_image(image, pixels)
@@ -73,6 +81,8 @@ def finish(
         res.metrics["lpips"] = lpips(image.rgb, written)
     if image.format == "JPEG":
         res.warnings.append("JPEG output: lossy compression weakens the protection; prefer PNG or WebP")
+    if res.metrics["linf"] > math.floor(eps + 1e-6):
+        res.warnings.append(f"written L-inf {res.metrics['linf']:g} exceeds the budget {eps:g} after compression")
     if image.output_mode != image.mode:
         res.warnings.append(f"mode {image.mode} written as {image.output_mode}")
     if image.bits == 16 and image.gray16 is None:
@@ -87,6 +97,7 @@ def protect_encoded(
     prompts: list[str | None] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
+    jpeg_as: str = "jpeg",
 ) -> list[ProtectResult]:
     """Decode, protect, re-encode and measure a batch; one result per input, in order.
 
@@ -116,7 +127,8 @@ def protect_encoded(
     seconds_each = (time.perf_counter() - start) / len(idx)
     eps = protector.config.eps
     for i, delta in zip(idx, deltas):
-        results[i] = finish(keys[i], decoded[i], quantize(delta, eps), eps, seconds_each, max_pixels, lpips)
+        results[i] = finish(keys[i], decoded[i], quantize(delta, eps), eps, seconds_each, max_pixels, lpips,
+                            jpeg_as)
     return results
 
 

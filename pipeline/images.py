@@ -39,6 +39,8 @@ class DecodedImage:
     exif: bytes | None = None
     icc_profile: bytes | None = None
     bits: int = 8  # bits per sample in the file; Pillow decodes 16-bit RGB(A) PNGs to 8 bits
+    jpeg_qtables: dict | None = None  # JPEG sources: quantisation tables {index: 64 values}, written back
+    jpeg_subsampling: int | None = None  # JPEG sources: 0 (4:4:4), 1 (4:2:2), 2 (4:2:0); None: unknown
 
     @property
     def size(self) -> tuple[int, int]:
@@ -50,6 +52,8 @@ class DecodedImage:
         """The mode written back: the source mode where the format can hold a perturbation."""
         if self.gray16 is not None:
             return "I;16"
+        if self.mode in ("RGB", "L") and self.alpha is not None:
+            return self.mode + "A"  # a tRNS colour key: kept as an alpha channel (perturbed pixels break the key)
         if self.mode in ("RGB", "RGBA", "L", "LA"):
             return self.mode
         return "RGBA" if self.alpha is not None else "RGB"  # P, CMYK, ... become RGB(A)
@@ -85,13 +89,20 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         gray8 = np.rint(gray16 / 257.0).astype(np.uint8)
         rgb = np.repeat(gray8[..., None], 3, axis=2)
     else:
-        has_alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info)
+        has_alpha = mode in ("RGBA", "LA", "PA") or (mode in ("P", "RGB", "L") and "transparency" in img.info)
         if has_alpha:
             rgba = img.convert("RGBA")
             alpha = np.asarray(rgba)[..., 3].copy()
             rgb = np.asarray(rgba.convert("RGB"))
         else:
             rgb = np.asarray(img.convert("RGB"))
+    qtables = subsampling = None
+    if fmt == "JPEG":
+        from PIL import JpegImagePlugin
+
+        qtables = {int(k): list(v) for k, v in (getattr(img, "quantization", None) or {}).items()} or None
+        sampling = JpegImagePlugin.get_sampling(img)
+        subsampling = sampling if sampling in (0, 1, 2) else None
     return DecodedImage(
         rgb=np.ascontiguousarray(rgb, dtype=np.uint8),
         format=fmt,
@@ -101,6 +112,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         exif=img.info.get("exif"),
         icc_profile=img.info.get("icc_profile") if mode != "CMYK" else None,
         bits=bits,
+        jpeg_qtables=qtables,
+        jpeg_subsampling=subsampling,
     )
 
 
@@ -132,7 +145,11 @@ def apply_perturbation(image: DecodedImage, delta: np.ndarray, eps: float) -> np
 
 
 def encode_image(image: DecodedImage, pixels: np.ndarray, jpeg_quality: int = 95) -> bytes:
-    """Encode output pixels in the source format with its EXIF and ICC profile."""
+    """Encode output pixels in the source format with its EXIF and ICC profile.
+
+    JPEG: the source's quantisation tables and subsampling are kept (its quality, as Pillow's
+    ``quality="keep"``); `jpeg_quality` only when they are unknown.
+    """
     mode = image.output_mode
     if mode == "I;16":
         out = Image.fromarray(pixels.astype(np.uint16))
@@ -146,7 +163,11 @@ def encode_image(image: DecodedImage, pixels: np.ndarray, jpeg_quality: int = 95
         params["exif"] = image.exif
     if image.icc_profile:
         params["icc_profile"] = image.icc_profile
-    if fmt == "JPEG":
+    if fmt == "JPEG" and image.jpeg_qtables:
+        # the source's own tables and subsampling (what quality="keep" does for a JPEG Pillow opened)
+        tables = [image.jpeg_qtables[k] for k in sorted(image.jpeg_qtables)]
+        params.update(qtables=tables, subsampling=0 if image.jpeg_subsampling is None else image.jpeg_subsampling)
+    elif fmt == "JPEG":
         params.update(quality=jpeg_quality, subsampling=0)
     elif fmt == "WEBP":
         params.update(lossless=True, exact=True)  # lossless keeps the budget exact

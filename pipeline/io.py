@@ -19,8 +19,9 @@ S3 goes through `pyarrow.fs.S3FileSystem` with endpoint, region and credentials 
     ext     str    the image member's suffix ("png", "jpg", ...)
     meta    str    the sample's ``.json`` member as text, or None
 
-Shards are read with ``ray.data.read_webdataset(decoder=None)``: members stay bytes, so
-``.pkl``/``.pyd``/``.pt`` members are never unpickled (they are passed through untouched).
+Shards are read by `pipeline.webdataset` (whole-shard checks, safe names, every image member
+found, strict JSON; ``.tar.gz``/``.tgz`` too): members stay bytes, so ``.pkl``/``.pyd``/``.pt``
+members are never unpickled (they are passed through untouched).
 Everything under ``<root>/tables/`` (the Parquet tables of a run) is skipped by every listing.
 """
 
@@ -36,9 +37,9 @@ from urllib.parse import urlparse
 import pyarrow as pa
 from pyarrow import fs as pafs
 
-# image member suffixes, in the order one is picked when a sample holds several
-IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp", "gif")
-SHARD_SUFFIXES = (".tar",)
+from .webdataset import COMPRESSED_SUFFIXES, IMAGE_SUFFIXES, READER_FIELDS, FileReader, ShardReader
+
+SHARD_SUFFIXES = (".tar", *COMPRESSED_SUFFIXES)
 # members that would run code if deserialised: only ever carried as opaque bytes
 UNSAFE_SUFFIXES = ("pkl", "pickle", "pyd", "pt", "pth")
 TABLES_DIR = "tables"
@@ -173,14 +174,18 @@ def check_bucket(filesystem: pafs.FileSystem, path: str, uri: str) -> None:
 
 
 def _walk(filesystem: pafs.FileSystem, root: str, uri: str) -> list[pafs.FileInfo]:
+    """Files under `root` (tables/ and hidden entries skipped); local symlinks to nothing are kept
+    (reading them gives the sample's error row instead of a silent gap)."""
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as err:
         raise _explain(err, uri) from None
     skip = posixpath.join(root.rstrip("/"), TABLES_DIR) + "/"
+    local = isinstance(filesystem, pafs.LocalFileSystem)
     return [
         i for i in infos
-        if i.type == pafs.FileType.File and not i.path.startswith(skip)
+        if (i.type == pafs.FileType.File or (local and i.type == pafs.FileType.NotFound and os.path.islink(i.path)))
+        and not i.path.startswith(skip)
         and not any(part.startswith((".", "_")) for part in posixpath.relpath(i.path, root).split("/"))
     ]
 
@@ -235,8 +240,28 @@ def list_shards(filesystem: pafs.FileSystem, path: str, uri: str | None = None) 
 
 def list_images(filesystem: pafs.FileSystem, path: str, uri: str | None = None) -> list[str]:
     """Every image file under a folder, in a stable order (tables/ and hidden entries skipped)."""
+    return [i.path for i in image_infos(filesystem, path, uri)]
+
+
+def image_infos(filesystem: pafs.FileSystem, path: str, uri: str | None = None) -> list[pafs.FileInfo]:
+    """`list_images` with each file's size and mtime (what a unit's input identity covers)."""
     uri = uri or to_uri(filesystem, path)
-    return sorted(i.path for i in _walk(filesystem, path, uri) if _suffix(i.path) in IMAGE_SUFFIXES)
+    return sorted((i for i in _walk(filesystem, path, uri) if _suffix(i.path) in IMAGE_SUFFIXES), key=lambda i: i.path)
+
+
+def folder_key(path: str, root: str, same_stem: frozenset | set = frozenset()) -> str:
+    """Sample key of an image file: its relative path without suffix, or with it for the files in
+    `same_stem` (`same_stem_files`), so that ``a.png`` and ``a.jpg`` are two samples, two keys."""
+    rel = posixpath.relpath(path, root) if root else path
+    return rel if path in same_stem else posixpath.splitext(rel)[0]
+
+
+def same_stem_files(paths: list[str]) -> set[str]:
+    """The files that share their path-without-suffix with another file (usually none)."""
+    stems: dict[str, list[str]] = {}
+    for path in paths:
+        stems.setdefault(posixpath.splitext(path)[0], []).append(path)
+    return {p for group in stems.values() if len(group) > 1 for p in group}
 
 
 # ---------------------------------------------------------------- rows
@@ -255,63 +280,35 @@ MEMBER_FIELDS = [("member_names", pa.list_(pa.string())), ("member_data", pa.lis
 
 @dataclass
 class Normalizer:
-    """Turns read_webdataset / read_binary_files batches into rows of `SAMPLE_SCHEMA`."""
+    """The schema of sample rows (`SAMPLE_SCHEMA` + members + what the reader found)."""
 
     uri_prefix: str = ""  # "s3://" for S3 sources: `source` is always a URI
     root: str = ""  # folder root: keys are paths relative to it
     with_members: bool = False
 
     def schema(self) -> pa.Schema:
-        return pa.schema(list(SAMPLE_SCHEMA) + (MEMBER_FIELDS if self.with_members else []))
-
-    def shards(self, batch) -> pa.Table:
-        """A pandas batch of ``read_webdataset(decoder=None)`` rows (one bytes column per suffix)."""
-        rows = []
-        columns = [c for c in batch.columns if c not in ("__key__", "__url__", "path")]
-        for rec in batch.to_dict("records"):
-            members = {c: rec[c] for c in columns if isinstance(rec.get(c), (bytes, bytearray))}
-            ext = next((s for s in IMAGE_SUFFIXES if s in members), None)
-            meta = members.get("json")
-            row = {
-                "key": rec["__key__"],
-                "source": self.uri_prefix + str(rec.get("__url__") or rec.get("path")),
-                "image": bytes(members[ext]) if ext else None,
-                "ext": ext,
-                "meta": bytes(meta).decode("utf-8", errors="replace") if meta is not None else None,
-            }
-            if self.with_members:
-                rest = sorted(s for s in members if s != ext)
-                row["member_names"] = rest
-                row["member_data"] = [bytes(members[s]) for s in rest]
-            rows.append(row)
-        return pa.Table.from_pylist(rows, schema=self.schema())
-
-    def files(self, batch) -> pa.Table:
-        """A pandas batch of ``read_binary_files(include_paths=True)`` rows (bytes, path)."""
-        rows = []
-        for rec in batch.to_dict("records"):
-            rel = posixpath.relpath(rec["path"], self.root) if self.root else rec["path"]
-            stem, ext = posixpath.splitext(rel)
-            row = {"key": stem, "source": self.uri_prefix + rec["path"], "image": bytes(rec["bytes"]),
-                   "ext": ext.lower().lstrip("."), "meta": None}
-            if self.with_members:
-                row["member_names"], row["member_data"] = [], []
-            rows.append(row)
-        return pa.Table.from_pylist(rows, schema=self.schema())
+        return pa.schema(list(SAMPLE_SCHEMA) + (MEMBER_FIELDS + READER_FIELDS if self.with_members else []))
 
 
 def read_paths(filesystem: pafs.FileSystem, paths: list[str], kind: str, root: str = "", with_members: bool = False):
-    """A Ray Dataset of sample rows from explicit shard or image paths (in that order)."""
+    """A Ray Dataset of sample rows from explicit shard or image paths (in that order).
+
+    Shards: one read task per shard (`webdataset.ShardReader`); a shard that cannot be read whole
+    gives one row with a null key and stage ``read``. Folders: `webdataset.FileReader`.
+    """
     import ray
 
-    norm = Normalizer(
-        uri_prefix="s3://" if isinstance(filesystem, pafs.S3FileSystem) else "", root=root, with_members=with_members
-    )
+    prefix = "s3://" if isinstance(filesystem, pafs.S3FileSystem) else ""
+    full = Normalizer(uri_prefix=prefix, root=root, with_members=True).schema()
+    paths_ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths), 200)))
     if kind == "shards":
-        ds = ray.data.read_webdataset(paths, decoder=None, filesystem=filesystem, include_paths=True)
-        return ds.map_batches(norm.shards, batch_format="pandas", batch_size=64)
-    ds = ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True)
-    return ds.map_batches(norm.files, batch_format="pandas", batch_size=64)
+        ds = paths_ds.map_batches(ShardReader(filesystem, full, prefix), batch_size=1, batch_format="pyarrow")
+    else:
+        ds = paths_ds.map_batches(FileReader(filesystem, full, root, same_stem_files(paths), prefix), batch_size=16,
+                                  batch_format="pyarrow")
+    if not with_members:
+        ds = ds.select_columns(SAMPLE_SCHEMA.names)
+    return ds
 
 
 def read_samples(uri: str, s3_options: dict | None = None):

@@ -24,6 +24,7 @@ import posixpath
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -33,13 +34,17 @@ from tqdm import tqdm
 from . import tables
 from .images import DEFAULT_MAX_PIXELS
 from .io import (
-    InputError, TABLES_DIR, check_bucket, is_s3, list_images, list_shards, parse_uri, pattern_root,
+    InputError, TABLES_DIR, check_bucket, image_infos, is_s3, list_shards, parse_uri, pattern_root,
     public_s3_options, read_paths, split_uri,
 )
 from .models import ModelSpec
 from .protect import ProtectConfig, check_ensemble_method
+from .protect.engine import FASTPROTECT_METHODS
 from .records import RunRecord
-from .shards import UnitResult, clear_parts, commit_unit, committed, fault_point, first_unreadable, plan_units
+from .shards import (
+    UnitResult, clear_parts, commit_failed_unit, commit_unit, committed, fault_point, input_identity, plan_units,
+    read_markers, settings_diff,
+)
 
 FAULT_ENV = "MIMICSHIELD_FAULT_AFTER_UNITS"  # tests: fail after this many units were committed
 
@@ -62,6 +67,13 @@ class InjectedFault(RuntimeError):
     """Raised on purpose (FAULT_ENV) to test resuming after a crash."""
 
 
+class BadShard(InputError):
+    """--on-bad-shard fail: a shard that cannot be read whole stopped the run. str() names it and why."""
+
+
+BAD_SHARDS_EXIT = 3  # exit code: some input shard could not be read (skip: every other one is written)
+
+
 @dataclass
 class RunSettings:
     """One protect run, built once (CLI, config file or Python) and validated when built."""
@@ -77,6 +89,9 @@ class RunSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_size: int = 256  # files per unit for folder input
     progress: bool = True
+    on_bad_shard: str = "skip"  # a shard that cannot be read whole: "skip" (record it, go on) or "fail"
+    overwrite: bool = False  # reprocess every unit, whatever OUTPUT holds (else resume, same settings only)
+    jpeg_as: str = "jpeg"  # JPEG sources written as "jpeg" (source tables kept) or "png" (budget exact)
 
     def __post_init__(self):
         if not isinstance(self.config, ProtectConfig):
@@ -89,6 +104,24 @@ class RunSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.actors is not None and self.actors < 1:
             raise ValueError("--actors must be >= 1")
+        if self.on_bad_shard not in ("skip", "fail"):
+            raise ValueError(f"--on-bad-shard must be skip or fail, got {self.on_bad_shard!r}")
+        if self.jpeg_as not in ("jpeg", "png"):
+            raise ValueError(f"--jpeg-as must be jpeg or png, got {self.jpeg_as!r}")
+        if self.config.steps == 0 and self.config.method not in FASTPROTECT_METHODS:
+            raise ValueError(f"--steps 0 with {self.config.method} would write the PGD start ("
+                             f"{'random noise' if self.config.init == 'random' else 'the clean image'}) as protected; "
+                             "give --steps >= 1")
+
+    def fingerprint(self) -> dict:
+        """Everything that changes the bytes a unit's outputs hold (recorded in each unit's marker)."""
+        c = self.config
+        return {"method": c.method, "eps": float(c.eps), "step_size": float(c.step_size), "steps": int(c.steps),
+                "init": c.init, "seed": int(c.seed), "prompt": c.prompt, "target": c.target,
+                "resolution": c.resolution, "mist_weight": float(c.mist_weight), "sdst_rate": float(c.sdst_rate),
+                "eot": c.eot, "eot_samples": int(c.eot_samples), **{k: c.extra[k] for k in sorted(c.extra)},
+                "model": self.model.model, "revision": self.model.revision, "dtype": self.model.dtype,
+                "jpeg_as": self.jpeg_as, "jpeg_quality": "keep"}
 
     def cpu_batch_size(self) -> int:
         """Rows per decode / encode task: a few protection batches (task overhead amortised)."""
@@ -112,6 +145,8 @@ class RunSummary:
     driver_bytes: int = 0  # Arrow bytes of the result rows the driver received (no image bytes)
     writer_nodes: dict = field(default_factory=dict)  # Ray node id -> samples written from it
     assembler_nodes: dict = field(default_factory=dict)  # Ray node id -> shards assembled on it
+    shards_failed: int = 0  # shards that could not be read whole (errors rows, stage read; retried on rerun)
+    notes: list = field(default_factory=list)  # warnings and error reasons, grouped with counts
 
     @property
     def images_per_second(self) -> float:
@@ -128,6 +163,10 @@ class RunSummary:
             f"  protected {'shards' if self.kind == 'shards' else 'files'}: {out}/",
             f"  tables:  {out}/{TABLES_DIR}/protect_metrics/  {out}/{TABLES_DIR}/errors/  {out}/{TABLES_DIR}/runs/",
         ]
+        if self.shards_failed:
+            lines.append(f"  {self.shards_failed} shard(s) could not be read and were skipped; fix them and rerun "
+                         f"the same command to process only those (exit code {BAD_SHARDS_EXIT})")
+        lines += [f"  {note}" for note in self.notes]
         if self.errors:
             lines.append(f"  why samples failed: {out}/{TABLES_DIR}/errors/ (columns key, source, stage, reason)")
         return "\n".join(lines)
@@ -170,10 +209,12 @@ def preflight(s: RunSettings) -> Plan:
     in_fs, in_path, kind = parse_uri(s.input, s.s3)
     if kind == "shards":
         paths, root = list_shards(in_fs, in_path, s.input), pattern_root(in_path)  # a .tar path: its folder
+        identity = {i.path: input_identity(i) for i in in_fs.get_file_info(paths)}
     else:
         if in_fs.get_file_info(in_path).type.name == "NotFound":
             raise InputError(f"input not found: {s.input}")
-        paths, root = list_images(in_fs, in_path, s.input), in_path
+        infos, root = image_infos(in_fs, in_path, s.input), in_path
+        paths, identity = [i.path for i in infos], {i.path: input_identity(i) for i in infos}
     if not paths:
         raise InputError(f"no {'shards' if kind == 'shards' else 'images'} found at {s.input}")
     out_fs, out_root = split_uri(s.output, s.s3)
@@ -186,11 +227,26 @@ def preflight(s: RunSettings) -> Plan:
         inside = posixpath.normpath(out_root) + "/"
         paths = [p for p in paths if not p.startswith(inside)]  # OUTPUT inside INPUT: never protect our own outputs
     units = plan_units(kind, paths, root, out_root, s.chunk_size)
+    for unit in units:
+        unit.identity = [identity.get(p, "") for p in unit.inputs]
     try:
-        done = committed(out_fs, out_root, units)
+        markers = read_markers(out_fs, out_root, units)
     except OSError as err:
         raise InputError(f"cannot read {s.output}: {str(err).splitlines()[0]}") from None
+    done = set() if s.overwrite else committed(out_fs, out_root, units, markers)
+    if not s.overwrite:
+        check_same_settings(markers, s.fingerprint(), s.output)
     return Plan(kind=kind, in_fs=in_fs, in_root=root, out_fs=out_fs, out_root=out_root, units=units, done=done)
+
+
+def check_same_settings(markers: dict, current: dict, output: str) -> None:
+    """Refuse to resume into an OUTPUT whose units were written with other settings (one message)."""
+    for marker in markers.values():
+        diff = settings_diff(marker.get("settings"), current)
+        if diff:
+            raise InputError(f"{output} holds {len(markers)} unit(s) written with other settings ({'; '.join(diff)}); "
+                             "rerun with the same options to resume, use another OUTPUT, or add --overwrite to "
+                             "reprocess everything")
 
 
 # ---------------------------------------------------------------- Ray
@@ -248,9 +304,9 @@ def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord):
     spec = s.model.on("cuda") if (s.model.device == "auto" and "num_gpus" in options) else s.model
     ds = ds.map_batches(ProtectActor, fn_constructor_kwargs={"model": spec, "config": s.config, "threads": threads},
                         batch_format="pyarrow", batch_size=s.batch_size, **options)
-    ds = ds.map_batches(Encoder(s.config.eps, s.max_pixels, s.config.extra.get("lpips_weights")), **cpu)
+    ds = ds.map_batches(Encoder(s.config.eps, s.max_pixels, s.config.extra.get("lpips_weights"), s.jpeg_as), **cpu)
     writer = Writer(plan.kind, plan.out_fs, plan.out_root, {u.id: u.output for u in pending}, run.sample_params(),
-                    run.run_id)
+                    run.run_id, plan.in_root)
     ds = ds.map_batches(writer, **cpu)  # same resources as the Encoder: fused into the same tasks
     return ds, device
 
@@ -291,12 +347,19 @@ class _Receiver:
     assemble: object
     progress: bool = True
     fault_after: int = 0
+    settings: object = None  # RunSettings (bad-shard policy, the fingerprint written into each marker)
+    log: object = print
 
     def __post_init__(self):
         self.order = {u.id: i for i, u in enumerate(self.pending)}
         self.position = 0  # index in `pending` of the next unit to commit
         self.open: dict[str, UnitResult] = {}
-        self.counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0}
+        self.failed: dict[str, str] = {}  # unit id -> why its shard could not be read
+        self.counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0, "shards_failed": 0}
+        self.warnings: Counter = Counter()  # warning text -> samples
+        self.over_budget: list[float] = []  # written L-inf of outputs above the budget (lossy formats)
+        self.reasons: Counter = Counter()  # error reason -> samples
+        self.fingerprint = self.settings.fingerprint() if self.settings is not None else None
         self.writer_nodes: dict[str, int] = {}
         self.bar = tqdm(total=len(self.pending), unit="shard" if self.plan.kind == "shards" else "chunk",
                         desc="committed", disable=not self.progress, file=sys.stderr)
@@ -307,8 +370,12 @@ class _Receiver:
             raise RuntimeError(f"internal: sample {row['key']} of {row['unit']} arrived after its unit was committed")
         self.commit_through(idx)  # rows arrive in input order: every unit before this one is complete
         res = self.open.setdefault(row["unit"], UnitResult(self.pending[idx]))
+        if row["key"] is None:  # the reader could not read this shard whole: what came before it is dropped
+            self.failed[row["unit"]] = row["reason"] or "unreadable"
+            return
         res.counts.samples += 1
         if row["stage"]:
+            self.reasons[row["reason"] or "unknown"] += 1
             res.counts.errors += 1
             res.errors.append({"key": row["key"], "source": row["source"], "stage": row["stage"],
                                "reason": row["reason"] or "unknown", "run_id": self.run.run_id})
@@ -323,14 +390,44 @@ class _Receiver:
         measured = {k: row[k] for k in ("width", "height", "linf", "psnr", "ssim", "lpips", "seconds", "device",
                                         "warnings")}
         res.metrics.append(self.run.metric_row(row["key"], row["source"], row["output"], row["format"], measured))
+        self.note(measured)
+        for more in json.loads(row["more_metrics"]) if row.get("more_metrics") else []:  # other image members
+            fmt = more.pop("format")
+            extra = {**measured, **more}
+            res.metrics.append(self.run.metric_row(row["key"], row["source"], row["output"], fmt, extra))
+            self.note(extra)
+
+    def note(self, measured: dict) -> None:
+        for warning in (measured.get("warnings") or "").split("; "):
+            if "exceeds the budget" in warning:
+                self.over_budget.append(measured["linf"])
+            elif warning:
+                self.warnings[warning] += 1
+
+    def notes(self, eps: float, first: int = 3) -> list[str]:
+        """The terminal's summary of warnings and error reasons, grouped with counts."""
+        out = []
+        if self.over_budget:
+            out.append(f"{len(self.over_budget)} JPEG output(s) exceed the budget after compression: max L-inf "
+                       f"{max(self.over_budget):g} > {eps:g} (--jpeg-as png keeps it exact)")
+        out += [f"{n} sample(s): {text}" for text, n in self.warnings.most_common()]
+        for reason, n in self.reasons.most_common(first):
+            out.append(f"{n} error(s): {reason}")
+        if len(self.reasons) > first:
+            out.append(f"... and {len(self.reasons) - first} other error reason(s)")
+        return out
 
     def commit_through(self, last: int) -> None:
         """Commit pending[position:last] (units with no rows at all are committed empty)."""
         while self.position < last:
             unit = self.pending[self.position]
             result = self.open.pop(unit.id, None) or UnitResult(unit)
+            if unit.id in self.failed:
+                self.commit_failed(result, self.failed[unit.id])
+                self.position += 1
+                continue
             c = commit_unit(self.plan.out_fs, self.plan.out_root, self.plan.kind, result, self.run.run_id,
-                            assemble=self.assemble)
+                            assemble=self.assemble, settings=self.fingerprint)
             self.position += 1
             self.counts["units_done"] += 1
             self.counts["samples_in"] += c.samples
@@ -340,6 +437,22 @@ class _Receiver:
             self.bar.set_postfix(samples=self.counts["samples_in"], errors=self.counts["errors"])
             if self.fault_after and self.counts["units_done"] >= self.fault_after:
                 raise InjectedFault(f"{FAULT_ENV}={self.fault_after}: stopping after {self.fault_after} units")
+
+    def commit_failed(self, result: UnitResult, reason: str) -> None:
+        """A shard that could not be read whole: one errors row (stage read, empty key), no output, no
+        marker (a rerun retries it); the samples read before the failure are dropped with their parts."""
+        failed = UnitResult(result.unit, errors=[{"key": "", "source": self.plan_uri(result.unit.inputs[0]), "stage": "read",
+                                                  "reason": reason, "run_id": self.run.run_id}])
+        commit_failed_unit(self.plan.out_fs, self.plan.out_root, failed)
+        self.counts["shards_failed"] += 1
+        self.log(f"mimicshield: {reason}")
+        if self.settings is not None and self.settings.on_bad_shard == "fail":
+            raise BadShard(f"{reason} (--on-bad-shard fail: stopped; shards before it are kept)")
+
+    def plan_uri(self, path: str) -> str:
+        from .io import to_uri
+
+        return to_uri(self.plan.in_fs, path)
 
 
 def run_protect(s: RunSettings, log=print) -> RunSummary:
@@ -352,7 +465,7 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
     pending = [u for u in plan.units if u.id not in plan.done]
     if plan.done:
         log(f"resuming: {len(plan.done)} of {len(plan.units)} units already done in {s.output}, skipping them")
-    counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0}
+    counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0, "shards_failed": 0}
     device, failure, driver_bytes, receiver, assembled_on = "-", None, 0, None, []
     try:
         if pending:
@@ -361,7 +474,7 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
             ensure_ray(s.address)
             ds, device = build_dataset(s, plan, pending, run)
             receiver = _Receiver(plan, run, pending, remote_assembler(assembled_on), s.progress,
-                                 int(os.environ.get(FAULT_ENV, "0") or 0))
+                                 int(os.environ.get(FAULT_ENV, "0") or 0), settings=s, log=log)
             counts = receiver.counts
             batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
             try:
@@ -376,12 +489,6 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
                     batches.close()  # stops the streaming executor and its actors now, not at GC
     except BaseException as err:
         failure = short_error(err)
-        if plan.kind == "shards" and "ReadError" in failure and pending:
-            left = pending[receiver.position if receiver else 0 :]
-            bad = first_unreadable(plan.in_fs, left)
-            if bad:
-                failure = f"cannot read shard {bad} ({failure}); remove or repair it and rerun to resume"
-                raise InputError(failure) from err
         raise
     finally:
         seconds = time.perf_counter() - t0
@@ -389,12 +496,14 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
     return RunSummary(run_id=run.run_id, input=s.input, output=s.output, kind=plan.kind, units_total=len(plan.units),
                       units_skipped=len(plan.done), seconds=seconds, device=device, driver_bytes=driver_bytes,
                       writer_nodes=dict(receiver.writer_nodes) if receiver else {},
-                      assembler_nodes={n: assembled_on.count(n) for n in set(assembled_on)}, **counts)
+                      assembler_nodes={n: assembled_on.count(n) for n in set(assembled_on)},
+                      notes=receiver.notes(s.config.eps) if receiver else [], **counts)
 
 
 def _write_run_row(s: RunSettings, plan: Plan, run: RunRecord, started, seconds: float, counts: dict, failure) -> None:
     config = run.config_json(
         batch_size=s.batch_size, actors=s.actors, max_pixels=s.max_pixels, chunk_size=s.chunk_size,
+        on_bad_shard=s.on_bad_shard, overwrite=s.overwrite, jpeg_as=s.jpeg_as,
         s3=public_s3_options(s.s3) if (is_s3(s.input) or is_s3(s.output)) else None,
     )
     row = {

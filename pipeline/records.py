@@ -51,4 +51,4 @@ class RunRecord:
     def config_json(self, **run_options) -> str:
         return json.dumps({"protect": self.config.to_dict(), "model": self.model.to_dict(),
                            "models": self.model.model_ids, **run_options},
-                          sort_keys=True)
+                          sort_keys=True, allow_nan=False)

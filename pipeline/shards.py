@@ -22,7 +22,10 @@ measurements) and commits each unit in input order with `commit_unit`:
     2. tables   protect_metrics and errors rows of the unit
     3. marker   the unit's id, input fingerprint and counts: "all of it is there"
 
-Resume: a unit whose marker exists for the same inputs (`Unit.fingerprint`) is skipped. A crash
+Resume: a unit whose marker exists for the same inputs (`Unit.fingerprint`: paths, sizes, mtimes)
+is skipped. Each marker also records the run's *settings fingerprint* (`RunSettings.fingerprint`:
+everything that changes the bytes written); `settings_diff` names what differs when a rerun uses
+other settings (the run refuses unless --overwrite). A crash
 (``kill -9`` included) anywhere before the marker leaves files that the rerun rewrites under the
 same names, and staging parts that the rerun deletes first: no duplicate, nothing missing.
 
@@ -39,6 +42,7 @@ it raises `CommitFault` there (tests only). The points, in order:
 from __future__ import annotations
 
 import bisect
+import gzip
 import hashlib
 import json
 import os
@@ -75,10 +79,26 @@ class Unit:
     id: str  # flat, deterministic: names the unit's table files and marker
     inputs: list[str]  # input paths on the input filesystem
     output: str  # output shard path (shards) or output root (folder)
+    identity: list[str] | None = None  # per input "size mtime" (planning's listing): a replaced input is new
 
     def fingerprint(self) -> str:
         """What the marker records about the inputs; a unit is done only for the same fingerprint."""
-        return hashlib.sha256("\n".join(self.inputs).encode()).hexdigest()[:16]
+        parts = self.inputs if self.identity is None else [f"{p}\t{i}" for p, i in zip(self.inputs, self.identity)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def input_identity(info) -> str:
+    """What identifies an input file's content cheaply: its size and modification time (S3: LastModified)."""
+    mtime = info.mtime_ns if info.mtime_ns is not None else ""
+    return f"{info.size} {mtime}"
+
+
+def settings_diff(recorded: dict | None, current: dict) -> list[str]:
+    """'name: recorded -> current' for each setting that differs (a marker without settings: all)."""
+    if recorded is None:
+        return ["settings: not recorded (written by an older version)"]
+    return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(recorded) | set(current))
+            if recorded.get(k) != current.get(k)]
 
 
 def _flat(rel: str) -> str:
@@ -131,19 +151,23 @@ def marker_path(out_root: str, unit_id: str) -> str:
     return posixpath.join(out_root, TABLES_DIR, MARKER_DIR, f"{unit_id}.json")
 
 
-def committed(out_fs: pafs.FileSystem, out_root: str, units: list[Unit]) -> set[str]:
-    """Ids of units that an earlier run finished (marker present, same inputs)."""
+def read_markers(out_fs: pafs.FileSystem, out_root: str, units: list[Unit]) -> dict[str, dict]:
+    """The markers of `units` an earlier run wrote, by unit id."""
     root = posixpath.join(out_root, TABLES_DIR, MARKER_DIR)
     infos = out_fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     present = {posixpath.basename(i.path)[: -len(".json")] for i in infos if i.path.endswith(".json")}
-    done = set()
+    markers = {}
     for unit in units:
         if unit.id in present:
             with out_fs.open_input_stream(marker_path(out_root, unit.id)) as f:
-                marker = json.loads(f.read())
-            if marker.get("inputs_digest") == unit.fingerprint():
-                done.add(unit.id)
-    return done
+                markers[unit.id] = json.loads(f.read())
+    return markers
+
+
+def committed(out_fs: pafs.FileSystem, out_root: str, units: list[Unit], markers: dict | None = None) -> set[str]:
+    """Ids of units that an earlier run finished (marker present, same inputs)."""
+    markers = read_markers(out_fs, out_root, units) if markers is None else markers
+    return {u.id for u in units if u.id in markers and markers[u.id].get("inputs_digest") == u.fingerprint()}
 
 
 def write_bytes(out_fs: pafs.FileSystem, path: str, data: bytes | None = None, local_file: str | None = None) -> None:
@@ -167,10 +191,15 @@ def write_bytes(out_fs: pafs.FileSystem, path: str, data: bytes | None = None, l
 
 
 def same_suffix(orig: str | None, new: str) -> str:
-    """The member suffix to write: the original one when the format did not change."""
-    if orig and SAME_FORMAT.get(orig, orig) == SAME_FORMAT.get(new, new):
+    """The member suffix to write: the original one (``JPG``, ``thumb.jpeg``) when the format did not
+    change, else the original with its last part replaced (``thumb.jpg`` written as PNG: ``thumb.png``)."""
+    if not orig:
+        return new
+    head, _, last = orig.rpartition(".")
+    low = last.lower()
+    if SAME_FORMAT.get(low, low) == SAME_FORMAT.get(new, new):
         return orig
-    return new
+    return f"{head}.{new}" if head else new
 
 
 # ---------------------------------------------------------------- tar parts
@@ -180,15 +209,17 @@ TAR_END = b"\0" * (2 * TAR_BLOCK)  # end-of-archive marker
 
 
 def tar_members(key: str, members: list[tuple[str, bytes]]) -> bytes:
-    """One sample's members as tar blocks (USTAR header + data + padding), deterministic bytes.
+    """One sample's members as tar blocks (header + data + padding), deterministic bytes.
 
-    Concatenating such runs and adding `tar_end(size)` gives the same file as tarfile would.
+    PAX format: a plain USTAR header for ordinary names, plus a PAX extended header where a name
+    is longer than USTAR holds (> 100 characters) or not ASCII. Concatenating such runs and
+    adding `tar_end(size)` gives the same file as tarfile would.
     """
     out = bytearray()
     for suffix, data in members:
         info = tarfile.TarInfo(f"{key}.{suffix}")
         info.size, info.mtime, info.mode = len(data), 0, 0o644
-        out += info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+        out += info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         out += data
         out += b"\0" * (-len(data) % TAR_BLOCK)
     return bytes(out)
@@ -226,8 +257,11 @@ def assemble_shard(out_fs: pafs.FileSystem, parts: list[str], path: str) -> int:
 
     Runs in a worker task (stages.assemble_task). Local output: the first part is extended in
     place and renamed (no copy); object stores: one streamed upload, visible once complete.
+    A ``.tar.gz`` / ``.tgz`` shard is written gzip-compressed (returns the uncompressed size).
     """
     out_fs.create_dir(posixpath.dirname(path), recursive=True)
+    if path.endswith((".tar.gz", ".tgz")):
+        return _assemble_gzip(out_fs, parts, path)
     if isinstance(out_fs, pafs.LocalFileSystem) and parts:
         first, size = parts[0], os.path.getsize(parts[0])
         with open(first, "ab") as out:
@@ -249,6 +283,22 @@ def assemble_shard(out_fs: pafs.FileSystem, parts: list[str], path: str) -> int:
             with out_fs.open_input_stream(part) as f:
                 size += _copy(f, out)
         out.write(tar_end(size))
+    return size + len(tar_end(size))
+
+
+def _assemble_gzip(out_fs: pafs.FileSystem, parts: list[str], path: str) -> int:
+    local = isinstance(out_fs, pafs.LocalFileSystem)
+    target = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp") \
+        if local else path
+    size = 0
+    with out_fs.open_output_stream(target, compression=None) as raw, \
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
+        for part in parts:
+            with out_fs.open_input_stream(part) as f:
+                size += _copy(f, out)
+        out.write(tar_end(size))
+    if local:
+        out_fs.move(target, path)
     return size + len(tar_end(size))
 
 
@@ -302,17 +352,28 @@ def write_unit_tables(out_fs: pafs.FileSystem, out_root: str, result: UnitResult
         tables.write_table(rows, name, posixpath.join(table_root, name), out_fs, basename=result.unit.id)
 
 
-def write_marker(out_fs: pafs.FileSystem, out_root: str, result: UnitResult, run_id: str) -> None:
-    """Step 3, last: the marker that makes the unit count as done (`committed`)."""
+def write_marker(out_fs: pafs.FileSystem, out_root: str, result: UnitResult, run_id: str,
+                 settings: dict | None = None) -> None:
+    """Step 3, last: the marker that makes the unit count as done (`committed`), with the settings
+    fingerprint of the run that wrote it (`settings_diff` compares a rerun's with it)."""
     unit, c = result.unit, result.counts
     marker = {"unit": unit.id, "inputs_digest": unit.fingerprint(), "inputs": len(unit.inputs),
               "output": to_uri(out_fs, unit.output), "run_id": run_id,
-              "samples": c.samples, "written": c.written, "errors": c.errors}
-    write_bytes(out_fs, marker_path(out_root, unit.id), json.dumps(marker).encode())
+              "samples": c.samples, "written": c.written, "errors": c.errors, "settings": settings}
+    write_bytes(out_fs, marker_path(out_root, unit.id), json.dumps(marker, allow_nan=False).encode())
+
+
+def commit_failed_unit(out_fs: pafs.FileSystem, out_root: str, result: UnitResult) -> None:
+    """A shard that could not be read whole: its errors row only; no output, no marker (a rerun retries it)."""
+    write_unit_tables(out_fs, out_root, result)
+    try:
+        out_fs.delete_dir(parts_dir(out_root, result.unit.id))  # parts of samples read before the failure
+    except (FileNotFoundError, OSError):
+        pass
 
 
 def commit_unit(out_fs: pafs.FileSystem, out_root: str, kind: str, result: UnitResult, run_id: str,
-                assemble=assemble_here) -> UnitCounts:
+                assemble=assemble_here, settings: dict | None = None) -> UnitCounts:
     """Commit one finished unit: output, then tables, then marker (see module doc).
 
     `assemble(out_fs, result)` builds a shard from its parts; the pipeline passes one that runs
@@ -324,7 +385,7 @@ def commit_unit(out_fs: pafs.FileSystem, out_root: str, kind: str, result: UnitR
     fault_point("output-written", result.unit.id)
     write_unit_tables(out_fs, out_root, result)
     fault_point("tables-written", result.unit.id)
-    write_marker(out_fs, out_root, result, run_id)
+    write_marker(out_fs, out_root, result, run_id, settings)
     if kind == "shards":
         try:
             out_fs.delete_dir(parts_dir(out_root, result.unit.id))  # also any part of a retried task
@@ -332,18 +393,4 @@ def commit_unit(out_fs: pafs.FileSystem, out_root: str, kind: str, result: UnitR
             pass
     fault_point("committed", result.unit.id)
     return result.counts
-
-
-def first_unreadable(in_fs: pafs.FileSystem, units: list[Unit], limit: int = 16) -> str | None:
-    """After a read failure: the first of `units` (at most `limit`) whose tar cannot be read through."""
-    for unit in units[:limit]:
-        path = unit.inputs[0]
-        try:
-            with in_fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
-                    if member.isfile():
-                        tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError):
-            return to_uri(in_fs, path)
-    return None
 

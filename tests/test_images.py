@@ -134,7 +134,7 @@ def test_palette_with_transparency_becomes_rgba_with_alpha_kept():
 
 def test_jpeg_keeps_format_size_and_exif_orientation():
     rgb = random_rgb(32, 48)
-    data = encode(Image.fromarray(rgb), "JPEG", quality=95, exif=exif_with_orientation(6))
+    data = encode(Image.fromarray(rgb), "JPEG", quality=95, subsampling=0, exif=exif_with_orientation(6))  # tables kept
     src, out, back = roundtrip(data, eps=8.0)
     written = Image.open(io.BytesIO(out))
     assert written.format == "JPEG" and written.mode == "RGB"

@@ -27,7 +27,6 @@ from pipeline.shards import (
     UnitResult,
     commit_unit,
     committed,
-    first_unreadable,
     marker_path,
     part_path,
     parts_dir,
@@ -204,25 +203,3 @@ def test_same_suffix_keeps_the_original_spelling_of_the_same_format():
     assert same_suffix("tiff", "tif") == "tiff"
     assert same_suffix("gif", "png") == "png"
     assert same_suffix(None, "png") == "png"
-
-
-def test_first_unreadable_names_the_bad_shard(tmp_path):
-    good, bad = tmp_path / "good.tar", tmp_path / "bad.tar"
-    good.write_bytes(shard_bytes([{"__key__": "a", "png": b"x"}]))
-    data = shard_bytes([{"__key__": "b", "png": b"y" * 4096}])
-    bad.write_bytes(data[:2000])  # truncated inside the member (header 512 bytes, data 4096)
-    units = [Unit("good", [str(good)], ""), Unit("bad", [str(bad)], "")]
-    assert first_unreadable(LOCAL, units) == str(bad)
-    assert first_unreadable(LOCAL, units[:1]) is None
-    # at most `limit` units are read through (16 by default): a bad 17th is not looked at
-    assert first_unreadable(LOCAL, [units[0]] * 16 + [units[1]]) is None
-    assert first_unreadable(LOCAL, [units[0]] * 15 + [units[1]]) == str(bad)
-
-
-def test_first_unreadable_names_an_s3_shard_by_its_uri(s3_server, s3_bucket):
-    import boto3
-
-    boto3.client("s3", **s3_server).put_object(Bucket=s3_bucket, Key="in/bad.tar", Body=b"not a tar" * 100)
-    s3 = pafs.S3FileSystem(endpoint_override=s3_server["endpoint_url"].split("//")[1], scheme="http",
-                           region="us-east-1", access_key="testing", secret_key="testing")
-    assert first_unreadable(s3, [Unit("bad", [f"{s3_bucket}/in/bad.tar"], "")]) == f"s3://{s3_bucket}/in/bad.tar"

@@ -111,6 +111,14 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                    help="refuse larger images before decoding (decompression bombs; default 64e6)")
     r.add_argument("--chunk-size", type=int, default=256, help="files per resumable unit for folder input (default 256)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--on-bad-shard", choices=["skip", "fail"], default="skip",
+                   help="a shard that cannot be read whole (truncated, empty, corrupt, not a tar): skip records it "
+                   "(errors row, stage read) and writes every other shard, exit code 3; fail stops there (default skip)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="reprocess every unit even if OUTPUT holds finished ones (needed to change settings there)")
+    r.add_argument("--jpeg-as", choices=["jpeg", "png"], default="jpeg",
+                   help="JPEG inputs: written as JPEG with the source's tables (L-inf may exceed --eps after "
+                   "compression; reported) or as PNG under the same key (the budget holds exactly) (default jpeg)")
 
 
 def load_config_file(path: str) -> dict:
@@ -179,7 +187,8 @@ def settings_from_args(args: argparse.Namespace):
     return RunSettings(
         input=str(args.input), output=str(args.output), config=config_from_args(args), model=model_from_args(args),
         batch_size=args.batch_size, actors=args.actors, address=args.address, s3=s3, max_pixels=args.max_pixels,
-        chunk_size=args.chunk_size, progress=not args.no_progress,
+        chunk_size=args.chunk_size, progress=not args.no_progress, on_bad_shard=args.on_bad_shard,
+        overwrite=bool(args.overwrite), jpeg_as=args.jpeg_as,
     )
 
 
@@ -195,11 +204,14 @@ def parse_settings(argv: list[str]):
 def run(args: argparse.Namespace) -> int:
     from ..io import InputError
     from ..models import ModelLoadError
-    from ..ray_pipeline import run_protect
+    from ..ray_pipeline import BAD_SHARDS_EXIT, BadShard, run_protect
 
     try:
         settings = settings_from_args(args)
         summary = run_protect(settings, log=lambda msg: print(msg, file=sys.stderr))
+    except BadShard as err:  # --on-bad-shard fail
+        print(f"mimicshield: error: {err}", file=sys.stderr)
+        return BAD_SHARDS_EXIT
     except (ModelLoadError, InputError, ValueError, FileNotFoundError) as err:
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
@@ -211,4 +223,4 @@ def run(args: argparse.Namespace) -> int:
               "input and rerun the same command to resume.", file=sys.stderr)
         return 1
     print(summary)
-    return 0
+    return BAD_SHARDS_EXIT if summary.shards_failed else 0
