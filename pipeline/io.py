@@ -181,13 +181,21 @@ def _walk(filesystem: pafs.FileSystem, root: str, uri: str) -> list[pafs.FileInf
     except OSError as err:
         raise _explain(err, uri) from None
     skip = posixpath.join(root.rstrip("/"), TABLES_DIR) + "/"
-    local = isinstance(filesystem, pafs.LocalFileSystem)
+    if isinstance(filesystem, pafs.LocalFileSystem):  # pyarrow's listing leaves dangling symlinks out
+        infos = list(infos) + [pafs.FileInfo(p, pafs.FileType.NotFound) for p in _dangling_links(root)]
     return [
         i for i in infos
-        if (i.type == pafs.FileType.File or (local and i.type == pafs.FileType.NotFound and os.path.islink(i.path)))
-        and not i.path.startswith(skip)
+        if i.type in (pafs.FileType.File, pafs.FileType.NotFound) and not i.path.startswith(skip)
         and not any(part.startswith((".", "_")) for part in posixpath.relpath(i.path, root).split("/"))
     ]
+
+
+def _dangling_links(root: str) -> list[str]:
+    """Local symlinks under `root` whose target does not exist."""
+    out = []
+    for folder, dirs, files in os.walk(root):
+        out += [p for name in files + dirs if os.path.islink(p := os.path.join(folder, name)) and not os.path.exists(p)]
+    return out
 
 
 def _suffix(path: str) -> str:

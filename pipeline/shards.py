@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pyarrow import fs as pafs
 
 from . import tables
-from .io import TABLES_DIR, to_uri
+from .io import IMAGE_SUFFIXES, TABLES_DIR, to_uri
 
 MARKER_DIR = "_units"  # leading underscore: Parquet dataset readers skip it
 PARTS_DIR = "_parts"  # staging parts of shards being written
@@ -197,8 +197,8 @@ def same_suffix(orig: str | None, new: str) -> str:
         return new
     head, _, last = orig.rpartition(".")
     low = last.lower()
-    if SAME_FORMAT.get(low, low) == SAME_FORMAT.get(new, new):
-        return orig
+    if SAME_FORMAT.get(low, low) == SAME_FORMAT.get(new, new) or low not in IMAGE_SUFFIXES:
+        return orig  # same format, or an image found by content (``key.preview``): its name is kept
     return f"{head}.{new}" if head else new
 
 

@@ -144,6 +144,7 @@ def test_long_names_are_written_and_gzip_shards_compressed(tmp_path):
 def test_suffix_spelling_and_settings_fingerprint_diff(tmp_path):
     assert same_suffix("JPG", "jpg") == "JPG" and same_suffix("thumb.jpeg", "jpg") == "thumb.jpeg"
     assert same_suffix("thumb.JPG", "png") == "thumb.png" and same_suffix("PNG", "png") == "PNG"
+    assert same_suffix("preview", "png") == "preview"  # an image found by content keeps its member name
     old = {"eps": 8.0, "steps": 2, "model": "tiny"}
     assert settings_diff(old, dict(old)) == []
     assert settings_diff(old, {**old, "eps": 16.0, "steps": 4}) == ["eps: 8.0 -> 16.0", "steps: 2 -> 4"]
@@ -178,7 +179,12 @@ def test_jpeg_tables_kept_or_png_and_trns_transparency_kept():
     assert out.mode == "RGBA" and np.asarray(out)[0, 0, 3] == 0 and np.asarray(out)[1, 1, 3] == 255
 
 
-def test_folder_keys_are_distinct_for_same_stem_files():
+def test_folder_keys_are_distinct_for_same_stem_files_and_dangling_links_listed(tmp_path):
     paths = ["/in/a.jpg", "/in/a.png", "/in/b.png", "/in/d/a.png"]
     same = same_stem_files(paths)
     assert [folder_key(p, "/in", same) for p in paths] == ["a.jpg", "a.png", "b", "d/a"]
+    from pipeline.io import list_images
+
+    (tmp_path / "ok.png").write_bytes(PNG)
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")  # listed: reading it gives an error row
+    assert list_images(LOCAL, str(tmp_path)) == [str(tmp_path / "gone.png"), str(tmp_path / "ok.png")]
