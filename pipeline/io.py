@@ -302,7 +302,8 @@ def read_paths(filesystem: pafs.FileSystem, paths: list[str], kind: str, root: s
     """A Ray Dataset of sample rows from explicit shard or image paths (in that order).
 
     Shards: one read task per shard (`webdataset.ShardReader`); a shard that cannot be read whole
-    gives one row with a null key and stage ``read``. Folders: `webdataset.FileReader`.
+    gives one row with a null key and stage ``read`` (the protect pipeline, `with_members`) or raises
+    `ShardError` (`read_samples`). Folders: `webdataset.FileReader`.
     """
     import ray
 
@@ -310,7 +311,8 @@ def read_paths(filesystem: pafs.FileSystem, paths: list[str], kind: str, root: s
     full = Normalizer(uri_prefix=prefix, root=root, with_members=True).schema()
     paths_ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, min(len(paths), 200)))
     if kind == "shards":
-        ds = paths_ds.map_batches(ShardReader(filesystem, full, prefix), batch_size=1, batch_format="pyarrow")
+        reader = ShardReader(filesystem, full, prefix, strict=not with_members)  # read_samples: a bad shard raises
+        ds = paths_ds.map_batches(reader, batch_size=1, batch_format="pyarrow")
     else:
         ds = paths_ds.map_batches(FileReader(filesystem, full, root, same_stem_files(paths), prefix), batch_size=16,
                                   batch_format="pyarrow")

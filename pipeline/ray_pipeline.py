@@ -404,18 +404,8 @@ class _Receiver:
             elif warning:
                 self.warnings[warning] += 1
 
-    def notes(self, eps: float, first: int = 3) -> list[str]:
-        """The terminal's summary of warnings and error reasons, grouped with counts."""
-        out = []
-        if self.over_budget:
-            out.append(f"{len(self.over_budget)} JPEG output(s) exceed the budget after compression: max L-inf "
-                       f"{max(self.over_budget):g} > {eps:g} (--jpeg-as png keeps it exact)")
-        out += [f"{n} sample(s): {text}" for text, n in self.warnings.most_common()]
-        for reason, n in self.reasons.most_common(first):
-            out.append(f"{n} error(s): {reason}")
-        if len(self.reasons) > first:
-            out.append(f"... and {len(self.reasons) - first} other error reason(s)")
-        return out
+    def notes(self, eps: float) -> list[str]:
+        return summary_notes(self.warnings, self.over_budget, self.reasons, eps)
 
     def commit_through(self, last: int) -> None:
         """Commit pending[position:last] (units with no rows at all are committed empty)."""
@@ -453,6 +443,19 @@ class _Receiver:
         from .io import to_uri
 
         return to_uri(self.plan.in_fs, path)
+
+
+def summary_notes(warnings: Counter, over_budget: list[float], reasons: Counter, eps: float, first: int = 3) -> list[str]:
+    """The terminal's summary of warnings and error reasons, grouped with counts (most frequent first)."""
+    out = []
+    if over_budget:
+        out.append(f"{len(over_budget)} JPEG output(s) exceed the budget after compression: max L-inf "
+                   f"{max(over_budget):g} > {eps:g} (--jpeg-as png keeps it exact)")
+    out += [f"{n} sample(s): {text}" for text, n in warnings.most_common()]
+    out += [f"{n} error(s): {reason}" for reason, n in reasons.most_common(first)]
+    if len(reasons) > first:
+        out.append(f"... and {len(reasons) - first} other error reason(s) (see the errors table)")
+    return out
 
 
 def run_protect(s: RunSettings, log=print) -> RunSummary:

@@ -255,6 +255,7 @@ class ShardReader:
     schema: pa.Schema
     uri_prefix: str = ""
     rows_per_batch: int = 16
+    strict: bool = False  # raise `ShardError` (io.read_samples: evaluation, training) instead of a failure row
 
     def __call__(self, batch: pa.Table):
         for path in batch.column("path").to_pylist():
@@ -266,6 +267,8 @@ class ShardReader:
                         yield pa.Table.from_pylist(rows, schema=self.schema)
                         rows = []
             except ShardError as err:
+                if self.strict:
+                    raise ShardError(f"cannot read shard {self.uri_prefix + path}: {err}") from None
                 rows = [shard_failure_row(self.uri_prefix + path, str(err))]  # the driver drops what came before
             if rows:
                 yield pa.Table.from_pylist(rows, schema=self.schema)

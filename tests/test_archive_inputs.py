@@ -7,8 +7,9 @@ One CLI run per scenario, several bad inputs each (the pure rules are in test_we
   ``.pkl`` and invalid-UTF-8 ``.json`` passed byte-exact; ``..``/absolute names, a link member, a
   split key, a bad second image -> error rows; a 120-character key written; ``1e999`` JSON kept
   byte-exact; a ``.tar.gz`` shard written back compressed with its JPEG tables; truncated, empty and
-  not-a-tar shards -> one errors row each, exit code 3, no traceback; the rerun retries only those;
-  other settings into the same OUTPUT are refused (naming them) unless --overwrite.
+  not-a-tar shards -> one errors row each, exit code 3, no traceback; the rerun retries only those
+  (with --on-bad-shard fail: stops at the first, exit 3); other settings into the same OUTPUT are
+  refused (naming them) unless --overwrite.
 - folders: ``a.png`` + ``a.jpg`` two keys, a dangling symlink an error row, tRNS transparency kept,
   ``--jpeg-as png``.
 """
@@ -144,17 +145,21 @@ def test_messy_shards_nothing_unprotected_nothing_lost(ray_local, tmp_path, caps
     (run,) = rows(dst, "runs")
     assert run["shards_failed"] == 3 and run["status"] == "completed"
 
-    # the rerun retries only what failed: shard 1 repaired, 2 and 4 still bad
+    # the rerun retries only what failed (shard 1 repaired; 2 and 4 still bad), here with --on-bad-shard
+    # fail: shard 1 is committed, the run stops at shard 2 (exit 3, one line), nothing done is redone
     kept = (dst / "shard-000000.tar").stat().st_mtime_ns
     (src / "shard-000001.tar").write_bytes(tar_file([("fixed.png", png)]))
-    code = main(["protect", str(src), str(dst), *FAST])
+    code = main(["protect", str(src), str(dst), *FAST, "--on-bad-shard", "fail"])
     out = capsys.readouterr()
-    assert code == 3, out.err
-    assert "1 shards written, 2 already done" in out.out
+    assert code == 3 and "Traceback" not in out.err
+    assert out.err.count("mimicshield: error") == 1 and "shard-000002.tar" in out.err
     assert (dst / "shard-000000.tar").stat().st_mtime_ns == kept
     assert sorted(members_of(dst / "shard-000001.tar")) == ["fixed.json", "fixed.png"]
+    second = max(rows(dst, "runs"), key=lambda r: r["started_at"])
+    assert second["status"] == "failed" and "shard-000002.tar" in second["failure"]
+    assert (second["units_skipped"], second["units_done"], second["shards_failed"]) == (2, 1, 1)
     assert [os.path.basename(r["source"]) for r in rows(dst, "errors") if r["key"] == ""] == [
-        "shard-000002.tar", "shard-000004.tar"]  # the repaired shard's read error is replaced
+        "shard-000002.tar", "shard-000004.tar"]  # the repaired shard's read error is gone
 
     # other settings into the same OUTPUT: refused, naming what differs (no Ray needed)
     code = main(["protect", str(src), str(dst), *FAST, "--eps", "4", "--steps", "3"])

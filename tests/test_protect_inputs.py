@@ -6,7 +6,7 @@
 - ``--target``: a textural method pulls toward the given image, not the built-in pattern.
 - Warnings reach ``protect_metrics``; JSON metadata that is not an object is kept untouched.
 - Whole-run failures exit non-zero with one message: bad credentials, empty input, OUTPUT equal to
-  INPUT, an unreadable tar with --on-bad-shard fail (named, exit 3; the rerun resumes once it is removed). OUTPUT inside INPUT works and never
+  INPUT (unreadable shards: test_archive_inputs.py). OUTPUT inside INPUT works and never
   protects its own outputs.
 """
 
@@ -186,24 +186,3 @@ def test_output_inside_input_never_protects_its_own_outputs(ray_local, tmp_path,
     assert keys == ["img00000", "img00001"]
     assert sorted(p.name for p in (src / "protected").glob("*.png")) == ["img00000.png", "img00001.png"]
     assert not (src / "protected" / "protected").exists()
-
-
-def test_unreadable_tar_with_fail_policy_stops_the_run_and_resumes_once_removed(ray_local, tmp_path, capsys):
-    src, dst = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    (src / "shard-000000.tar").write_bytes(shard_bytes(photo_samples(2, prefix="a")))
-    (src / "shard-000001.tar").write_bytes(b"this is not a tar archive at all" * 64)
-    code = main(["protect", str(src), str(dst), *FAST, "--on-bad-shard", "fail"])
-    err = capsys.readouterr().err
-    assert code == 3
-    assert "shard-000001.tar" in err and err.count("mimicshield: error") == 1 and "Traceback" not in err
-    assert not (dst / "shard-000001.tar").exists()
-    (run,) = rows(dst, "runs")
-    assert run["status"] == "failed" and "shard-000001.tar" in run["failure"] and run["shards_failed"] == 1
-    # shards are committed in order: the good one before the bad one is whole
-    assert sorted(tar_samples((dst / "shard-000000.tar").read_bytes())) == ["a00000", "a00001"]
-
-    (src / "shard-000001.tar").unlink()
-    code = main(["protect", str(src), str(dst), *FAST])
-    assert code == 0, capsys.readouterr().err
-    assert sorted(tar_samples((dst / "shard-000000.tar").read_bytes())) == ["a00000", "a00001"]

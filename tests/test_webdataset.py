@@ -7,6 +7,7 @@
 - whole-shard reads: truncated, zero-byte, corrupt in the middle, not a tar -> `ShardError`;
   ``.tar.gz`` read and written compressed; an S3 shard through the spool
 - resume: the settings fingerprint diff names what changed; a replaced input changes the unit's identity
+- `--steps 0` with a gradient method is refused; the end-of-run notes group warnings and errors
 - JPEG: the source's quantisation tables and subsampling are written back; ``jpeg_as="png"``
 - folders: ``a.png`` + ``a.jpg`` get two keys; RGB PNGs with a tRNS colour key keep their transparency
 """
@@ -188,3 +189,19 @@ def test_folder_keys_are_distinct_for_same_stem_files_and_dangling_links_listed(
     (tmp_path / "ok.png").write_bytes(PNG)
     (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")  # listed: reading it gives an error row
     assert list_images(LOCAL, str(tmp_path)) == [str(tmp_path / "gone.png"), str(tmp_path / "ok.png")]
+
+
+def test_steps_zero_refused_and_summary_notes_grouped():
+    from collections import Counter
+
+    from pipeline.commands.protect import parse_settings
+    from pipeline.ray_pipeline import summary_notes
+
+    with pytest.raises(ValueError, match="--steps 0"):
+        parse_settings(["in", "out", "--model", "tiny", "--steps", "0"])
+    assert parse_settings(["in", "out", "--model", "tiny", "--steps", "0", "--method", "fastprotect+pgd"])
+    reasons = Counter({"not an image": 3, "empty file (0 bytes)": 2, "too large": 1, "animated GIF": 1})
+    notes = summary_notes(Counter({"mode P written as RGB": 2}), [37.0, 20.0, 17.0], reasons, 16.0)
+    assert notes[0] == "3 JPEG output(s) exceed the budget after compression: max L-inf 37 > 16 (--jpeg-as png keeps it exact)"
+    assert notes[1:4] == ["2 sample(s): mode P written as RGB", "3 error(s): not an image", "2 error(s): empty file (0 bytes)"]
+    assert notes[-1].startswith("... and 1 other error reason(s)")
