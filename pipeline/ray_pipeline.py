@@ -2,7 +2,7 @@
 
     RunSettings(input, output, config=ProtectConfig(...), model=ModelSpec(...), ...)   validated when built
     preflight (driver, before any Ray work): model, input listing, output bucket, units, resume
-    read_webdataset / read_binary_files -> Decoder (CPU tasks: decode once)
+    read tasks (webdataset.ShardReader / FileReader: a shard read whole, else one failure row) -> Decoder
       -> ProtectActor pool (map_batches, ActorPoolStrategy; 1 GPU per actor when there are GPUs):
          pixels in, perturbations out, nothing else
       -> Encoder + Writer (CPU tasks): encode, measure, write files / shard parts from the worker

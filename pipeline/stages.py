@@ -1,6 +1,7 @@
 """The Ray Data stages between reading samples and committing units.
 
-    rows from io.read_paths (key, source, image, ext, meta, member_names, member_data)
+    rows from io.read_paths (key, source, image, ext, meta, member_names, member_data, more_images,
+                             stage/reason when the reader refused the sample; key null: a bad shard)
       -> Decoder        CPU tasks: size checked on the header, decoded once; pixels + what encoding
                         needs (format, mode, alpha, 16-bit plane, EXIF, ICC) go on as Arrow columns
       -> ProtectActor   an actor pool, model loaded once per actor (one GPU each when present):
@@ -15,9 +16,10 @@ exactly one output row: samples in = samples written + error rows, by constructi
 becomes a row with `stage` and `reason` set, never a crash. The per-sample work is encoded.py's
 (`decode`, `quantize`, `finish`), the same functions `protect_encoded` runs in one process.
 
-Shaped for archive inputs: one row per image (a sample with several image members can become
-several rows with the same unit), and every row carries its `unit`, so the writer never needs to
-know where the unit ends; the driver does, because rows arrive in input order.
+Shaped for archive inputs: one row per sample; a sample's other image members (`more_images`,
+held in its member columns) are decoded, protected and encoded with it, each in its own format,
+so the sample is written whole or is one error row. Every row carries its `unit`, so the writer
+never needs to know where the unit ends; the driver does, because rows arrive in input order.
 """
 
 from __future__ import annotations

@@ -86,7 +86,9 @@ def add_parser(sub) -> None:
         "images, a folder or brace pattern of WebDataset shards (shard-{000000..000099}.tar), or the same "
         "under s3://bucket/prefix/. Shards keep their names, keys, formats and JSON metadata (protection "
         "parameters added under 'mimicshield'); OUTPUT/tables/ gets Parquet tables protect_metrics, errors "
-        "and runs. Rerunning the same command resumes: finished shards are skipped.",
+        "and runs. Rerunning the same command resumes: finished shards are skipped (other settings into the same "
+        "OUTPUT are refused unless --overwrite). Exit codes: 0 done, 1 failed midway, 2 bad options or input, "
+        "3 some input shards could not be read.",
     )
     p.add_argument("input", nargs="?", help="input folder, shard folder/pattern, or s3://bucket/prefix")
     p.add_argument("output", nargs="?", help="output folder or s3://bucket/prefix")
