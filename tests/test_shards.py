@@ -19,7 +19,6 @@ from pipeline import tables
 from pipeline.models import ModelSpec
 from pipeline.protect.engine import ProtectConfig
 from pipeline.records import RunRecord
-from pipeline.sample_data import shard_bytes
 from pipeline.shards import (
     FAULT_ENV,
     CommitFault,
