@@ -80,7 +80,7 @@ def finish(
     if lpips is not None:
         res.metrics["lpips"] = lpips(image.rgb, written)
     if image.format == "JPEG":
-        res.warnings.append("JPEG output: lossy compression weakens the protection; prefer PNG or WebP")
+        res.warnings.append("JPEG output: lossy compression weakens the protection (prefer PNG or WebP, or --jpeg-as png)")
     if res.metrics["linf"] > math.floor(eps + 1e-6):
         res.warnings.append(f"written L-inf {res.metrics['linf']:g} exceeds the budget {eps:g} after compression")
     if image.output_mode != image.mode:

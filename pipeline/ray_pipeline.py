@@ -398,7 +398,7 @@ class _Receiver:
             self.note(extra)
 
     def note(self, measured: dict) -> None:
-        for warning in (measured.get("warnings") or "").split("; "):
+        for warning in (measured.get("warnings") or "").split("; "):  # as the Encoder joins them
             if "exceeds the budget" in warning:
                 self.over_budget.append(measured["linf"])
             elif warning:
