@@ -299,7 +299,10 @@ class Encoder:
             if done.error:
                 res.update(stage=done.stage, reason=f"image member .{suffix}: {done.error}", data=None)
                 return
-            names[i], datas[i] = same_suffix(suffix, done.ext), done.data
+            new = same_suffix(suffix, done.ext)
+            if new != suffix and new in {*names, same_suffix(row["ext"], res["out_ext"])}:
+                new = f"{suffix}.{done.ext}"  # --jpeg-as png beside a .png member: ``jpg.png``, never a duplicate
+            names[i], datas[i] = new, done.data
             measured.append({"format": names[i], "width": w, "height": h, "warnings": "; ".join(done.warnings) or None,
                              **{k: done.metrics.get(k) for k in ("linf", "psnr", "ssim", "lpips")}})
         res.update(member_names=names, member_data=datas,
