@@ -5,6 +5,7 @@ driver commits; the typed settings are validated once, and the command line beat
 from __future__ import annotations
 
 import io as stdio
+import json
 import subprocess
 import sys
 import tarfile
@@ -212,3 +213,30 @@ def test_python_api(tiny_models):
     assert max(np.abs(d).max() for d in deltas) <= 16 and min(np.abs(d).max() for d in deltas) > 0
     again = build_protector(ModelSpec("tiny", device="cpu", dtype="fp32").load(), ProtectConfig(method="sds-", eps=16, steps=2))
     np.testing.assert_array_equal(again.protect(images[:1], ["a"])[0], deltas[0])  # per-key seeds: batch-independent
+
+
+def test_every_image_member_of_a_sample_is_protected_through_the_stages(record, tmp_path):
+    """A sample with a PNG, a JPEG and a PNG found by content (``.preview``): Decoder -> ProtectActor ->
+    Encoder protects each in its own format under the same key; with --jpeg-as png the JPEG member
+    would become ``png``, which the sample already has: it is written ``jpg.png``, never a duplicate."""
+    from pipeline.images import decode_image
+    from pipeline.io import Normalizer
+    from pipeline.sample_data import png_bytes
+    from pipeline.webdataset import sample_row
+
+    rgbs = [decode_image(s["png"]).rgb for s in photo_samples(3)]
+    members = {"png": png_bytes(rgbs[0], "PNG"), "jpg": png_bytes(rgbs[1], "JPEG"), "preview": png_bytes(rgbs[2], "PNG"),
+               "pkl": b"\x80\x04opaque"}
+    batch = pa.Table.from_pylist([sample_row("k", "/in/shard.tar", members)],
+                                 schema=Normalizer(with_members=True).schema())
+    unit = Unit(id="shard", inputs=["/in/shard.tar"], output=str(tmp_path / "shard.tar"))
+    protected = ProtectActor(record.model, record.config)(Decoder(UnitIndex("shards", [unit]))(batch))
+    for jpeg_as, jpg_name in (("jpeg", "jpg"), ("png", "jpg.png")):
+        (row,) = Encoder(record.config.eps, jpeg_as=jpeg_as)(protected).to_pylist()
+        assert row["stage"] is None, row["reason"]
+        written = dict(zip(row["member_names"], row["member_data"]))
+        assert sorted(written) == sorted([jpg_name, "pkl", "preview"]) and written["pkl"] == members["pkl"]
+        for name, clean, rgb in ((jpg_name, members["jpg"], rgbs[1]), ("preview", members["preview"], rgbs[2])):
+            assert written[name] != clean and decode_image(written[name]).format == ("JPEG" if name == "jpg" else "PNG")
+        assert [m["format"] for m in json.loads(row["more_metrics"])] == [jpg_name, "preview"]
+        assert np.abs(decode_image(written["preview"]).rgb.astype(int) - rgbs[2]).max() <= EPS
