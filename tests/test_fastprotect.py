@@ -116,6 +116,9 @@ def test_missing_default_bank_names_the_training_command(monkeypatch, tmp_path):
     models = load_models("tiny-inpaint", device="cpu", dtype="fp32")
     monkeypatch.setenv("MIMICSHIELD_CACHE", str(tmp_path))
     assert default_bank_path("org/model v2") == tmp_path / "banks" / "org--model--v2-default.safetensors"
+    from pipeline.builtin_models import BUILTIN_VERSION  # a built-in's bank is tied to its weights' version
+
+    assert default_bank_path("tiny") == tmp_path / "banks" / f"tiny-{BUILTIN_VERSION}-default.safetensors"
     with pytest.raises(FileNotFoundError, match="mimicshield train-fastprotect --model tiny-inpaint"):
         build_protector(models, ProtectConfig(method="fastprotect"))
 
