@@ -535,15 +535,23 @@ def builtin_model_path(name: str) -> Path:
     """Directory of built-in model `name` in diffusers format, assembled on first use."""
     if name not in CONFIGS:
         raise KeyError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
-    target = cache_root() / f"{name}-{BUILTIN_VERSION}"
+    return cached_pipeline_dir(cache_root() / f"{name}-{BUILTIN_VERSION}", lambda: _build_pipeline(name))
+
+
+def cached_pipeline_dir(target: Path, build) -> Path:
+    """`target`, a diffusers directory that `build()`'s pipeline is saved to once, atomically.
+
+    The pipeline is saved into a temporary sibling and renamed into place, so concurrent builders
+    (Ray actors, parallel tests) never see a half-written model; the loser of a race drops its copy.
+    """
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _build_pipeline(name).save_pretrained(tmp, safe_serialization=True)
+        build().save_pretrained(tmp, safe_serialization=True)
         try:
-            tmp.rename(target)  # atomic: concurrent builders (Ray actors) cannot half-write
+            tmp.rename(target)
         except OSError:
             if not (target / "model_index.json").exists():
                 raise
