@@ -251,6 +251,8 @@ class UNetTraining:  # defaults: the shipped tiny UNet (builtin_models.WEIGHTS_R
     uncond_prob: float = 0.1  # captions dropped to "" (classifier-free guidance needs an unconditional model)
     plain_prompt_prob: float = 0.3  # "a photo", the default prompt of the mimics
     log_every: int = 100
+    decay: bool = False  # cosine decay of the learning rate to lr_min over `steps` (else constant)
+    lr_min: float = 1e-5
 
 
 def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: UNetTraining,
@@ -267,7 +269,8 @@ def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: 
     inpaint = unet.config.in_channels == 9
     prediction = scheduler.config.prediction_type
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup))
+    floor = cfg.lr_min / cfg.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup, cfg.decay, floor))
     curve, start, running = [], time.time(), 0.0
     unet.train()
     for step in range(1, cfg.steps + 1):
@@ -382,6 +385,7 @@ def main(argv=None) -> None:
     p.add_argument("--unet-steps", type=int, default=UNetTraining.steps)
     p.add_argument("--inpaint-steps", type=int, default=200)
     p.add_argument("--unet-batch", type=int, default=UNetTraining.batch)
+    p.add_argument("--unet-decay", action="store_true", help="cosine-decay the UNets' learning rate over their steps")
     p.add_argument("--pool", type=int, default=512, help="training crops encoded for the UNets")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; 1 on a shared CPU)")
     a = p.parse_args(argv)
@@ -389,8 +393,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(a.threads)
     train_builtin(a.out, VAETraining(steps=a.vae_steps, batch=a.vae_batch, lr=a.vae_lr, crop=a.vae_crop,
                                           decay=a.vae_decay, ema=a.vae_ema, eval_every=a.vae_eval_every),
-                  UNetTraining(steps=a.unet_steps, batch=a.unet_batch),
-                  UNetTraining(steps=a.inpaint_steps, batch=a.unet_batch),
+                  UNetTraining(steps=a.unet_steps, batch=a.unet_batch, decay=a.unet_decay),
+                  UNetTraining(steps=a.inpaint_steps, batch=a.unet_batch, decay=a.unet_decay),
                   pool_size=a.pool, vae_init=a.vae_init, vae_seed=a.vae_seed, vae_only=a.vae_only)
 
 
