@@ -115,7 +115,7 @@ def evaluate_vae(vae, images: torch.Tensor) -> dict:
 
 
 @dataclass
-class VAETraining:  # defaults: phase 1 of the shipped weights (builtin_models.WEIGHTS_RECIPE)
+class VAETraining:  # the shipped weights used: steps 6000, decay, ema 0.999 (builtin_models.WEIGHTS_RECIPE)
     steps: int = 450
     batch: int = 16
     crop: int = 32  # the VAE is convolutional: small crops train it as well as 64 px ones, faster
@@ -243,7 +243,7 @@ def random_box_masks(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @dataclass
-class UNetTraining:  # defaults: the shipped tiny UNet (builtin_models.WEIGHTS_RECIPE)
+class UNetTraining:  # the shipped weights used: 800 steps (UNet), 500 (inpainting) (builtin_models.WEIGHTS_RECIPE)
     steps: int = 300
     batch: int = 16
     lr: float = 1e-3

@@ -151,7 +151,8 @@ def test_inference_is_deterministic(tiny_models, trained, photos):
     first = build_protector(tiny_models, fast_config(path)).protect(images)
     second = build_protector(tiny_models, fast_config(path)).protect(images[::-1])[::-1]  # new LPIPS net, other order
     for a, b, img in zip(first, second, images):
-        assert a.shape == img.shape and np.array_equal(a, b)
+        # the same perturbation up to float rounding (CPU kernels may sum a batch in another order)
+        assert a.shape == img.shape and np.allclose(a, b, rtol=0, atol=1e-4)
 
 
 def test_protection_objective_beats_random_noise(tiny_models, trained, photos):
