@@ -4,8 +4,8 @@
     python benchmarks/bench_study.py scaling   # the mimic phase with 1, 2, 4 Ray workers (Cluster simulation)
     python benchmarks/bench_study.py table     # protection retained, default grid (+ sds-+eot), held-out photos
 
-Held-out photos: scikit-image's bundled photos the tiny model never saw in training (its UNet is
-trained on astronaut, coffee, chelsea, rocket, immunohistochemistry), cropped to 64 x 64.
+Held-out photos: crops of scikit-image's bundled photos the tiny model never saw in training
+(`pipeline.builtin_training.HELD_OUT`: rocket, motorcycle), at 64 x 64.
 Results go to benchmarks/results/study_<part>.json (and the table study's report.html path).
 """
 
@@ -26,29 +26,17 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
 RESULTS = ROOT / "benchmarks" / "results"
-HELD_OUT = ("hubble_deep_field", "retina", "skin", "lily", "colorwheel", "logo")
 
 
 def held_out_photos(n: int, size: int = 64) -> dict[str, np.ndarray]:
-    from PIL import Image
-    from skimage import data
+    """n images at size x size from the photos tiny never saw in training (builtin_training.HELD_OUT)."""
+    from pipeline.builtin_training import HELD_OUT, held_out_images
 
-    out = {}
-    for name in HELD_OUT:
-        try:
-            img = getattr(data, name)()
-        except Exception:  # not bundled with this scikit-image (needs a download)
-            continue
-        img = img[..., :3] if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2)
-        if img.dtype != np.uint8:
-            img = (255 * (img.astype(float) / max(1, img.max()))).astype(np.uint8)
-        side = min(img.shape[:2])
-        for j, (top, left) in enumerate(((0, 0), (img.shape[0] - side, img.shape[1] - side))):
-            crop = img[top : top + side, left : left + side]
-            out[f"{name}-{j}"] = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
-        if len(out) >= n:
-            break
-    return dict(list(out.items())[:n])
+    per_photo = max(0, -(-n // len(HELD_OUT)) - 1)  # the centre square of each photo, then random crops
+    x = held_out_images(size, per_photo)
+    names = [f"{name}-{j}" for name in HELD_OUT for j in range(per_photo + 1)]
+    images = [np.asarray((im.permute(1, 2, 0) * 255).round().byte()) for im in x]
+    return dict(list(zip(names, images))[:n])
 
 
 def write_folder(photos: dict[str, np.ndarray], folder: Path) -> str:

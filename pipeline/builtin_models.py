@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-BUILTIN_VERSION = "v2"  # bump when a config below changes, so caches are rebuilt
+BUILTIN_VERSION = "v3"  # bump when a config below changes, so caches are rebuilt
 SEED = 0
 
 
@@ -280,15 +280,16 @@ def build_tokenizer():
 # --------------------------------------------------------------------------- trained weights
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-WEIGHTS_NAME = "tiny-v2.safetensors"  # made by `python -m pipeline.builtin_training` (seed 0)
-# the two commands that made it (curve: benchmarks/results/builtin_tiny_curve.jsonl); phase 1 trains
-# at a constant learning rate, so its weights after 450 steps do not depend on the planned total
+WEIGHTS_NAME = "tiny-v3.safetensors"  # made by `python -m pipeline.builtin_training` (seed 0)
+# the two commands that made it (curve: benchmarks/results/builtin_tiny_curve.jsonl): the VAE alone
+# (cosine-decayed learning rate, EMA of its weights shipped), then the UNets on its frozen latents
 WEIGHTS_RECIPE = (
-    "python -m pipeline.builtin_training --out A --vae-steps 450 --vae-only --threads 1",
-    "python -m pipeline.builtin_training --out A --vae-init A/vae-checkpoint.safetensors --vae-steps 100 "
-    "--vae-lr 4e-4 --vae-seed 1 --unet-steps 300 --inpaint-steps 200 --unet-batch 16 --pool 512 --threads 1",
+    "python -m pipeline.builtin_training --out A --vae-steps 6000 --vae-lr 2e-3 --vae-decay --vae-ema 0.999 "
+    "--vae-eval-every 250 --vae-only --threads 1",
+    "python -m pipeline.builtin_training --out A --vae-init A/vae-checkpoint.safetensors --vae-steps 0 "
+    "--unet-steps 800 --inpaint-steps 500 --unet-batch 16 --pool 1024 --threads 1",
 )
-WEIGHTS_SHA256 = "95e37fff7a6ce1a8993aa73de06fe8cd6c44a4054beae097157e693720ce14b0"
+WEIGHTS_SHA256 = "61fc467225623e1d697cef0f1bfec75812b9af60125a7754b92e6b2f3de64f05"
 # which built-ins take trained weights, and the prefix of their UNet in the weights file
 TRAINED_UNETS = {"tiny": "unet.tiny.", "tiny-inpaint": "unet.tiny-inpaint."}
 
@@ -535,15 +536,23 @@ def builtin_model_path(name: str) -> Path:
     """Directory of built-in model `name` in diffusers format, assembled on first use."""
     if name not in CONFIGS:
         raise KeyError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
-    target = cache_root() / f"{name}-{BUILTIN_VERSION}"
+    return cached_pipeline_dir(cache_root() / f"{name}-{BUILTIN_VERSION}", lambda: _build_pipeline(name))
+
+
+def cached_pipeline_dir(target: Path, build) -> Path:
+    """`target`, a diffusers directory that `build()`'s pipeline is saved to once, atomically.
+
+    The pipeline is saved into a temporary sibling and renamed into place, so concurrent builders
+    (Ray actors, parallel tests) never see a half-written model; the loser of a race drops its copy.
+    """
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _build_pipeline(name).save_pretrained(tmp, safe_serialization=True)
+        build().save_pretrained(tmp, safe_serialization=True)
         try:
-            tmp.rename(target)  # atomic: concurrent builders (Ray actors) cannot half-write
+            tmp.rename(target)
         except OSError:
             if not (target / "model_index.json").exists():
                 raise

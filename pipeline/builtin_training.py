@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,8 @@ import torch.nn.functional as F
 SEED = 0
 
 # scikit-image's bundled photos (no download). Grayscale ones are repeated to RGB.
-TRAIN_PHOTOS = ("astronaut", "coffee", "chelsea", "hubble_deep_field", "immunohistochemistry",
-                "camera", "coins", "moon", "brick", "grass", "gravel", "clock")
+TRAIN_PHOTOS = ("astronaut", "coffee", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina",
+                "colorwheel", "camera", "coins", "moon", "brick", "grass", "gravel", "clock", "cell")
 HELD_OUT = ("rocket", "motorcycle")  # whole photos kept out of training, for evaluation only
 CAPTIONS = {name: f"a photo of {name}" for name in TRAIN_PHOTOS + HELD_OUT}
 
@@ -114,7 +115,7 @@ def evaluate_vae(vae, images: torch.Tensor) -> dict:
 
 
 @dataclass
-class VAETraining:  # defaults: phase 1 of the shipped weights (builtin_models.WEIGHTS_RECIPE)
+class VAETraining:  # the shipped weights used: steps 6000, decay, ema 0.999 (builtin_models.WEIGHTS_RECIPE)
     steps: int = 450
     batch: int = 16
     crop: int = 32  # the VAE is convolutional: small crops train it as well as 64 px ones, faster
@@ -122,11 +123,17 @@ class VAETraining:  # defaults: phase 1 of the shipped weights (builtin_models.W
     kl_weight: float = 1e-6
     warmup: int = 50
     eval_every: int = 50
+    decay: bool = False  # cosine decay of the learning rate to lr_min over `steps` (else constant)
+    lr_min: float = 2e-5
+    ema: float = 0.0  # > 0: keep an exponential moving average of the weights (e.g. 0.999) and ship it
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up, then constant (so the weights after N steps do not depend on the total)."""
-    return min(1.0, (step + 1) / warmup)
+def _lr_factor(step: int, steps: int, warmup: int, decay: bool = False, floor: float = 0.0) -> float:
+    """Linear warm-up, then constant, or (decay) a cosine from 1 down to `floor` at the last step."""
+    if step < warmup or not decay:
+        return min(1.0, (step + 1) / warmup)
+    progress = (step - warmup) / max(1, steps - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED, stage: str = "vae") -> list[dict]:
@@ -135,7 +142,11 @@ def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED
     data = PhotoCrops(TRAIN_PHOTOS, seed)
     held_out = held_out_images(64)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup))
+    floor = cfg.lr_min / cfg.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup, cfg.decay, floor))
+    # the average of the last ~1/(1-ema) steps' weights: smoother than the last iterate
+    averaged = (torch.optim.swa_utils.AveragedModel(vae, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
+                if cfg.ema else None)
     curve, start = [], time.time()
     vae.train()
     for step in range(1, cfg.steps + 1):
@@ -149,14 +160,20 @@ def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
+        if averaged is not None:
+            averaged.update_parameters(vae)
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            shipped = vae if averaged is None else averaged.module
             point = {"stage": stage, "step": step, "seconds": round(time.time() - start, 1),
-                     "loss": round(loss.item(), 5), **evaluate_vae(vae, held_out)}
+                     "loss": round(loss.item(), 5), "lr": round(sched.get_last_lr()[0], 6),
+                     **evaluate_vae(shipped, held_out)}
             curve.append(point)
             if log:
                 log(point)
             if checkpoint:
-                checkpoint(step)
+                checkpoint(step, shipped)
+    if averaged is not None:
+        vae.load_state_dict(averaged.module.state_dict())
     vae.eval()
     return curve
 
@@ -226,7 +243,7 @@ def random_box_masks(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @dataclass
-class UNetTraining:  # defaults: the shipped tiny UNet (builtin_models.WEIGHTS_RECIPE)
+class UNetTraining:  # the shipped weights used: 800 steps (UNet), 500 (inpainting) (builtin_models.WEIGHTS_RECIPE)
     steps: int = 300
     batch: int = 16
     lr: float = 1e-3
@@ -234,6 +251,8 @@ class UNetTraining:  # defaults: the shipped tiny UNet (builtin_models.WEIGHTS_R
     uncond_prob: float = 0.1  # captions dropped to "" (classifier-free guidance needs an unconditional model)
     plain_prompt_prob: float = 0.3  # "a photo", the default prompt of the mimics
     log_every: int = 100
+    decay: bool = False  # cosine decay of the learning rate to lr_min over `steps` (else constant)
+    lr_min: float = 1e-5
 
 
 def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: UNetTraining,
@@ -250,7 +269,8 @@ def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: 
     inpaint = unet.config.in_channels == 9
     prediction = scheduler.config.prediction_type
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup))
+    floor = cfg.lr_min / cfg.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup, cfg.decay, floor))
     curve, start, running = [], time.time(), 0.0
     unet.train()
     for step in range(1, cfg.steps + 1):
@@ -323,7 +343,7 @@ def train_builtin(out: Path, vae_cfg: VAETraining, unet_cfg: UNetTraining, inpai
         vae.load_state_dict({k: v.float() for k, v in load_file(vae_init).items()})
     ckpt = out / "vae-checkpoint.safetensors"
     if vae_cfg.steps:
-        train_vae(vae, vae_cfg, log=log, checkpoint=lambda step: save_file(vae.state_dict(), ckpt), seed=vae_seed,
+        train_vae(vae, vae_cfg, log=log, checkpoint=lambda step, model: save_file(model.state_dict(), ckpt), seed=vae_seed,
                   stage="vae" if vae_init is None else "vae-finetune")
     if vae_only:
         save_file(vae.state_dict(), ckpt)
@@ -355,20 +375,26 @@ def main(argv=None) -> None:
     p.add_argument("--vae-steps", type=int, default=VAETraining.steps)
     p.add_argument("--vae-batch", type=int, default=VAETraining.batch)
     p.add_argument("--vae-lr", type=float, default=VAETraining.lr)
+    p.add_argument("--vae-crop", type=int, default=VAETraining.crop, help="training crop side in px")
+    p.add_argument("--vae-decay", action="store_true", help="cosine-decay the VAE's learning rate over its steps")
+    p.add_argument("--vae-ema", type=float, default=0.0, help="ship an EMA of the VAE's weights (e.g. 0.999)")
+    p.add_argument("--vae-eval-every", type=int, default=VAETraining.eval_every)
     p.add_argument("--vae-seed", type=int, default=SEED, help="seed of the VAE's crops (another one for a second phase)")
     p.add_argument("--vae-init", type=Path, help="start the VAE from these weights (a second phase)")
     p.add_argument("--vae-only", action="store_true", help="stop after the VAE (writes vae-checkpoint.safetensors)")
     p.add_argument("--unet-steps", type=int, default=UNetTraining.steps)
     p.add_argument("--inpaint-steps", type=int, default=200)
     p.add_argument("--unet-batch", type=int, default=UNetTraining.batch)
+    p.add_argument("--unet-decay", action="store_true", help="cosine-decay the UNets' learning rate over their steps")
     p.add_argument("--pool", type=int, default=512, help="training crops encoded for the UNets")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; 1 on a shared CPU)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    train_builtin(a.out, VAETraining(steps=a.vae_steps, batch=a.vae_batch, lr=a.vae_lr),
-                  UNetTraining(steps=a.unet_steps, batch=a.unet_batch),
-                  UNetTraining(steps=a.inpaint_steps, batch=a.unet_batch),
+    train_builtin(a.out, VAETraining(steps=a.vae_steps, batch=a.vae_batch, lr=a.vae_lr, crop=a.vae_crop,
+                                          decay=a.vae_decay, ema=a.vae_ema, eval_every=a.vae_eval_every),
+                  UNetTraining(steps=a.unet_steps, batch=a.unet_batch, decay=a.unet_decay),
+                  UNetTraining(steps=a.inpaint_steps, batch=a.unet_batch, decay=a.unet_decay),
                   pool_size=a.pool, vae_init=a.vae_init, vae_seed=a.vae_seed, vae_only=a.vae_only)
 
 

@@ -98,12 +98,14 @@ def settings_from_args(args: argparse.Namespace):
         inference_steps=args.inference_steps, lpips_weights=args.lpips_weights, clip_model=args.clip_model,
         fid_weights=args.fid_weights, fid_min_images=args.fid_min_images, batch_size=args.batch_size,
         actors=args.actors, address=args.address, samples_per_group=args.samples)
+    from ..models import ModelSpec
     from ..protect.eot import DEFAULT_EOT
 
     return StudySettings(
         clean=str(args.clean), output=str(args.output), grid=grid, protect=protect, evaluation=evaluation,
-        model=args.model, revision=args.revision, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-        low_memory=bool(args.low_memory), eot=args.eot or DEFAULT_EOT, eot_samples=args.eot_samples,
+        model=ModelSpec(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+                        low_memory=bool(args.low_memory)),
+        batch_size=args.batch_size, eot=args.eot or DEFAULT_EOT, eot_samples=args.eot_samples,
         upscaler=args.upscaler, upscaler_steps=args.upscaler_steps, diffpure_steps=args.diffpure_steps,
         seed=args.seed, samples=args.samples, actors=args.actors, address=args.address, s3=s3,
         max_pixels=args.max_pixels, chunk_size=args.chunk_size, progress=not args.no_progress)

@@ -10,8 +10,6 @@ with few channels. Random weights: its output is not an upscaled image, it only 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 NAME = "tiny-upscaler"
@@ -49,20 +47,6 @@ def _build():
 
 def builtin_upscaler_path() -> Path:
     """Directory of the built-in upscaler (diffusers format), generated on first use."""
-    from ..builtin_models import cache_root
+    from ..builtin_models import cache_root, cached_pipeline_dir
 
-    target = cache_root() / f"{NAME}-{VERSION}"
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
-    try:
-        _build().save_pretrained(tmp, safe_serialization=True)
-        try:
-            tmp.rename(target)  # atomic: concurrent builders cannot half-write
-        except OSError:
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_pipeline_dir(cache_root() / f"{NAME}-{VERSION}", _build)

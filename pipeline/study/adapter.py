@@ -48,25 +48,16 @@ def eval_settings_from_args(args: argparse.Namespace, **fields):
 
 def protect(settings, source, output: str, log=print):
     """Protect settings.clean into `output` with the source's method and eps (resumes like `protect`)."""
-    from ..models import ModelSpec
     from ..ray_pipeline import RunSettings, run_protect
 
     eot = settings.eot if source.eot else ""
     config = replace(settings.protect, method=source.base_method, eps=source.eps, eot=eot,
                      eot_samples=settings.eot_samples if source.eot else 1)
-    model = ModelSpec(settings.model, revision=settings.revision, device=settings.device, dtype=settings.dtype,
-                      low_memory=settings.low_memory)
-    run = RunSettings(input=settings.clean, output=output, config=config, model=model,
+    run = RunSettings(input=settings.clean, output=output, config=config, model=settings.model,
                       batch_size=settings.batch_size, actors=settings.protect_actors,
                       address=settings.address, s3=dict(settings.s3), max_pixels=settings.max_pixels,
                       chunk_size=settings.chunk_size, progress=settings.progress)
     return run_protect(run, log=log)
-
-
-def check_model(model: str, revision: str | None = None) -> None:
-    from ..ray_pipeline import check_model as check
-
-    check(model, revision)
 
 
 def ensure_ray(address: str | None):

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..models import ModelSpec
 from ..purify import PurifyContext, parse_purification
 from . import adapter
 from .grid import CLEAN, Cell, StudyGrid
@@ -37,12 +38,8 @@ class StudySettings:
     grid: StudyGrid
     protect: object  # ProtectConfig: steps, step size, init, seed, prompt ...; method and eps set per source
     evaluation: object  # evaluate's EvalSettings: mimic configs, metric backbones, model, device
-    model: str = "tiny"
-    revision: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
+    model: ModelSpec = field(default_factory=lambda: ModelSpec("tiny"))  # protects, purifies (diffpure), mimics
     batch_size: int = 4
-    low_memory: bool = False
     eot: str = "jpeg:50-95,resize:0.5-1,noise:0-0.05"  # for methods written NAME+eot
     eot_samples: int = 4
     upscaler: str | None = None  # noisy_upscale: a diffusers x4 upscaler (None: the built-in random one)
@@ -59,7 +56,7 @@ class StudySettings:
     progress: bool = True
 
     def purify_context(self) -> PurifyContext:
-        return PurifyContext(model=self.model, upscaler=self.upscaler, device=self.device, dtype=self.dtype,
+        return PurifyContext(model=self.model.model, upscaler=self.upscaler, device=self.model.device, dtype=self.model.dtype,
                              upscaler_steps=self.upscaler_steps, diffpure_steps=self.diffpure_steps)
 
     def record(self) -> dict:
@@ -91,7 +88,8 @@ def worker_options(settings: StudySettings) -> tuple[int, dict, int | None]:
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    if settings.device.startswith("cuda") or (settings.device == "auto" and gpus > 0):
+    device = settings.model.device
+    if device.startswith("cuda") or (device == "auto" and gpus > 0):
         return settings.actors or max(gpus, 1), {"num_gpus": 1, "num_cpus": 1}, None
     n = settings.actors or max(1, cpus // 2)
     return n, {"num_cpus": 1}, max(1, cpus // n)
@@ -103,7 +101,7 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
     t0 = time.perf_counter()
     grid = settings.grid
     store = StudyStore(settings.output, settings.s3)
-    adapter.check_model(settings.model, settings.revision)
+    settings.model.check()
     adapter.ensure_ray(settings.address)
     store.write(f"{store.root}/study.json", json.dumps(settings.record(), indent=1, default=str).encode())
 
