@@ -353,9 +353,9 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     run = RunRecord(run_id=started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6], config=s.config,
                     model=s.model, version=versions()["mimicshield"])
-    plan = preflight(s)
     if not (s.address or os.environ.get("RAY_ADDRESS")):
         check_local_device(s.model.device)  # --device cuda without a GPU here: say so before Ray starts
+    plan = preflight(s)
     s.model.check()  # every model of an ensemble (--model A,B)
     pending = [u for u in plan.units if u.id not in plan.done]
     if plan.done:
