@@ -148,6 +148,31 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
         return RetryingS3FileSystem(retry, **kwargs)
 
 
+# what the AWS SDK reports, without retrying, when a 503 answers a read smaller than the error's XML body
+# (it writes the body into the read's own buffer, which overflows: "Failed to flush response stream")
+UNRETRIED_READ_FAULTS = ("Failed to flush response stream",)
+
+
+def read_small_file(filesystem: pafs.FileSystem, path: str) -> bytes:
+    """The whole of a small file (a marker, a few hundred bytes), retried where the SDK does not.
+
+    The filesystem's own retry strategy covers everything else; only `UNRETRIED_READ_FAULTS` are
+    retried here, with the same number of attempts (`S3Retry.max_attempts`) and exponential backoff.
+    """
+    import time
+
+    attempts = getattr(getattr(filesystem, "retry", None), "max_attempts", 1)
+    for attempt in range(attempts):
+        try:
+            with filesystem.open_input_stream(path) as f:
+                return f.read()
+        except OSError as err:
+            if attempt + 1 >= attempts or not any(t in str(err) for t in UNRETRIED_READ_FAULTS):
+                raise
+            time.sleep(min(0.05 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
+
+
 def s3_filesystem(options: dict | None = None, retry: S3Retry | None = None) -> pafs.S3FileSystem:
     opts = s3_options_from_env(options)
     kwargs: dict = {"region": opts.get("region") or "us-east-1"}

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pyarrow import fs as pafs
 
 from . import tables
-from .io import TABLES_DIR, to_uri
+from .io import TABLES_DIR, read_small_file, to_uri
 
 MARKER_DIR = "_units"  # leading underscore: Parquet dataset readers skip it
 PARTS_DIR = "_parts"  # staging parts of shards being written
@@ -139,8 +139,7 @@ def committed(out_fs: pafs.FileSystem, out_root: str, units: list[Unit]) -> set[
     done = set()
     for unit in units:
         if unit.id in present:
-            with out_fs.open_input_stream(marker_path(out_root, unit.id)) as f:
-                marker = json.loads(f.read())
+            marker = json.loads(read_small_file(out_fs, marker_path(out_root, unit.id)))  # 503-safe (io.py)
             if marker.get("inputs_digest") == unit.fingerprint():
                 done.add(unit.id)
     return done

@@ -21,7 +21,7 @@ import pytest
 from pyarrow import fs as pafs
 
 from pipeline.cli import main
-from pipeline.io import RetryingS3FileSystem, S3Retry, s3_filesystem
+from pipeline.io import RetryingS3FileSystem, S3Retry, read_small_file, s3_filesystem
 from pipeline.models import ModelSpec
 from pipeline.protect import ProtectConfig
 from pipeline.ray_pipeline import RunSettings, run_protect
@@ -43,6 +43,44 @@ def test_s3_retry_settings_are_validated_and_survive_pickling():
     assert copy.__reduce__()[1][1]["endpoint_override"] == "127.0.0.1:9"
     with pytest.raises(TypeError, match="S3Retry"):
         RunSettings(input="a", output="b", s3_retry={"max_attempts": 3})  # typed, never a dict
+
+
+def test_a_worker_copy_of_the_client_keeps_its_retries(s3_server, s3_bucket):
+    """Through a proxy that faults every request once: 1 attempt fails, 10 survive, also after pickling."""
+    with FaultProxy(s3_server["endpoint_url"], every=1) as proxy:
+        def worker_copy(attempts):  # what a Ray task gets (pyarrow's own pickling would reset it to 3)
+            return pickle.loads(pickle.dumps(s3_filesystem({"endpoint_url": proxy.url}, S3Retry(max_attempts=attempts))))
+
+        with pytest.raises(OSError):
+            with worker_copy(1).open_output_stream(f"{s3_bucket}/once") as f:
+                f.write(b"x")
+        fs = worker_copy(10)
+        # (4 KiB: the AWS SDK writes an error body into the read's own buffer; a 503 on a ranged read smaller
+        # than the ~200-byte SlowDown XML fails as non-retried INTERNAL_FAILURE; see README, S3 faults)
+        payload = bytes(range(256)) * 16
+        with fs.open_output_stream(f"{s3_bucket}/retried") as f:
+            f.write(payload)
+        assert fs.open_input_file(f"{s3_bucket}/retried").read() == payload
+    assert proxy.counts["slowdown"] + proxy.counts["reset"] + proxy.counts["reset_after"] >= 3
+
+
+def test_a_503_on_a_small_read_is_retried_too(s3_server, s3_bucket):
+    """The SDK does not retry a 503 whose XML body is larger than the read (a 180-byte resume marker)."""
+    marker = b'{"unit": "shard-000000", "inputs_digest": "' + b"0" * 120 + b'"}'
+    boto3.client("s3", **s3_server).put_object(Bucket=s3_bucket, Key="small.json", Body=marker)
+
+    class SlowDownOnEveryFirstGet(FaultProxy):
+        def _decide(self, method, path, range_):
+            fault = super()._decide(method, path, range_)
+            return fault and ("slowdown" if method == "GET" else None)
+
+    with SlowDownOnEveryFirstGet(s3_server["endpoint_url"], every=1) as proxy:
+        fs = s3_filesystem({"endpoint_url": proxy.url})
+        with pytest.raises(OSError, match="Failed to flush response stream"):
+            with fs.open_input_stream(f"{s3_bucket}/small.json") as f:  # what pyarrow alone does
+                f.read()
+        proxy._seen.clear()
+        assert read_small_file(fs, f"{s3_bucket}/small.json") == marker
 
 
 @pytest.mark.slow
