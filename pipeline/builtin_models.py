@@ -532,6 +532,30 @@ def _build_pipeline(name: str):
     return pipe
 
 
+def announce_build(name: str, target: Path) -> None:
+    """One line on stderr while a built-in is generated (the first run would otherwise sit silent)."""
+    import sys
+
+    print(f"mimicshield: generating built-in model {name} (first use, about a minute; kept in {target.parent})...",
+          file=sys.stderr, flush=True)
+
+
+class _no_save_progress_bar:
+    """transformers' "Writing model shards" bar (text encoders) is noise next to `announce_build`'s line."""
+
+    def __enter__(self):
+        from transformers.utils import logging as tlog
+
+        self.was_enabled = tlog.is_progress_bar_enabled()
+        tlog.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as tlog
+
+        if self.was_enabled:
+            tlog.enable_progress_bar()
+
+
 def builtin_model_path(name: str) -> Path:
     """Directory of built-in model `name` in diffusers format, assembled on first use."""
     if name not in CONFIGS:
@@ -549,8 +573,11 @@ def cached_pipeline_dir(target: Path, build) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    announce_build(target.name, target)
     try:
-        build().save_pretrained(tmp, safe_serialization=True)
+        pipe = build()
+        with _no_save_progress_bar():
+            pipe.save_pretrained(tmp, safe_serialization=True)
         try:
             tmp.rename(target)
         except OSError:

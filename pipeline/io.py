@@ -9,7 +9,10 @@ One path for data. An input or output is a URI:
 S3 goes through `pyarrow.fs.S3FileSystem` with endpoint, region and credentials taken from
 `s3_options` or from the standard AWS environment variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` /
-``AWS_DEFAULT_REGION``), so AWS S3, MinIO and moto all work the same way.
+``AWS_DEFAULT_REGION``), so AWS S3, MinIO and moto all work the same way. Every S3 request (listings,
+reads in Ray tasks, shard parts, tables, markers) is retried on transient faults (503 SlowDown, 500,
+connection resets, timeouts) as `S3Retry` says: the AWS SDK's standard retry strategy with
+exponential backoff, 10 attempts by default.
 
 `read_samples(uri)` gives a Ray Dataset with one row per sample and the columns
 
@@ -105,7 +108,73 @@ def public_s3_options(options: dict | None) -> dict:
     return {"endpoint_url": opts.get("endpoint_url"), "region": opts.get("region")}
 
 
-def s3_filesystem(options: dict | None = None) -> pafs.S3FileSystem:
+@dataclass(frozen=True)
+class S3Retry:
+    """How the pipeline's S3 client rides out transient faults (validated once, when built).
+
+    `max_attempts` counts the first try: AWS's standard retry strategy (exponential backoff with
+    jitter) retries throttling (503 SlowDown), 5xx answers, connection resets and timeouts, never
+    403/404. The timeouts are per connection attempt and per socket read.
+    """
+
+    max_attempts: int = 10
+    connect_timeout_s: float = 10.0
+    request_timeout_s: float = 60.0
+
+    def __post_init__(self):
+        if int(self.max_attempts) != self.max_attempts or self.max_attempts < 1:
+            raise ValueError(f"--s3-max-attempts must be an integer >= 1, got {self.max_attempts!r}")
+        for name in ("connect_timeout_s", "request_timeout_s"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"S3Retry.{name} must be > 0 seconds")
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """`pyarrow.fs.S3FileSystem` that keeps its `S3Retry` when pickled to Ray workers.
+
+    (pyarrow's own pickling drops `retry_strategy`: a worker would fall back to 3 attempts.)
+    """
+
+    def __init__(self, retry: S3Retry, **kwargs):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=int(retry.max_attempts)),
+                         connect_timeout=float(retry.connect_timeout_s), request_timeout=float(retry.request_timeout_s),
+                         **kwargs)
+        self.retry, self._kwargs = retry, kwargs
+
+    def __reduce__(self):
+        return RetryingS3FileSystem._rebuild, (self.retry, self._kwargs)
+
+    @staticmethod
+    def _rebuild(retry: S3Retry, kwargs: dict) -> "RetryingS3FileSystem":
+        return RetryingS3FileSystem(retry, **kwargs)
+
+
+# what the AWS SDK reports, without retrying, when a 503 answers a read smaller than the error's XML body
+# (it writes the body into the read's own buffer, which overflows: "Failed to flush response stream")
+UNRETRIED_READ_FAULTS = ("Failed to flush response stream",)
+
+
+def read_small_file(filesystem: pafs.FileSystem, path: str) -> bytes:
+    """The whole of a small file (a marker, a few hundred bytes), retried where the SDK does not.
+
+    The filesystem's own retry strategy covers everything else; only `UNRETRIED_READ_FAULTS` are
+    retried here, with the same number of attempts (`S3Retry.max_attempts`) and exponential backoff.
+    """
+    import time
+
+    attempts = getattr(getattr(filesystem, "retry", None), "max_attempts", 1)
+    for attempt in range(attempts):
+        try:
+            with filesystem.open_input_stream(path) as f:
+                return f.read()
+        except OSError as err:
+            if attempt + 1 >= attempts or not any(t in str(err) for t in UNRETRIED_READ_FAULTS):
+                raise
+            time.sleep(min(0.05 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
+
+
+def s3_filesystem(options: dict | None = None, retry: S3Retry | None = None) -> pafs.S3FileSystem:
     opts = s3_options_from_env(options)
     kwargs: dict = {"region": opts.get("region") or "us-east-1"}
     endpoint = opts.get("endpoint_url")
@@ -120,18 +189,18 @@ def s3_filesystem(options: dict | None = None) -> pafs.S3FileSystem:
         kwargs["secret_key"] = opts["secret_key"]
         if opts.get("session_token"):
             kwargs["session_token"] = opts["session_token"]
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(retry or S3Retry(), **kwargs)
 
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def split_uri(uri: str, s3_options: dict | None = None) -> tuple[pafs.FileSystem, str]:
+def split_uri(uri: str, s3_options: dict | None = None, retry: S3Retry | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) without looking at what is there. S3 paths are ``bucket/key``."""
     if is_s3(uri):
         path = uri[len("s3://") :]
-        return s3_filesystem(s3_options), path if has_pattern(path) else path.rstrip("/")
+        return s3_filesystem(s3_options, retry), path if has_pattern(path) else path.rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise InputError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
     path = uri[len("file://") :] if uri.startswith("file://") else uri
@@ -202,13 +271,14 @@ def _suffix(path: str) -> str:
     return posixpath.splitext(path)[1].lower().lstrip(".")
 
 
-def parse_uri(uri: str, s3_options: dict | None = None) -> tuple[pafs.FileSystem, str, str]:
+def parse_uri(uri: str, s3_options: dict | None = None, retry: S3Retry | None = None
+              ) -> tuple[pafs.FileSystem, str, str]:
     """(filesystem, path, kind) for a URI; kind is "shards" or "folder".
 
     A brace/glob pattern or a ``.tar`` path is "shards"; a directory (or S3 prefix) holding ``.tar``
     files is "shards"; anything else (a folder of images, or one that does not exist yet) is "folder".
     """
-    filesystem, path = split_uri(uri, s3_options)
+    filesystem, path = split_uri(uri, s3_options, retry)
     if has_pattern(path) or path.endswith(SHARD_SUFFIXES):
         return filesystem, path, "shards"
     check_bucket(filesystem, path, uri)

@@ -359,16 +359,11 @@ class ModelSpec:
                 f"unknown model {self.model!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), not a local diffusers "
                 "directory, not a hub id (owner/name)"
             )
-        try:
-            from huggingface_hub import hf_hub_download
+        from .hub import alternatives, hub_problem
 
-            hf_hub_download(self.model, "model_index.json", revision=self.revision)
-        except Exception as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ModelLoadError(
-                f"cannot reach model {self.model!r} on the Hugging Face hub ({type(err).__name__}: {first}). Pass a "
-                f"local diffusers directory or a built-in ({', '.join(BUILTIN_MODELS)})"
-            ) from None
+        problem = hub_problem(self.model, self.revision)  # one short request, no retries (pipeline/hub.py)
+        if problem:
+            raise ModelLoadError(f"cannot use model {self.model!r}: {problem}.\n{alternatives(BUILTIN_MODELS)}")
 
 
 def split_model_ids(model: str) -> list[str]:

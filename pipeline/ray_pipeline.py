@@ -29,15 +29,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
-from tqdm import tqdm
-
 from . import tables
 from .images import DEFAULT_MAX_PIXELS
+from .devices import check_local_device
 from .io import (
-    InputError, TABLES_DIR, check_bucket, image_infos, is_s3, list_shards, parse_uri, pattern_root,
+    InputError, S3Retry, TABLES_DIR, check_bucket, image_infos, is_s3, list_shards, parse_uri, pattern_root,
     public_s3_options, read_paths, split_uri,
 )
+from .logs import init_ray, quiet_data_context
 from .models import ModelSpec
+from .progress import ImageProgress
 from .protect import ProtectConfig, check_ensemble_method
 from .protect.engine import FASTPROTECT_METHODS
 from .records import RunRecord
@@ -86,12 +87,14 @@ class RunSettings:
     actors: int | None = None  # protection actors (default: one per GPU, or 1 on CPU)
     address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray started in-process
     s3: dict = field(default_factory=dict)  # endpoint_url, region, access_key, ... (env otherwise)
+    s3_retry: S3Retry = field(default_factory=S3Retry)  # attempts and timeouts of every S3 request
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_size: int = 256  # files per unit for folder input
     progress: bool = True
     on_bad_shard: str = "skip"  # a shard that cannot be read whole: "skip" (record it, go on) or "fail"
     overwrite: bool = False  # reprocess every unit, whatever OUTPUT holds (else resume, same settings only)
     jpeg_as: str = "jpeg"  # JPEG sources written as "jpeg" (source tables kept) or "png" (budget exact)
+    verbose: bool = False  # Ray's own logs and progress bars on the terminal (pipeline/logs.py)
 
     def __post_init__(self):
         if not isinstance(self.config, ProtectConfig):
@@ -112,6 +115,8 @@ class RunSettings:
             raise ValueError(f"--steps 0 with {self.config.method} would write the PGD start ("
                              f"{'random noise' if self.config.init == 'random' else 'the clean image'}) as protected; "
                              "give --steps >= 1")
+        if not isinstance(self.s3_retry, S3Retry):
+            raise TypeError(f"s3_retry must be an S3Retry, got {type(self.s3_retry).__name__}")
 
     def fingerprint(self) -> dict:
         """Everything that changes the bytes a unit's outputs hold (recorded in each unit's marker)."""
@@ -206,7 +211,7 @@ def preflight(s: RunSettings) -> Plan:
 
     (Method, budget, dtype and the other options were validated when the settings were built.)
     """
-    in_fs, in_path, kind = parse_uri(s.input, s.s3)
+    in_fs, in_path, kind = parse_uri(s.input, s.s3, s.s3_retry)
     if kind == "shards":
         paths, root = list_shards(in_fs, in_path, s.input), pattern_root(in_path)  # a .tar path: its folder
         identity = {i.path: input_identity(i) for i in in_fs.get_file_info(paths)}
@@ -217,7 +222,7 @@ def preflight(s: RunSettings) -> Plan:
         paths, identity = [i.path for i in infos], {i.path: input_identity(i) for i in infos}
     if not paths:
         raise InputError(f"no {'shards' if kind == 'shards' else 'images'} found at {s.input}")
-    out_fs, out_root = split_uri(s.output, s.s3)
+    out_fs, out_root = split_uri(s.output, s.s3, s.s3_retry)
     if out_root.endswith(".tar") or "{" in out_root:
         raise InputError(f"OUTPUT must be a folder or prefix, got {s.output}")
     check_bucket(out_fs, out_root, s.output)
@@ -252,12 +257,12 @@ def check_same_settings(markers: dict, current: dict, output: str) -> None:
 # ---------------------------------------------------------------- Ray
 
 
-def ensure_ray(address: str | None):
+def ensure_ray(address: str | None, verbose: bool = False):
     import ray
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        init_ray(address, verbose, include_dashboard=False)
     return ray
 
 
@@ -289,7 +294,7 @@ def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord):
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows come back in input order: units commit one by one
-    ctx.enable_progress_bars = s.progress
+    quiet_data_context(ctx, s.verbose, s.progress)
     paths = [p for unit in pending for p in unit.inputs]
     ds = read_paths(plan.in_fs, paths, plan.kind, root=plan.in_root, with_members=True)
     # CPU stages reserve a worker's own memory (torch, codecs: about 0.5 GiB) plus what a largest allowed
@@ -361,8 +366,9 @@ class _Receiver:
         self.reasons: Counter = Counter()  # error reason -> samples
         self.fingerprint = self.settings.fingerprint() if self.settings is not None else None
         self.writer_nodes: dict[str, int] = {}
-        self.bar = tqdm(total=len(self.pending), unit="shard" if self.plan.kind == "shards" else "chunk",
-                        desc="committed", disable=not self.progress, file=sys.stderr)
+        images = None if self.plan.kind == "shards" else sum(len(u.inputs) for u in self.pending)
+        self.bar = ImageProgress(images, len(self.pending), "shards" if self.plan.kind == "shards" else "chunks",
+                                 enabled=self.progress)
 
     def add(self, row: dict) -> None:
         idx = self.order[row["unit"]]
@@ -374,6 +380,7 @@ class _Receiver:
             self.failed[row["unit"]] = row["reason"] or "unreadable"
             return
         res.counts.samples += 1
+        self.bar.sample(error=bool(row["stage"]))
         if row["stage"]:
             self.reasons[row["reason"] or "unknown"] += 1
             res.counts.errors += 1
@@ -423,8 +430,7 @@ class _Receiver:
             self.counts["samples_in"] += c.samples
             self.counts["samples_written"] += c.written
             self.counts["errors"] += c.errors
-            self.bar.update(1)
-            self.bar.set_postfix(samples=self.counts["samples_in"], errors=self.counts["errors"])
+            self.bar.unit_done()
             if self.fault_after and self.counts["units_done"] >= self.fault_after:
                 raise InjectedFault(f"{FAULT_ENV}={self.fault_after}: stopping after {self.fault_after} units")
 
@@ -463,6 +469,8 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     run = RunRecord(run_id=started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6], config=s.config,
                     model=s.model, version=versions()["mimicshield"])
+    if not (s.address or os.environ.get("RAY_ADDRESS")):
+        check_local_device(s.model.device)  # --device cuda without a GPU here: say so before Ray starts
     plan = preflight(s)
     s.model.check()  # every model of an ensemble (--model A,B)
     pending = [u for u in plan.units if u.id not in plan.done]
@@ -474,7 +482,7 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
         if pending:
             if plan.kind == "shards":
                 clear_parts(plan.out_fs, plan.out_root, {u.id for u in pending})  # left by an interrupted run
-            ensure_ray(s.address)
+            ensure_ray(s.address, s.verbose)
             ds, device = build_dataset(s, plan, pending, run)
             receiver = _Receiver(plan, run, pending, remote_assembler(assembled_on), s.progress,
                                  int(os.environ.get(FAULT_ENV, "0") or 0), settings=s, log=log)

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pyarrow import fs as pafs
 
 from . import tables
-from .io import IMAGE_SUFFIXES, TABLES_DIR, to_uri
+from .io import IMAGE_SUFFIXES, TABLES_DIR, read_small_file, to_uri
 
 MARKER_DIR = "_units"  # leading underscore: Parquet dataset readers skip it
 PARTS_DIR = "_parts"  # staging parts of shards being written
@@ -159,8 +159,7 @@ def read_markers(out_fs: pafs.FileSystem, out_root: str, units: list[Unit]) -> d
     markers = {}
     for unit in units:
         if unit.id in present:
-            with out_fs.open_input_stream(marker_path(out_root, unit.id)) as f:
-                markers[unit.id] = json.loads(f.read())
+            markers[unit.id] = json.loads(read_small_file(out_fs, marker_path(out_root, unit.id)))  # 503-safe (io.py)
     return markers
 
 

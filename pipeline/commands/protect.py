@@ -109,6 +109,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                    help="S3 endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS_ENDPOINT_URL); "
                    "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     r.add_argument("--region", default=None, help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
+    r.add_argument("--s3-max-attempts", type=int, default=10, help="tries of each S3 request, transient faults "
+                   "(503 SlowDown, resets, timeouts) retried with backoff (default 10)")
     r.add_argument("--max-pixels", type=int, default=64_000_000,
                    help="refuse larger images before decoding (decompression bombs; default 64e6)")
     r.add_argument("--chunk-size", type=int, default=256, help="files per resumable unit for folder input (default 256)")
@@ -121,6 +123,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--jpeg-as", choices=["jpeg", "png"], default="jpeg",
                    help="JPEG inputs: written as JPEG with the source's tables (L-inf may exceed --eps after "
                    "compression; reported) or as PNG under the same key (the budget holds exactly) (default jpeg)")
+    r.add_argument("--verbose", action="store_true", help="show Ray's own logs, warnings and progress bars "
+                   "(kept off the terminal by default; always in /tmp/ray/session_latest/logs/)")
 
 
 def load_config_file(path: str) -> dict:
@@ -177,6 +181,7 @@ def apply_config_file(args: argparse.Namespace) -> dict:
 
 def settings_from_args(args: argparse.Namespace):
     """The run's typed settings (`ProtectConfig`, `ModelSpec`, `RunSettings`), each built and validated once."""
+    from ..io import S3Retry
     from ..ray_pipeline import RunSettings
 
     s3 = apply_config_file(args)
@@ -188,9 +193,10 @@ def settings_from_args(args: argparse.Namespace):
         s3["region"] = args.region
     return RunSettings(
         input=str(args.input), output=str(args.output), config=config_from_args(args), model=model_from_args(args),
-        batch_size=args.batch_size, actors=args.actors, address=args.address, s3=s3, max_pixels=args.max_pixels,
-        chunk_size=args.chunk_size, progress=not args.no_progress, on_bad_shard=args.on_bad_shard,
-        overwrite=bool(args.overwrite), jpeg_as=args.jpeg_as,
+        batch_size=args.batch_size, actors=args.actors, address=args.address, s3=s3,
+        s3_retry=S3Retry(max_attempts=getattr(args, "s3_max_attempts", 10)), max_pixels=args.max_pixels,
+        chunk_size=args.chunk_size, progress=not args.no_progress, verbose=bool(getattr(args, "verbose", False)),
+        on_bad_shard=args.on_bad_shard, overwrite=bool(args.overwrite), jpeg_as=args.jpeg_as,
     )
 
 

@@ -1,0 +1,87 @@
+"""What Ray prints on the user's terminal: quiet by default, everything with `--verbose`.
+
+A protect run on a laptop should show one progress bar and a summary. Ray would add, unasked:
+
+- its own INFO lines (``Starting execution of Dataset ...``, the execution plan) and, when stdout is
+  not a terminal, a dump of every operator's state every 10 s (``logging_progress.py``);
+- one progress bar per Ray Data operator;
+- the stdout/stderr of every worker, forwarded to the driver (``log_to_driver``);
+- C++ ERROR lines of the core worker that are not errors for us, such as ``core_worker.cc: Actor with
+  class name: 'MapWorker(...)' has constructor arguments in the object store and max_restarts > 0``
+  (ray-project/ray#57733: Ray Data's own actors trigger it).
+
+`quiet_ray(verbose)` turns these off before `ray.init` (the C++ level is read by each Ray process
+when it starts, from ``RAY_BACKEND_LOG_LEVEL``; a value the user set is kept; in a local Ray this
+also keeps the C++ INFO-ERROR lines out of Ray's log files), `init_ray` starts it with
+`ray_init_options` (and keeps the one line each C++ process prints about that level off the
+terminal, replaying what it held back if `ray.init` fails) and `quiet_data_context` does the rest. Errors still reach the user: a failed task raises in the
+driver, whose one-line reason the CLI prints (`ray_pipeline.short_error`). With `--verbose` nothing is
+changed, and Ray's full logs are always under ``/tmp/ray/session_latest/logs/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+
+QUIET_BACKEND_LEVEL = "fatal"  # C++ (raylet, core worker): only what stops a process
+QUIET_PYTHON_LEVEL = logging.ERROR  # the "ray" and "ray.data" Python loggers
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Before `ray.init`: keep Ray's C++ log lines off the terminal unless `verbose`."""
+    if not verbose:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", QUIET_BACKEND_LEVEL)
+
+
+def ray_init_options(verbose: bool) -> dict:
+    """Keyword arguments for `ray.init` that set how much of Ray's output reaches the driver."""
+    if verbose:
+        return {"logging_level": logging.INFO, "log_to_driver": True}
+    return {"logging_level": QUIET_PYTHON_LEVEL, "log_to_driver": False}
+
+
+def quiet_data_context(ctx, verbose: bool, progress: bool = True) -> None:
+    """Ray Data's own progress bars, start banner and INFO logs: only with `verbose` (bars: and `progress`)."""
+    ctx.enable_progress_bars = verbose and progress
+    ctx.print_on_execution_start = verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else QUIET_PYTHON_LEVEL)
+
+
+@contextlib.contextmanager
+def held_stderr(enabled: bool = True):
+    """Hold back what this process writes to file descriptor 2 (C++ included) while the block runs.
+
+    The held text is dropped when the block succeeds and written to stderr when it raises.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def init_ray(address: str | None, verbose: bool, **options):
+    """`ray.init` with the terminal kept quiet unless `verbose` (see the module doc)."""
+    import ray
+
+    quiet_ray(verbose)
+    with held_stderr(enabled=not verbose):
+        return ray.init(address=address, **ray_init_options(verbose), **options)

@@ -1,0 +1,83 @@
+"""What a person sees: a per-image bar, a summary, one line while a built-in is generated, no Ray noise."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.logs import held_stderr, quiet_data_context, ray_init_options
+from pipeline.progress import ImageProgress
+from pipeline.sample_data import photo_samples
+
+RAY_NOISE = ("INFO", "WARNING", "core_worker.cc", "logging_progress", "Set ray log level", "Writing model shards",
+             "Traceback", "(pid=")
+
+
+def test_image_progress_counts_images_not_units():
+    out = io.StringIO()
+    bar = ImageProgress(5, units=1, unit_name="chunks", file=out)
+    for i in range(5):
+        bar.sample(error=(i == 3))
+    bar.unit_done()
+    bar.close()
+    assert (bar.images, bar.errors, bar.units_done) == (5, 1, 1)
+    final = out.getvalue().split("\r")[-1]
+    assert "5/5" in final and "1/1 chunks committed, 1 errors" in final
+    silent = io.StringIO()
+    ImageProgress(None, 2, "shards", enabled=False, file=silent).close()
+    assert silent.getvalue() == ""
+
+
+def test_ray_output_settings_quiet_by_default_verbose_brings_them_back():
+    from ray.data import DataContext
+
+    assert ray_init_options(False) == {"logging_level": logging.ERROR, "log_to_driver": False}
+    assert ray_init_options(True)["log_to_driver"] is True
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start)
+    quiet_data_context(ctx, verbose=False)
+    assert not ctx.enable_progress_bars and not ctx.print_on_execution_start
+    assert logging.getLogger("ray.data").level == logging.ERROR
+    quiet_data_context(ctx, verbose=True)
+    assert ctx.enable_progress_bars and ctx.print_on_execution_start
+    assert logging.getLogger("ray.data").level == logging.INFO
+    quiet_data_context(ctx, verbose=False)
+    ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+
+
+def test_held_stderr_drops_on_success_replays_on_failure(capfd):
+    with held_stderr():
+        os.write(2, b"C++ chatter\n")
+    assert capfd.readouterr().err == ""
+    with pytest.raises(RuntimeError):
+        with held_stderr():
+            os.write(2, b"why it failed\n")
+            raise RuntimeError("init failed")
+    assert capfd.readouterr().err == "why it failed\n"
+
+
+@pytest.mark.slow
+def test_cli_run_shows_a_bar_per_image_and_no_ray_noise(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for sample in photo_samples(3):
+        (src / f"{sample['__key__']}.png").write_bytes(sample["png"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIMICSHIELD_CACHE": str(tmp_path / "cache")}  # a first use
+    for name in ("RAY_ADDRESS", "RAY_BACKEND_LOG_LEVEL"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "protect", str(src), str(tmp_path / "out"),
+                           "--model", "tiny", "--steps", "2", "--device", "cpu"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 samples in, 3 protected, 0 errors" in proc.stdout
+    err = proc.stderr
+    assert err.count("generating built-in model tiny (first use") == 1
+    assert "3/3" in err  # the bar counts images (a 3-image folder: not 0/1)
+    assert "img" in err and "1/1 chunks committed" in err
+    noise = [line for line in err.replace("\r", "\n").splitlines() if any(n in line for n in RAY_NOISE)]
+    assert not noise, noise
