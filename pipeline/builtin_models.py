@@ -560,10 +560,10 @@ def builtin_model_path(name: str) -> Path:
     """Directory of built-in model `name` in diffusers format, assembled on first use."""
     if name not in CONFIGS:
         raise KeyError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
-    return cached_pipeline_dir(cache_root() / f"{name}-{BUILTIN_VERSION}", lambda: _build_pipeline(name))
+    return cached_pipeline_dir(cache_root() / f"{name}-{BUILTIN_VERSION}", lambda: _build_pipeline(name), name)
 
 
-def cached_pipeline_dir(target: Path, build) -> Path:
+def cached_pipeline_dir(target: Path, build, name: str) -> Path:
     """`target`, a diffusers directory that `build()`'s pipeline is saved to once, atomically.
 
     The pipeline is saved into a temporary sibling and renamed into place, so concurrent builders
@@ -573,7 +573,7 @@ def cached_pipeline_dir(target: Path, build) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    announce_build(target.name, target)
+    announce_build(name, target)
     try:
         pipe = build()
         with _no_save_progress_bar():

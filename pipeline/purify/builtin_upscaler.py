@@ -49,4 +49,4 @@ def builtin_upscaler_path() -> Path:
     """Directory of the built-in upscaler (diffusers format), generated on first use."""
     from ..builtin_models import cache_root, cached_pipeline_dir
 
-    return cached_pipeline_dir(cache_root() / f"{NAME}-{VERSION}", _build)
+    return cached_pipeline_dir(cache_root() / f"{NAME}-{VERSION}", _build, NAME)
