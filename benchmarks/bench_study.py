@@ -3,6 +3,7 @@
     python benchmarks/bench_study.py cells     # seconds per purification (per image) and per cell
     python benchmarks/bench_study.py scaling   # the mimic phase with 1, 2, 4 Ray workers (Cluster simulation)
     python benchmarks/bench_study.py table     # protection retained, default grid (+ sds-+eot), held-out photos
+    python benchmarks/bench_study.py eot       # photoguard vs photoguard+eot at eps 16 under jpeg/resize/noise
 
 Held-out photos: crops of scikit-image's bundled photos the tiny model never saw in training
 (`pipeline.builtin_training.HELD_OUT`: rocket, motorcycle), at 64 x 64.
@@ -156,13 +157,39 @@ def bench_table(args) -> dict:
             "protect_seconds": runs, "report": f"{output}/report.html"}
 
 
+def bench_eot(args) -> dict:
+    """photoguard vs photoguard+eot at eps 16: protection retained under the purifications EOT targets."""
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+    from pipeline.study.report import read_table, retained
+
+    photos = held_out_photos(args.images)
+    output = str(ROOT / "out" / "bench-study-eot")
+    clean = write_folder(photos, ROOT / "out" / "bench-study-eot-clean")
+    t = time.perf_counter()
+    main(study_args(clean, output, ["photoguard", "photoguard+eot"], [16], ["none", "jpeg:75", "resize:2", "noise:0.05"],
+                    ["--steps", str(args.steps), "--ddim-steps", "20", "--eot-samples", "4",
+                     "--eot", "jpeg:50-95,resize:0.5-1,noise:0-0.05"]))
+    seconds = time.perf_counter() - t
+    r = retained(read_table(output))
+    runs = {p.name: sum(x["seconds"] for x in pq.read_table(p / "tables" / "runs").to_pylist()
+                        if x["status"] == "completed" and x["units_done"])
+            for p in (Path(output) / "protected").iterdir()}
+    return {"images": len(photos), "protect_steps": args.steps, "eot_samples": 4, "study_seconds": seconds,
+            "retained": {m: dict(zip(g["purification"], [round(float(x), 3) for x in g["retained"]]))
+                         for m, g in r.groupby("method")},
+            "damage_psnr_db": {f"{m}/{p}": round(float(d), 3) for m, p, d in zip(r["method"], r["purification"], r["damage"])},
+            "protect_seconds": runs}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("part", choices=["cells", "scaling", "table"])
+    p.add_argument("part", choices=["cells", "scaling", "table", "eot"])
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--steps", type=int, default=20, help="PGD steps per protection")
     args = p.parse_args(argv)
-    result = {"cells": bench_cells, "scaling": bench_scaling, "table": bench_table}[args.part](args)
+    result = {"cells": bench_cells, "scaling": bench_scaling, "table": bench_table, "eot": bench_eot}[args.part](args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"study_{args.part}.json"
     path.write_text(json.dumps(result, indent=1))
