@@ -297,23 +297,27 @@ def pattern_root(path: str) -> str:
 
 def list_shards(filesystem: pafs.FileSystem, path: str, uri: str | None = None) -> list[str]:
     """Every shard path of a shard URI, in a stable order (missing pattern members are an error)."""
+    return [i.path for i in shard_infos(filesystem, path, uri)]
+
+
+def shard_infos(filesystem: pafs.FileSystem, path: str, uri: str | None = None) -> list[pafs.FileInfo]:
+    """`list_shards` with each shard's size and mtime, from the listing itself (no second request)."""
     uri = uri or to_uri(filesystem, path)
     if "{" in path:
-        shards = expand_braces(path)
-        infos = [file_info(filesystem, p, uri) for p in shards]
+        infos = [file_info(filesystem, p, uri) for p in expand_braces(path)]
         missing = [to_uri(filesystem, i.path) for i in infos if i.type != pafs.FileType.File]
         if missing:
             raise InputError(f"{len(missing)} shard(s) of {uri} not found, e.g. {missing[0]}")
-        return shards
+        return infos
     if any(c in path for c in "*?["):
         import fnmatch
 
         root = pattern_root(path)
-        return sorted(i.path for i in _walk(filesystem, root, uri) if fnmatch.fnmatch(i.path, path))
+        return sorted((i for i in _walk(filesystem, root, uri) if fnmatch.fnmatch(i.path, path)), key=lambda i: i.path)
     info = file_info(filesystem, path, uri)
     if info.type == pafs.FileType.File:
-        return [path]
-    return sorted(i.path for i in _walk(filesystem, path, uri) if i.path.endswith(SHARD_SUFFIXES))
+        return [info]
+    return sorted((i for i in _walk(filesystem, path, uri) if i.path.endswith(SHARD_SUFFIXES)), key=lambda i: i.path)
 
 
 def list_images(filesystem: pafs.FileSystem, path: str, uri: str | None = None) -> list[str]:

@@ -33,7 +33,7 @@ from . import tables
 from .images import DEFAULT_MAX_PIXELS
 from .devices import check_local_device
 from .io import (
-    InputError, S3Retry, TABLES_DIR, check_bucket, image_infos, is_s3, list_shards, parse_uri, pattern_root,
+    InputError, S3Retry, TABLES_DIR, check_bucket, image_infos, is_s3, parse_uri, pattern_root, shard_infos,
     public_s3_options, read_paths, split_uri,
 )
 from .logs import init_ray, quiet_data_context
@@ -213,8 +213,8 @@ def preflight(s: RunSettings) -> Plan:
     """
     in_fs, in_path, kind = parse_uri(s.input, s.s3, s.s3_retry)
     if kind == "shards":
-        paths, root = list_shards(in_fs, in_path, s.input), pattern_root(in_path)  # a .tar path: its folder
-        identity = {i.path: input_identity(i) for i in in_fs.get_file_info(paths)}
+        infos, root = shard_infos(in_fs, in_path, s.input), pattern_root(in_path)  # a .tar path: its folder
+        paths, identity = [i.path for i in infos], {i.path: input_identity(i) for i in infos}
     else:
         if in_fs.get_file_info(in_path).type.name == "NotFound":
             raise InputError(f"input not found: {s.input}")
