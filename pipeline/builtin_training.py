@@ -55,15 +55,29 @@ def _to_tensor(img: np.ndarray) -> torch.Tensor:
 
 
 class PhotoCrops:
-    """Random square crops of some photos at random scale, flipped at random, resized to `size`."""
+    """Random square crops of some photos at random scale, flipped at random, resized to `size`.
 
-    def __init__(self, names, seed: int = SEED):
+    `colour=True` also varies colour, since only a few bundled photos are in colour and a VAE trained
+    on them alone renders smooth colour areas (sky, gradients) worse than bicubic upsampling does:
+    a grayscale photo becomes a random two-colour gradient (a + (b - a) * gray, a and b random RGB),
+    and a colour photo gets its channels permuted at random.
+    """
+
+    def __init__(self, names, seed: int = SEED, colour: bool = False):
         self.names = tuple(names)
         self.photos = [_to_tensor(load_photo(n)) for n in self.names]
+        self.grey = [bool((p[0] == p[1]).all() and (p[1] == p[2]).all()) for p in self.photos]
         self.gen = torch.Generator().manual_seed(seed)
+        self.colour = colour
 
     def _int(self, lo: int, hi: int) -> int:  # uniform in [lo, hi)
         return int(torch.randint(lo, hi, (1,), generator=self.gen))
+
+    def _recolour(self, crop: torch.Tensor, grey: bool) -> torch.Tensor:
+        if grey:
+            a, b = torch.rand(2, 1, 3, 1, 1, generator=self.gen)
+            return a + (b - a) * crop[:, :1]
+        return crop[:, torch.randperm(3, generator=self.gen)]
 
     def sample(self, n: int, size: int) -> tuple[torch.Tensor, list[int]]:
         """(n x 3 x size x size images in [0, 1], index of each crop's photo)."""
@@ -78,6 +92,8 @@ class PhotoCrops:
             crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             if self._int(0, 2):
                 crop = crop.flip(-1)
+            if self.colour:
+                crop = self._recolour(crop, self.grey[i])
             crops.append(crop[0].clamp(0, 1))
             which.append(i)
         return torch.stack(crops), which
@@ -126,6 +142,7 @@ class VAETraining:  # the shipped weights used: steps 6000, decay, ema 0.999 (bu
     decay: bool = False  # cosine decay of the learning rate to lr_min over `steps` (else constant)
     lr_min: float = 2e-5
     ema: float = 0.0  # > 0: keep an exponential moving average of the weights (e.g. 0.999) and ship it
+    colour: bool = False  # recolour the crops (PhotoCrops): smooth colour areas are what a VAE of few colour photos misses
 
 
 def _lr_factor(step: int, steps: int, warmup: int, decay: bool = False, floor: float = 0.0) -> float:
@@ -139,7 +156,7 @@ def _lr_factor(step: int, steps: int, warmup: int, decay: bool = False, floor: f
 def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED, stage: str = "vae") -> list[dict]:
     """Train `vae` in place on TRAIN_PHOTOS crops; returns the curve (held-out PSNR/SSIM at 64 px)."""
     torch.manual_seed(seed)
-    data = PhotoCrops(TRAIN_PHOTOS, seed)
+    data = PhotoCrops(TRAIN_PHOTOS, seed, colour=cfg.colour)
     held_out = held_out_images(64)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     floor = cfg.lr_min / cfg.lr
@@ -339,8 +356,11 @@ def train_builtin(out: Path, vae_cfg: VAETraining, unet_cfg: UNetTraining, inpai
 
     parts = bm.random_parts("tiny")
     vae = parts["vae"]
-    if vae_init:
-        vae.load_state_dict({k: v.float() for k, v in load_file(vae_init).items()})
+    if vae_init:  # a VAE checkpoint, or a packed weights file (its ``vae.*`` tensors)
+        init = load_file(vae_init)
+        if any(k.startswith("vae.") for k in init):
+            init = {k[len("vae."):]: v for k, v in init.items() if k.startswith("vae.")}
+        vae.load_state_dict({k: v.float() for k, v in init.items()})
     ckpt = out / "vae-checkpoint.safetensors"
     if vae_cfg.steps:
         train_vae(vae, vae_cfg, log=log, checkpoint=lambda step, model: save_file(model.state_dict(), ckpt), seed=vae_seed,
@@ -378,6 +398,7 @@ def main(argv=None) -> None:
     p.add_argument("--vae-crop", type=int, default=VAETraining.crop, help="training crop side in px")
     p.add_argument("--vae-decay", action="store_true", help="cosine-decay the VAE's learning rate over its steps")
     p.add_argument("--vae-ema", type=float, default=0.0, help="ship an EMA of the VAE's weights (e.g. 0.999)")
+    p.add_argument("--vae-colour", action="store_true", help="recolour the VAE's training crops (see PhotoCrops)")
     p.add_argument("--vae-eval-every", type=int, default=VAETraining.eval_every)
     p.add_argument("--vae-seed", type=int, default=SEED, help="seed of the VAE's crops (another one for a second phase)")
     p.add_argument("--vae-init", type=Path, help="start the VAE from these weights (a second phase)")
@@ -392,7 +413,8 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     train_builtin(a.out, VAETraining(steps=a.vae_steps, batch=a.vae_batch, lr=a.vae_lr, crop=a.vae_crop,
-                                          decay=a.vae_decay, ema=a.vae_ema, eval_every=a.vae_eval_every),
+                                          decay=a.vae_decay, ema=a.vae_ema, eval_every=a.vae_eval_every,
+                                          colour=a.vae_colour),
                   UNetTraining(steps=a.unet_steps, batch=a.unet_batch, decay=a.unet_decay),
                   UNetTraining(steps=a.inpaint_steps, batch=a.unet_batch, decay=a.unet_decay),
                   pool_size=a.pool, vae_init=a.vae_init, vae_seed=a.vae_seed, vae_only=a.vae_only)

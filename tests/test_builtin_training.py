@@ -27,6 +27,19 @@ def test_held_out_photos_are_not_trained_on():
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) >= 64
 
 
+def test_recoloured_crops_put_colour_into_grayscale_photos_and_keep_colour_photos_content():
+    plain = bt.PhotoCrops(["camera", "coffee"], seed=3).sample(8, 32)[0]
+    recoloured = bt.PhotoCrops(["camera", "coffee"], seed=3, colour=True).sample(8, 32)[0]
+    assert recoloured.shape == plain.shape and 0 <= float(recoloured.min()) and float(recoloured.max()) <= 1
+    for a, b in zip(plain, recoloured):  # same crops (the colour draws come after each crop's own)
+        if torch.equal(a[0], a[1]) and torch.equal(a[1], a[2]):  # grayscale camera: a two-colour gradient of it
+            assert not torch.equal(b[0], b[1]) or not torch.equal(b[1], b[2])
+            for c in range(3):  # each channel is an affine map of the gray values
+                assert torch.corrcoef(torch.stack([a[0].flatten(), b[c].flatten()]))[0, 1].abs() > 0.99 or b[c].std() < 1e-6
+        else:  # coffee: the same channels, in some order
+            assert sorted(float(ch.sum()) for ch in a) == pytest.approx(sorted(float(ch.sum()) for ch in b))
+
+
 def test_shipped_weights_match_their_recorded_sha256():
     path = bm.WEIGHTS_DIR / bm.WEIGHTS_NAME
     assert path.stat().st_size < 16 * 2**20  # a few MB inside the package
@@ -97,7 +110,7 @@ def test_training_script_runs_and_its_weights_load(tmp_path):
     from safetensors import safe_open
 
     small = dict(batch=2, warmup=1)
-    path = bt.train_builtin(tmp_path, bt.VAETraining(steps=2, crop=32, eval_every=2, **small),
+    path = bt.train_builtin(tmp_path, bt.VAETraining(steps=2, crop=32, eval_every=2, colour=True, **small),
                             bt.UNetTraining(steps=2, log_every=1, **small), bt.UNetTraining(steps=2, log_every=1, **small),
                             pool_size=4, calibration_crops=8)
     stages = [line.split('"stage": "')[1].split('"')[0] for line in (tmp_path / "curve.jsonl").read_text().splitlines()]

@@ -1,0 +1,95 @@
+"""What the built-in `tiny` has learned, on photos it never saw (not a test).
+
+On ``builtin_training.HELD_OUT`` at 64 x 64 (each photo's centre square + random crops):
+
+- VAE reconstruction E -> D through the posterior mean: PSNR / SSIM, per photo and overall, next to
+  bicubic upsampling of an 8x area-downsampled copy (3 numbers per 8 x 8 block, where the VAE keeps 4:
+  a plain signal-processing yardstick for what a 1/8 latent can hold);
+- SDEdit of the clean image (DDIM, `--ddim-steps`, guidance 1, the project's `SDEdit`) at strengths
+  0.1 / 0.3 / 0.5: PSNR / SSIM of the mimic's output against its input (does the mimic follow it?).
+
+    python benchmarks/bench_builtin_tiny.py            # writes benchmarks/results/builtin_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def vae_figures(vae, crops_per_photo: int) -> dict:
+    import torch.nn.functional as F
+
+    from pipeline import builtin_training as bt
+
+    out = {}
+    for names in [(n,) for n in bt.HELD_OUT] + [bt.HELD_OUT]:
+        x = bt.held_out_images(64, crops_per_photo, names=names)
+        bicubic = F.interpolate(F.interpolate(x, scale_factor=1 / 8, mode="area"), size=64, mode="bicubic").clamp(0, 1)
+        out["+".join(names)] = {"images": len(x), **bt.evaluate_vae(vae, x),
+                                "bicubic_8x_psnr": float(bt.psnr(bicubic, x).mean())}
+    return out
+
+
+def sdedit_figures(strengths, ddim_steps: int, images: int) -> dict:
+    from pipeline import builtin_training as bt
+    from pipeline.builtin_models import builtin_model_path
+    from pipeline.metrics import psnr, ssim
+    from pipeline.mimic.sdedit import SDEdit, SDEditConfig
+
+    x = bt.held_out_images(64, crops_per_photo=images // len(bt.HELD_OUT) - 1)
+    clean = [np.asarray((im.permute(1, 2, 0) * 255).round().byte()) for im in x]
+    out = {}
+    for strength in strengths:
+        sdedit = SDEdit(str(builtin_model_path("tiny")),
+                        SDEditConfig(strengths=(strength,), modes=("ddim",), ddim_steps=ddim_steps),
+                        device="cpu", dtype="fp32")
+        edited = sdedit.run(clean, [f"k{i}" for i in range(len(clean))], source="bench")[0].images
+        out[str(strength)] = {"images": len(clean), "psnr": float(np.mean([psnr(a, b) for a, b in zip(clean, edited)])),
+                              "ssim": float(np.mean([ssim(a, b) for a, b in zip(clean, edited)]))}
+    return out
+
+
+def main(argv=None) -> dict:
+    import torch
+
+    from pipeline.builtin_models import BUILTIN_VERSION, WEIGHTS_NAME, WEIGHTS_SHA256
+    from pipeline.models import load_models
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--crops", type=int, default=8, help="random crops per held-out photo for the VAE (plus its centre)")
+    p.add_argument("--sdedit-images", type=int, default=4)
+    p.add_argument("--ddim-steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "builtin_tiny.json")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    start = time.time()
+    models = load_models("tiny", device="cpu", dtype="fp32")
+    result = {
+        "weights": WEIGHTS_NAME, "sha256": WEIGHTS_SHA256, "builtin_version": BUILTIN_VERSION,
+        "vae": vae_figures(models.vae, a.crops),
+        "sdedit_clean": sdedit_figures((0.1, 0.3, 0.5), a.ddim_steps, a.sdedit_images),
+        "ddim_steps": a.ddim_steps, "seconds": round(time.time() - start, 1),
+        "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
