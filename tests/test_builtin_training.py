@@ -12,10 +12,10 @@ import torch
 from pipeline import builtin_models as bm
 from pipeline import builtin_training as bt
 
-# measured on the shipped weights: 18.49 dB, SSIM 0.556 on these 10 held-out images (19.64 dB, 0.616 on
-# benchmarks/results/builtin_tiny.md's 18); a random VAE scores about 10 dB and SSIM under 0.1
-MIN_VAE_PSNR = 17.0
-MIN_VAE_SSIM = 0.48
+# measured on the shipped weights (v4): 22.07 dB, SSIM 0.586 on these 10 held-out images (23.77 dB, 0.642 on
+# benchmarks/results/builtin_tiny.json's 18); v3 scored 18.49 dB here, a random VAE about 10 dB
+MIN_VAE_PSNR = 21.0
+MIN_VAE_SSIM = 0.53
 
 
 def test_held_out_photos_are_not_trained_on():
@@ -27,17 +27,18 @@ def test_held_out_photos_are_not_trained_on():
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) >= 64
 
 
-def test_recoloured_crops_put_colour_into_grayscale_photos_and_keep_colour_photos_content():
-    plain = bt.PhotoCrops(["camera", "coffee"], seed=3).sample(8, 32)[0]
-    recoloured = bt.PhotoCrops(["camera", "coffee"], seed=3, colour=True).sample(8, 32)[0]
-    assert recoloured.shape == plain.shape and 0 <= float(recoloured.min()) and float(recoloured.max()) <= 1
-    for a, b in zip(plain, recoloured):  # same crops (the colour draws come after each crop's own)
-        if torch.equal(a[0], a[1]) and torch.equal(a[1], a[2]):  # grayscale camera: a two-colour gradient of it
-            assert not torch.equal(b[0], b[1]) or not torch.equal(b[1], b[2])
-            for c in range(3):  # each channel is an affine map of the gray values
-                assert torch.corrcoef(torch.stack([a[0].flatten(), b[c].flatten()]))[0, 1].abs() > 0.99 or b[c].std() < 1e-6
-        else:  # coffee: the same channels, in some order
-            assert sorted(float(ch.sum()) for ch in a) == pytest.approx(sorted(float(ch.sum()) for ch in b))
+def test_recoloured_crops_colour_grayscale_photos_and_permute_colour_ones():
+    for crop in bt.PhotoCrops(["camera"], seed=3, colour=True).sample(6, 32)[0]:
+        assert 0 <= float(crop.min()) and float(crop.max()) <= 1
+        assert not (torch.equal(crop[0], crop[1]) and torch.equal(crop[1], crop[2]))  # no longer gray
+        # a + (b - a) * gray: every channel is an affine map of the same gray values
+        varying = [c.flatten() for c in crop if float(c.std()) > 1e-4]
+        for c in varying[1:]:
+            assert float(torch.corrcoef(torch.stack([varying[0], c]))[0, 1].abs()) > 0.999
+    # a colour photo keeps its channels, in some order (the first crop is drawn alike with and without)
+    plain = bt.PhotoCrops(["coffee"], seed=3).sample(1, 32)[0][0]
+    recoloured = bt.PhotoCrops(["coffee"], seed=3, colour=True).sample(1, 32)[0][0]
+    assert sorted(float(c.sum()) for c in plain) == pytest.approx(sorted(float(c.sum()) for c in recoloured))
 
 
 def test_shipped_weights_match_their_recorded_sha256():
