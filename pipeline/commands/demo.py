@@ -2,7 +2,7 @@
 
 Starts an S3 endpoint on loopback (moto server), uploads WebDataset shards built from
 scikit-image's bundled photos (several sizes, one deliberately corrupt sample), runs protection
-with the built-in `tiny` model through a local Ray (20 PGD steps by default, so it takes about a
+with the built-in `tiny` model through a local Ray (20 PGD steps of 2 by default, so it takes about a
 minute on 2 CPUs), prints the summary, and copies the protected shards and tables out of the
 loopback bucket into a local folder to look at. With --evaluate it ends with a small evaluation:
 SDEdit (DDIM, strength 0.3) of the protected and the clean images by the same
@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--shards", type=int, default=3, help="input shards (default 3)")
     p.add_argument("--samples", type=int, default=8, help="good samples per shard (default 8)")
     p.add_argument("--steps", type=int, default=20, help="PGD steps (default 20: a demo, not real protection)")
+    p.add_argument("--step-size", type=float, default=2.0,
+                   help="PGD step in pixel units (default 2: 20 steps of 2 reach the budget's edge; `protect` defaults to 1)")
     p.add_argument("--method", default="sds-", help="protection method (default sds-)")
     p.add_argument("--eps", type=float, default=16.0, help="L-inf budget in pixel units (default 16)")
     p.add_argument("--model", default="tiny", help="model (default: the built-in tiny model)")
@@ -87,9 +89,11 @@ def run(args: argparse.Namespace) -> int:
         target = f"s3://{BUCKET}/protected/"
         print(f"demo: S3 endpoint {endpoint}, {args.shards} shards uploaded to {source}", file=sys.stderr)
         print(f"demo: protecting with --model {args.model} --method {args.method} --steps {args.steps} "
+              f"--step-size {args.step_size:g} "
               f"(demo settings; real protection uses a real checkpoint and ~100 steps)", file=sys.stderr)
         settings = RunSettings(
-            input=source, output=target, config=ProtectConfig(method=args.method, eps=args.eps, steps=args.steps),
+            input=source, output=target, config=ProtectConfig(method=args.method, eps=args.eps, steps=args.steps,
+                                                            step_size=args.step_size),
             model=ModelSpec(args.model), batch_size=4, progress=not args.no_progress,
             s3={"endpoint_url": endpoint, "region": "us-east-1"},
         )
