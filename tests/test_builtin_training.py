@@ -127,3 +127,11 @@ def test_training_script_runs_and_its_weights_load(tmp_path):
         pipe = StableDiffusionPipeline(**parts, scheduler=bm.scheduler(), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
         bm.load_trained_weights(pipe, name, path)  # strict: every tensor present, none left over
+    # a second VAE phase starts from a packed weights file (as v4's did from v3's) and stops after the VAE
+    ckpt = bt.train_builtin(tmp_path / "phase2", bt.VAETraining(steps=1, crop=32, eval_every=1, colour=True, **small),
+                            bt.UNetTraining(steps=0), bt.UNetTraining(steps=0), vae_init=path, vae_only=True)
+    from safetensors.torch import load_file
+
+    trained, packed = load_file(ckpt), load_file(path)
+    assert set(trained) == {k[len("vae."):] for k in packed if k.startswith("vae.")}
+    assert any(not torch.equal(v, packed[f"vae.{k}"].float()) for k, v in trained.items())  # it trained on from there
