@@ -66,7 +66,7 @@ def bank_cache_dir() -> Path:
 def default_bank_path(model_id: str) -> Path:
     """$MIMICSHIELD_CACHE/banks/<model>-default.safetensors (model id made file-name safe).
 
-    A built-in model's name carries its BUILTIN_VERSION (``tiny-v3-default.safetensors``), so a bank
+    A built-in model's name carries its BUILTIN_VERSION (``tiny-v4-default.safetensors``), so a bank
     trained for an older built-in is never picked up after the built-in's weights change.
     """
     from ..builtin_models import BUILTIN_MODELS, BUILTIN_VERSION
