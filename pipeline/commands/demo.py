@@ -34,7 +34,10 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="PGD steps (default 20: a demo, not real protection)")
     p.add_argument("--step-size", type=float, default=2.0,
                    help="PGD step in pixel units (default 2: 20 steps of 2 reach the budget's edge; `protect` defaults to 1)")
-    p.add_argument("--method", default="sds-", help="protection method (default sds-)")
+    # sdst- (SDS(-) plus the textural term) is the paper's pick against SDEdit, the mimic --evaluate runs;
+    # `protect` defaults to sds-, which moves tiny's SDEdit mimic less visibly (benchmarks/results/efficacy_cpu.md)
+    p.add_argument("--method", default="sdst-",
+                   help="protection method (default sdst-: the strongest against SDEdit; `protect` defaults to sds-)")
     p.add_argument("--eps", type=float, default=16.0, help="L-inf budget in pixel units (default 16)")
     p.add_argument("--model", default="tiny", help="model (default: the built-in tiny model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
