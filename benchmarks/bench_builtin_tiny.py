@@ -49,15 +49,13 @@ def sdedit_figures(strengths, ddim_steps: int, images: int) -> dict:
 
     x = bt.held_out_images(64, crops_per_photo=images // len(bt.HELD_OUT) - 1)
     clean = [np.asarray((im.permute(1, 2, 0) * 255).round().byte()) for im in x]
-    out = {}
-    for strength in strengths:
-        sdedit = SDEdit(str(builtin_model_path("tiny")),
-                        SDEditConfig(strengths=(strength,), modes=("ddim",), ddim_steps=ddim_steps),
-                        device="cpu", dtype="fp32")
-        edited = sdedit.run(clean, [f"k{i}" for i in range(len(clean))], source="bench")[0].images
-        out[str(strength)] = {"images": len(clean), "psnr": float(np.mean([psnr(a, b) for a, b in zip(clean, edited)])),
-                              "ssim": float(np.mean([ssim(a, b) for a, b in zip(clean, edited)]))}
-    return out
+    sdedit = SDEdit(str(builtin_model_path("tiny")),
+                    SDEditConfig(strengths=tuple(strengths), modes=("ddim",), ddim_steps=ddim_steps),
+                    device="cpu", dtype="fp32")
+    outputs = sdedit.run(clean, [f"k{i}" for i in range(len(clean))], source="bench")  # one per strength, in order
+    return {str(strength): {"images": len(clean), "psnr": float(np.mean([psnr(a, b) for a, b in zip(clean, o.images)])),
+                            "ssim": float(np.mean([ssim(a, b) for a, b in zip(clean, o.images)]))}
+            for strength, o in zip(strengths, outputs)}
 
 
 def main(argv=None) -> dict:
