@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 def vae_figures(vae, crops_per_photo: int) -> dict:
     import torch.nn.functional as F
 
-    from pipeline import builtin_training as bt
+    from pipeline.models.builtin import training as bt
 
     out = {}
     for names in [(n,) for n in bt.HELD_OUT] + [bt.HELD_OUT]:
@@ -42,10 +42,10 @@ def vae_figures(vae, crops_per_photo: int) -> dict:
 
 
 def sdedit_figures(strengths, ddim_steps: int, images: int) -> dict:
-    from pipeline import builtin_training as bt
-    from pipeline.builtin_models import builtin_model_path
-    from pipeline.metrics import psnr, ssim
-    from pipeline.mimic.sdedit import SDEdit, SDEditConfig
+    from pipeline.evaluate.mimic.sdedit import SDEdit, SDEditConfig
+    from pipeline.metrics.visibility import psnr, ssim
+    from pipeline.models.builtin import training as bt
+    from pipeline.models.builtin.build import builtin_model_path
 
     x = bt.held_out_images(64, crops_per_photo=images // len(bt.HELD_OUT) - 1)
     clean = [np.asarray((im.permute(1, 2, 0) * 255).round().byte()) for im in x]
@@ -61,8 +61,12 @@ def sdedit_figures(strengths, ddim_steps: int, images: int) -> dict:
 def main(argv=None) -> dict:
     import torch
 
-    from pipeline.builtin_models import BUILTIN_VERSION, WEIGHTS_NAME, WEIGHTS_SHA256
-    from pipeline.models import load_models
+    from pipeline.models.builtin.build import (
+        BUILTIN_VERSION,
+        WEIGHTS_NAME,
+        WEIGHTS_SHA256,
+    )
+    from pipeline.models.loading import load_models
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--crops", type=int, default=8, help="random crops per held-out photo for the VAE (plus its centre)")

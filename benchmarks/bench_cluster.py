@@ -8,7 +8,7 @@ and one CPU task each), all on this machine.
 The run then:
 
 1. protects --shards shards and stops on purpose after the first committed unit
-   (MIMICSHIELD_FAULT_AFTER_UNITS=1, the same crash the resume test uses);
+   (MIMICSHIELD_FAULT=units-committed:1, the same crash the resume test uses);
 2. reruns the same command: it must skip the committed unit and do the rest;
 3. checks: every sample was written (parts and shards) from a worker node, never the head; every
    shard holds exactly its input keys, once; protect_metrics has each key once; the driver received
@@ -50,10 +50,12 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.models import ModelSpec
+    from pipeline.batch.driver import run_protect
+    from pipeline.batch.settings import RunSettings
+    from pipeline.cluster.faults import FAULT_ENV, InjectedFault
+    from pipeline.io.sample_data import photo_samples, shard_bytes
+    from pipeline.models.loading import ModelSpec
     from pipeline.protect import ProtectConfig
-    from pipeline.ray_pipeline import FAULT_ENV, InjectedFault, RunSettings, run_protect
-    from pipeline.sample_data import photo_samples, shard_bytes
 
     ModelSpec("tiny").check()  # build the tiny model once, before any node starts
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -75,7 +77,7 @@ def main() -> None:
             s = RunSettings(input=str(src), output=str(dst), model=ModelSpec("tiny", device="cpu"), actors=args.workers,
                             config=ProtectConfig(steps=args.steps, eps=8, step_size=2), progress=False)
             t0 = time.perf_counter()
-            os.environ[FAULT_ENV] = "1"
+            os.environ[FAULT_ENV] = "units-committed:1"
             try:
                 run_protect(s, log=lambda m: None)
                 raise SystemExit("the injected fault did not fire")

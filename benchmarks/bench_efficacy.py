@@ -1,6 +1,6 @@
 """Does protection hurt a mimic? Every method vs uniform noise of the same budget (not a test).
 
-On the built-in ``tiny`` model (trained on scikit-image photos, pipeline/builtin_training.py),
+On the built-in ``tiny`` model (trained on scikit-image photos, pipeline/models/builtin/training.py),
 on photos it never saw (``builtin_training.HELD_OUT``), at 64 x 64:
 
 - for each method (advdm, advdm-, photoguard, mist, sds+, sds-, sdst-, fastprotect) and each
@@ -50,7 +50,7 @@ FULL_GRADIENT = ("advdm", "mist")
 
 
 def held_out_uint8(size: int, crops_per_photo: int) -> list[np.ndarray]:
-    from pipeline.builtin_training import held_out_images
+    from pipeline.models.builtin.training import held_out_images
 
     x = held_out_images(size, crops_per_photo)
     return [np.asarray((im.permute(1, 2, 0) * 255).round().byte()) for im in x]
@@ -79,10 +79,10 @@ class Judge:
     def __init__(self, strength: float, ddim_steps: int, lpips_weights: str | None):
         import torch
 
-        from pipeline.builtin_models import builtin_model_path
-        from pipeline.lpips_net import build_lpips
-        from pipeline.mimic.sdedit import SDEdit, SDEditConfig
-        from pipeline.models import load_models
+        from pipeline.evaluate.mimic.sdedit import SDEdit, SDEditConfig
+        from pipeline.metrics.lpips import build_lpips
+        from pipeline.models.builtin.build import builtin_model_path
+        from pipeline.models.loading import load_models
 
         self.models = load_models("tiny", device="cpu", dtype="fp32")
         self.sdedit = SDEdit(str(builtin_model_path("tiny")),
@@ -103,8 +103,8 @@ class Judge:
 
     def damage(self, clean, edited, clean_edited) -> dict:
         """The mimic's output against the clean image, and against the mimic's output of the clean image."""
-        from pipeline.lpips_net import lpips_distance
-        from pipeline.metrics import psnr, ssim
+        from pipeline.metrics.lpips import lpips_distance
+        from pipeline.metrics.visibility import psnr, ssim
 
         return {
             "mimic_psnr": float(np.mean([psnr(c, e) for c, e in zip(clean, edited)])),
@@ -118,7 +118,7 @@ class Judge:
 def run(args) -> dict:
     import torch
 
-    from pipeline.metrics import psnr as image_psnr
+    from pipeline.metrics.visibility import psnr as image_psnr
     from pipeline.protect import ProtectConfig, build_protector
 
     if args.threads:
@@ -199,7 +199,7 @@ def markdown(result: dict, args) -> str:
         "# Protection efficacy on the trained `tiny` model (held-out photos, CPU)",
         "",
         f"- images: {len(held_out_uint8(args.resolution, args.crops))} at {args.resolution} px from the held-out photos "
-        f"({', '.join(__import__('pipeline.builtin_training', fromlist=['HELD_OUT']).HELD_OUT)}), never seen in training",
+        f"({', '.join(__import__('pipeline.models.builtin.training', fromlist=['HELD_OUT']).HELD_OUT)}), never seen in training",
         f"- protection: {args.steps} PGD steps of {args.step_size:g} (0-255 units), seed {args.seed}; `noise` = uniform U(-eps, eps)",
         f"- mimic: SDEdit, DDIM {args.ddim_steps} steps, strength {args.strength:g}, guidance 1, same noise for every input",
         f"- mimic damage = the mimic's output against the clean image; LPIPS "

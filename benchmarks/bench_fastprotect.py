@@ -36,8 +36,9 @@ import torch  # noqa: E402
 
 
 def sample_images(n: int, size: int) -> list[np.ndarray]:
-    from pipeline.fastprotect.train import skimage_crops
     from PIL import Image
+
+    from pipeline.protect.fastprotect.train import skimage_crops
 
     crops, _ = skimage_crops(n, seed=11)
     return [np.asarray(Image.fromarray(c).resize((size, size), Image.BICUBIC)) for c in crops]
@@ -60,8 +61,12 @@ def timed(fn, device, repeats: int = 1) -> float:
 
 
 def bank_for(models, args) -> str | None:
-    from pipeline.fastprotect.bank import default_bank_path
-    from pipeline.fastprotect.train import TrainConfig, load_training_images, train_bank
+    from pipeline.protect.fastprotect.bank import default_bank_path
+    from pipeline.protect.fastprotect.train import (
+        TrainConfig,
+        load_training_images,
+        train_bank,
+    )
 
     if args.bank:
         return args.bank
@@ -76,10 +81,12 @@ def bank_for(models, args) -> str | None:
 
 def pipeline_rate(args, bank: str | None, n: int) -> tuple[float, float]:
     """(raw images/s on 2n images, steady-state images/s) through run_protect."""
-    from pipeline.models import ModelSpec
+    from pipeline.batch.driver import run_protect
+    from pipeline.batch.settings import RunSettings
+    from pipeline.io.sample_data import png_bytes
+    from pipeline.models.loading import ModelSpec
     from pipeline.protect import ProtectConfig
-    from pipeline.ray_pipeline import RunSettings, run_protect
-    from pipeline.sample_data import png_bytes
+    from pipeline.protect.engine import FastProtectOptions
 
     root = Path(tempfile.mkdtemp(prefix="bench-fastprotect-"))
     walls = {}
@@ -88,7 +95,7 @@ def pipeline_rate(args, bank: str | None, n: int) -> tuple[float, float]:
         src.mkdir()
         for i, img in enumerate(sample_images(count, args.size)):
             (src / f"img{i:05d}.png").write_bytes(png_bytes(img))
-        config = ProtectConfig(method="fastprotect", eps=args.eps, extra={"bank": bank} if bank else {})
+        config = ProtectConfig(method="fastprotect", eps=args.eps, fastprotect=FastProtectOptions(bank=bank))
         settings = RunSettings(input=str(src), output=str(root / f"out-{label}"), config=config,
                                model=ModelSpec(args.model, device=args.device, dtype=args.dtype),
                                batch_size=args.batch, progress=False)
@@ -114,16 +121,17 @@ def main() -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    from pipeline.models import load_models
+    from pipeline.io.sample_data import png_bytes
+    from pipeline.models.loading import load_models
     from pipeline.protect import ProtectConfig, build_protector
-    from pipeline.encoded import protect_encoded
-    from pipeline.sample_data import png_bytes
+    from pipeline.protect.encoded import protect_encoded
+    from pipeline.protect.engine import FastProtectOptions
 
     models = load_models(args.model, device=args.device, dtype=args.dtype)
     device = models.device
     bank = bank_for(models, args)
     images = sample_images(args.batch, args.size)
-    fast = build_protector(models, ProtectConfig(method="fastprotect", eps=args.eps, extra={"bank": bank} if bank else {}))
+    fast = build_protector(models, ProtectConfig(method="fastprotect", eps=args.eps, fastprotect=FastProtectOptions(bank=bank)))
     fast.protect(images)  # warm-up (and the default tiny bank, when missing)
     t_fast = timed(lambda: fast.protect(images), device, args.repeats)
     sds = build_protector(models, ProtectConfig(method="sds-", eps=args.eps, steps=args.sds_steps))

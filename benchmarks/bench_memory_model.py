@@ -25,14 +25,14 @@ import time
 
 import torch
 
-from pipeline.models import assemble_models, load_models, resolve_dtype
+from pipeline.models.loading import assemble_models, load_models, resolve_dtype
 from pipeline.protect import ProtectConfig, build_protector
 from pipeline.protect.methods import StepInputs, encode, predict
 
 
 def meta_models(name: str, dtype: str, low_memory: bool):
     """A built-in architecture on the meta device (no weights allocated, nothing computed)."""
-    from pipeline.builtin_models import build_pipeline
+    from pipeline.models.builtin.build import build_pipeline
 
     device = torch.device("meta")
     dtype = resolve_dtype(dtype, device)

@@ -61,7 +61,7 @@ def measure(cfg: dict) -> dict:
     from PIL import Image
     from skimage import data
 
-    from pipeline.models import load_models
+    from pipeline.models.loading import load_models
     from pipeline.protect import ProtectConfig, build_protector
 
     if cfg.get("threads"):

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def photos(n: int, size: int):
     from skimage import data
 
-    from pipeline.mimic.common import resize_square
+    from pipeline.evaluate.mimic.common import resize_square
 
     pool = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
     return [resize_square(pool[i % len(pool)], size) for i in range(n)]
@@ -46,7 +46,7 @@ def bench(name: str, mimic, images, repeats: int) -> dict:
             group = f"group{i}"
             t0 = time.perf_counter()
             if name == "textual_inversion":
-                from pipeline.mimic.textual_inversion import save_embedding
+                from pipeline.evaluate.mimic.textual_inversion import save_embedding
 
                 path = save_embedding(mimic.train(images, group), Path(tmp) / group / "embeds.safetensors")
             else:
@@ -77,8 +77,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from pipeline.mimic import Lora, LoraConfig, TextualInversion, TextualInversionConfig
-    from pipeline.mimic.common import model_path
+    from pipeline.evaluate.mimic import (
+        Lora,
+        LoraConfig,
+        TextualInversion,
+        TextualInversionConfig,
+    )
+    from pipeline.models.loading import model_path
 
     path = model_path(args.model)
     rows = []

@@ -42,7 +42,7 @@ os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
 
 
 def make_shards(root: Path, shards: int, per_shard: int, size: int) -> None:
-    from pipeline.sample_data import photo_samples, shard_bytes
+    from pipeline.io.sample_data import photo_samples, shard_bytes
 
     root.mkdir(parents=True, exist_ok=True)
     samples = photo_samples(shards * per_shard, sizes=((size, size),))
@@ -51,7 +51,7 @@ def make_shards(root: Path, shards: int, per_shard: int, size: int) -> None:
 
 
 def spec(args):
-    from pipeline.models import ModelSpec
+    from pipeline.models.loading import ModelSpec
 
     return ModelSpec(args.model, device=args.device, dtype=args.dtype)
 
@@ -63,7 +63,7 @@ def config(args, steps: int | None = None):
 
 
 def settings(args, src: Path, dst: Path, steps: int | None = None):
-    from pipeline.ray_pipeline import RunSettings
+    from pipeline.batch.settings import RunSettings
 
     return RunSettings(input=str(src), output=str(dst), model=spec(args), config=config(args, steps),
                        batch_size=args.batch_size, progress=False)
@@ -76,7 +76,7 @@ def load() -> float:
 def decoded_images(src: Path) -> tuple[list, list[str]]:
     import tarfile
 
-    from pipeline.images import decode_image
+    from pipeline.io.images import decode_image
 
     images, keys = [], []
     for shard in sorted(src.glob("*.tar")):
@@ -114,10 +114,10 @@ def actor_rate(args, src: Path, s) -> float:
     import pyarrow as pa
     import ray
 
-    from pipeline.io import read_samples
-    from pipeline.ray_pipeline import actor_options
-    from pipeline.shards import UnitIndex, plan_units
-    from pipeline.stages import Decoder, ProtectActor
+    from pipeline.batch.commit import UnitIndex, plan_units
+    from pipeline.batch.driver import actor_options
+    from pipeline.batch.stages import Decoder, ProtectActor
+    from pipeline.io.samples import read_samples
 
     rows = read_samples(str(src)).take_all()
     paths = sorted({r["source"] for r in rows})
@@ -138,7 +138,7 @@ def actor_rate(args, src: Path, s) -> float:
 
 
 def bench_throughput(args) -> dict:
-    from pipeline.ray_pipeline import actor_options, ensure_ray, run_protect
+    from pipeline.batch.driver import actor_options, ensure_ray, run_protect
 
     out = {"pipeline_steady": [], "pipeline_raw": [], "protector": [], "actor": [], "load": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,7 +185,7 @@ def bench_throughput(args) -> dict:
 def _driver_child(args, shards: int, queue) -> None:
     import psutil
 
-    from pipeline.ray_pipeline import ensure_ray, run_protect
+    from pipeline.batch.driver import ensure_ray, run_protect
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 from pyarrow import fs as pafs
 
-from pipeline.sample_data import shard_bytes
-from pipeline.webdataset import read_shard
+from pipeline.io.sample_data import shard_bytes
+from pipeline.io.webdataset import read_shard
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_read_shard.json"
 

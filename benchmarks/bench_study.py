@@ -6,7 +6,7 @@
     python benchmarks/bench_study.py eot       # photoguard vs photoguard+eot at eps 16 under jpeg/resize/noise
 
 Held-out photos: crops of scikit-image's bundled photos the tiny model never saw in training
-(`pipeline.builtin_training.HELD_OUT`: rocket, motorcycle), at 64 x 64.
+(`pipeline.models.builtin.training.HELD_OUT`: rocket, motorcycle), at 64 x 64.
 Results go to benchmarks/results/study_<part>.json (and the table study's report.html path).
 """
 
@@ -31,7 +31,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def held_out_photos(n: int, size: int = 64) -> dict[str, np.ndarray]:
     """n images at size x size from the photos tiny never saw in training (builtin_training.HELD_OUT)."""
-    from pipeline.builtin_training import HELD_OUT, held_out_images
+    from pipeline.models.builtin.training import HELD_OUT, held_out_images
 
     per_photo = max(0, -(-n // len(HELD_OUT)) - 1)  # the centre square of each photo, then random crops
     x = held_out_images(size, per_photo)
@@ -57,8 +57,8 @@ def study_args(clean: str, output: str, methods, eps, purifications, extra=()) -
 
 def bench_cells(args) -> dict:
     """Seconds per image of each purification, and per-cell seconds of the mimic, tiny at 64 px."""
-    from pipeline.purify import PurifyContext, parse_purification
     from pipeline.study.grid import DEFAULT_PURIFICATIONS
+    from pipeline.study.purify import PurifyContext, parse_purification
 
     photos = held_out_photos(args.images)
     keys, images = list(photos), list(photos.values())
@@ -79,7 +79,6 @@ def bench_cells(args) -> dict:
         main(study_args(clean, out, ["sds-"], [8], ["none", "jpeg:75", "noise:0.05"],
                         ["--steps", str(args.steps), "--ddim-steps", "20"]))
         total = time.perf_counter() - t
-        import pandas as pd
 
         from pipeline.study.report import read_table
 

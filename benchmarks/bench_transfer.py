@@ -46,7 +46,7 @@ def photos(n: int, size: int) -> list[np.ndarray]:
     """n square crops of scikit-image photos at size x size (uint8)."""
     from skimage import data
 
-    from pipeline.mimic.common import resize_square
+    from pipeline.evaluate.mimic.common import resize_square
 
     pool = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry(),
             data.hubble_deep_field()[:512, :512]]
@@ -98,9 +98,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from pipeline.mimic import SDEdit, SDEditConfig
-    from pipeline.mimic.common import model_path
-    from pipeline.models import load_models
+    from pipeline.evaluate.mimic import SDEdit, SDEditConfig
+    from pipeline.models.loading import load_models, model_path
     from pipeline.protect import ProtectConfig, build_protector
 
     names = sorted(set(args.protect.split(",")) | set(args.mimic.split(","))

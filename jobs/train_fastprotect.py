@@ -16,37 +16,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import posixpath
 import sys
 
 
 def _train_task(images, summary: dict, model, config) -> tuple[bytes, list[dict], dict]:
     """Runs on the worker: load the model (a ModelSpec), train (a TrainConfig), return (bank bytes, loss history, metadata)."""
-    from pipeline.fastprotect.train import train_bank
+    from pipeline.protect.fastprotect.train import train_bank
 
     bank, history = train_bank(model.load(), images, config, summary, progress=False)
     return bank.to_bytes(), history, bank.metadata
 
 
 def write_bytes(uri: str, data: bytes, s3: dict | None) -> None:
-    from pyarrow import fs as pafs
-
-    from pipeline.io import split_uri
+    """`data` at `uri` (local or s3://), whole or not at all."""
+    from pipeline.io.files import write_atomic
+    from pipeline.io.storage import split_uri
 
     filesystem, path = split_uri(uri, s3)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        filesystem.create_dir(posixpath.dirname(path) or ".", recursive=True)
-    with filesystem.open_output_stream(path) as f:
-        f.write(data)
+    write_atomic(filesystem, path, data)
 
 
 def main(argv: list[str] | None = None) -> int:
     import ray
 
-    from pipeline.commands.train_fastprotect import add_training_options, model_from_args, train_config_from_args
-    from pipeline.fastprotect.bank import default_bank_path
-    from pipeline.fastprotect.train import load_training_images
-    from pipeline.models import ModelLoadError
+    from pipeline.commands.train_fastprotect import (
+        add_training_options,
+        model_from_args,
+        train_config_from_args,
+    )
+    from pipeline.models.loading import ModelLoadError
+    from pipeline.protect.fastprotect.bank import default_bank_path
+    from pipeline.protect.fastprotect.train import load_training_images
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_options(parser)

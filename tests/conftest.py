@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 @pytest.fixture(scope="session")
 def tiny_models():
-    from pipeline.models import load_models
+    from pipeline.models.loading import load_models
 
     return load_models("tiny", device="cpu", dtype="fp32")
 

@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.sample_data import photo_samples
+from pipeline.io.sample_data import photo_samples
 
 pytestmark = pytest.mark.slow
 EPS = 8
@@ -165,8 +165,8 @@ def test_messy_shards_nothing_unprotected_nothing_lost(ray_local, tmp_path, caps
     code = main(["protect", str(src), str(dst), *FAST, "--eps", "4", "--steps", "3"])
     err = capsys.readouterr().err
     assert code == 2 and "eps: 8.0 -> 4.0" in err and "steps: 2 -> 3" in err and "--overwrite" in err
+    from pipeline.batch.driver import preflight
     from pipeline.commands.protect import parse_settings
-    from pipeline.ray_pipeline import preflight
 
     plan = preflight(parse_settings([str(src), str(dst), *FAST, "--eps", "4", "--overwrite"]))
     assert plan.done == set()  # --overwrite: everything is reprocessed

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import builtin_models as bm
-from pipeline import builtin_training as bt
+from pipeline.models.builtin import build as bm
+from pipeline.models.builtin import training as bt
 
 # measured on the shipped weights (v4): 22.07 dB, SSIM 0.586 on these 10 held-out images (23.77 dB, 0.642 on
 # benchmarks/results/builtin_tiny.json's 18); v3 scored 18.49 dB here, a random VAE about 10 dB
@@ -54,7 +54,7 @@ def test_a_replaced_weights_file_is_refused(monkeypatch):
 
 
 def test_tiny_and_tiny_inpaint_share_the_trained_vae_and_text_encoder(tiny_models):
-    from pipeline.models import load_models
+    from pipeline.models.loading import load_models
 
     inpaint = load_models("tiny-inpaint", device="cpu", dtype="fp32")
     for a, b in ((tiny_models.vae, inpaint.vae), (tiny_models.text_encoder, inpaint.text_encoder)):

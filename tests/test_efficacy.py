@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.builtin_models import builtin_model_path
-from pipeline.builtin_training import held_out_images
-from pipeline.metrics import psnr
+from pipeline.metrics.visibility import psnr
+from pipeline.models.builtin.build import builtin_model_path
+from pipeline.models.builtin.training import held_out_images
 from pipeline.protect import ProtectConfig, build_protector
 from pipeline.protect.methods import METHODS
 
@@ -40,7 +40,7 @@ def held_out():
 
 @pytest.fixture(scope="module")
 def sdedit():
-    from pipeline.mimic.sdedit import SDEdit, SDEditConfig
+    from pipeline.evaluate.mimic.sdedit import SDEdit, SDEditConfig
 
     return SDEdit(str(builtin_model_path("tiny")), SDEditConfig(strengths=(0.3,), modes=("ddim",), ddim_steps=10),
                   device="cpu", dtype="fp32")

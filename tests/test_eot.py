@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from pipeline.protect import ProtectConfig, Protector
-from pipeline.protect.eot import EOTSampler, eot_direction, jpeg, make_transform, parse_eot, resize
+from pipeline.protect.eot import (
+    EOTSampler,
+    eot_direction,
+    jpeg,
+    make_transform,
+    parse_eot,
+    resize,
+)
 from pipeline.protect.methods import StepInputs, make_method
 
 

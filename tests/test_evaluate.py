@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import boto3
 import numpy as np
@@ -12,11 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from pipeline import tables
-from pipeline.eval_metrics import MetricConfig
-from pipeline.evaluate import EvalSettings, GroupTrainer, PairEvaluator, annotate
-from pipeline.mimic import InpaintConfig, LoraConfig, SDEditConfig, TextualInversionConfig
-from pipeline.sample_data import photo_samples, png_bytes, shard_bytes
+from pipeline.evaluate.mimic import (
+    InpaintConfig,
+    LoraConfig,
+    SDEditConfig,
+    TextualInversionConfig,
+)
+from pipeline.evaluate.run import GroupTrainer, PairEvaluator, annotate
+from pipeline.evaluate.settings import EvalSettings
+from pipeline.io import tables
+from pipeline.io.sample_data import photo_samples, png_bytes, shard_bytes
+from pipeline.metrics.mimicry import MetricConfig
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +39,7 @@ FAST_ARGS = ["--model", "tiny", "--device", "cpu", "--strengths", "0.5", "--ddim
 
 def perturbed(png: bytes, eps: int, seed: int) -> bytes:
     """A stand-in protected copy (a random +-eps sign pattern): the evaluation only sees pixels."""
-    from pipeline.images import decode_image
+    from pipeline.io.images import decode_image
 
     rgb = decode_image(png).rgb.astype(int)
     sign = np.random.default_rng(seed).choice([-eps, eps], rgb.shape)
@@ -79,9 +84,10 @@ def test_every_scenario_writes_schema_rows(tmp_path):
 
 
 def test_ray_evaluation_over_s3_then_report(ray_local, s3_server, s3_bucket, tmp_path, capsys):
+    from test_report import images_loaded_in_chromium
+
     from jobs.evaluate import main as evaluate_job
     from pipeline.cli import main
-    from test_report import images_loaded_in_chromium
 
     client = boto3.client("s3", **s3_server)
     samples = photo_samples(4, prefix="s")
@@ -139,7 +145,7 @@ def test_cli_refuses_unknown_scenario(capsys):
 
 
 def test_inputs_grid_when_only_training_scenarios(tmp_path, photos):
-    from pipeline.sample_data import png_bytes
+    from pipeline.io.sample_data import png_bytes
 
     clean = png_bytes(photos["coffee"][:64, :64])
     batch = pa.Table.from_pylist([{"key": "k", "p_image": perturbed(clean, 8, 0), "c_image": clean,
@@ -170,8 +176,9 @@ def test_folder_outputs_take_method_and_eps_from_the_protect_runs_table(tmp_path
 
     import pyarrow as pa
 
-    from pipeline.evaluate import EvalSettings, protection_from_runs
-    from pipeline.tables import load_schema, write_table
+    from pipeline.evaluate.run import protection_from_runs
+    from pipeline.evaluate.settings import EvalSettings
+    from pipeline.io.tables import load_schema, write_table
 
     def filler(field):  # a value for each required column this test does not care about
         if pa.types.is_timestamp(field.type):

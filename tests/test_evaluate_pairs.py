@@ -16,9 +16,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.evaluate import EvalSettings, annotate, both_sides, describe_unmatched, one_sided, pair_by_key
-from pipeline.images import decode_image
-from pipeline.sample_data import photo_samples, png_bytes, shard_bytes
+from pipeline.evaluate.run import (
+    annotate,
+    both_sides,
+    describe_unmatched,
+    one_sided,
+    pair_by_key,
+)
+from pipeline.evaluate.settings import EvalSettings
+from pipeline.io.images import decode_image
+from pipeline.io.metadata import sample_prompt
+from pipeline.io.sample_data import photo_samples, png_bytes, shard_bytes
 
 AMPLITUDES = {"img00000": 2, "img00001": 12, "img00002": 5}  # key -> +-amplitude of its perturbation
 
@@ -74,17 +82,20 @@ def test_pairs_are_joined_by_key_and_one_sided_keys_are_reported(ray_local, tmp_
 
 
 def tagged(*rows) -> pa.Table:
-    return pa.Table.from_pylist([{"key": k, "role": role, "image": image, "meta": meta} for k, role, image, meta in rows],
+    """Rows as `_tagged` gives them: the prompt read from the metadata as the reader reads it."""
+    return pa.Table.from_pylist([{"key": k, "role": role, "image": image, "meta": meta, "prompt": sample_prompt(meta)}
+                                 for k, role, image, meta in rows],
                                 schema=pa.schema([("key", pa.string()), ("role", pa.string()), ("image", pa.binary()),
-                                                  ("meta", pa.string())]))
+                                                  ("meta", pa.string()), ("prompt", pa.string())]))
 
 
 @pytest.mark.mutation
 def test_pair_by_key_keeps_each_side_in_its_place():
     for order in ((0, 1), (1, 0)):  # whichever side the group lists first
-        rows = [("k", "p", b"P", '{"a": 1}'), ("k", "c", b"C", '{"b": 2}')]
+        rows = [("k", "p", b"P", '{"a": 1, "prompt": "pp"}'), ("k", "c", b"C", '{"b": 2, "caption": "cc"}')]
         (joined,) = pair_by_key(tagged(*[rows[i] for i in order])).to_pylist()
-        assert joined == {"key": "k", "p_image": b"P", "p_meta": '{"a": 1}', "c_image": b"C", "c_meta": '{"b": 2}'}
+        assert joined == {"key": "k", "p_image": b"P", "p_meta": rows[0][3], "p_prompt": "pp",
+                          "c_image": b"C", "c_meta": rows[1][3], "c_prompt": "cc"}
     (only_p,) = pair_by_key(tagged(("x", "p", b"P", None))).to_pylist()
     assert (only_p["p_image"], only_p["c_image"]) == (b"P", None)
     (only_c,) = pair_by_key(tagged(("y", "c", b"C", None))).to_pylist()
@@ -112,12 +123,13 @@ def test_one_sided_and_both_sides_split_the_join():
 def test_annotate_reads_group_method_eps_and_prompt_from_the_metadata():
     settings = EvalSettings(protected="s3://b/prot/", clean="c", output="o", group_by="artist")
     meta_p = json.dumps({"artist": "A", "prompt": "a castle", "mimicshield": {"method": "mist", "eps": 8, "run_id": "r1"}})
-    batch = pa.Table.from_pylist([
+    batch = pa.Table.from_pylist([{**r, "p_prompt": sample_prompt(r["p_meta"]), "c_prompt": sample_prompt(r["c_meta"])}
+                                  for r in [
         {"key": "k1", "p_image": b"P", "p_meta": meta_p, "c_image": b"C", "c_meta": json.dumps({"caption": "no"})},
         {"key": "k2", "p_image": b"P2", "p_meta": None, "c_image": b"C2", "c_meta": json.dumps({"artist": "B",
                                                                                                   "caption": "a cat"})},
         {"key": "k3", "p_image": b"P3", "p_meta": "[1]", "c_image": b"C3", "c_meta": None},
-    ])
+    ]])
     rows = annotate(batch, settings).to_pylist()
     assert [(r["key"], r["p_image"], r["c_image"]) for r in rows] == [("k1", b"P", b"C"), ("k2", b"P2", b"C2"),
                                                                      ("k3", b"P3", b"C3")]
@@ -136,7 +148,7 @@ def test_annotate_reads_group_method_eps_and_prompt_from_the_metadata():
 
 @pytest.mark.mutation
 def test_unknown_scenarios_are_refused_with_the_choices():
-    from pipeline.mimic import SCENARIOS
+    from pipeline.evaluate.mimic import SCENARIOS
 
     with pytest.raises(ValueError) as err:
         EvalSettings(protected="p", clean="c", output="o", scenarios=("sdedit", "dreambooth"))

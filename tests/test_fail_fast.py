@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.devices import device_problem
-from pipeline.models import ModelLoadError, ModelSpec
-from pipeline.sample_data import photo_samples, shard_bytes
+from pipeline.io.sample_data import photo_samples, shard_bytes
+from pipeline.models.devices import device_problem
+from pipeline.models.loading import ModelLoadError, ModelSpec
 
 
 def test_device_problem_names_what_exists():

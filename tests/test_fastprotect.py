@@ -13,11 +13,22 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.fastprotect.bank import BankMismatchError, FastProtectBank, default_bank_path, load_bank_for
-from pipeline.fastprotect.infer import FastProtector, square
-from pipeline.fastprotect.train import TrainConfig, load_training_images, skimage_crops, train_bank
 from pipeline.protect import ProtectConfig, build_protector
-from pipeline.encoded import protect_encoded
+from pipeline.protect.encoded import protect_encoded
+from pipeline.protect.engine import FastProtectOptions
+from pipeline.protect.fastprotect.bank import (
+    BankMismatchError,
+    FastProtectBank,
+    default_bank_path,
+    load_bank_for,
+)
+from pipeline.protect.fastprotect.infer import FastProtector, square
+from pipeline.protect.fastprotect.train import (
+    TrainConfig,
+    load_training_images,
+    skimage_crops,
+    train_bank,
+)
 from pipeline.protect.methods import encode
 
 R = 32  # training resolution of the test bank
@@ -54,7 +65,7 @@ def trained(tiny_models, train_dir, tmp_path_factory):
 
 
 def fast_config(path, **kw) -> ProtectConfig:
-    return ProtectConfig(method=kw.pop("method", "fastprotect"), eps=kw.pop("eps", EPS), extra={"bank": str(path)}, **kw)
+    return ProtectConfig(method=kw.pop("method", "fastprotect"), eps=kw.pop("eps", EPS), fastprotect=FastProtectOptions(bank=str(path)), **kw)
 
 
 # --------------------------------------------------------------------------- training and bank
@@ -85,7 +96,7 @@ def test_bank_round_trips(trained):
 
 
 def test_bank_is_refused_for_another_model(trained, tmp_path):
-    from pipeline.models import load_models
+    from pipeline.models.loading import load_models
 
     _, _, path = trained
     inpaint = load_models("tiny-inpaint", device="cpu", dtype="fp32")
@@ -104,19 +115,21 @@ def test_bank_is_refused_for_another_model(trained, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_bank_accepts_the_same_model_in_another_dtype(trained, dtype):
-    from pipeline.models import load_models
+    from pipeline.models.loading import load_models
 
     _, _, path = trained
     load_bank_for(load_models("tiny", device="cpu", dtype=dtype), path)  # trained in fp32: still the same model
 
 
 def test_missing_default_bank_names_the_training_command(monkeypatch, tmp_path):
-    from pipeline.models import load_models
+    from pipeline.models.loading import load_models
 
     models = load_models("tiny-inpaint", device="cpu", dtype="fp32")
     monkeypatch.setenv("MIMICSHIELD_CACHE", str(tmp_path))
     assert default_bank_path("org/model v2") == tmp_path / "banks" / "org--model--v2-default.safetensors"
-    from pipeline.builtin_models import BUILTIN_VERSION  # a built-in's bank is tied to its weights' version
+    from pipeline.models.builtin.build import (
+        BUILTIN_VERSION,  # a built-in's bank is tied to its weights' version
+    )
 
     assert default_bank_path("tiny") == tmp_path / "banks" / f"tiny-{BUILTIN_VERSION}-default.safetensors"
     with pytest.raises(FileNotFoundError, match="mimicshield train-fastprotect --model tiny-inpaint"):
@@ -194,7 +207,7 @@ def test_strength_scales_with_the_budget(tiny_models, trained):
 
     def run(eps, adaptive):
         config = fast_config(path, eps=eps)
-        config.extra["adaptive_strength"] = adaptive
+        config.fastprotect.adaptive_strength = adaptive
         return build_protector(tiny_models, config).protect([rgb])[0]
 
     np.testing.assert_allclose(run(8.0, False), 2 * run(4.0, False), atol=1e-4)
@@ -244,7 +257,7 @@ def test_ray_job_trains_a_bank(ray_local, train_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_default_tiny_bank_is_built_and_used(tiny_models):
     """No --bank for tiny: the default bank (README recipe) is trained once, cached, and used."""
-    from pipeline.fastprotect.train import ensure_default_bank
+    from pipeline.protect.fastprotect.train import ensure_default_bank
 
     bank = load_bank_for(tiny_models, ensure_default_bank(tiny_models))
     assert default_bank_path("tiny").is_file()

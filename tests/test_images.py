@@ -1,6 +1,6 @@
 """Image codec round trip: format, mode, size, alpha and EXIF survive; bad bytes give a reason.
 
-No model here: these tests exercise `pipeline.images` alone (decode -> perturb -> encode ->
+No model here: these tests exercise `pipeline.io.images` alone (decode -> perturb -> encode ->
 decode again) with images built in memory by Pillow.
 """
 
@@ -10,10 +10,10 @@ import io
 
 import numpy as np
 import pytest
+from image_files import png_16bit_rgb  # tests/image_files.py
 from PIL import Image
 
-from image_files import png_16bit_rgb  # tests/image_files.py
-from pipeline.images import (
+from pipeline.io.images import (
     ImageError,
     apply_perturbation,
     decode_image,

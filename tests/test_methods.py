@@ -22,9 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import decode_image
+from pipeline.io.images import decode_image
 from pipeline.protect import ProtectConfig, build_protector
-from pipeline.encoded import protect_encoded
+from pipeline.protect.encoded import protect_encoded
 from pipeline.protect.methods import METHODS, StepInputs, make_method, sds_direction
 
 PGD_METHODS = tuple(METHODS)  # advdm, advdm-, photoguard, mist, sds+, sds-, sdst- (FastProtect: its own tests)
@@ -483,7 +483,7 @@ def test_every_pgd_iterate_stays_in_the_eps_ball_and_pixel_range(init, tiny_mode
 @pytest.mark.mutation
 def test_written_perturbation_is_the_rounded_one(tiny_models, photos_small):
     """written - clean == round(delta) (clipped to the pixel range): not floor, not truncation."""
-    from pipeline.images import apply_perturbation, encode_image
+    from pipeline.io.images import apply_perturbation, encode_image
 
     eps = 6.0
     protector = build_protector(tiny_models, ProtectConfig(method="sds-", eps=eps, step_size=0.7, steps=3, seed=2))

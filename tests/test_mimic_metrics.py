@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.eval_metrics import MetricConfig, Metrics
-from pipeline.metrics import PSNR_CAP
-from pipeline.mimic.common import resize_square
+from pipeline.evaluate.mimic.common import resize_square
+from pipeline.metrics.mimicry import MetricConfig, Metrics
+from pipeline.metrics.visibility import PSNR_CAP
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.mimic import Inpaint, InpaintConfig, SDEdit, SDEditConfig
-from pipeline.mimic.common import model_path, resize_square
-from pipeline.mimic.masks import center_mask, make_mask, mask_from_meta, random_mask
+from pipeline.evaluate.mimic import Inpaint, InpaintConfig, SDEdit, SDEditConfig
+from pipeline.evaluate.mimic.common import resize_square
+from pipeline.evaluate.mimic.masks import (
+    center_mask,
+    make_mask,
+    mask_from_meta,
+    random_mask,
+)
+from pipeline.models.loading import model_path
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.mimic import Lora, LoraConfig, TextualInversion, TextualInversionConfig
-from pipeline.mimic.common import load_pipeline, model_path, resize_square
-from pipeline.mimic.textual_inversion import placeholder_token
+from pipeline.evaluate.mimic import (
+    Lora,
+    LoraConfig,
+    TextualInversion,
+    TextualInversionConfig,
+)
+from pipeline.evaluate.mimic.common import load_pipeline, resize_square
+from pipeline.evaluate.mimic.textual_inversion import placeholder_token
+from pipeline.models.loading import model_path
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +94,7 @@ def denoising_loss(unet, text_encoder, tokenizer, scheduler, latents, prompt: st
 def group_latents(group):
     from diffusers import AutoencoderKL
 
-    from pipeline.mimic.common import to_model_tensor
+    from pipeline.evaluate.mimic.common import to_model_tensor
 
     vae = AutoencoderKL.from_pretrained(model_path("tiny"), subfolder="vae")
     with torch.no_grad():

@@ -26,10 +26,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import decode_image
-from pipeline.models import load_ensemble, load_models, predicted_original, prediction_target, split_model_ids
+from pipeline.io.images import decode_image
+from pipeline.models.diffusion import predicted_original, prediction_target
+from pipeline.models.loading import load_ensemble, load_models, split_model_ids
 from pipeline.protect import ProtectConfig, build_protector
-from pipeline.encoded import protect_encoded
+from pipeline.protect.encoded import protect_encoded
 from pipeline.protect.engine import combine_directions
 from pipeline.protect.methods import METHODS, StepInputs, sds_direction
 
@@ -135,7 +136,7 @@ def test_prediction_target_is_eps_or_diffusers_velocity_and_predicted_original_i
 
 
 def test_builtins_declare_their_prediction_type_and_family(tiny_models, tiny_v, tiny_xl):
-    from pipeline.builtin_models import CONFIGS
+    from pipeline.models.builtin.build import CONFIGS
 
     assert tiny_models.prediction_type == "epsilon" and not tiny_models.is_sdxl
     assert tiny_v.prediction_type == "v_prediction" and not tiny_v.is_sdxl
@@ -302,7 +303,7 @@ def test_sdxl_directory_loads_like_a_real_checkpoint(tiny_xl, tmp_path):
     assert type(models.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     # without text_encoder/ (an SDXL refiner) the error says what is wrong
     shutil.rmtree(user_dir / "text_encoder")
-    from pipeline.models import ModelLoadError
+    from pipeline.models.loading import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="refiner"):
         load_models(str(user_dir), device="cpu")
@@ -322,9 +323,17 @@ def test_sdxl_in_fp16_keeps_the_vae_in_fp32():
 @pytest.mark.slow
 @pytest.mark.parametrize("model,inpaint_model", [("tiny-v", "tiny-inpaint"), ("tiny-xl", "tiny-xl-inpaint")])
 def test_mimics_run_on_v_prediction_and_sdxl(model, inpaint_model, photos_small, tmp_path):
-    from pipeline.mimic import Inpaint, InpaintConfig, Lora, LoraConfig, SDEdit, SDEditConfig
-    from pipeline.mimic import TextualInversion, TextualInversionConfig
-    from pipeline.mimic.common import model_path
+    from pipeline.evaluate.mimic import (
+        Inpaint,
+        InpaintConfig,
+        Lora,
+        LoraConfig,
+        SDEdit,
+        SDEditConfig,
+        TextualInversion,
+        TextualInversionConfig,
+    )
+    from pipeline.models.loading import model_path
 
     images, keys = photos_small[:2], ["a", "b"]
     sdedit = SDEdit(model_path(model), SDEditConfig(strengths=(0.3,), ddim_steps=4), device="cpu", dtype="fp32")
@@ -423,7 +432,7 @@ def test_cli_ensemble_records_every_model(ray_local, tmp_path, photos_small, cap
 
 
 def test_load_ensemble_revisions():
-    from pipeline.models import split_revisions
+    from pipeline.models.loading import split_revisions
 
     assert split_revisions(None, 2) == [None, None]
     assert split_revisions("abc,", 2) == ["abc", None]

@@ -11,8 +11,8 @@ import socket
 import pytest
 import torch
 
-from pipeline.builtin_models import BUILTIN_MODELS, builtin_model_path
-from pipeline.models import DEFAULT_MODEL, ModelLoadError, load_models
+from pipeline.models.builtin.build import BUILTIN_MODELS, builtin_model_path
+from pipeline.models.loading import DEFAULT_MODEL, ModelLoadError, load_models
 
 
 @pytest.fixture

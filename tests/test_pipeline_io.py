@@ -1,4 +1,4 @@
-"""pipeline/io.py: URIs, brace patterns, listings, and read_samples over local and S3 shards."""
+"""pipeline/io (storage, samples): URIs, brace patterns, listings, and read_samples over local and S3 shards."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 import boto3
 import pytest
 
-from pipeline import io
-from pipeline.sample_data import photo_samples, shard_bytes
+from pipeline.io import samples
+from pipeline.io import storage as io
+from pipeline.io.sample_data import photo_samples, shard_bytes
 
 
 def test_expand_braces_keeps_padding_and_lists():
@@ -43,17 +44,17 @@ def test_read_samples_local_and_s3(ray_local, s3_server, s3_bucket, tmp_path):
     (tmp_path / "shard-000001.tar").write_bytes(shard_bytes(photo_samples(2, prefix="other")))
     boto3.client("s3", **s3_server).put_object(Bucket=s3_bucket, Key="in/shard-000000.tar", Body=data)
 
-    local = io.read_samples(str(tmp_path / "shard-{000000..000001}.tar")).take_all()
+    local = samples.read_samples(str(tmp_path / "shard-{000000..000001}.tar")).take_all()
     local = sorted(local, key=lambda r: r["key"])
     assert [r["key"] for r in local] == ["img00000", "img00001", "img00002", "other00000", "other00001"]
     assert {r["ext"] for r in local} == {"png"}
     assert json.loads(local[0]["meta"])["index"] == 0
     assert local[0]["image"] == samples[0]["png"]
 
-    remote = sorted(io.read_samples(f"s3://{s3_bucket}/in/").take_all(), key=lambda r: r["key"])
+    remote = sorted(samples.read_samples(f"s3://{s3_bucket}/in/").take_all(), key=lambda r: r["key"])
     assert [r["key"] for r in remote] == ["img00000", "img00001", "img00002"]
     assert remote[0]["source"] == f"s3://{s3_bucket}/in/shard-000000.tar"
-    assert set(remote[0]) == {"key", "source", "image", "ext", "meta"}
+    assert set(remote[0]) == {"key", "source", "image", "ext", "meta", "prompt"}
 
 
 def test_missing_bucket_and_shards_are_clear_errors(s3_server, s3_bucket):

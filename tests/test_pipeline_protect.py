@@ -19,12 +19,14 @@ from PIL import Image
 from pyarrow import fs as pafs
 
 from jobs.protect import main as protect_job
-from pipeline import tables
+from pipeline.batch.driver import run_protect
+from pipeline.batch.settings import RunSettings
 from pipeline.cli import main
-from pipeline.models import ModelSpec
+from pipeline.cluster.faults import FAULT_ENV, InjectedFault
+from pipeline.io import tables
+from pipeline.io.sample_data import bad_samples, photo_samples, shard_bytes
+from pipeline.models.loading import ModelSpec
 from pipeline.protect import ProtectConfig
-from pipeline.ray_pipeline import FAULT_ENV, InjectedFault, RunSettings, run_protect
-from pipeline.sample_data import bad_samples, photo_samples, shard_bytes
 
 pytestmark = pytest.mark.slow
 EPS = 8
@@ -154,7 +156,7 @@ def test_resume_after_interruption(ray_local, tmp_path, monkeypatch):
         (src / f"shard-{i:06d}.tar").write_bytes(shard_bytes(photo_samples(2, prefix=f"s{i}-")))
     settings = RunSettings(input=str(src), output=str(dst), model=ModelSpec("tiny", device="cpu"), progress=False,
                            config=ProtectConfig(steps=2, eps=EPS, step_size=2))
-    monkeypatch.setenv(FAULT_ENV, "1")
+    monkeypatch.setenv(FAULT_ENV, "units-committed:1")
     with pytest.raises(InjectedFault):
         run_protect(settings)  # crashes after the first shard was committed
     assert sorted(p.name for p in dst.glob("*.tar")) == ["shard-000000.tar"]
@@ -174,10 +176,10 @@ def test_resume_after_interruption(ray_local, tmp_path, monkeypatch):
 
 def test_shards_written_by_workers_committed_by_the_driver(ray_local, tmp_path, monkeypatch, capsys):
     """The driver writes no image byte: shard writes from this process fail, yet the run completes."""
-    from pipeline import shards
+    from pipeline.batch import commit as shards
     from pipeline.protect import engine
 
-    real_write, real_post_init = shards.write_bytes, engine.ProtectConfig.__post_init__
+    real_write, real_post_init = shards.write_atomic, engine.ProtectConfig.__post_init__
     built = []
 
     def driver_write(out_fs, path, data=None, local_file=None):
@@ -188,7 +190,7 @@ def test_shards_written_by_workers_committed_by_the_driver(ray_local, tmp_path, 
         built.append(self.method)
         real_post_init(self)
 
-    monkeypatch.setattr(shards, "write_bytes", driver_write)
+    monkeypatch.setattr(shards, "write_atomic", driver_write)
     monkeypatch.setattr(shards, "assemble_shard", lambda *a: pytest.fail("shard assembled on the driver"))
     monkeypatch.setattr(engine.ProtectConfig, "__post_init__", counting_post_init)
     src, dst = tmp_path / "in", tmp_path / "out"

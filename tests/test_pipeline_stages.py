@@ -15,15 +15,23 @@ import pyarrow as pa
 import pytest
 from pyarrow import fs as pafs
 
-from pipeline.encoded import protect_encoded
-from pipeline.models import ModelSpec, load_models
-from pipeline.protect import ProtectConfig, build_protector
-from pipeline.records import RunRecord
-from pipeline.sample_data import photo_samples, shard_bytes
-from pipeline.shards import (
-    Unit, UnitIndex, UnitResult, assemble_shard, commit_unit, committed, parts_dir, tar_end, tar_members,
+from pipeline.batch.commit import (
+    Unit,
+    UnitIndex,
+    UnitResult,
+    assemble_shard,
+    commit_unit,
+    committed,
+    parts_dir,
+    tar_end,
+    tar_members,
 )
-from pipeline.stages import RESULT_SCHEMA, Decoder, Encoder, ProtectActor, Writer
+from pipeline.batch.records import RunRecord
+from pipeline.batch.stages import RESULT_SCHEMA, Decoder, Encoder, ProtectActor, Writer
+from pipeline.io.sample_data import photo_samples, shard_bytes
+from pipeline.models.loading import ModelSpec, load_models
+from pipeline.protect import ProtectConfig, build_protector
+from pipeline.protect.encoded import protect_encoded
 
 EPS = 8
 
@@ -68,13 +76,10 @@ def test_unit_index_finds_folder_chunks_by_bisection():
 
 
 def batch_of(samples: list[dict]) -> pa.Table:
-    from pipeline.io import Normalizer
+    from pipeline.io.samples import Normalizer
+    from pipeline.io.webdataset import sample_row
 
-    rows = []
-    for s in samples:
-        ext = next(e for e in ("png", "webp", "jpg") if e in s)
-        rows.append({"key": s["__key__"], "source": "/in/shard.tar", "image": s[ext], "ext": ext,
-                     "meta": s["json"].decode() if "json" in s else None, "member_names": [], "member_data": []})
+    rows = [sample_row(s["__key__"], "/in/shard.tar", {k: v for k, v in s.items() if k != "__key__"}) for s in samples]
     return pa.Table.from_pylist(rows, schema=Normalizer(with_members=True).schema())
 
 
@@ -88,7 +93,7 @@ def test_stages_give_the_bytes_protect_encoded_gives(tiny_models, record, tmp_pa
     """Decoder -> ProtectActor -> Encoder (as Ray runs them) == protect_encoded (the Python API)."""
     from test_protect_folder import awkward_inputs  # tests/test_protect_folder.py
 
-    from pipeline.io import Normalizer
+    from pipeline.io.samples import Normalizer
 
     rows = [{"key": name.replace(".", "_"), "source": "/in/shard.tar", "image": data, "ext": name.rsplit(".", 1)[1],
              "meta": None, "member_names": [], "member_data": []} for name, data in awkward_inputs().items()]
@@ -157,7 +162,7 @@ def test_settings_are_validated_when_built():
         ModelSpec("tiny", dtype="fp8")
     with pytest.raises(ValueError, match="unknown device"):
         ModelSpec("tiny", device="gpu0")
-    from pipeline.ray_pipeline import RunSettings
+    from pipeline.batch.settings import RunSettings
 
     with pytest.raises(TypeError, match="ModelSpec"):
         RunSettings(input="a", output="b", model="tiny")
@@ -168,7 +173,7 @@ def test_settings_are_validated_when_built():
 def test_bad_method_fails_once_before_ray(tmp_path, capsys, monkeypatch):
     import ray
 
-    from pipeline import ray_pipeline
+    from pipeline.batch import driver as ray_pipeline
     from pipeline.cli import main
 
     def no_ray(*a, **k):
@@ -198,8 +203,8 @@ def test_command_line_beats_config_file_even_at_the_default(tmp_path):
 
 
 def test_loading_a_bank_does_not_import_training():
-    code = ("import sys, pipeline.fastprotect.bank, pipeline.fastprotect.infer; "
-            "assert 'pipeline.fastprotect.train' not in sys.modules, 'train imported'")
+    code = ("import sys, pipeline.protect.fastprotect.bank, pipeline.protect.fastprotect.infer; "
+            "assert 'pipeline.protect.fastprotect.train' not in sys.modules, 'train imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -219,10 +224,10 @@ def test_every_image_member_of_a_sample_is_protected_through_the_stages(record, 
     """A sample with a PNG, a JPEG and a PNG found by content (``.preview``): Decoder -> ProtectActor ->
     Encoder protects each in its own format under the same key; with --jpeg-as png the JPEG member
     would become ``png``, which the sample already has: it is written ``jpg.png``, never a duplicate."""
-    from pipeline.images import decode_image
-    from pipeline.io import Normalizer
-    from pipeline.sample_data import png_bytes
-    from pipeline.webdataset import sample_row
+    from pipeline.io.images import decode_image
+    from pipeline.io.sample_data import png_bytes
+    from pipeline.io.samples import Normalizer
+    from pipeline.io.webdataset import sample_row
 
     rgbs = [decode_image(s["png"]).rgb for s in photo_samples(3)]
     members = {"png": png_bytes(rgbs[0], "PNG"), "jpg": png_bytes(rgbs[1], "JPEG"), "preview": png_bytes(rgbs[2], "PNG"),

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from image_files import png_16bit_rgb  # tests/image_files.py
 from PIL import Image
 
-from image_files import png_16bit_rgb  # tests/image_files.py
-from pipeline.images import decode_image
+from pipeline.io.images import decode_image
 from pipeline.protect import ProtectConfig, build_protector
-from pipeline.encoded import protect_encoded
+from pipeline.protect.encoded import protect_encoded
 
 EPS = 8
 ORIENTATION = 0x0112

@@ -24,9 +24,9 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.images import decode_image
+from pipeline.io.images import decode_image
+from pipeline.io.sample_data import photo_samples, png_bytes, shard_bytes
 from pipeline.protect import ProtectConfig, build_protector
-from pipeline.sample_data import photo_samples, png_bytes, shard_bytes
 
 pytestmark = pytest.mark.slow
 EPS = 8

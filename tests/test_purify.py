@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.purify import PurifyContext, parse_purification, parse_purifications
+from pipeline.study.purify import PurifyContext, parse_purification, parse_purifications
 
 # (name, weak, strong): the strong parameter must change the photo more than the weak one
 CPU_CASES = [("jpeg", 90, 20), ("resize", 1.5, 4), ("noise", 0.02, 0.1), ("blur", 0.5, 2),
@@ -84,7 +84,7 @@ def test_impress_moves_further_with_more_steps(photo, context):
 
 
 def test_noisy_upscale_runs_the_x4_upscaler(photo, context):
-    from pipeline.purify.noisy_upscale import upscaler
+    from pipeline.study.purify.noisy_upscale import upscaler
 
     pipe = upscaler(context)
     assert type(pipe).__name__ == "StableDiffusionUpscalePipeline"

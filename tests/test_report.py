@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import tables
-from pipeline.evaluate import SampleWriter, amplified_perturbation, grid
-from pipeline.report import build_report, format_summary, read_metrics
+from pipeline.evaluate.report import build_report, format_summary, read_metrics
+from pipeline.evaluate.run import SampleWriter, amplified_perturbation, grid
+from pipeline.io import tables
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 MARKER = (

@@ -1,7 +1,7 @@
 """Resume after a crash in every window of a unit's commit, for folders (chunks), local shards and S3.
 
 A unit is committed as: output (shard upload, or the chunk's files), then its table files, then a
-marker. A crash is injected at the one seam the commit offers for it, `pipeline.shards.fault_point`,
+marker. A crash is injected at the one seam the commit offers for it, `pipeline.batch.commit.fault_point`,
 through its environment variable (``MIMICSHIELD_FAULT=<point>:<unit id>``):
 
     run A  crash after unit 0's tables, before its marker     -> unit 0 is not committed
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io as stdio
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -26,10 +25,10 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import tables
 from pipeline.cli import main
-from pipeline.sample_data import photo_samples, shard_bytes
-from pipeline.shards import FAULT_ENV
+from pipeline.cluster.faults import FAULT_ENV
+from pipeline.io import tables
+from pipeline.io.sample_data import photo_samples, shard_bytes
 
 pytestmark = pytest.mark.slow
 ARGS = ["--model", "tiny", "--steps", "2", "--eps", "8", "--step-size", "2", "--device", "cpu", "--batch-size", "2",

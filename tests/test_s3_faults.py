@@ -20,12 +20,18 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
+from pipeline.batch.driver import run_protect
+from pipeline.batch.settings import RunSettings
 from pipeline.cli import main
-from pipeline.io import RetryingS3FileSystem, S3Retry, read_small_file, s3_filesystem
-from pipeline.models import ModelSpec
+from pipeline.io.sample_data import photo_samples, shard_bytes
+from pipeline.io.storage import (
+    RetryingS3FileSystem,
+    S3Retry,
+    read_small_file,
+    s3_filesystem,
+)
+from pipeline.models.loading import ModelSpec
 from pipeline.protect import ProtectConfig
-from pipeline.ray_pipeline import RunSettings, run_protect
-from pipeline.sample_data import photo_samples, shard_bytes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from s3_fault_proxy import FaultProxy  # noqa: E402

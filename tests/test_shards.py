@@ -1,4 +1,4 @@
-"""The unit commit protocol of `pipeline/shards.py` on a local folder, without Ray (fast).
+"""The unit commit protocol of `pipeline/batch/commit.py` on a local folder, without Ray (fast).
 
 What a finished unit leaves behind, in order (output, tables, marker), what counts as committed on a
 rerun (a marker for the same inputs), and what a crash at each step leaves (the `fault_point` seam).
@@ -15,13 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from pipeline import tables
-from pipeline.models import ModelSpec
-from pipeline.protect.engine import ProtectConfig
-from pipeline.records import RunRecord
-from pipeline.shards import (
-    FAULT_ENV,
-    CommitFault,
+from pipeline.batch.commit import (
     Unit,
     UnitResult,
     commit_unit,
@@ -32,9 +26,14 @@ from pipeline.shards import (
     plan_units,
     same_suffix,
     tar_members,
-    write_bytes,
 )
-from pipeline.stages import protected_meta
+from pipeline.batch.records import RunRecord
+from pipeline.batch.stages import protected_meta
+from pipeline.cluster.faults import FAULT_ENV, InjectedFault
+from pipeline.io import tables
+from pipeline.io.files import write_atomic
+from pipeline.models.loading import ModelSpec
+from pipeline.protect.engine import ProtectConfig
 
 pytestmark = pytest.mark.mutation  # fast: mutmut runs this module (README, "Tests")
 LOCAL = pafs.LocalFileSystem()
@@ -55,7 +54,7 @@ def staged_result(tmp_path: Path, samples: list[tuple[str, list[tuple[str, bytes
     result = UnitResult(unit)
     for i in range(0, len(samples), per_part):
         path = part_path(out, unit.id, RUN.run_id)
-        write_bytes(LOCAL, path, b"".join(tar_members(k, m) for k, m in samples[i : i + per_part]))
+        write_atomic(LOCAL, path, b"".join(tar_members(k, m) for k, m in samples[i : i + per_part]))
         result.parts.append(path)
     for key, m in samples:
         result.metrics.append(RUN.metric_row(key, unit.inputs[0], unit.output, m[0][0], MEASURED))
@@ -153,7 +152,7 @@ def test_a_crash_at_each_point_leaves_exactly_the_steps_before_it(point, shard, 
                                                                    monkeypatch):
     out, unit, result = staged_result(tmp_path, [("a", [("png", b"A")]), ("b", [("png", b"B")])])
     monkeypatch.setenv(FAULT_ENV, f"{point}:{unit.id}")
-    with pytest.raises(CommitFault):
+    with pytest.raises(InjectedFault):
         commit_unit(LOCAL, out, "shards", result, RUN.run_id)
     assert Path(unit.output).exists() == shard
     assert (tmp_path / "out" / "tables" / "protect_metrics" / "shard-000000.parquet").exists() == tables_
@@ -174,7 +173,7 @@ def test_committed_needs_a_marker_for_the_same_inputs(tmp_path):
     units = [Unit("u0", ["/in/a.png"], out), Unit("u1", ["/in/b.png"], out), Unit("u2", ["/in/c.png"], out)]
     assert committed(LOCAL, out, units) == set()  # no marker folder at all
     for unit in units[:2]:
-        write_bytes(LOCAL, marker_path(out, unit.id), json.dumps({"inputs_digest": unit.fingerprint()}).encode())
+        write_atomic(LOCAL, marker_path(out, unit.id), json.dumps({"inputs_digest": unit.fingerprint()}).encode())
     (tmp_path / "out" / "tables" / "_units" / "u2.json").write_text(json.dumps({"inputs_digest": "stale"}))
     assert committed(LOCAL, out, units) == {"u0", "u1"}
     changed = [Unit("u0", ["/in/a.png", "/in/new.png"], out), units[1], units[2]]
@@ -184,14 +183,14 @@ def test_committed_needs_a_marker_for_the_same_inputs(tmp_path):
 # --------------------------------------------------------------------------- small parts
 
 
-def test_write_bytes_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
+def test_write_atomic_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
     path = str(tmp_path / "deep" / "er" / "file.bin")
-    write_bytes(LOCAL, path, b"first")
-    write_bytes(LOCAL, path, b"second")
+    write_atomic(LOCAL, path, b"first")
+    write_atomic(LOCAL, path, b"second")
     assert Path(path).read_bytes() == b"second"
     local = tmp_path / "spooled.tar"
     local.write_bytes(b"from a file")
-    write_bytes(LOCAL, str(tmp_path / "copy.tar"), local_file=str(local))
+    write_atomic(LOCAL, str(tmp_path / "copy.tar"), local_file=str(local))
     assert (tmp_path / "copy.tar").read_bytes() == b"from a file"
     assert sorted(p.name for p in (tmp_path / "deep" / "er").iterdir()) == ["file.bin"]
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from pipeline import tables
+from pipeline.io import tables
 from pipeline.study.grid import CLEAN, StudyGrid
 from pipeline.study.workers import damage
 
@@ -64,13 +64,13 @@ def study_command(clean: str, output: str) -> list[str]:
 @pytest.mark.slow
 def test_study_over_s3_survives_a_kill(s3_server, s3_bucket, ray_local):
     from pipeline.cli import main
-    from pipeline.sample_data import photo_samples, shard_bytes
+    from pipeline.io.sample_data import photo_samples, shard_bytes
 
     s3 = boto3.client("s3", **s3_server)
     samples = photo_samples(3, sizes=((64, 64),))
     s3.put_object(Bucket=s3_bucket, Key="clean/shard-000000.tar", Body=shard_bytes(samples))
     clean, output = f"s3://{s3_bucket}/clean/", f"s3://{s3_bucket}/study"
-    env = {**os.environ, "MIMICSHIELD_STUDY_KILL_AFTER_CELLS": "5", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "MIMICSHIELD_FAULT": "cells-committed:5", "PYTHONPATH": str(REPO)}
     # first run: SIGKILLed by itself after 5 committed cells (no cleanup of any kind runs)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *study_command(clean, output)], env=env,
                             cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from pipeline.logs import held_stderr, quiet_data_context, ray_init_options
-from pipeline.progress import ImageProgress
-from pipeline.sample_data import photo_samples
+from pipeline.batch.progress import ImageProgress
+from pipeline.cluster.logs import held_stderr, quiet_data_context, ray_init_options
+from pipeline.io.sample_data import photo_samples
 
 RAY_NOISE = ("INFO", "WARNING", "core_worker.cc", "logging_progress", "Set ray log level", "Writing model shards",
              "Traceback", "(pid=")

@@ -24,18 +24,31 @@ import pytest
 from PIL import Image
 from pyarrow import fs as pafs
 
-from pipeline.encoded import finish
-from pipeline.images import decode_image, encode_image
-from pipeline.io import folder_key, same_stem_files
-from pipeline.sample_data import png_bytes, shard_bytes
-from pipeline.shards import (
-    Unit, assemble_shard, input_identity, same_suffix, settings_diff, tar_end, tar_members,
+from pipeline.batch.commit import (
+    Unit,
+    assemble_shard,
+    input_identity,
+    same_suffix,
+    settings_diff,
+    tar_end,
+    tar_members,
 )
-from pipeline.stages import protected_meta
-from pipeline.webdataset import (
-    ShardError, group_members, image_suffix, member_key, primary_image, read_shard, sample_row, strict_json,
+from pipeline.batch.stages import protected_meta
+from pipeline.io.images import decode_image, encode_image
+from pipeline.io.sample_data import png_bytes, shard_bytes
+from pipeline.io.storage import folder_key, same_stem_files
+from pipeline.io.webdataset import (
+    ShardError,
+    group_members,
+    image_suffix,
+    member_key,
+    primary_image,
+    read_shard,
+    sample_row,
+    strict_json,
     unsafe_name,
 )
+from pipeline.protect.encoded import finish
 
 LOCAL = pafs.LocalFileSystem()
 RGB = (np.arange(16 * 16 * 3) % 251).astype(np.uint8).reshape(16, 16, 3)
@@ -184,7 +197,7 @@ def test_folder_keys_are_distinct_for_same_stem_files_and_dangling_links_listed(
     paths = ["/in/a.jpg", "/in/a.png", "/in/b.png", "/in/d/a.png"]
     same = same_stem_files(paths)
     assert [folder_key(p, "/in", same) for p in paths] == ["a.jpg", "a.png", "b", "d/a"]
-    from pipeline.io import list_images
+    from pipeline.io.storage import list_images
 
     (tmp_path / "ok.png").write_bytes(PNG)
     (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")  # listed: reading it gives an error row
@@ -194,8 +207,8 @@ def test_folder_keys_are_distinct_for_same_stem_files_and_dangling_links_listed(
 def test_steps_zero_refused_and_summary_notes_grouped():
     from collections import Counter
 
+    from pipeline.batch.driver import summary_notes
     from pipeline.commands.protect import parse_settings
-    from pipeline.ray_pipeline import summary_notes
 
     with pytest.raises(ValueError, match="--steps 0"):
         parse_settings(["in", "out", "--model", "tiny", "--steps", "0"])

@@ -55,7 +55,7 @@ def _free_port() -> int:
 
 def upload_demo_shards(client, bucket: str, shards: int, samples: int) -> str:
     """Put `shards` sample shards into `bucket`; returns their brace-pattern URI."""
-    from ..sample_data import bad_samples, photo_samples, shard_bytes
+    from pipeline.io.sample_data import bad_samples, photo_samples, shard_bytes
 
     good = photo_samples(shards * samples, sizes=((64, 64), (64, 96), (96, 96), (80, 64)), formats=("PNG", "PNG", "WEBP"))
     for s in range(shards):
@@ -67,14 +67,15 @@ def upload_demo_shards(client, bucket: str, shards: int, samples: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from ..models import ModelSpec
-    from ..protect import ProtectConfig
-    from ..ray_pipeline import RunSettings, run_protect
-
-    import logging
+    from pipeline.batch.driver import run_protect
+    from pipeline.batch.settings import RunSettings
+    from pipeline.models.loading import ModelSpec
+    from pipeline.protect import ProtectConfig
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the loopback server's access log
     port = _free_port()
@@ -116,9 +117,10 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace, source: str, endpoint: str, client, local: str) -> None:
     """SDEdit of the protected vs the clean inputs by the demo's model; table, grids, report.html."""
-    from ..evaluate import EvalSettings, run_evaluation
-    from ..mimic import SDEditConfig
-    from ..report import build_report, format_summary
+    from pipeline.evaluate.mimic import SDEditConfig
+    from pipeline.evaluate.report import build_report, format_summary
+    from pipeline.evaluate.run import run_evaluation
+    from pipeline.evaluate.settings import EvalSettings
 
     print("\ndemo: evaluating: SDEdit (DDIM, strength 0.3) of every protected image and of its clean original",
           file=sys.stderr)
@@ -157,7 +159,7 @@ def print_tables(local: str) -> None:
     metrics = pd.read_parquet(os.path.join(local, "tables", "protect_metrics"))
     errors = pd.read_parquet(os.path.join(local, "tables", "errors"))
     print(f"\nwhere to look (copied out of the loopback bucket): {local}")
-    print(f"  protected shards: {local}/shard-*.tar  (pipeline.io.read_samples reads them back)")
+    print(f"  protected shards: {local}/shard-*.tar  (pipeline.io.samples.read_samples reads them back)")
     print(f"  tables:           {local}/tables/{{protect_metrics,errors,runs}}/*.parquet")
     if len(metrics):
         cols = ["key", "width", "height", "format", "linf", "psnr", "ssim"]

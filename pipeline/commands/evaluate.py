@@ -5,18 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+from pipeline.commands.options import add_mimic_options, mimic_configs_from_args, names
+from pipeline.models.loading import DEFAULT_MODEL, ModelSpec
 
 
 def add_parser(sub) -> None:
-    from ..mimic import SCENARIOS
-    from ..models import DEFAULT_MODEL
+    from pipeline.evaluate.mimic import SCENARIOS
 
     p = sub.add_parser(
         "evaluate",
@@ -30,12 +24,11 @@ def add_parser(sub) -> None:
     p.add_argument("protected", help="protected samples (folder, shards, s3://...)")
     p.add_argument("--clean", required=True, help="the clean originals, with the same keys")
     p.add_argument("--output", required=True, help="output folder or s3:// prefix")
-    p.add_argument("--scenario", type=_names, default=SCENARIOS, help=f"comma-separated: {','.join(SCENARIOS)}")
+    p.add_argument("--scenario", type=names, default=SCENARIOS, help=f"comma-separated: {','.join(SCENARIOS)}")
     p.add_argument("--group-by", default="artist", help="metadata field grouping samples for the training mimics")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="mimic model: hub id, local diffusers directory or built-in (tiny, sd15-arch, ...)")
-    p.add_argument("--inpaint-model", default=None,
-                   help="inpainting model (default: tiny-inpaint for tiny, SD 1.5 inpainting for SD 1.5, else --model)")
+    p.add_argument("--revision", default=None, help="hub revision (commit, tag) of --model, for reproducibility")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="SDEdit/inpaint weights dtype")
     p.add_argument("--method", default=None, help="protection method, when the samples' metadata lacks it")
@@ -43,25 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--run", default=None, help="run name for the table (default: the protection run id)")
     p.add_argument("--prompt", default="a photo", help="prompt for samples without one")
     p.add_argument("--seed", type=int, default=0, help="seed of every mimic (noise, masks, training)")
-    p.add_argument("--resolution", type=int, default=None, help="mimic working size (default: the model's)")
-    g = p.add_argument_group("sdedit")
-    g.add_argument("--strengths", type=_floats, default=(0.1, 0.2, 0.3, 0.5), help="SDEdit strengths")
-    g.add_argument("--sdedit-modes", type=_names, default=("one_step", "ddim"), help="one_step, ddim")
-    g.add_argument("--ddim-steps", type=int, default=100, help="DDIM steps over the full schedule")
-    g = p.add_argument_group("inpaint")
-    g.add_argument("--masks", type=_names, default=("meta", "center", "random"), help="mask modes")
-    g.add_argument("--inpaint-steps", type=int, default=100)
-    g = p.add_argument_group("training mimics (textual inversion, LoRA)")
-    g.add_argument("--ti-steps", type=int, default=50, help="textual inversion steps (real use: 2000-3000)")
-    g.add_argument("--lora-steps", type=int, default=50, help="LoRA steps (real use: 500-1000)")
-    g.add_argument("--lora-rank", type=int, default=4)
-    g.add_argument("--num-images", type=int, default=4, help="images generated per group and source")
-    g.add_argument("--inference-steps", type=int, default=25, help="generation steps")
-    g = p.add_argument_group("metric backbones (random, and calibrated=false, without them)")
-    g.add_argument("--lpips-weights", default=None, help="torchvision AlexNet state dict for LPIPS")
-    g.add_argument("--clip-model", default=None, help="local transformers CLIP directory")
-    g.add_argument("--fid-weights", default=None, help="torch-fidelity Inception weights (needs torch-fidelity)")
-    g.add_argument("--fid-min-images", type=int, default=50, help="FID only for sets at least this large (KID always)")
+    add_mimic_options(p)
     g = p.add_argument_group("ray")
     g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     g.add_argument("--actors", type=int, default=None, help="evaluation actors (default: one per GPU, else 1)")
@@ -71,33 +46,22 @@ def add_parser(sub) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from ..eval_metrics import MetricConfig
-    from ..evaluate import EvalSettings
-    from ..mimic import InpaintConfig, LoraConfig, SDEditConfig, TextualInversionConfig
+    from pipeline.evaluate.settings import EvalSettings
 
-    common = dict(seed=args.seed, resolution=args.resolution)
     return EvalSettings(
-        protected=args.protected, clean=args.clean, output=args.output, scenarios=tuple(args.scenario),
-        group_by=args.group_by, model=args.model, inpaint_model=args.inpaint_model, device=args.device,
-        dtype=args.dtype, method=args.method, eps=args.eps, run=args.run, prompt=args.prompt,
-        sdedit=SDEditConfig(strengths=tuple(args.strengths), modes=tuple(args.sdedit_modes),
-                            ddim_steps=args.ddim_steps, prompt=args.prompt, **common),
-        inpaint=InpaintConfig(masks=tuple(args.masks), steps=args.inpaint_steps, prompt=args.prompt, **common),
-        textual_inversion=TextualInversionConfig(steps=args.ti_steps, num_images=args.num_images,
-                                                 inference_steps=args.inference_steps, **common),
-        lora=LoraConfig(rank=args.lora_rank, steps=args.lora_steps, num_images=args.num_images,
-                        inference_steps=args.inference_steps, **common),
-        metrics=MetricConfig(lpips_weights=args.lpips_weights, clip_model=args.clip_model,
-                             fid_weights=args.fid_weights, fid_min_images=args.fid_min_images, device=args.device),
+        protected=args.protected, clean=args.clean, output=args.output, scenarios=names(args.scenario),
+        group_by=args.group_by, inpaint_model=args.inpaint_model,
+        model=ModelSpec(args.model, revision=args.revision, device=args.device, dtype=args.dtype),
+        method=args.method, eps=args.eps, run=args.run, prompt=args.prompt, **mimic_configs_from_args(args),
         samples_per_group=args.samples_per_group, batch_size=args.batch_size, actors=args.actors,
         address=args.address,
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import run_evaluation
-    from ..io import InputError
-    from ..models import ModelLoadError
+    from pipeline.evaluate.run import run_evaluation
+    from pipeline.io.storage import InputError
+    from pipeline.models.loading import ModelLoadError
 
     try:
         summary = run_evaluation(settings_from_args(args))

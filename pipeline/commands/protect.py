@@ -5,76 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..models import DEFAULT_MODEL, DTYPES, ModelSpec
-from ..protect import ALL_METHODS, ProtectConfig
-
-METHOD_HELP = "; ".join(f"{name}" for name in ALL_METHODS)
-
-
-def add_protection_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs protection."""
-    g = parser.add_argument_group("protection")
-    g.add_argument("--method", default="sds-", help=f"protection method (default sds-): {METHOD_HELP}")
-    g.add_argument("--eps", type=float, default=16.0, help="L-inf budget in [0, 255] pixel units (default 16)")
-    g.add_argument("--step-size", type=float, default=1.0, help="PGD step size in pixel units (default 1)")
-    g.add_argument("--steps", type=int, default=100, help="PGD steps (default 100)")
-    g.add_argument("--init", choices=["random", "zero"], default="random", help="PGD start (default random)")
-    g.add_argument("--seed", type=int, default=0, help="seed; each sample's noise derives from it and its key")
-    g.add_argument("--prompt", default="a photo", help="prompt c for samples without one (default 'a photo')")
-    g.add_argument("--target", default=None, help="target image for textural methods (default: built-in pattern)")
-    g.add_argument(
-        "--resolution",
-        default="native",
-        help="'native' (work at the image's size, padded) or N (protect an N x N copy, map back)",
-    )
-    g.add_argument("--mist-weight", type=float, default=1e4, help="w in mist's L_tex - w L_sem (default 1e4)")
-    g.add_argument("--sdst-rate", type=float, default=5.0, help="r in sdst-'s r g_sds + g_tex (default 5)")
-    g.add_argument("--eot", default="", help="robust protection (expectation over transformation): average each "
-                   "step's direction over random differentiable transforms, e.g. jpeg:50-95,resize:0.5-1,noise:0-0.05")
-    g.add_argument("--eot-samples", type=int, default=1, help="transforms K averaged per PGD step with --eot (default 1)")
-    g.add_argument("--bank", default=None, help="fastprotect: bank file from `mimicshield train-fastprotect` "
-                   "(default: the model's default bank; built on the fly for tiny)")
-    g.add_argument("--lpips-weights", default=None, help="fastprotect: torchvision AlexNet weights for a "
-                   "calibrated LPIPS strength map (default: random, seeded, uncalibrated)")
-    m = parser.add_argument_group("model and device")
-    m.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"hub id or local diffusers directory (SD 1.x, 2.x incl. v-prediction, SDXL), or a built-in: tiny, "
-        f"tiny-v, tiny-xl, sd15-arch, sd21-arch, sd21-768-arch, sdxl-arch; A,B,... protects against all of them at "
-        f"once (an ensemble; not with fastprotect) (default {DEFAULT_MODEL})",
-    )
-    m.add_argument("--revision", default=None, help="hub revision (commit, tag) for reproducibility; "
-                   "for an ensemble one per model, comma-separated (empty for the default)")
-    m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    m.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: fp16 on GPU)")
-    m.add_argument("--batch-size", type=int, default=4, help="images per protection batch (default 4)")
-    m.add_argument("--low-memory", action="store_true",
-                   help="less GPU memory, same result: checkpoint the VAE encoder, keep the text encoder on CPU")
-
-
-def model_from_args(args: argparse.Namespace) -> ModelSpec:
-    return ModelSpec(model=args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-                     low_memory=bool(getattr(args, "low_memory", False)))
-
-
-def config_from_args(args: argparse.Namespace) -> ProtectConfig:
-    return ProtectConfig(
-        method=args.method,
-        eps=args.eps,
-        step_size=args.step_size,
-        steps=args.steps,
-        init=args.init,
-        seed=args.seed,
-        prompt=args.prompt,
-        target=args.target,
-        resolution=args.resolution,
-        mist_weight=args.mist_weight,
-        sdst_rate=args.sdst_rate,
-        eot=getattr(args, "eot", ""),
-        eot_samples=getattr(args, "eot_samples", 1),
-        extra={k: v for k in ("bank", "lpips_weights") if (v := getattr(args, k, None)) is not None},
-    )
+from pipeline.commands.options import (
+    add_protection_options,
+    add_run_options,
+    run_settings_from_args,
+)
 
 
 def add_parser(sub) -> None:
@@ -99,123 +34,22 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run, _parser=p)
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """Options of the Ray run itself (cluster, actors, S3 endpoint)."""
-    r = parser.add_argument_group("run")
-    r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    r.add_argument("--actors", type=int, default=None,
-                   help="protection actors (default: one per GPU in the cluster, or 1 on CPU)")
-    r.add_argument("--endpoint-url", default=None,
-                   help="S3 endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS_ENDPOINT_URL); "
-                   "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
-    r.add_argument("--region", default=None, help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
-    r.add_argument("--s3-max-attempts", type=int, default=10, help="tries of each S3 request, transient faults "
-                   "(503 SlowDown, resets, timeouts) retried with backoff (default 10)")
-    r.add_argument("--max-pixels", type=int, default=64_000_000,
-                   help="refuse larger images before decoding (decompression bombs; default 64e6)")
-    r.add_argument("--chunk-size", type=int, default=256, help="files per resumable unit for folder input (default 256)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--on-bad-shard", choices=["skip", "fail"], default="skip",
-                   help="a shard that cannot be read whole (truncated, empty, corrupt, not a tar): skip records it "
-                   "(errors row, stage read) and writes every other shard, exit code 3; fail stops there (default skip)")
-    r.add_argument("--overwrite", action="store_true",
-                   help="reprocess every unit even if OUTPUT holds finished ones (needed to change settings there)")
-    r.add_argument("--jpeg-as", choices=["jpeg", "png"], default="jpeg",
-                   help="JPEG inputs: written as JPEG with the source's tables (L-inf may exceed --eps after "
-                   "compression; reported) or as PNG under the same key (the budget holds exactly) (default jpeg)")
-    r.add_argument("--verbose", action="store_true", help="show Ray's own logs, warnings and progress bars "
-                   "(kept off the terminal by default; always in /tmp/ray/session_latest/logs/)")
-
-
-def load_config_file(path: str) -> dict:
-    """A YAML or JSON file of option values (keys as on the command line, '-' or '_')."""
-    import json
-
-    text = open(path, encoding="utf-8").read()
-    if path.endswith(".json"):
-        values = json.loads(text)
-    else:
-        import yaml
-
-        values = yaml.safe_load(text) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of options")
-    return {k.replace("-", "_"): v for k, v in values.items()}
-
-
-def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The options given on the command line `argv` (whatever their value, default or not).
-
-    argparse only fills in a default where the namespace lacks the attribute, so parsing into a
-    namespace pre-filled with a marker leaves exactly the options that were not given at the marker.
-    """
-    unset = object()
-    probe = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
-    parser.parse_known_args(argv, namespace=probe)
-    return {k for k, v in vars(probe).items() if v is not unset and v is not None}
-
-
-def apply_config_file(args: argparse.Namespace) -> dict:
-    """Fill the options not given on the command line from --config; returns the file's `s3` section.
-
-    The command line wins, also when its value equals the default (``--eps 16`` beats ``eps: 4``).
-    """
-    if not getattr(args, "config", None):
-        return {}
-    values = load_config_file(args.config)
-    s3 = values.pop("s3", None) or {}
-    parser = getattr(args, "_parser", None)
-    argv = getattr(args, "_argv", None)
-    given = explicit_options(parser, argv) if parser is not None and argv is not None else None
-    for key, value in values.items():
-        if not hasattr(args, key) or key.startswith("_") or key in ("func", "config"):
-            raise ValueError(f"{args.config}: unknown option {key!r}")
-        if given is None:  # no command line known (a Namespace built in code): fall back on the defaults
-            default = parser.get_default(key) if parser is not None else None
-            if getattr(args, key) == default:
-                setattr(args, key, value)
-        elif key not in given:
-            setattr(args, key, value)
-    return dict(s3)
-
-
-def settings_from_args(args: argparse.Namespace):
-    """The run's typed settings (`ProtectConfig`, `ModelSpec`, `RunSettings`), each built and validated once."""
-    from ..io import S3Retry
-    from ..ray_pipeline import RunSettings
-
-    s3 = apply_config_file(args)
-    if not args.input or not args.output:
-        raise ValueError("INPUT and OUTPUT are required (on the command line or in --config)")
-    if args.endpoint_url:
-        s3["endpoint_url"] = args.endpoint_url
-    if args.region:
-        s3["region"] = args.region
-    return RunSettings(
-        input=str(args.input), output=str(args.output), config=config_from_args(args), model=model_from_args(args),
-        batch_size=args.batch_size, actors=args.actors, address=args.address, s3=s3,
-        s3_retry=S3Retry(max_attempts=getattr(args, "s3_max_attempts", 10)), max_pixels=args.max_pixels,
-        chunk_size=args.chunk_size, progress=not args.no_progress, verbose=bool(getattr(args, "verbose", False)),
-        on_bad_shard=args.on_bad_shard, overwrite=bool(args.overwrite), jpeg_as=args.jpeg_as,
-    )
-
-
 def parse_settings(argv: list[str]):
     """`RunSettings` for ``mimicshield protect ARGV`` (what `run` would use), without running anything."""
-    from ..cli import build_parser
+    from pipeline.cli import build_parser
 
     args = build_parser().parse_args(["protect", *argv])
     args._argv = list(argv)
-    return settings_from_args(args)
+    return run_settings_from_args(args)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import InputError
-    from ..models import ModelLoadError
-    from ..ray_pipeline import BAD_SHARDS_EXIT, BadShard, run_protect
+    from pipeline.batch.driver import BAD_SHARDS_EXIT, BadShard, run_protect
+    from pipeline.io.storage import InputError
+    from pipeline.models.loading import ModelLoadError
 
     try:
-        settings = settings_from_args(args)
+        settings = run_settings_from_args(args)
         summary = run_protect(settings, log=lambda msg: print(msg, file=sys.stderr))
     except BadShard as err:  # --on-bad-shard fail
         print(f"mimicshield: error: {err}", file=sys.stderr)
@@ -224,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # mid-run failure (e.g. an unreadable tar): say so once, keep what is committed
-        from ..ray_pipeline import short_error
+        from pipeline.batch.driver import short_error
 
         print(f"mimicshield: error: the run failed: {short_error(err)}\n"
               "Shards finished before the failure are kept (see OUTPUT/tables/runs/); fix or remove the bad "

@@ -20,8 +20,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import InputError
-    from ..report import build_report, format_summary
+    from pipeline.evaluate.report import build_report, format_summary
+    from pipeline.io.storage import InputError
 
     try:
         path, summary = build_report(args.output, max_samples=args.max_samples)

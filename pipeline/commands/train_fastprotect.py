@@ -13,8 +13,7 @@ import argparse
 import json
 import sys
 
-from ..models import DEFAULT_MODEL, DTYPES
-
+from pipeline.models.loading import DEFAULT_MODEL, DTYPES
 
 TRAIN_FIELDS = ("steps", "batch_size", "resolution", "groups", "eta", "feature_weight", "lr", "seed", "log_every")
 
@@ -26,7 +25,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     built-in ``tiny`` model, `TINY_DEFAULT`'s: so ``--model tiny --data skimage`` writes exactly
     the default tiny bank that `protect --method fastprotect` would otherwise build on the fly.
     """
-    from ..fastprotect.train import TINY_DEFAULT, TrainConfig
+    from pipeline.protect.fastprotect.train import TINY_DEFAULT, TrainConfig
 
     d, t = TrainConfig(), TINY_DEFAULT
 
@@ -57,7 +56,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
 def train_config_from_args(args: argparse.Namespace):
     from dataclasses import replace
 
-    from ..fastprotect.train import TINY_DEFAULT, TrainConfig
+    from pipeline.protect.fastprotect.train import TINY_DEFAULT, TrainConfig
 
     base = TINY_DEFAULT if args.model == "tiny" else TrainConfig()
     return replace(base, **{k: v for k in TRAIN_FIELDS if (v := getattr(args, k, None)) is not None})
@@ -65,7 +64,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 def model_from_args(args: argparse.Namespace):
     """The `ModelSpec` of the model the bank is trained for (the same spec `protect` builds)."""
-    from ..models import ModelSpec
+    from pipeline.models.loading import ModelSpec
 
     return ModelSpec(model=args.model, revision=args.revision, device=args.device, dtype=args.dtype)
 
@@ -80,9 +79,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..fastprotect.bank import default_bank_path
-    from ..fastprotect.train import load_training_images, train_bank
-    from ..models import ModelLoadError
+    from pipeline.models.loading import ModelLoadError
+    from pipeline.protect.fastprotect.bank import default_bank_path
+    from pipeline.protect.fastprotect.train import load_training_images, train_bank
 
     try:
         config = train_config_from_args(args)

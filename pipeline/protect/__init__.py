@@ -2,7 +2,7 @@
 
 `build_protector(models, config)` is the one way to get a protector for a method name:
 gradient methods (methods.py) run through the PGD engine (engine.py); `fastprotect` and
-`fastprotect+pgd` (pre-trained perturbations, pipeline/fastprotect/) offer the same interface.
+`fastprotect+pgd` (pre-trained perturbations, pipeline/protect/fastprotect/) offer the same interface.
 
 `models` may be a list of loaded models (an ensemble, ``--model A,B``): gradient methods then
 sum the per-model directions (engine.py). FastProtect refuses an ensemble: a bank is trained
@@ -15,8 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..models import DiffusionModels
-from .engine import ALL_METHODS, FASTPROTECT_METHODS, ProtectConfig, Protector
+from pipeline.models.loading import DiffusionModels
+from pipeline.protect.engine import (
+    ALL_METHODS,
+    FASTPROTECT_METHODS,
+    ProtectConfig,
+    Protector,
+)
+from pipeline.protect.fastprotect.infer import build_fastprotector
 
 
 def check_ensemble_method(method: str, n_models: int) -> None:
@@ -42,8 +48,6 @@ def build_protector(models: DiffusionModels | Sequence[DiffusionModels], config:
         if len(models) == 1:
             models = models[0]
     if config.method in FASTPROTECT_METHODS:
-        from ..fastprotect.infer import build_fastprotector  # imports this package: load lazily
-
         return build_fastprotector(models, config)
     return Protector(models, config)
 

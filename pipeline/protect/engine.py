@@ -26,7 +26,6 @@ same protection whatever batch it lands in: reruns and resumed jobs are reproduc
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,13 +34,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import DiffusionModels
-from .methods import METHODS, StepInputs, encode, make_method
-from .targets import load_target
+from pipeline.models.loading import DiffusionModels
+from pipeline.protect.eot import EOTSampler, parse_eot
+from pipeline.protect.methods import METHODS, StepInputs, encode, make_method
+from pipeline.protect.targets import load_target
+from pipeline.seeds import key_seed
 
 DEFAULT_PROMPT = "a photo"
-FASTPROTECT_METHODS = ("fastprotect", "fastprotect+pgd")  # pipeline.fastprotect.infer
+FASTPROTECT_METHODS = ("fastprotect", "fastprotect+pgd")  # pipeline.protect.fastprotect.infer
 ALL_METHODS = tuple(METHODS) + FASTPROTECT_METHODS
+
+
+@dataclass
+class FastProtectOptions:
+    """What only `fastprotect` / `fastprotect+pgd` use (protect/fastprotect/infer.py)."""
+
+    bank: str | None = None  # bank file; None: the model's default bank (built on the fly for tiny)
+    lpips_weights: str | None = None  # torchvision AlexNet weights: calibrated LPIPS strength map (None: random)
+    adaptive_strength: bool = True  # False skips the LPIPS-scaled strength (ablation)
+
+    def __post_init__(self):
+        for name in ("bank", "lpips_weights"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a path (str), got {type(value).__name__}")
+        if not isinstance(self.adaptive_strength, bool):
+            raise TypeError("adaptive_strength must be True or False")
 
 
 @dataclass
@@ -65,10 +83,14 @@ class ProtectConfig:
     sdst_rate: float = 5.0
     eot: str = ""  # expectation over transformation, e.g. "jpeg:50-95,resize:0.5-1" (eot.py); "" = off
     eot_samples: int = 1  # K transforms averaged per PGD step when `eot` is set
-    extra: dict = field(default_factory=dict)  # method-specific options (e.g. FastProtect's bank)
+    fastprotect: FastProtectOptions = field(default_factory=FastProtectOptions)
 
     def __post_init__(self):
         self.resolution = str(self.resolution)
+        if isinstance(self.fastprotect, dict):  # from a config file or asdict()
+            self.fastprotect = FastProtectOptions(**self.fastprotect)
+        if not isinstance(self.fastprotect, FastProtectOptions):
+            raise TypeError(f"fastprotect must be FastProtectOptions, got {type(self.fastprotect).__name__}")
         if self.method not in ALL_METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(ALL_METHODS)}")
         if not 0 <= self.eps <= 255:
@@ -80,8 +102,6 @@ class ProtectConfig:
         if self.resolution != "native" and not (self.resolution.isdigit() and int(self.resolution) > 0):
             raise ValueError(f"resolution must be 'native' or a positive integer, got {self.resolution!r}")
         if self.eot:
-            from .eot import parse_eot
-
             parse_eot(self.eot)
         if self.eot_samples < 1:
             raise ValueError(f"eot_samples must be >= 1, got {self.eot_samples}")
@@ -93,11 +113,6 @@ class ProtectConfig:
         """The parameters that identify a protected image (shard metadata, metric rows, runs table)."""
         return {"method": self.method, "eps": float(self.eps), "step_size": float(self.step_size),
                 "steps": int(self.steps), "init": self.init, "seed": int(self.seed), "resolution": self.resolution}
-
-
-def sample_seed(seed: int, key: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def working_size(height: int, width: int, resolution: str, multiple: int) -> tuple[int, int]:
@@ -228,7 +243,7 @@ class Protector:
         cfg = self.config
         device = self.models.device
         eps, alpha = cfg.eps / 255.0, cfg.step_size / 255.0
-        gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, k)) for k in keys]
+        gens = [torch.Generator().manual_seed(key_seed(cfg.seed, k)) for k in keys]
         x_clean = x.to(device)
         if start is not None:
             start = start.to(device).float().clamp(-cfg.eps, cfg.eps) / 255.0
@@ -249,7 +264,6 @@ class Protector:
                           latent_shape, target))
         eot = None
         if cfg.eot:  # average each model's direction over K random differentiable transforms (eot.py)
-            from .eot import EOTSampler
 
             eot = EOTSampler(cfg.eot, cfg.eot_samples, cfg.seed, keys)
         for _ in range(cfg.steps):

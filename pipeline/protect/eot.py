@@ -21,12 +21,13 @@ and the sample's key, so a sample gets the same transforms whatever batch it lan
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.seeds import key_seed
 
 Transform = Callable[[torch.Tensor], torch.Tensor]  # B x 3 x H x W in [0, 1] -> same shape
 
@@ -138,7 +139,7 @@ class EOTSampler:
     def __init__(self, spec: str, samples: int, seed: int, keys: list[str]):
         self.transforms = parse_eot(spec)
         self.samples = samples
-        self.gens = [torch.Generator().manual_seed(_seed(seed, k)) for k in keys]
+        self.gens = [torch.Generator().manual_seed(key_seed(seed, k, "eot")) for k in keys]
 
     def draw(self, shape: tuple[int, ...]) -> list[Transform]:
         """K batch transforms for one step; `shape` is one image's (3, H, W)."""
@@ -158,6 +159,3 @@ class EOTSampler:
         return eot_direction(method, models, x, inputs, self.draw(tuple(x.shape[1:])))
 
 
-def _seed(seed: int, key: str) -> int:
-    digest = hashlib.sha256(f"eot:{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF

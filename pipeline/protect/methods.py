@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import DiffusionModels
+from pipeline.models.loading import DiffusionModels
 
 
 @dataclass

@@ -15,7 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..purify import parse_purifications
+from pipeline.evaluate.mimic import SCENARIOS
+from pipeline.protect import ALL_METHODS
+from pipeline.study.purify import parse_purifications
 
 EOT_SUFFIX = "+eot"
 DEFAULT_METHODS = ("sds-", "photoguard", "mist")
@@ -84,9 +86,6 @@ class StudyGrid:
     scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
 
     def __post_init__(self):
-        from ..mimic import SCENARIOS
-        from ..protect import ALL_METHODS
-
         bad = [m for m in self.methods if m.removesuffix(EOT_SUFFIX) not in ALL_METHODS]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)} (append {EOT_SUFFIX} "

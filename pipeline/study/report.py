@@ -23,7 +23,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from .store import TABLE_DIR, StudyStore
+from pipeline.io.tables import load_schema
+from pipeline.study.grid import Cell, Source, slug
+from pipeline.study.store import TABLE_DIR, StudyStore
 
 HEADLINE = {"sdedit": "psnr_ref", "inpaint": "psnr_ref", "textual_inversion": "clip_i2i_ref",
             "lora": "clip_i2i_ref"}
@@ -32,8 +34,6 @@ HEADLINE = {"sdedit": "psnr_ref", "inpaint": "psnr_ref", "textual_inversion": "c
 def read_table(output: str, s3: dict | None = None) -> pd.DataFrame:
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from ..tables import load_schema
 
     store = StudyStore(output, s3)
     schema = load_schema("robustness")
@@ -139,8 +139,6 @@ def curves_png(df: pd.DataFrame, scenario: str) -> bytes | None:
 def sample_grid(store: StudyStore, df: pd.DataFrame, scenario: str, size: int = 64) -> list[tuple[str, bytes]]:
     """(key, PNG) grids: rows purifications, columns (input | output) per source."""
     from PIL import Image
-
-    from .grid import Cell, Source, slug
 
     d = df[df["scenario"] == scenario]
     sources = list(dict.fromkeys((m, e) for m, e in zip(d["method"], d["eps"])))

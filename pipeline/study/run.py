@@ -16,44 +16,49 @@ crash or a kill computes only the missing purified sets and cells.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-from ..models import ModelSpec
-from ..purify import PurifyContext, parse_purification
-from . import adapter
-from .grid import CLEAN, Cell, StudyGrid
-from .store import StudyStore
-
-KILL_ENV = "MIMICSHIELD_STUDY_KILL_AFTER_CELLS"  # tests: SIGKILL this process after N cells were committed
+from pipeline.batch.settings import RunSettings
+from pipeline.cluster.faults import fault_point
+from pipeline.evaluate.settings import EvalSettings
+from pipeline.study import adapter
+from pipeline.study.grid import CLEAN, Cell, StudyGrid
+from pipeline.study.purify import PurifyContext, parse_purification
+from pipeline.study.report import write_report
+from pipeline.study.store import StudyStore
+from pipeline.study.workers import CellWorker, PurifyActor, purify_set
 
 
 @dataclass
 class StudySettings:
-    clean: str
-    output: str
+    """One robustness study: its grid, the protect run every source is made with, the evaluation it runs.
+
+    Every protect option the study accepts lives in `protect` (a `RunSettings` whose input is CLEAN and whose
+    output is OUTPUT; method, eps and EOT are set per source by `adapter.protect_settings`), every mimic
+    and metric option in `evaluation`: the study copies none of them, so none can be accepted and dropped.
+    """
+
     grid: StudyGrid
-    protect: object  # ProtectConfig: steps, step size, init, seed, prompt ...; method and eps set per source
-    evaluation: object  # evaluate's EvalSettings: mimic configs, metric backbones, model, device
-    model: ModelSpec = field(default_factory=lambda: ModelSpec("tiny"))  # protects, purifies (diffpure), mimics
-    batch_size: int = 4
-    eot: str = "jpeg:50-95,resize:0.5-1,noise:0-0.05"  # for methods written NAME+eot
-    eot_samples: int = 4
+    protect: RunSettings  # input: CLEAN, output: OUTPUT; config.eot: the transforms of NAME+eot methods
+    evaluation: EvalSettings  # mimic configs, metric backbones; its model is `protect.model`
     upscaler: str | None = None  # noisy_upscale: a diffusers x4 upscaler (None: the built-in random one)
     upscaler_steps: int = 20
     diffpure_steps: int = 20
-    seed: int = 0
     samples: int = 2  # images per cell kept for the report's sample grids
     actors: int | None = None  # cell and model-purification actors (default: one per GPU, else CPUs / 2)
-    protect_actors: int | None = None
-    address: str | None = None
-    s3: dict = field(default_factory=dict)
-    max_pixels: int = 64_000_000
-    chunk_size: int = 256
-    progress: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.protect, RunSettings) or not isinstance(self.evaluation, EvalSettings):
+            raise TypeError("StudySettings takes a RunSettings (protect) and an EvalSettings (evaluation)")
+
+    # views of the one place each of these lives
+    clean = property(lambda self: self.protect.input)
+    output = property(lambda self: self.protect.output)
+    model = property(lambda self: self.protect.model)  # protects, purifies (diffpure), mimics
+    s3 = property(lambda self: self.protect.s3)
+    seed = property(lambda self: self.protect.config.seed)
+    address = property(lambda self: self.protect.address)
 
     def purify_context(self) -> PurifyContext:
         return PurifyContext(model=self.model.model, upscaler=self.upscaler, device=self.model.device, dtype=self.model.dtype,
@@ -61,7 +66,7 @@ class StudySettings:
 
     def record(self) -> dict:
         out = asdict(self)
-        out.pop("s3", None)  # never write credentials
+        out["protect"].pop("s3", None)  # never write credentials
         out["evaluation"].pop("s3_options", None)
         return out
 
@@ -128,19 +133,15 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
             encoded_refs[source] = ray.put(adapter.read_encoded(uri, settings.s3))
         purified_made = _purify(settings, todo, encoded_refs, log)
         # 3. mimic: baseline cells first, then the protected ones with their baselines
-        kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
         committed = 0
 
         def on_done(result):
             nonlocal committed
             committed += 1
             log(f"cell {result['cell']}: {result['rows']} rows, {result['seconds']:.1f} s")
-            if kill_after and committed >= kill_after:
-                sys.stderr.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
+            fault_point("cells-committed", committed, kill=True)  # tests: a hard crash after N cells
 
         n, options, threads = worker_options(settings)
-        from .workers import CellWorker
 
         Worker = ray.remote(CellWorker).options(**options)
         actors = [Worker.remote(settings, threads) for _ in range(min(n, len(pending)))]
@@ -159,7 +160,6 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
             for actor in actors:  # free their resources now (the next study on this Ray needs them)
                 ray.kill(actor)
     # 4. the report
-    from .report import write_report
 
     report = write_report(settings.output, settings.s3)
     return StudySummary(output=settings.output, cells_total=len(cells), cells_skipped=len(done),
@@ -170,8 +170,6 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
 def _purify(settings: StudySettings, todo: list, encoded_refs: dict, log) -> int:
     """Make the missing purified sets: CPU ones as Ray tasks, model-based ones in an actor pool."""
     import ray
-
-    from .workers import PurifyActor, purify_set
 
     if not todo:
         return 0

@@ -22,8 +22,9 @@ import uuid
 import numpy as np
 from pyarrow import fs as pafs
 
-from . import adapter
-from .grid import Cell, Source, purified_id, slug
+from pipeline.io.files import write_atomic
+from pipeline.study import adapter
+from pipeline.study.grid import Cell, Source, purified_id, slug
 
 TABLE_DIR = "tables/robustness"
 
@@ -75,12 +76,7 @@ class StudyStore:
 
     def write_atomic(self, path: str, data: bytes) -> None:
         """`data` at `path`, whole or not at all (temporary sibling, then a move)."""
-        folder = posixpath.dirname(path)
-        self.fs.create_dir(folder, recursive=True)
-        tmp = f"{folder}/_tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, path)
+        write_atomic(self.fs, path, data)
 
     def write(self, path: str, data: bytes) -> None:
         self.fs.create_dir(posixpath.dirname(path), recursive=True)

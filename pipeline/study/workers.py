@@ -15,10 +15,10 @@ import time
 
 import numpy as np
 
-from ..purify import PurifyContext, parse_purification
-from . import adapter
-from .grid import Cell, Source
-from .store import StudyStore
+from pipeline.study import adapter
+from pipeline.study.grid import Cell, Source
+from pipeline.study.purify import PurifyContext, parse_purification
+from pipeline.study.store import StudyStore
 
 SIMILARITIES = ("psnr", "ssim", "clip_i2i", "clip_score")  # higher = the mimic got closer to the original
 
@@ -80,7 +80,7 @@ class CellWorker:
         return self.mimics[scenario]
 
     def run(self, cell: Cell, clean: dict, baseline: dict | None = None) -> dict:
-        """Compute and commit one cell. `clean`: key -> (encoded original, metadata JSON);
+        """Compute and commit one cell. `clean`: key -> (encoded original, metadata JSON, prompt);
         `baseline`: (setting, metric) -> value of the clean cell under the same purification."""
         start = time.perf_counter()
         purified = self.store.read_purified(cell.source, cell.purification)
@@ -88,8 +88,7 @@ class CellWorker:
         images = [purified[k] for k in keys]
         originals = {k: adapter.decode(clean[k][0]) for k in keys}
         metas = [adapter.sample_meta(clean[k][1]) for k in keys]
-        prompts = [next((m[f] for f in ("prompt", "caption") if isinstance(m.get(f), str) and m[f].strip()),
-                        self.ev.prompt) for m in metas]
+        prompts = [clean[k][2] or self.ev.prompt for k in keys]  # the sample's own prompt (io/metadata.py)
         mimic = self.mimic(cell.scenario)
         results = []  # (setting, metric, value, n, seconds)
         samples: dict[str, np.ndarray] = {}

@@ -1,0 +1,119 @@
+"""`RunSettings`: one protect run, typed, validated once when built, and the resume fingerprint it derives.
+
+`RunSettings` holds the run's `ProtectConfig` (what to do to each image), its `ModelSpec` (what to
+load, where) and the options of the run itself (where from, where to, how spread over Ray). The CLI,
+config files, the Ray job, the robustness study and the Python API all build this one object; nothing
+re-packs it into a dict.
+
+The fingerprint recorded in every unit's marker (and checked before a resume) is derived from these
+objects' fields, so a field added to `ProtectConfig` is in it without anyone remembering to add it;
+fields that cannot change the bytes of an output are listed in `NOT_IN_FINGERPRINT`, by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+
+import torch
+
+from pipeline.io.images import DEFAULT_MAX_PIXELS
+from pipeline.io.storage import S3Retry
+from pipeline.models.loading import DTYPES, ModelSpec, resolve_dtype
+from pipeline.protect import ProtectConfig, check_ensemble_method
+from pipeline.protect.engine import FASTPROTECT_METHODS
+
+# fields that do not change what a unit's outputs hold: how the work is spread, reported and resumed
+NOT_IN_FINGERPRINT = {
+    "ProtectConfig": (),
+    "ModelSpec": ("low_memory",),  # same result, less memory
+    "RunSettings": ("input", "output", "config", "model", "batch_size", "actors", "address", "s3", "s3_retry",
+                    "max_pixels", "chunk_size", "progress", "on_bad_shard", "overwrite", "verbose"),
+}
+FIXED_POLICIES = {"jpeg_quality": "keep"}  # not an option: JPEG sources keep their quantisation tables
+
+
+def _fields(obj, exclude) -> dict:
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in exclude}
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """Nested settings objects as dotted names: {"fastprotect": FastProtectOptions(bank=...)} -> {"fastprotect.bank": ...}."""
+    out = {}
+    for name, value in values.items():
+        if is_dataclass(value):
+            out.update(_flat({f.name: getattr(value, f.name) for f in fields(value)}, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = float(value) if isinstance(value, float) else value
+    return out
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+@dataclass
+class RunSettings:
+    """One protect run, built once (CLI, config file or Python) and validated when built."""
+
+    input: str
+    output: str
+    config: ProtectConfig = field(default_factory=ProtectConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    batch_size: int = 4  # images per protection batch
+    actors: int | None = None  # protection actors (default: one per GPU, or 1 on CPU)
+    address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray started in-process
+    s3: dict = field(default_factory=dict)  # endpoint_url, region, access_key, ... (env otherwise)
+    s3_retry: S3Retry = field(default_factory=S3Retry)  # attempts and timeouts of every S3 request
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    chunk_size: int = 256  # files per unit for folder input
+    progress: bool = True
+    on_bad_shard: str = "skip"  # a shard that cannot be read whole: "skip" (record it, go on) or "fail"
+    overwrite: bool = False  # reprocess every unit, whatever OUTPUT holds (else resume, same settings only)
+    jpeg_as: str = "jpeg"  # JPEG sources written as "jpeg" (source tables kept) or "png" (budget exact)
+    verbose: bool = False  # Ray's own logs and progress bars on the terminal (pipeline/cluster/logs.py)
+
+    def __post_init__(self):
+        if not isinstance(self.config, ProtectConfig):
+            raise TypeError(f"config must be a ProtectConfig, got {type(self.config).__name__}")
+        if not isinstance(self.model, ModelSpec):
+            raise TypeError(f"model must be a ModelSpec, got {type(self.model).__name__} (ModelSpec({self.model!r}))")
+        check_ensemble_method(self.config.method, len(self.model.model_ids))  # --model A,B: not with fastprotect
+        for name in ("batch_size", "chunk_size", "max_pixels"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError("--actors must be >= 1")
+        if self.on_bad_shard not in ("skip", "fail"):
+            raise ValueError(f"--on-bad-shard must be skip or fail, got {self.on_bad_shard!r}")
+        if self.jpeg_as not in ("jpeg", "png"):
+            raise ValueError(f"--jpeg-as must be jpeg or png, got {self.jpeg_as!r}")
+        if self.config.steps == 0 and self.config.method not in FASTPROTECT_METHODS:
+            raise ValueError(f"--steps 0 with {self.config.method} would write the PGD start ("
+                             f"{'random noise' if self.config.init == 'random' else 'the clean image'}) as protected; "
+                             "give --steps >= 1")
+        if not isinstance(self.s3_retry, S3Retry):
+            raise TypeError(f"s3_retry must be an S3Retry, got {type(self.s3_retry).__name__}")
+
+    def uses_gpu(self, gpus: int) -> bool:
+        """Do the protection actors run on GPUs, on a cluster with `gpus` GPUs? (the one rule: driver.actor_options)"""
+        return self.model.device.startswith("cuda") or (self.model.device == "auto" and gpus > 0)
+
+    def fingerprint(self, gpus: int | None = None) -> dict:
+        """Everything that changes the bytes a unit's outputs hold (recorded in each unit's marker).
+
+        Derived from the settings objects, field by field: every field of `ProtectConfig` and of
+        `ModelSpec`, and of this object, except those listed in `NOT_IN_FINGERPRINT`. `device` and
+        `dtype` are resolved for the hardware the actors get (`gpus`: the cluster's GPU count; None:
+        this machine's), so "auto" on a GPU (fp16) and "auto" on a CPU (fp32) never share a fingerprint.
+        """
+        if gpus is None:
+            gpus = torch.cuda.device_count()
+        accelerator = torch.device("cuda" if self.uses_gpu(gpus) else "cpu")
+        model = _fields(self.model, NOT_IN_FINGERPRINT["ModelSpec"])
+        model.update(device=accelerator.type, dtype=dtype_name(resolve_dtype(self.model.dtype, accelerator)))
+        return {**_flat(_fields(self.config, NOT_IN_FINGERPRINT["ProtectConfig"])), **model,
+                **_fields(self, NOT_IN_FINGERPRINT["RunSettings"]), **FIXED_POLICIES}
+
+    def cpu_batch_size(self) -> int:
+        """Rows per decode / encode task: a few protection batches (task overhead amortised)."""
+        return max(16, 4 * self.batch_size)

@@ -1,0 +1,126 @@
+"""LoRA mimicry: fine-tune low-rank adapters of the UNet on a group's images, then generate.
+
+For each group, peft LoRA adapters (rank r, alpha = r) are added to the UNet's attention
+projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``), W' = W + B A with A: d x r, B: r x d,
+B initialised so that W' = W at the start; only A and B are trained, with the denoising loss
+
+    L = E_{z, t, eps} || f_theta'(z_t, t, c) - y_t ||^2,  c = "a painting in the style of sks"
+
+(y_t = eps or v: training.py). The adapters are saved with the pipeline class's own
+``save_lora_weights`` (StableDiffusionPipeline or StableDiffusionXLPipeline; a
+``pytorch_lora_weights.safetensors`` file, diffusers key names) and generation loads them back
+with ``load_lora_weights``, the path any user of the saved file would take.
+
+Defaults are small so that a group trains in seconds on the built-in ``tiny`` model. Real use
+(SD 1.5, 512 px; FastProtect's main evaluation): rank 4-16, about 500-1000 steps at lr 1e-4,
+batch 1-4, 50 inference steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from pipeline.evaluate.mimic.common import MimicOutput, load_pipeline, native_resolution
+from pipeline.evaluate.mimic.training import (
+    MimicTrainingConfig,
+    encode_latents,
+    generate,
+    group_seed,
+    train_denoiser,
+)
+from pipeline.models.loading import ModelSpec
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class LoraConfig(MimicTrainingConfig):
+    rank: int = 4
+    learning_rate: float = 1e-3
+    token: str = "sks"  # a rare word standing for the group's style
+    train_template: str = "a painting in the style of {token}"
+    targets: tuple[str, ...] = LORA_TARGETS
+
+
+class Lora:
+    """Trains one LoRA per group and generates with it; the base model is loaded once."""
+
+    scenario = "lora"
+
+    def __init__(self, model: "str | ModelSpec", config: LoraConfig | None = None, device="auto", dtype="fp32"):
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        self.config = config or LoraConfig()
+        self.pipe = load_pipeline("text2img", model, device, dtype)
+        self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.resolution = self.config.resolution or native_resolution(self.pipe)
+        for part in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)):
+            if part is not None:
+                part.requires_grad_(False)
+
+    @property
+    def setting(self) -> str:
+        return f"rank={self.config.rank}/steps={self.config.steps}"
+
+    def train(self, images: list[np.ndarray], group: str, save_dir: str | Path) -> Path:
+        """Train adapters on `images`, save them under `save_dir`; returns the safetensors file."""
+        import peft
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        cfg, unet = self.config, self.pipe.unet
+        adapter = "mimic_train"
+        unet.add_adapter(
+            peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
+                            target_modules=list(cfg.targets)),
+            adapter_name=adapter,
+        )
+        try:
+            params = [p for p in unet.parameters() if p.requires_grad]
+            for p in params:
+                p.data = p.data.float()  # trainable weights in fp32 whatever the model's dtype
+            parts = SimpleNamespace(unet=unet, text_encoder=self.pipe.text_encoder, tokenizer=self.pipe.tokenizer,
+                                    text_encoder_2=getattr(self.pipe, "text_encoder_2", None),
+                                    tokenizer_2=getattr(self.pipe, "tokenizer_2", None), scheduler=self.train_scheduler)
+            latents = encode_latents(self.pipe, images, self.resolution)
+            prompt = cfg.train_template.format(token=cfg.token)
+            unet.train()
+            train_denoiser(parts, latents, lambda rng, n: [prompt] * n, params, steps=cfg.steps,
+                           learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
+                           seed=group_seed(cfg.seed, group), resolution=self.resolution)
+            unet.eval()
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+            type(self.pipe).save_lora_weights(str(save_dir), unet_lora_layers=layers,
+                                                      weight_name=LORA_FILE, safe_serialization=True)
+        finally:
+            unet.delete_adapters(adapter)
+            unet.requires_grad_(False)
+        return Path(save_dir) / LORA_FILE
+
+    def generate(self, lora_file: str | Path, group: str) -> list[np.ndarray]:
+        """Images from the prompt template with the adapters loaded by `load_lora_weights`."""
+        cfg = self.config
+        lora_file = Path(lora_file)
+        self.pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="mimic")
+        try:
+            return generate(self.pipe, cfg.prompt_template.format(token=cfg.token), cfg.num_images, cfg.seed,
+                            f"{self.scenario}/{group}", cfg.inference_steps, cfg.guidance_scale, self.resolution)
+        finally:
+            self.pipe.unload_lora_weights()
+
+    def run(self, images: list[np.ndarray], group: str, source: str, workdir: str | Path) -> tuple[MimicOutput, Path]:
+        """Train on `images`, save under `workdir`, generate; (outputs, LoRA file)."""
+        start = time.perf_counter()
+        path = self.train(images, group, workdir)
+        generated = self.generate(path, group)
+        keys = [f"{group}/{i}" for i in range(len(generated))]
+        out = MimicOutput(self.scenario, self.setting, source, keys, generated, time.perf_counter() - start)
+        return out, path

@@ -1,0 +1,155 @@
+"""The denoising objective shared by the training mimics (textual inversion, LoRA), and generation.
+
+Both personalise a frozen model on a group's images with the standard latent-diffusion loss
+
+    L = E_{z, c, t, eps} || f_theta(z_t, t, c) - y_t ||^2,   z_t = sqrt(a_t) z + sqrt(1 - a_t) eps
+
+with y_t the scheduler's prediction target (models.prediction_target: eps, or
+v = sqrt(a_t) eps - sqrt(1 - a_t) z for v-prediction models). For SDXL, c is both text encoders'
+penultimate hidden states, plus the pooled embedding and the size time ids.
+
+and differ only in what is trainable (one token embedding, or LoRA matrices in the UNet's
+attention projections) and in the conditioning c (a prompt holding the learned token).
+Latents z = s * E(x) are encoded once per group (the VAE is frozen).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.evaluate.mimic.common import (
+    generators,
+    to_model_tensor,
+    to_uint8,
+)
+from pipeline.models.diffusion import prediction_target, sdxl_time_ids
+from pipeline.seeds import key_seed
+
+
+@dataclass
+class MimicTrainingConfig:
+    """What every trained mimic (textual inversion, LoRA) shares: its training budget and generation."""
+
+    steps: int = 50
+    batch_size: int = 4
+    prompt_template: str = "a painting in the style of {token}"
+    num_images: int = 4  # generated per group
+    inference_steps: int = 25
+    guidance_scale: float = 7.5
+    seed: int = 0
+    resolution: int | None = None
+
+
+@torch.no_grad()
+def encode_latents(pipe, images: list[np.ndarray], resolution: int) -> torch.Tensor:
+    """z = s * E(x) for each image (the encoder's mean), on the pipeline's device."""
+    vae = pipe.vae
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and hasattr(pipe, "text_encoder_2"):
+        vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+    x = to_model_tensor(images, resolution).to(pipe.device, vae.dtype)
+    return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).float()
+
+
+def tokenize(parts, prompts: list[str], tokenizer=None) -> torch.Tensor:
+    tok = tokenizer or parts.tokenizer
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids.to(parts.unet.device)
+
+
+def text_condition(parts, prompts: list[str], resolution: int) -> tuple[torch.Tensor, dict | None]:
+    """(c, added_cond_kwargs) as the pipelines condition the UNet; SDXL when `parts` has text_encoder_2."""
+    encoder_2 = getattr(parts, "text_encoder_2", None)
+    if encoder_2 is None:
+        return parts.text_encoder(tokenize(parts, prompts))[0], None
+    hidden, pooled = [], None
+    for tok, enc in ((parts.tokenizer, parts.text_encoder), (parts.tokenizer_2, encoder_2)):
+        out = enc(tokenize(parts, prompts, tok), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the second encoder's projected (pooled) embedding
+    added = {"text_embeds": pooled,
+             "time_ids": sdxl_time_ids(resolution, resolution, len(prompts), parts.unet.device, pooled.dtype)}
+    return torch.cat(hidden, dim=-1), added
+
+
+def train_denoiser(
+    parts,
+    latents: torch.Tensor,
+    prompts: Callable[[random.Random, int], list[str]],
+    params: Iterable[torch.nn.Parameter],
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    text_grad: bool = False,
+    after_step: Callable[[], None] | None = None,
+    resolution: int = 512,
+) -> list[float]:
+    """Minimise the denoising loss over `params` for `steps` steps; returns the loss of each step.
+
+    `parts` holds ``unet``, ``text_encoder``, ``tokenizer`` and a training ``scheduler`` (DDPM),
+    and for SDXL ``text_encoder_2`` and ``tokenizer_2``; `resolution` is the images' size (SDXL time ids).
+    Trainable weights stay fp32; on CUDA the forward pass runs under bf16 autocast.
+    `prompts(rng, n)` gives the n prompts of a batch; `text_grad` keeps the text encoder in the
+    graph (textual inversion trains an input embedding of it). `after_step` runs after each
+    optimiser step (textual inversion restores the embedding rows it must not change).
+    """
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rng = random.Random(seed)
+    sched = parts.scheduler
+    n_train = sched.config.num_train_timesteps
+    device = parts.unet.device
+    autocast = device.type == "cuda"
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(latents), (min(batch_size, len(latents)),), generator=gen)
+        z = latents[idx]
+        noise = torch.randn(z.shape, generator=gen).to(z.device)
+        t = torch.randint(0, n_train, (len(z),), generator=gen).to(z.device)
+        z_t = sched.add_noise(z, noise, t)
+        batch_prompts = prompts(rng, len(z))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.set_grad_enabled(text_grad):
+                cond, added = text_condition(parts, batch_prompts, resolution)
+            pred = parts.unet(z_t, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        loss = F.mse_loss(pred.float(), prediction_target(sched, z, noise, t).float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def generate(pipe, prompt: str, n: int, seed: int, tag: str, steps: int, guidance_scale: float,
+             resolution: int, batch_size: int = 8) -> list[np.ndarray]:
+    """n images for `prompt`; image i is seeded by (seed, tag/i), identical across pipelines."""
+    images: list[np.ndarray] = []
+    keys = [f"{tag}/{i}" for i in range(n)]
+    for b in range(0, n, batch_size):
+        chunk = keys[b : b + batch_size]
+        out = pipe(
+            prompt=[prompt] * len(chunk),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            height=resolution,
+            width=resolution,
+            generator=generators(seed, chunk, pipe.device),
+            output_type="np",
+        ).images
+        images += to_uint8(out)
+    return images
+
+
+def group_seed(seed: int, group: str) -> int:
+    """The training seed of a group: protected and clean training of one group use the same."""
+    return key_seed(seed, group, "train")

@@ -1,0 +1,596 @@
+"""Built-in Stable Diffusion models, for tests, benchmarks and the demo (nothing is downloaded).
+
+Each built-in model is assembled from a config (below) and, for the trained ones, weights
+shipped in this package; it is saved once in diffusers format (safetensors) to a cache
+directory and from then on loaded through the very same `from_pretrained` path as a real
+checkpoint.
+
+- ``tiny``         an SD 1.x-shaped latent diffusion model small enough for CPU, *trained* on
+                   scikit-image's bundled photos by `pipeline.models.builtin.training` (weights in
+                   ``pipeline/models/builtin/weights/``, sha256 checked on load): its VAE (1/8 downsampling,
+                   4 latent channels, like SD's) reconstructs held-out photos, its latent scale is
+                   calibrated (1/std of latents, as SD's 0.18215 is) and its UNet denoises those
+                   latents conditioned on the text encoder (random, seeded, frozen; shipped too).
+                   Small enough to measure whether a protection hurts a mimic; not a real model.
+- ``tiny-inpaint`` the same VAE and text encoder with a 9-channel UNet trained to inpaint.
+- ``sd15-arch``    the real SD 1.5 architecture with random weights (speed/memory benchmarks).
+- ``sd21-arch``    the real SD 2.1-base architecture with random weights.
+
+Model coverage (v-prediction, SDXL), in their own blocks below. The tiny variants train their UNet
+on first use (seeded, a few hundred steps: `_train_tiny_denoiser`, about a minute on CPU, once per
+cache); `tiny-v` on ``tiny``'s trained VAE, `tiny-xl` on a VAE of its own (see `_build_pipeline`):
+- ``tiny-v``          ``tiny`` with a v-prediction scheduler, its UNet trained to predict
+                      v = sqrt(a_t) eps - sqrt(1 - a_t) z0.
+- ``tiny-xl``         SDXL-shaped and small: two text encoders (the second with a projection, whose
+                      pooled output conditions the UNet with the size time ids), ``text_time``
+                      added embedding, a VAE of its own seed with ``force_upcast``. ``tiny-xl-inpaint`` is its 9-channel inpainting twin.
+- ``sd21-768-arch``   the real SD 2.1 (768 x 768, v-prediction) architecture, random weights.
+- ``sdxl-arch``       the real SDXL base architecture, random weights (about 7 GB in fp16; built in
+                      fp16 directly, so building needs about that much memory, not 4x).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline.io.files import cache_root
+from pipeline.models.diffusion import prediction_target, sdxl_time_ids
+
+BUILTIN_VERSION = "v4"  # bump when a config below changes, so caches are rebuilt
+SEED = 0
+
+
+def models_cache_dir() -> Path:
+    """Where built-in models are built once and loaded from: $MIMICSHIELD_CACHE/models."""
+    return cache_root() / "models"
+
+
+# --------------------------------------------------------------------------- configs as data
+
+_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    prediction_type="epsilon",
+    steps_offset=1,
+)
+
+_SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+
+_SD_UNET_BLOCKS = dict(
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2,
+    sample_size=64,
+)
+
+CONFIGS: dict[str, dict] = {
+    "tiny": dict(
+        vae=dict(
+            in_channels=3,
+            out_channels=3,
+            # four blocks like SD, so the latent is 1/8 of the image, with few channels
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=[16, 32, 64, 128],  # cheap at full resolution, wide at 1/8
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=0.18215,  # replaced by the calibrated scale of the shipped weights
+        ),
+        unet=dict(
+            in_channels=4,
+            out_channels=4,
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            block_out_channels=[32, 64],
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+            sample_size=8,
+        ),
+        text=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+        ),
+        dtype=torch.float32,
+    ),
+    "sd15-arch": dict(
+        vae=_SD_VAE,
+        unet=dict(
+            in_channels=4,
+            out_channels=4,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            **_SD_UNET_BLOCKS,
+        ),
+        text=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            vocab_size=49408,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        ),
+        dtype=torch.float16,  # random weights: store them small, load in any dtype
+    ),
+    "sd21-arch": dict(
+        vae=_SD_VAE,
+        unet=dict(
+            in_channels=4,
+            out_channels=4,
+            cross_attention_dim=1024,
+            attention_head_dim=[5, 10, 20, 20],
+            use_linear_projection=True,
+            **_SD_UNET_BLOCKS,
+        ),
+        text=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            vocab_size=49408,
+            projection_dim=512,
+            hidden_act="gelu",
+        ),
+        dtype=torch.float16,
+    ),
+}
+CONFIGS["tiny-inpaint"] = dict(CONFIGS["tiny"], unet=dict(CONFIGS["tiny"]["unet"], in_channels=9))
+
+# --------------------------------------------------------------------------- v-prediction (issue 14)
+# A config may override scheduler fields (`scheduler=`); `prediction_type` then decides what the
+# quick training path (`_train_tiny_denoiser`) and every loss in the package compare the UNet with.
+
+CONFIGS["tiny-v"] = dict(CONFIGS["tiny"], scheduler=dict(prediction_type="v_prediction"))
+CONFIGS["sd21-768-arch"] = dict(  # stabilityai/stable-diffusion-2-1: 768 px, v-prediction
+    CONFIGS["sd21-arch"],
+    vae=dict(_SD_VAE, sample_size=768),
+    unet=dict(CONFIGS["sd21-arch"]["unet"], sample_size=96),
+    scheduler=dict(prediction_type="v_prediction"),
+)
+
+# --------------------------------------------------------------------------- SDXL (issue 14)
+# `family="sdxl"`: two text encoders (`text`: CLIPTextModel, `text_2`: CLIPTextModelWithProjection),
+# UNet `addition_embed_type="text_time"` with
+#     projection_class_embeddings_input_dim = text_2.projection_dim + 6 * addition_time_embed_dim
+# (pooled text embedding + six size ids), cross_attention_dim = text.hidden + text_2.hidden.
+
+_TINY_XL_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
+)
+CONFIGS["tiny-xl"] = dict(
+    family="sdxl",
+    seed=1,  # weights of its own (SDXL's VAE is not SD's): transfer from tiny goes through another encoder
+    vae=dict(CONFIGS["tiny"]["vae"], scaling_factor=0.13025, force_upcast=True),  # calibrated in training
+    unet=dict(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],  # as SDXL: no attention at full size
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        attention_head_dim=4,
+        use_linear_projection=True,
+        cross_attention_dim=64,  # 32 + 32
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,  # 32 + 6 * 8
+        norm_num_groups=8,
+        sample_size=8,
+    ),
+    text=dict(_TINY_XL_TEXT, hidden_act="quick_gelu"),
+    text_2=_TINY_XL_TEXT,
+    dtype=torch.float32,
+)
+CONFIGS["tiny-xl-inpaint"] = dict(CONFIGS["tiny-xl"], unet=dict(CONFIGS["tiny-xl"]["unet"], in_channels=9))
+CONFIGS["sdxl-arch"] = dict(  # stabilityai/stable-diffusion-xl-base-1.0, random weights
+    family="sdxl",
+    vae=dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    unet=dict(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        block_out_channels=[320, 640, 1280],
+        layers_per_block=2,
+        attention_head_dim=[5, 10, 20],
+        transformer_layers_per_block=[1, 2, 10],
+        use_linear_projection=True,
+        cross_attention_dim=2048,  # 768 + 1280
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 1280 + 6 * 256
+        sample_size=128,
+    ),
+    text=dict(  # CLIP ViT-L/14
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
+    ),
+    text_2=dict(  # OpenCLIP ViT-bigG/14
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        max_position_embeddings=77, vocab_size=49408, projection_dim=1280, hidden_act="gelu",
+    ),
+    dtype=torch.float16,
+    init_dtype=torch.float16,  # 3.5 B parameters: initialise in fp16 (7 GB), never in fp32 (14 GB)
+)
+
+BUILTIN_MODELS = tuple(CONFIGS)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer():
+    """A byte-level CLIP tokenizer with a small vocabulary built here (no download).
+
+    Every byte maps to a symbol (as in CLIP's BPE), with and without the end-of-word mark,
+    plus a few merges for the words our default prompts use, so any text tokenizes.
+    """
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    for word in ("a", "an", "of", "photo", "painting", "artwork", "anime", "picture",
+                 "landscape", "portrait", "style", "in", "the", "by"):
+        # a left-to-right merge chain: p h -> ph, ph o -> pho, ... ending with </w>
+        pieces = list(word)
+        pieces[-1] += "</w>"
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            merges.append((current, nxt))
+            current = current + nxt
+            if current not in vocab_list:
+                vocab_list.append(current)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+# --------------------------------------------------------------------------- trained weights
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_NAME = "tiny-v4.safetensors"  # made by `python -m pipeline.models.builtin.training` (seed 0)
+# the three commands that made it (curve: benchmarks/results/builtin_tiny_curve.jsonl): the VAE on 32 px
+# crops (cosine-decayed learning rate, EMA of its weights shipped: this alone was v3), a second VAE phase on
+# recoloured 64 px crops (what took held-out PSNR from 19.6 to 22+ dB), then the UNets on its frozen latents
+WEIGHTS_RECIPE = (
+    "python -m pipeline.models.builtin.training --out A --vae-steps 6000 --vae-lr 2e-3 --vae-decay --vae-ema 0.999 "
+    "--vae-eval-every 250 --vae-only --threads 1",
+    "python -m pipeline.models.builtin.training --out A --vae-init A/vae-checkpoint.safetensors --vae-seed 1 "
+    "--vae-steps 2000 --vae-lr 5e-4 --vae-decay --vae-ema 0.995 --vae-crop 64 --vae-batch 8 --vae-colour "
+    "--vae-eval-every 100 --vae-only --threads 2",
+    "python -m pipeline.models.builtin.training --out A --vae-init A/vae-checkpoint.safetensors --vae-steps 0 "
+    "--unet-steps 800 --inpaint-steps 500 --unet-batch 16 --pool 1024 --threads 2",
+)
+WEIGHTS_SHA256 = "729cb23e1a25cd32acd4352c758f3d2e4e2760a386934d9dcdc53623bad67a0f"
+# which built-ins take trained weights, and the prefix of their UNet in the weights file
+TRAINED_UNETS = {"tiny": "unet.tiny.", "tiny-inpaint": "unet.tiny-inpaint."}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pack_weights(vae, text_encoder, unets: dict) -> dict[str, torch.Tensor]:
+    """One flat tensor dict: ``vae.*``, ``text_encoder.*``, ``unet.<built-in name>.*``."""
+    out = {f"vae.{k}": v for k, v in vae.state_dict().items()}
+    out.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
+    for name, unet in unets.items():
+        out.update({f"{TRAINED_UNETS[name]}{k}": v for k, v in unet.state_dict().items()})
+    # fp16 on disk (a few MB); loading copies the values into the fp32 models
+    return {k: (v.half() if v.is_floating_point() else v).detach().contiguous() for k, v in out.items()}
+
+
+def load_trained_weights(pipe, name: str, path: Path | None = None) -> None:
+    """Put the shipped weights of built-in `name` into `pipe` (checking the file's sha256)."""
+    from safetensors import safe_open
+
+    path = path or WEIGHTS_DIR / WEIGHTS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall mimicshield, or rebuild it with "
+                                "`python -m pipeline.models.builtin.training --out DIR`")
+    if path == WEIGHTS_DIR / WEIGHTS_NAME and sha256(path) != WEIGHTS_SHA256:
+        raise ValueError(f"{path} does not match its recorded sha256 {WEIGHTS_SHA256} (corrupt or replaced)")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        scale = float(f.metadata()["scaling_factor"])
+
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    pipe.vae.load_state_dict(part("vae."))
+    pipe.text_encoder.load_state_dict(part("text_encoder."), strict=False)  # position_ids may be a buffer
+    pipe.unet.load_state_dict(part(TRAINED_UNETS[name]))
+    pipe.vae.register_to_config(scaling_factor=scale)
+
+
+# --------------------------------------------------------------------------- build + save
+
+
+def scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**dict(_SCHEDULER, prediction_type=prediction_type))
+
+
+class _default_dtype:
+    """Create modules in `dtype` (random init straight in fp16 for the large random-weight models)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.old = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.old)
+
+
+def _text_encoder(text: dict, tokenizer, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    text_cfg = CLIPTextConfig(
+        **{"vocab_size": len(tokenizer), **text},  # the SD configs name CLIP's 49408
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(text_cfg)
+
+
+def build_pipeline(name: str):
+    """The diffusers pipeline of built-in `name`, freshly initialised with the fixed seed (not trained).
+
+    Call it under ``torch.device("meta")`` to get the architecture without allocating weights.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    cfg = CONFIGS[name]
+    tokenizer = build_tokenizer()
+    torch.manual_seed(cfg.get("seed", SEED))
+    with _default_dtype(cfg.get("init_dtype", torch.float32)):
+        vae = AutoencoderKL(**cfg["vae"])
+        unet = UNet2DConditionModel(**cfg["unet"])
+        text_encoder = _text_encoder(cfg["text"], tokenizer)
+        text_encoder_2 = _text_encoder(cfg["text_2"], tokenizer, with_projection=True) if "text_2" in cfg else None
+    scheduler = DDPMScheduler(**{**_SCHEDULER, **cfg.get("scheduler", {})})
+    if cfg.get("family") == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=build_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    return pipe if cfg["dtype"] == torch.float32 else pipe.to(dtype=cfg["dtype"])
+
+
+
+
+def _sample_crops(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """n random square crops of scikit-image's bundled photos, resized to size x size, in [0, 1]."""
+    import numpy as np
+    import torch.nn.functional as F
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
+    pool = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1).float() / 255 for p in photos]
+    crops = []
+    for _ in range(n):
+        img = pool[int(torch.randint(len(pool), (1,), generator=generator))]
+        side = int(torch.randint(size, min(img.shape[1:]) + 1, (1,), generator=generator))
+        top = int(torch.randint(0, img.shape[1] - side + 1, (1,), generator=generator))
+        left = int(torch.randint(0, img.shape[2] - side + 1, (1,), generator=generator))
+        crop = img[None, :, top : top + side, left : left + side]
+        crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0])
+    return torch.stack(crops)
+
+
+def _tiny_conditioning(pipe, batch: int, size: int) -> tuple[torch.Tensor, dict | None]:
+    """(c, added_cond_kwargs) for "a photo": SD's last hidden state, or SDXL's two encoders + time ids."""
+    from diffusers import StableDiffusionXLPipeline
+
+    if not isinstance(pipe, StableDiffusionXLPipeline):
+        tokens = pipe.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt")
+        return pipe.text_encoder(tokens.input_ids)[0].expand(batch, -1, -1), None
+    embeds, _, pooled, _ = pipe.encode_prompt("a photo", device="cpu", do_classifier_free_guidance=False)
+    added = {"text_embeds": pooled.expand(batch, -1), "time_ids": sdxl_time_ids(size, size, batch)}
+    return embeds.expand(batch, -1, -1), added
+
+
+def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64, calibrate: bool = True) -> None:
+    """Calibrate the latent scale and teach the tiny UNet to denoise (in place, seeded).
+
+    The denoising loss is the standard one, || f_theta(z_t, t, c) - y_t ||^2, with y_t the
+    scheduler's prediction target (eps, or v for v-prediction: models.prediction_target). For a
+    9-channel (inpainting) UNet the input is [z_t, mask, masked latent], with random box masks.
+    SDXL-shaped pipelines are conditioned with both text encoders, the pooled embedding and time ids.
+    `calibrate=False` keeps the VAE's scaling factor (a trained VAE brings its own).
+    """
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(SEED)
+    vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
+    with torch.no_grad():
+        latents = vae.encode(_sample_crops(64, size, gen) * 2 - 1).latent_dist.mean
+        if calibrate:
+            vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 4))
+        cond, added = _tiny_conditioning(pipe, batch, size)
+    scale = vae.config.scaling_factor
+    unet.train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    for _ in range(steps):
+        with torch.no_grad():
+            z = vae.encode(_sample_crops(batch, size, gen) * 2 - 1).latent_dist.mean * scale
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        z_t = scheduler.add_noise(z, noise, t)
+        if unet.config.in_channels == 9:
+            mask = torch.zeros(batch, 1, *z.shape[2:])
+            for m in mask:
+                h, w = (int(torch.randint(2, z.shape[2] + 1, (1,), generator=gen)) for _ in range(2))
+                m[:, :h, :w] = 1
+            z_t = torch.cat([z_t, mask, z * (1 - mask)], dim=1)
+        pred = unet(z_t, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        loss = F.mse_loss(pred, prediction_target(scheduler, z, noise, t))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    unet.eval()
+
+
+
+
+def random_parts(name: str) -> dict:
+    """The parts of built-in `name` with seeded random weights: vae, unet, text_encoder, tokenizer."""
+    pipe = build_pipeline(name)
+    return {"vae": pipe.vae, "unet": pipe.unet, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
+
+
+def load_trained_vae(pipe, path: Path | None = None) -> None:
+    """Put the shipped trained VAE of ``tiny`` (and its latent scale) into `pipe` (same VAE architecture)."""
+    from safetensors import safe_open
+
+    path = path or WEIGHTS_DIR / WEIGHTS_NAME
+    if path == WEIGHTS_DIR / WEIGHTS_NAME and sha256(path) != WEIGHTS_SHA256:
+        raise ValueError(f"{path} does not match its recorded sha256 {WEIGHTS_SHA256} (corrupt or replaced)")
+    with safe_open(str(path), framework="pt") as f:
+        vae = {k[len("vae."):]: f.get_tensor(k) for k in f.keys() if k.startswith("vae.")}
+        scale = float(f.metadata()["scaling_factor"])
+    pipe.vae.load_state_dict(vae)
+    pipe.vae.register_to_config(scaling_factor=scale)
+
+
+def _build_pipeline(name: str):
+    """Built-in `name`, ready to save (seeded, once per cache):
+
+    - tiny, tiny-inpaint: the shipped trained weights;
+    - tiny-v: tiny's trained VAE and latent scale, its v-prediction UNet trained here on those latents;
+    - tiny-xl(-inpaint): a VAE of its own (seed 1, random, scale calibrated; SDXL's VAE differs from
+      SD's too, so transfer between tiny and tiny-xl measures another encoder), UNet trained here;
+    - the *-arch models: random weights.
+    """
+    pipe = build_pipeline(name)
+    if name in TRAINED_UNETS:
+        load_trained_weights(pipe, name)
+    elif name == "tiny-v":
+        load_trained_vae(pipe)
+        _train_tiny_denoiser(pipe, calibrate=False)
+    elif name.startswith("tiny"):
+        _train_tiny_denoiser(pipe)
+    return pipe
+
+
+def announce_build(name: str, target: Path) -> None:
+    """One line on stderr while a built-in is generated (the first run would otherwise sit silent)."""
+    import sys
+
+    print(f"mimicshield: generating built-in model {name} (first use, about a minute; kept in {target.parent})...",
+          file=sys.stderr, flush=True)
+
+
+class _no_save_progress_bar:
+    """transformers' "Writing model shards" bar (text encoders) is noise next to `announce_build`'s line."""
+
+    def __enter__(self):
+        from transformers.utils import logging as tlog
+
+        self.was_enabled = tlog.is_progress_bar_enabled()
+        tlog.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as tlog
+
+        if self.was_enabled:
+            tlog.enable_progress_bar()
+
+
+def builtin_model_path(name: str) -> Path:
+    """Directory of built-in model `name` in diffusers format, assembled on first use."""
+    if name not in CONFIGS:
+        raise KeyError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
+    return cached_pipeline_dir(models_cache_dir() / f"{name}-{BUILTIN_VERSION}", lambda: _build_pipeline(name), name)
+
+
+def cached_pipeline_dir(target: Path, build, name: str) -> Path:
+    """`target`, a diffusers directory that `build()`'s pipeline is saved to once, atomically.
+
+    The pipeline is saved into a temporary sibling and renamed into place, so concurrent builders
+    (Ray actors, parallel tests) never see a half-written model; the loser of a race drops its copy.
+    """
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    announce_build(name, target)
+    try:
+        pipe = build()
+        with _no_save_progress_bar():
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,426 @@
+"""Train the built-in ``tiny`` latent diffusion model on scikit-image's bundled photos (CPU, seeded).
+
+This is the script that made the weights shipped in ``pipeline/models/builtin/weights/`` (see WEIGHTS below);
+run it again with ``python -m pipeline.models.builtin.training --out DIR``. Three stages, one seed:
+
+1. the VAE (SD's shape: 1/8 downsampling, 4 latent channels) learns to reconstruct random
+   crops of the training photos: loss = |x - D(z)|_1 + |x - D(z)|_2^2 + beta * KL(q(z|x) || N(0, I)),
+   z ~ q(z|x), beta small (as SD's KL-f8 VAE, without its GAN and LPIPS terms);
+2. the latent scale is calibrated (1 / std of the latents, as SD's 0.18215 is);
+3. the UNet learns to denoise those latents, conditioned on the (random, seeded, frozen) text
+   encoder's embedding of the photo's caption: DDPM's loss
+   || target - f_theta(z_t, t, c) ||^2, z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps, where the
+   target is eps ("epsilon"), or v = sqrt(abar_t) eps - sqrt(1 - abar_t) z ("v_prediction").
+   An inpainting UNet (9 input channels) also sees [mask, E(x * (1 - mask))], as SD-inpainting.
+
+Held-out photos (HELD_OUT) are never cropped for training; every figure in the results is
+measured on them (`evaluate_vae`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.models.builtin import build as bm
+
+SEED = 0
+
+# scikit-image's bundled photos (no download). Grayscale ones are repeated to RGB.
+TRAIN_PHOTOS = ("astronaut", "coffee", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina",
+                "colorwheel", "camera", "coins", "moon", "brick", "grass", "gravel", "clock", "cell")
+HELD_OUT = ("rocket", "motorcycle")  # whole photos kept out of training, for evaluation only
+CAPTIONS = {name: f"a photo of {name}" for name in TRAIN_PHOTOS + HELD_OUT}
+
+
+def load_photo(name: str) -> np.ndarray:
+    """One bundled photo as H x W x 3 uint8."""
+    from skimage import data
+
+    img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    img = img[..., :3] if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2)
+    if img.dtype != np.uint8:
+        img = (255 * (img.astype(np.float64) / img.max())).astype(np.uint8)
+    return np.ascontiguousarray(img)
+
+
+def _to_tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(img).permute(2, 0, 1).float() / 255
+
+
+class PhotoCrops:
+    """Random square crops of some photos at random scale, flipped at random, resized to `size`.
+
+    `colour=True` also varies colour, since only a few bundled photos are in colour and a VAE trained
+    on them alone renders smooth colour areas (sky, gradients) worse than bicubic upsampling does:
+    a grayscale photo becomes a random two-colour gradient (a + (b - a) * gray, a and b random RGB),
+    and a colour photo gets its channels permuted at random.
+    """
+
+    def __init__(self, names, seed: int = SEED, colour: bool = False):
+        self.names = tuple(names)
+        self.photos = [_to_tensor(load_photo(n)) for n in self.names]
+        self.grey = [bool((p[0] == p[1]).all() and (p[1] == p[2]).all()) for p in self.photos]
+        self.gen = torch.Generator().manual_seed(seed)
+        self.colour = colour
+
+    def _int(self, lo: int, hi: int) -> int:  # uniform in [lo, hi)
+        return int(torch.randint(lo, hi, (1,), generator=self.gen))
+
+    def _recolour(self, crop: torch.Tensor, grey: bool) -> torch.Tensor:
+        if grey:
+            a, b = torch.rand(2, 1, 3, 1, 1, generator=self.gen)
+            return a + (b - a) * crop[:, :1]
+        return crop[:, torch.randperm(3, generator=self.gen)]
+
+    def sample(self, n: int, size: int) -> tuple[torch.Tensor, list[int]]:
+        """(n x 3 x size x size images in [0, 1], index of each crop's photo)."""
+        crops, which = [], []
+        for _ in range(n):
+            i = self._int(0, len(self.photos))
+            img = self.photos[i]
+            h, w = img.shape[1:]
+            side = self._int(min(size, h, w), min(h, w) + 1)
+            top, left = self._int(0, h - side + 1), self._int(0, w - side + 1)
+            crop = img[None, :, top : top + side, left : left + side]
+            crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            if self._int(0, 2):
+                crop = crop.flip(-1)
+            if self.colour:
+                crop = self._recolour(crop, self.grey[i])
+            crops.append(crop[0].clamp(0, 1))
+            which.append(i)
+        return torch.stack(crops), which
+
+
+def held_out_images(size: int = 64, crops_per_photo: int = 8, names=HELD_OUT) -> torch.Tensor:
+    """The evaluation set: per held-out photo, its centre square and random crops, at size x size."""
+    out = []
+    for name in names:
+        img = _to_tensor(load_photo(name))
+        side = min(img.shape[1:])
+        top, left = (img.shape[1] - side) // 2, (img.shape[2] - side) // 2
+        centre = img[None, :, top : top + side, left : left + side]
+        out.append(F.interpolate(centre, size=(size, size), mode="bilinear", antialias=True)[0])
+        out.extend(PhotoCrops([name], seed=SEED + 1).sample(crops_per_photo, size)[0])
+    return torch.stack(out).clamp(0, 1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [0, 1]."""
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
+@torch.no_grad()
+def evaluate_vae(vae, images: torch.Tensor) -> dict:
+    """Reconstruction of `images` (in [0, 1]) through the posterior mean: PSNR and SSIM."""
+    from torchmetrics.functional.image import (
+        structural_similarity_index_measure as ssim,
+    )
+
+    was_training = vae.training
+    vae.eval()
+    recon = (vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
+    vae.train(was_training)  # a frozen model (e.g. a shared test fixture) stays in eval mode
+    return {"psnr": float(psnr(recon, images).mean()), "ssim": float(ssim(recon, images, data_range=1.0))}
+
+
+@dataclass
+class VAETraining:  # the shipped weights used: steps 6000, decay, ema 0.999 (builtin_models.WEIGHTS_RECIPE)
+    steps: int = 450
+    batch: int = 16
+    crop: int = 32  # the VAE is convolutional: small crops train it as well as 64 px ones, faster
+    lr: float = 2e-3
+    kl_weight: float = 1e-6
+    warmup: int = 50
+    eval_every: int = 50
+    decay: bool = False  # cosine decay of the learning rate to lr_min over `steps` (else constant)
+    lr_min: float = 2e-5
+    ema: float = 0.0  # > 0: keep an exponential moving average of the weights (e.g. 0.999) and ship it
+    colour: bool = False  # recolour the crops (PhotoCrops): smooth colour areas are what a VAE of few colour photos misses
+
+
+def _lr_factor(step: int, steps: int, warmup: int, decay: bool = False, floor: float = 0.0) -> float:
+    """Linear warm-up, then constant, or (decay) a cosine from 1 down to `floor` at the last step."""
+    if step < warmup or not decay:
+        return min(1.0, (step + 1) / warmup)
+    progress = (step - warmup) / max(1, steps - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED, stage: str = "vae") -> list[dict]:
+    """Train `vae` in place on TRAIN_PHOTOS crops; returns the curve (held-out PSNR/SSIM at 64 px)."""
+    torch.manual_seed(seed)
+    data = PhotoCrops(TRAIN_PHOTOS, seed, colour=cfg.colour)
+    held_out = held_out_images(64)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    floor = cfg.lr_min / cfg.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup, cfg.decay, floor))
+    # the average of the last ~1/(1-ema) steps' weights: smoother than the last iterate
+    averaged = (torch.optim.swa_utils.AveragedModel(vae, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
+                if cfg.ema else None)
+    curve, start = [], time.time()
+    vae.train()
+    for step in range(1, cfg.steps + 1):
+        x = data.sample(cfg.batch, cfg.crop)[0] * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        # |x - D(z)|_1 + |x - D(z)|_2^2 + beta KL, on [-1, 1] images
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if averaged is not None:
+            averaged.update_parameters(vae)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            shipped = vae if averaged is None else averaged.module
+            point = {"stage": stage, "step": step, "seconds": round(time.time() - start, 1),
+                     "loss": round(loss.item(), 5), "lr": round(sched.get_last_lr()[0], 6),
+                     **evaluate_vae(shipped, held_out)}
+            curve.append(point)
+            if log:
+                log(point)
+            if checkpoint:
+                checkpoint(step, shipped)
+    if averaged is not None:
+        vae.load_state_dict(averaged.module.state_dict())
+    vae.eval()
+    return curve
+
+
+@torch.no_grad()
+def calibrate_latent_scale(vae, n: int = 256, seed: int = SEED) -> float:
+    """1 / std of the VAE's latents on training crops at 64 px, written to the VAE's config."""
+    images = PhotoCrops(TRAIN_PHOTOS, seed + 2).sample(n, 64)[0]
+    latents = torch.cat([vae.encode(b * 2 - 1).latent_dist.mean for b in images.split(64)])
+    scale = round(1.0 / float(latents.std()), 4)
+    vae.register_to_config(scaling_factor=scale)
+    return scale
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts) -> torch.Tensor:
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    return text_encoder(tokens.input_ids)[0]
+
+
+@dataclass
+class LatentPool:
+    """Scaled latents of training crops, with each crop's caption index (and inpainting inputs)."""
+
+    latents: torch.Tensor  # N x 4 x h x w, already times the scaling factor
+    caption: torch.Tensor  # N, index into prompts
+    prompts: tuple[str, ...]
+    masks: torch.Tensor | None = None  # N x 1 x h x w, 1 = repaint
+    masked_latents: torch.Tensor | None = None  # N x 4 x h x w: E(x * (1 - mask)) * scale
+
+
+@torch.no_grad()
+def latent_pool(vae, n: int = 512, size: int = 64, inpaint: bool = False, seed: int = SEED) -> LatentPool:
+    """Encode n training crops once (the VAE is frozen while the UNet trains)."""
+    data = PhotoCrops(TRAIN_PHOTOS, seed + 3)
+    gen = torch.Generator().manual_seed(seed + 4)
+    scale = vae.config.scaling_factor
+    lat, caps, masks, masked = [], [], [], []
+    for start in range(0, n, 64):
+        x, which = data.sample(min(64, n - start), size)
+        lat.append(vae.encode(x * 2 - 1).latent_dist.mean * scale)
+        caps.extend(which)
+        if inpaint:
+            m = random_box_masks(len(x), size, gen)
+            masks.append(F.max_pool2d(m, 8))  # latent-resolution mask, as the inpainting pipeline makes
+            masked.append(vae.encode((x * 2 - 1) * (1 - m)).latent_dist.mean * scale)
+    return LatentPool(
+        latents=torch.cat(lat), caption=torch.tensor(caps),
+        prompts=tuple(CAPTIONS[n_] for n_ in TRAIN_PHOTOS),
+        masks=torch.cat(masks) if inpaint else None, masked_latents=torch.cat(masked) if inpaint else None,
+    )
+
+
+def random_box_masks(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """n x 1 x size x size masks, each one box (sides multiple of 8 px), 1 inside; some all-ones."""
+    masks = torch.zeros(n, 1, size, size)
+    cells = size // 8
+    for m in masks:
+        if int(torch.randint(0, 10, (1,), generator=gen)) == 0:
+            m[:] = 1  # a full mask: the UNet also learns plain generation
+            continue
+        h, w = (int(torch.randint(1, cells + 1, (1,), generator=gen)) for _ in range(2))
+        top, left = (int(torch.randint(0, cells - s + 1, (1,), generator=gen)) for s in (h, w))
+        m[:, 8 * top : 8 * (top + h), 8 * left : 8 * (left + w)] = 1
+    return masks
+
+
+@dataclass
+class UNetTraining:  # the shipped weights used: 800 steps (UNet), 500 (inpainting) (builtin_models.WEIGHTS_RECIPE)
+    steps: int = 300
+    batch: int = 16
+    lr: float = 1e-3
+    warmup: int = 50
+    uncond_prob: float = 0.1  # captions dropped to "" (classifier-free guidance needs an unconditional model)
+    plain_prompt_prob: float = 0.3  # "a photo", the default prompt of the mimics
+    log_every: int = 100
+    decay: bool = False  # cosine decay of the learning rate to lr_min over `steps` (else constant)
+    lr_min: float = 1e-5
+
+
+def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: UNetTraining,
+               log=None, seed: int = SEED) -> list[dict]:
+    """Train `unet` in place to denoise `pool`'s latents conditioned on caption embeddings.
+
+    The target follows ``scheduler.config.prediction_type`` ("epsilon" or "v_prediction").
+    """
+    gen = torch.Generator().manual_seed(seed + 5)
+    torch.manual_seed(seed)
+    prompts = list(pool.prompts) + ["a photo", ""]
+    embeddings = encode_prompts(tokenizer, text_encoder, prompts)
+    plain, empty = len(prompts) - 2, len(prompts) - 1
+    inpaint = unet.config.in_channels == 9
+    prediction = scheduler.config.prediction_type
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    floor = cfg.lr_min / cfg.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup, cfg.decay, floor))
+    curve, start, running = [], time.time(), 0.0
+    unet.train()
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(0, len(pool.latents), (cfg.batch,), generator=gen)
+        z = pool.latents[idx]
+        flip = torch.rand(cfg.batch, generator=gen) < 0.5
+        z = torch.where(flip[:, None, None, None], z.flip(-1), z)
+        cap = pool.caption[idx].clone()
+        u = torch.rand(cfg.batch, generator=gen)
+        cap[u < cfg.plain_prompt_prob + cfg.uncond_prob] = plain
+        cap[u < cfg.uncond_prob] = empty
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=gen)
+        z_t = scheduler.add_noise(z, noise, t)
+        target = noise if prediction == "epsilon" else scheduler.get_velocity(z, noise, t)
+        model_in = z_t
+        if inpaint:
+            m, zm = pool.masks[idx], pool.masked_latents[idx]
+            m = torch.where(flip[:, None, None, None], m.flip(-1), m)
+            zm = torch.where(flip[:, None, None, None], zm.flip(-1), zm)
+            model_in = torch.cat([z_t, m, zm], dim=1)
+        # || target - f_theta(z_t, t, c) ||^2
+        loss = F.mse_loss(unet(model_in, t, encoder_hidden_states=embeddings[cap]).sample, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running += loss.item()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            point = {"stage": "unet-inpaint" if inpaint else "unet", "step": step,
+                     "seconds": round(time.time() - start, 1), "loss": round(running / cfg.log_every, 5)}
+            running = 0.0
+            curve.append(point)
+            if log:
+                log(point)
+    unet.eval()
+    return curve
+
+
+# --------------------------------------------------------------------------- the shipped weights
+
+
+def train_builtin(out: Path, vae_cfg: VAETraining, unet_cfg: UNetTraining, inpaint_cfg: UNetTraining,
+                  pool_size: int = 512, vae_init: Path | None = None, vae_seed: int = SEED,
+                  vae_only: bool = False, calibration_crops: int = 256) -> Path:
+    """Train tiny's VAE, UNet and inpainting UNet; write WEIGHTS_NAME and the curve into `out`.
+
+    `vae_init` starts the VAE from saved weights (a second, lower-learning-rate phase: see
+    WEIGHTS_RECIPE in builtin_models); `vae_only` stops after the VAE (vae-checkpoint.safetensors).
+    """
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    curve_path = out / "curve.jsonl"
+    if vae_init is None:
+        curve_path.unlink(missing_ok=True)
+
+    def log(point):
+        print(json.dumps(point), flush=True)
+        with curve_path.open("a") as f:
+            f.write(json.dumps(point) + "\n")
+
+    parts = bm.random_parts("tiny")
+    vae = parts["vae"]
+    if vae_init:  # a VAE checkpoint, or a packed weights file (its ``vae.*`` tensors)
+        init = load_file(vae_init)
+        if any(k.startswith("vae.") for k in init):
+            init = {k[len("vae."):]: v for k, v in init.items() if k.startswith("vae.")}
+        vae.load_state_dict({k: v.float() for k, v in init.items()})
+    ckpt = out / "vae-checkpoint.safetensors"
+    if vae_cfg.steps:
+        train_vae(vae, vae_cfg, log=log, checkpoint=lambda step, model: save_file(model.state_dict(), ckpt), seed=vae_seed,
+                  stage="vae" if vae_init is None else "vae-finetune")
+    if vae_only:
+        save_file(vae.state_dict(), ckpt)
+        return ckpt
+    vae.requires_grad_(False)
+    scale = calibrate_latent_scale(vae, calibration_crops)
+    log({"stage": "scale", "scaling_factor": scale})
+
+    tokenizer, text_encoder = parts["tokenizer"], parts["text_encoder"]
+    text_encoder.requires_grad_(False)
+    unets = {}
+    for name, cfg in (("tiny", unet_cfg), ("tiny-inpaint", inpaint_cfg)):
+        unet = bm.random_parts(name)["unet"]
+        pool = latent_pool(vae, pool_size, inpaint=unet.config.in_channels == 9)
+        train_unet(unet, bm.scheduler(), pool, tokenizer, text_encoder, cfg, log=log)
+        unets[name] = unet
+    log({"stage": "held-out", **evaluate_vae(vae, held_out_images(64))})
+    tensors = bm.pack_weights(vae, text_encoder, unets)
+    path = out / bm.WEIGHTS_NAME
+    save_file(tensors, path, metadata={"scaling_factor": str(scale), "seed": str(SEED),
+                                       "train_photos": ",".join(TRAIN_PHOTOS), "held_out": ",".join(HELD_OUT)})
+    log({"stage": "done", "weights": str(path), "sha256": bm.sha256(path)})
+    return path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--vae-steps", type=int, default=VAETraining.steps)
+    p.add_argument("--vae-batch", type=int, default=VAETraining.batch)
+    p.add_argument("--vae-lr", type=float, default=VAETraining.lr)
+    p.add_argument("--vae-crop", type=int, default=VAETraining.crop, help="training crop side in px")
+    p.add_argument("--vae-decay", action="store_true", help="cosine-decay the VAE's learning rate over its steps")
+    p.add_argument("--vae-ema", type=float, default=0.0, help="ship an EMA of the VAE's weights (e.g. 0.999)")
+    p.add_argument("--vae-colour", action="store_true", help="recolour the VAE's training crops (see PhotoCrops)")
+    p.add_argument("--vae-eval-every", type=int, default=VAETraining.eval_every)
+    p.add_argument("--vae-seed", type=int, default=SEED, help="seed of the VAE's crops (another one for a second phase)")
+    p.add_argument("--vae-init", type=Path, help="start the VAE from these weights (a second phase)")
+    p.add_argument("--vae-only", action="store_true", help="stop after the VAE (writes vae-checkpoint.safetensors)")
+    p.add_argument("--unet-steps", type=int, default=UNetTraining.steps)
+    p.add_argument("--inpaint-steps", type=int, default=200)
+    p.add_argument("--unet-batch", type=int, default=UNetTraining.batch)
+    p.add_argument("--unet-decay", action="store_true", help="cosine-decay the UNets' learning rate over their steps")
+    p.add_argument("--pool", type=int, default=512, help="training crops encoded for the UNets")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; 1 on a shared CPU)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    train_builtin(a.out, VAETraining(steps=a.vae_steps, batch=a.vae_batch, lr=a.vae_lr, crop=a.vae_crop,
+                                          decay=a.vae_decay, ema=a.vae_ema, eval_every=a.vae_eval_every,
+                                          colour=a.vae_colour),
+                  UNetTraining(steps=a.unet_steps, batch=a.unet_batch, decay=a.unet_decay),
+                  UNetTraining(steps=a.inpaint_steps, batch=a.unet_batch, decay=a.unet_decay),
+                  pool_size=a.pool, vae_init=a.vae_init, vae_seed=a.vae_seed, vae_only=a.vae_only)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The diffusion maths every method and mimic shares: noising, training targets, predicted originals."""
+
+from __future__ import annotations
+
+import torch
+
+# --------------------------------------------------------------------------- what the UNet predicts
+
+
+def _alpha_bar(scheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """a_t = alphas_cumprod[t], shaped to broadcast over `like` (B x C x h x w), in float32."""
+    a = scheduler.alphas_cumprod.to(like.device)[t.to(like.device)].float()
+    return a.view(-1, *([1] * (like.dim() - 1)))
+
+
+def prediction_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The UNet's training target y_t at z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps, in z0's dtype.
+
+        epsilon        y_t = eps
+        v_prediction   y_t = v = sqrt(a_t) eps - sqrt(1 - a_t) z0      (Salimans & Ho 2022, sec. 4;
+                                                                         diffusers get_velocity)
+        sample         y_t = z0
+
+    Differentiable in z0 (for v and sample the target moves with the image, and autograd sees it).
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise.to(z0.dtype)
+    if kind == "v_prediction":
+        a = _alpha_bar(scheduler, t, z0)
+        return (a.sqrt() * noise.float() - (1 - a).sqrt() * z0.float()).to(z0.dtype)
+    if kind == "sample":
+        return z0
+    raise ValueError(f"unsupported prediction_type {kind!r} (epsilon, v_prediction, sample)")
+
+
+def predicted_original(scheduler, z_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """z0_hat from the UNet's output at z_t (float32): the inverse of `prediction_target`.
+
+        epsilon        z0_hat = (z_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t)
+        v_prediction   z0_hat = sqrt(a_t) z_t - sqrt(1 - a_t) v_hat
+        sample         z0_hat = output
+    """
+    kind = scheduler.config.prediction_type
+    a = _alpha_bar(scheduler, t, z_t)
+    z_t, output = z_t.float(), output.float()
+    if kind == "epsilon":
+        return (z_t - (1 - a).sqrt() * output) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * z_t - (1 - a).sqrt() * output
+    if kind == "sample":
+        return output
+    raise ValueError(f"unsupported prediction_type {kind!r} (epsilon, v_prediction, sample)")
+
+
+def sdxl_time_ids(height: int, width: int, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w) per sample, B x 6.
+
+    We condition as SDXL does for an uncropped image shown at its own size.
+    """
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+    return ids.expand(batch, -1)

@@ -1,0 +1,144 @@
+"""Protect encoded images: bytes in, bytes out, as three per-sample steps the pipeline's stages share.
+
+    decode(data, max_pixels)              -> DecodedImage     CPU: size checked on the header, decoded once
+    protector.protect(rgbs, keys, ...)    -> float deltas     accelerator: tensor work only
+    finish(image, delta, eps, lpips)      -> ProtectResult    CPU: quantise, encode in the source format, measure
+
+`protect_encoded(protector, keys, datas)` chains the three for one batch in one process (the
+Python API, tests, benchmarks). The Ray pipeline runs each step in its own stage (stages.py) with
+these same functions, so both give the same bytes. Nothing here raises for a bad image: each input
+yields exactly one `ProtectResult`, written or failed, so every sample is accounted for.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from pipeline.io.images import (
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    ImageError,
+    apply_perturbation,
+    decode_image,
+    encode_image,
+    extension_for,
+    quantize_perturbation,
+)
+from pipeline.metrics.visibility import visibility_metrics
+
+
+@dataclass
+class ProtectResult:
+    key: str
+    data: bytes | None = None  # the protected, encoded image; None on error
+    ext: str | None = None  # file extension / WebDataset member suffix of `data`
+    metrics: dict = field(default_factory=dict)  # linf, psnr, ssim, [lpips], seconds, width, height
+    error: str | None = None  # reason, when the sample could not be protected
+    stage: str | None = None  # "decode", "protect" or "encode" for errors
+    warnings: list[str] = field(default_factory=list)
+
+
+def decode(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """The one decode of a sample's image (raises `ImageError` with the reason)."""
+    if data is None:
+        raise ImageError("no image member in sample (expected one of .png/.jpg/.webp/...)")
+    return decode_image(data, max_pixels=max_pixels)
+
+
+def quantize(delta: np.ndarray, eps: float) -> np.ndarray:
+    """A protector's float perturbation as the int16 one that is written (|q| <= floor(eps))."""
+    return quantize_perturbation(delta, eps)
+
+
+def finish(
+    key: str,
+    image: DecodedImage,
+    delta: np.ndarray,
+    eps: float,
+    seconds: float | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
+    jpeg_as: str = "jpeg",
+) -> ProtectResult:
+    """Apply `delta` (pixel units, float or the int16 of `quantize`), encode, measure the written file.
+
+    JPEG sources are written as JPEG with their own tables (`jpeg_as="jpeg"`) or as PNG
+    (`jpeg_as="png"`: the budget then holds exactly). The L-inf reported is the written file's.
+    """
+    res = ProtectResult(key=key)
+    if jpeg_as == "png" and image.format == "JPEG":
+        image = replace(image, format="PNG", jpeg_qtables=None, jpeg_subsampling=None)
+    try:
+        pixels = apply_perturbation(image, delta, eps)
+        res.data = encode_image(image, pixels)
+        res.ext = extension_for(image)
+        written = decode_image(res.data, max_pixels=max_pixels).rgb  # measure what was written
+    except Exception as err:
+        res.data, res.error, res.stage = None, f"{type(err).__name__}: {err}", "encode"
+        return res
+    h, w = image.size
+    res.metrics = {**visibility_metrics(image.rgb, written), "seconds": seconds, "width": w, "height": h}
+    if lpips is not None:
+        res.metrics["lpips"] = lpips(image.rgb, written)
+    if image.format == "JPEG":
+        res.warnings.append("JPEG output: lossy compression weakens the protection (prefer PNG or WebP, or --jpeg-as png)")
+    if res.metrics["linf"] > math.floor(eps + 1e-6):
+        res.warnings.append(f"written L-inf {res.metrics['linf']:g} exceeds the budget {eps:g} after compression")
+    if image.output_mode != image.mode:
+        res.warnings.append(f"mode {image.mode} written as {image.output_mode}")
+    if image.bits == 16 and image.gray16 is None:
+        res.warnings.append("16-bit colour written as 8-bit (decoded to 8 bits per channel)")
+    return res
+
+
+def protect_encoded(
+    protector,
+    keys: list[str],
+    datas: list[bytes],
+    prompts: list[str | None] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
+    jpeg_as: str = "jpeg",
+) -> list[ProtectResult]:
+    """Decode, protect, re-encode and measure a batch; one result per input, in order.
+
+    `protector` is what `pipeline.protect.build_protector` returns. `lpips(clean, written)` adds an
+    ``lpips`` metric (pass one only with calibrated weights).
+    """
+    results = [ProtectResult(key=k) for k in keys]
+    prompts = prompts or [None] * len(keys)
+    decoded: dict[int, DecodedImage] = {}
+    for i, data in enumerate(datas):
+        try:
+            decoded[i] = decode(data, max_pixels=max_pixels)
+        except ImageError as err:
+            results[i].error, results[i].stage = str(err), "decode"
+    if not decoded:
+        return results
+    idx = list(decoded)
+    start = time.perf_counter()
+    try:
+        deltas = protector.protect(
+            [decoded[i].rgb for i in idx], keys=[keys[i] for i in idx], prompts=[prompts[i] for i in idx]
+        )
+    except Exception as err:  # e.g. out of memory on one huge image: fail the batch's rows, not the job
+        for i in idx:
+            results[i].error, results[i].stage = f"{type(err).__name__}: {err}", "protect"
+        return results
+    seconds_each = (time.perf_counter() - start) / len(idx)
+    eps = protector.config.eps
+    for i, delta in zip(idx, deltas):
+        results[i] = finish(keys[i], decoded[i], quantize(delta, eps), eps, seconds_each, max_pixels, lpips,
+                            jpeg_as)
+    return results
+
+
+def perturbation_preview(delta: np.ndarray, eps: float) -> np.ndarray:
+    """The perturbation amplified to the full range, as uint8 (for reports)."""
+    scale = 127.5 / max(eps, 1e-6)
+    return np.clip(delta * scale + 127.5, 0, 255).astype(np.uint8)

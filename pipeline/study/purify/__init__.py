@@ -1,0 +1,139 @@
+"""Purifications: what an attacker does to a protected image before mimicking it.
+
+One small unit per purification (a module each, its docstring naming the source and the
+parameter). A purification is named by a spec ``NAME`` or ``NAME:PARAM``::
+
+    none             the image as it is
+    jpeg:75          JPEG at quality 75 (Pillow)                       lower Q: stronger
+    resize:2         down by a factor 2, back up (Pillow, bicubic)     larger F: stronger
+    noise:0.05       Gaussian noise, sigma in [0, 1] units             larger: stronger
+    blur:1           Gaussian blur, sigma in pixels (torchvision)      larger: stronger
+    quantize:4       keep 4 bits per channel                           fewer: stronger
+    tvm:0.05         total-variation minimisation (scikit-image)       larger: stronger
+    diffpure:0.1     noise the latent to t = 0.1 T, denoise (DDIM)     larger: stronger
+    impress:50       IMPRESS consistency optimisation, 50 steps        more: stronger
+    noisy_upscale:0.1  noise, down x4, diffusers x4 upscaler           larger: stronger
+
+Every purification maps uint8 H x W x 3 images to uint8 images of the same size, and is
+deterministic given (seed, key): the protected and the clean copy of an image get the same
+noise. `parse_purification("jpeg:75")` gives the unit; `purify(images, keys, seed, context)`
+runs it. Model-based ones (``needs_model``) use a `PurifyContext` (the mimic's model, the
+upscaler) loaded once per Ray actor; the others run in plain Ray tasks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.seeds import key_seed
+
+# name -> (module, default parameter); the module defines one `Purification` subclass `UNIT`
+REGISTRY: dict[str, tuple[str, float | None]] = {
+    "none": ("none", None),
+    "jpeg": ("jpeg", 75.0),
+    "resize": ("resize", 2.0),
+    "noise": ("noise", 0.05),
+    "blur": ("blur", 1.0),
+    "quantize": ("quantize", 4.0),
+    "tvm": ("tvm", 0.05),
+    "diffpure": ("diffpure", 0.1),
+    "impress": ("impress", 50.0),
+    "noisy_upscale": ("noisy_upscale", 0.1),
+}
+
+
+@dataclass
+class PurifyContext:
+    """What model-based purifications need, loaded lazily once per process (one per Ray actor)."""
+
+    model: str = "tiny"  # the mimic's own model (diffpure, impress): built-in name, directory or hub id
+    upscaler: str | None = None  # noisy_upscale: a diffusers x4 upscaler; None: the built-in tiny one
+    device: str = "auto"
+    dtype: str = "auto"
+    upscaler_steps: int = 20  # denoising steps of the upscaler
+    diffpure_steps: int = 20  # DDIM steps over the full schedule for diffpure
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def get(self, name: str, build):
+        if name not in self._cache:
+            self._cache[name] = build()
+        return self._cache[name]
+
+
+class Purification:
+    """Base of every purification unit: `apply` maps uint8 images to uint8 images of the same size."""
+
+    name: str = ""
+    needs_model = False  # True: run in an actor pool with a PurifyContext
+    stronger = "larger"  # which way of the parameter is a stronger purification ("larger"/"smaller")
+
+    def __init__(self, param: float | None):
+        self.param = param
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError on an out-of-range parameter."""
+
+    @property
+    def spec(self) -> str:
+        return self.name if self.param is None else f"{self.name}:{self.param:g}"
+
+    def apply(self, images: list[np.ndarray], keys: list[str], seed: int = 0,
+              context: PurifyContext | None = None) -> list[np.ndarray]:
+        return [self.one(img, key_seed(seed, k, f"purify:{self.spec}"), context) for img, k in zip(images, keys)]
+
+    def one(self, rgb: np.ndarray, seed: int, context: PurifyContext | None) -> np.ndarray:
+        raise NotImplementedError
+
+
+def parse_purification(spec: str) -> Purification:
+    """`NAME` or `NAME:PARAM` -> the purification unit (ValueError with the choices otherwise)."""
+    text = spec.strip()
+    name, _, value = text.partition(":")
+    name = name.strip().lower()
+    if name not in REGISTRY:
+        raise ValueError(f"unknown purification {spec!r}; choose from {', '.join(REGISTRY)} (e.g. jpeg:75)")
+    module, default = REGISTRY[name]
+    if value.strip():
+        if default is None:
+            raise ValueError(f"purification {name!r} takes no parameter, got {spec!r}")
+        try:
+            param = float(value)
+        except ValueError:
+            raise ValueError(f"purification {spec!r}: {value!r} is not a number") from None
+        if not math.isfinite(param):
+            raise ValueError(f"purification {spec!r}: the parameter must be finite")
+    else:
+        param = default
+    unit = importlib.import_module(f"{__name__}.{module}").UNIT
+    return unit(param)
+
+
+def parse_purifications(text: str | list[str] | tuple[str, ...]) -> list[Purification]:
+    """A comma-separated list (or a list) of specs -> units, duplicates refused."""
+    specs = [s for s in (text.split(",") if isinstance(text, str) else text) if str(s).strip()]
+    units = [parse_purification(str(s)) for s in specs]
+    names = [u.spec for u in units]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"purification(s) listed twice: {', '.join(dupes)}")
+    return units
+
+
+def to_float(rgb: np.ndarray):
+    """uint8 H x W x 3 -> torch float 1 x 3 x H x W in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div(255)
+
+
+def to_uint8(x) -> np.ndarray:
+    """torch 1 x 3 x H x W in [0, 1] -> uint8 H x W x 3 (rounded)."""
+    return (x[0].detach().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+__all__ = ["REGISTRY", "Purification", "PurifyContext", "parse_purification", "parse_purifications"]

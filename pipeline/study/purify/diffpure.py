@@ -1,0 +1,70 @@
+"""`diffpure:T`: noise the image's latent to t = T x 1000 and denoise it with the mimic's own model.
+
+Source: DiffPure (Nie et al., ICML 2022), in latent space as GrIDPure / the "noisy upscaling"
+line of work apply it to latent diffusion models (Zhao et al. 2024, Hönig et al. 2025):
+z_t = sqrt(a_t) s E(x) + sqrt(1 - a_t) eps, then DDIM back to t = 0 with an empty prompt and no
+guidance, decoded with the model's VAE. Runs diffusers' `StableDiffusionImg2ImgPipeline` at
+strength T (T in (0, 1]); `PurifyContext.diffpure_steps` DDIM steps over the full schedule (at
+least one step is always run). Seeded per (seed, key). Larger T: stronger purification.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from pipeline.evaluate.mimic.common import load_pipeline
+from pipeline.models.loading import model_path
+from pipeline.study.purify import Purification
+
+
+def img2img(context):
+    """The context model's img2img pipeline with a DDIM scheduler (loaded once per context)."""
+
+    def build():
+        from diffusers import DDIMScheduler
+
+        pipe = load_pipeline("img2img", model_path(context.model), context.device, context.dtype)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        return pipe
+
+    return context.get("img2img", build)
+
+
+def fit(rgb: np.ndarray, multiple: int) -> Image.Image:
+    """The image resized to sides that are multiples of `multiple` (unchanged when they already are)."""
+    h, w = rgb.shape[:2]
+    size = (max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple))
+    img = Image.fromarray(rgb)
+    return img if img.size == size else img.resize(size, Image.BICUBIC)
+
+
+def back(out: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """A float [0, 1] output back to uint8 at the input's size."""
+    img = Image.fromarray(np.round(np.clip(out, 0, 1) * 255).astype(np.uint8))
+    h, w = rgb.shape[:2]
+    return np.asarray(img if img.size == (w, h) else img.resize((w, h), Image.BICUBIC))
+
+
+class DiffPure(Purification):
+    name = "diffpure"
+    needs_model = True
+
+    def check(self):
+        if not 0 < self.param <= 1:
+            raise ValueError(f"diffpure:T needs T in (0, 1] (a fraction of the 1000 timesteps), got {self.param:g}")
+
+    def one(self, rgb, seed, context):
+        import torch
+
+        pipe = img2img(context)
+        steps = max(context.diffpure_steps, math.ceil(1 / self.param))
+        gen = torch.Generator(device="cpu" if pipe.device.type == "mps" else pipe.device).manual_seed(seed)
+        out = pipe(prompt="", image=fit(rgb, pipe.vae_scale_factor * 2), strength=self.param,
+                   num_inference_steps=steps, guidance_scale=1.0, generator=gen, output_type="np").images[0]
+        return back(out, rgb)
+
+
+UNIT = DiffPure
