@@ -96,7 +96,7 @@ def test_study_passes_every_protect_option_on(tmp_path):
     settings = settings_from_args(args)
     run = adapter.protect_settings(settings, Source("mist+eot", 8.0), str(tmp_path / "out" / "protected" / "x"))
     assert isinstance(run, RunSettings)
-    assert (run.jpeg_as, run.s3_retry.max_attempts, run.on_bad_shard, run.overwrite, run.verbose) == \
+    assert (run.jpeg_as, run.s3.retry.max_attempts, run.on_bad_shard, run.overwrite, run.verbose) == \
         ("png", 3, "fail", True, True)
     assert (run.max_pixels, run.chunk_size, run.batch_size, run.progress) == (1000, 9, 3, False)
     assert (run.config.method, run.config.eps, run.config.steps, run.config.step_size, run.config.seed,
@@ -181,3 +181,21 @@ def test_evaluation_holds_a_model_spec_and_loads_its_revision(monkeypatch):
     assert settings.inpaint_spec == ModelSpec("owner/model", revision="abc123", device="cpu", dtype="fp32")
     assert EvalSettings(protected="p", clean="c", output="o", model=ModelSpec("tiny", revision=None)).inpaint_spec.model \
         == "tiny-inpaint"
+
+
+# ---------------------------------------------------------------- actor pools: one sizing rule
+
+
+def test_every_pool_leaves_a_cpu_for_the_tasks_beside_it():
+    from pipeline.cluster.pool import plan_share
+
+    gpu = plan_share("auto", None, gpus=4, cpus=32, smallest_node_cpus=8)
+    assert (gpu.size, gpu.gpu, gpu.actor_options()) == (4, True, {"num_gpus": 1, "num_cpus": 1.0})
+    assert plan_share("cpu", None, gpus=4, cpus=32, smallest_node_cpus=8).gpu is False  # --device cpu stays on CPU
+    for actors, cpus, smallest in ((1, 2, 2), (2, 2, 2), (4, 2, 1), (8, 8, 4), (3, 64, 16)):
+        share = plan_share("auto", actors, gpus=0, cpus=cpus, smallest_node_cpus=smallest)
+        assert share.size == actors
+        # the smallest node keeps a whole CPU whenever one actor's share fits there at all
+        assert share.num_cpus <= max(0.5, smallest - 1) and share.num_cpus * actors <= max(cpus - 1, 0.5 * actors)
+    study = plan_share("auto", None, gpus=0, cpus=8, smallest_node_cpus=8, default_cpu_actors=4, spread_threads=True)
+    assert (study.size, study.threads) == (4, 2)

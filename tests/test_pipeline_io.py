@@ -7,9 +7,9 @@ import json
 import boto3
 import pytest
 
-from pipeline.io import samples
 from pipeline.io import storage as io
 from pipeline.io.sample_data import photo_samples, shard_bytes
+from pipeline.io.samples import read_samples
 
 
 def test_expand_braces_keeps_padding_and_lists():
@@ -21,9 +21,12 @@ def test_expand_braces_keeps_padding_and_lists():
 def test_s3_options_never_leak_secrets(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    public = io.public_s3_options({"region": "eu-west-1"})
+    public = io.S3Options.of({"region": "eu-west-1"}).public()
     assert public == {"endpoint_url": "http://127.0.0.1:9", "region": "eu-west-1"}
     assert "very-secret" not in json.dumps(public)
+    assert "very-secret" not in repr(io.S3Options(access_key="k", secret_key="very-secret", session_token="very-secret"))
+    with pytest.raises(io.InputError, match="unknown S3 option"):
+        io.S3Options.of({"endpoint": "http://x"})  # a typo is an error, not a silent default
 
 
 def test_folder_kind_and_listing_skip_tables(tmp_path):
@@ -44,14 +47,14 @@ def test_read_samples_local_and_s3(ray_local, s3_server, s3_bucket, tmp_path):
     (tmp_path / "shard-000001.tar").write_bytes(shard_bytes(photo_samples(2, prefix="other")))
     boto3.client("s3", **s3_server).put_object(Bucket=s3_bucket, Key="in/shard-000000.tar", Body=data)
 
-    local = samples.read_samples(str(tmp_path / "shard-{000000..000001}.tar")).take_all()
+    local = read_samples(str(tmp_path / "shard-{000000..000001}.tar")).take_all()
     local = sorted(local, key=lambda r: r["key"])
     assert [r["key"] for r in local] == ["img00000", "img00001", "img00002", "other00000", "other00001"]
     assert {r["ext"] for r in local} == {"png"}
     assert json.loads(local[0]["meta"])["index"] == 0
     assert local[0]["image"] == samples[0]["png"]
 
-    remote = sorted(samples.read_samples(f"s3://{s3_bucket}/in/").take_all(), key=lambda r: r["key"])
+    remote = sorted(read_samples(f"s3://{s3_bucket}/in/").take_all(), key=lambda r: r["key"])
     assert [r["key"] for r in remote] == ["img00000", "img00001", "img00002"]
     assert remote[0]["source"] == f"s3://{s3_bucket}/in/shard-000000.tar"
     assert set(remote[0]) == {"key", "source", "image", "ext", "meta", "prompt"}

@@ -48,7 +48,7 @@ def test_s3_retry_settings_are_validated_and_survive_pickling():
     assert copy.retry == S3Retry(max_attempts=7, connect_timeout_s=2)
     assert copy.__reduce__()[1][1]["endpoint_override"] == "127.0.0.1:9"
     with pytest.raises(TypeError, match="S3Retry"):
-        RunSettings(input="a", output="b", s3_retry={"max_attempts": 3})  # typed, never a dict
+        RunSettings(input="a", output="b", s3={"retry": {"max_attempts": 3}})  # typed, never a dict
 
 
 def test_a_worker_copy_of_the_client_keeps_its_retries(s3_server, s3_bucket):

@@ -46,7 +46,9 @@ from pipeline.batch.records import RunRecord
 from pipeline.batch.settings import RunSettings
 from pipeline.batch.stages import Decoder, Encoder, ProtectActor, Writer, assemble_task
 from pipeline.cluster.faults import fault_point
-from pipeline.cluster.logs import init_ray, quiet_data_context
+from pipeline.cluster.logs import quiet_data_context
+from pipeline.cluster.pool import actor_share
+from pipeline.cluster.session import ensure_ray, short_error
 from pipeline.io import tables
 from pipeline.io.samples import read_paths
 from pipeline.io.storage import (
@@ -57,27 +59,12 @@ from pipeline.io.storage import (
     is_s3,
     parse_uri,
     pattern_root,
-    public_s3_options,
     shard_infos,
     split_uri,
     to_uri,
 )
 from pipeline.models.devices import check_local_device
 from pipeline.models.loading import ModelSpec
-
-
-def short_error(err: BaseException) -> str:
-    """The innermost 'SomethingError: reason' of an exception (Ray wraps task errors in layers)."""
-    import re
-
-    texts, seen, e = [], set(), err
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        texts.append(f"{type(e).__name__}: {e}")
-        e = getattr(e, "cause", None) or e.__cause__
-    found = [m.group(0).strip() for t in texts for m in re.finditer(r"^\s*[\w.]*(?:Error|Exception): .+$", t, re.M)]
-    found = [f for f in found if not f.startswith(("ray.", "RayTaskError", "SystemException"))]
-    return (found[-1] if found else texts[0].splitlines()[0])[:500]
 
 
 class BadShard(InputError):
@@ -166,7 +153,7 @@ def preflight(s: RunSettings, fingerprint: dict | None = None) -> Plan:
     (Method, budget, dtype and the other options were validated when the settings were built.)
     `fingerprint`: the settings' fingerprint for the hardware the run gets (default: this machine's).
     """
-    in_fs, in_path, kind = parse_uri(s.input, s.s3, s.s3_retry)
+    in_fs, in_path, kind = parse_uri(s.input, s.s3)
     if kind == "shards":
         infos, root = shard_infos(in_fs, in_path, s.input), pattern_root(in_path)  # a .tar path: its folder
         paths, identity = [i.path for i in infos], {i.path: input_identity(i) for i in infos}
@@ -177,7 +164,7 @@ def preflight(s: RunSettings, fingerprint: dict | None = None) -> Plan:
         paths, identity = [i.path for i in infos], {i.path: input_identity(i) for i in infos}
     if not paths:
         raise InputError(f"no {'shards' if kind == 'shards' else 'images'} found at {s.input}")
-    out_fs, out_root = split_uri(s.output, s.s3, s.s3_retry)
+    out_fs, out_root = split_uri(s.output, s.s3)
     if out_root.endswith(".tar") or "{" in out_root:
         raise InputError(f"OUTPUT must be a folder or prefix, got {s.output}")
     check_bucket(out_fs, out_root, s.output)
@@ -212,32 +199,10 @@ def check_same_settings(markers: dict, current: dict, output: str) -> None:
 # ---------------------------------------------------------------- Ray
 
 
-def ensure_ray(address: str | None, verbose: bool = False):
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        init_ray(address, verbose, include_dashboard=False)
-    return ray
-
-
 def actor_options(s: RunSettings) -> tuple[dict, str]:
-    """(map_batches options for the protection stage, device description)."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
-    if s.uses_gpu(gpus):
-        size = s.actors or max(gpus, 1)
-        compute = ray.data.ActorPoolStrategy(min_size=1, max_size=size)
-        return {"compute": compute, "num_gpus": 1, "num_cpus": 1}, f"{size} GPU actor(s)"
-    size = s.actors or 1
-    # leave a core for reading, decoding, encoding and writing on every node an actor may land on
-    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [cpus]
-    smallest = min(c for c in node_cpus if c > 0) if any(c > 0 for c in node_cpus) else cpus
-    per_actor = max(0.5, min(smallest - 1, (cpus - 1) / size))
-    compute = ray.data.ActorPoolStrategy(size=size)
-    return {"compute": compute, "num_cpus": per_actor, "_threads": max(1, int(per_actor))}, f"{size} CPU actor(s)"
+    """(map_batches options for the protection stage, device description): cluster/pool.py's rule."""
+    share = actor_share(s.model.device, s.actors)
+    return {**share.pool_options(), "_threads": share.threads}, share.describe()
 
 
 def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord):
@@ -465,7 +430,7 @@ def _write_run_row(s: RunSettings, plan: Plan, run: RunRecord, started, seconds:
     config = run.config_json(
         batch_size=s.batch_size, actors=s.actors, max_pixels=s.max_pixels, chunk_size=s.chunk_size,
         on_bad_shard=s.on_bad_shard, overwrite=s.overwrite, jpeg_as=s.jpeg_as,
-        s3=public_s3_options(s.s3) if (is_s3(s.input) or is_s3(s.output)) else None,
+        s3=s.s3.public() if (is_s3(s.input) or is_s3(s.output)) else None,
     )
     row = {
         "run_id": run.run_id, "status": "failed" if failure else "completed", "input": s.input, "output": s.output,

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 
+from pipeline.cluster.pool import uses_gpu
 from pipeline.io.images import DEFAULT_MAX_PIXELS
-from pipeline.io.storage import S3Retry
+from pipeline.io.storage import S3Options
 from pipeline.models.loading import DTYPES, ModelSpec, resolve_dtype
 from pipeline.protect import ProtectConfig, check_ensemble_method
 from pipeline.protect.engine import FASTPROTECT_METHODS
@@ -26,7 +27,7 @@ from pipeline.protect.engine import FASTPROTECT_METHODS
 NOT_IN_FINGERPRINT = {
     "ProtectConfig": (),
     "ModelSpec": ("low_memory",),  # same result, less memory
-    "RunSettings": ("input", "output", "config", "model", "batch_size", "actors", "address", "s3", "s3_retry",
+    "RunSettings": ("input", "output", "config", "model", "batch_size", "actors", "address", "s3",
                     "max_pixels", "chunk_size", "progress", "on_bad_shard", "overwrite", "verbose"),
 }
 FIXED_POLICIES = {"jpeg_quality": "keep"}  # not an option: JPEG sources keep their quantisation tables
@@ -62,8 +63,7 @@ class RunSettings:
     batch_size: int = 4  # images per protection batch
     actors: int | None = None  # protection actors (default: one per GPU, or 1 on CPU)
     address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray started in-process
-    s3: dict = field(default_factory=dict)  # endpoint_url, region, access_key, ... (env otherwise)
-    s3_retry: S3Retry = field(default_factory=S3Retry)  # attempts and timeouts of every S3 request
+    s3: S3Options = field(default_factory=S3Options)  # endpoint, region, retries (a dict is converted once)
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_size: int = 256  # files per unit for folder input
     progress: bool = True
@@ -91,12 +91,11 @@ class RunSettings:
             raise ValueError(f"--steps 0 with {self.config.method} would write the PGD start ("
                              f"{'random noise' if self.config.init == 'random' else 'the clean image'}) as protected; "
                              "give --steps >= 1")
-        if not isinstance(self.s3_retry, S3Retry):
-            raise TypeError(f"s3_retry must be an S3Retry, got {type(self.s3_retry).__name__}")
+        self.s3 = S3Options.of(self.s3)
 
     def uses_gpu(self, gpus: int) -> bool:
-        """Do the protection actors run on GPUs, on a cluster with `gpus` GPUs? (the one rule: driver.actor_options)"""
-        return self.model.device.startswith("cuda") or (self.model.device == "auto" and gpus > 0)
+        """Do the protection actors run on GPUs, on a cluster with `gpus` GPUs? (cluster/pool.py's rule)"""
+        return uses_gpu(self.model.device, gpus)
 
     def fingerprint(self, gpus: int | None = None) -> dict:
         """Everything that changes the bytes a unit's outputs hold (recorded in each unit's marker).

@@ -15,7 +15,7 @@ when it starts, from ``RAY_BACKEND_LOG_LEVEL``; a value the user set is kept; in
 also keeps the C++ INFO-ERROR lines out of Ray's log files), `init_ray` starts it with
 `ray_init_options` (and keeps the one line each C++ process prints about that level off the
 terminal, replaying what it held back if `ray.init` fails) and `quiet_data_context` does the rest. Errors still reach the user: a failed task raises in the
-driver, whose one-line reason the CLI prints (`ray_pipeline.short_error`). With `--verbose` nothing is
+driver, whose one-line reason the CLI prints (`cluster.session.short_error`). With `--verbose` nothing is
 changed, and Ray's full logs are always under ``/tmp/ray/session_latest/logs/``.
 """
 

@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.batch.driver import run_protect
     from pipeline.batch.settings import RunSettings
+    from pipeline.io.storage import S3Options
     from pipeline.models.loading import ModelSpec
     from pipeline.protect import ProtectConfig
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             input=source, output=target, config=ProtectConfig(method=args.method, eps=args.eps, steps=args.steps,
                                                             step_size=args.step_size),
             model=ModelSpec(args.model), batch_size=4, progress=not args.no_progress,
-            s3={"endpoint_url": endpoint, "region": "us-east-1"},
+            s3=S3Options(endpoint_url=endpoint, region="us-east-1"),
         )
         summary = run_protect(settings, log=lambda m: print(m, file=sys.stderr))
         print(summary)
@@ -121,6 +122,7 @@ def evaluate(args: argparse.Namespace, source: str, endpoint: str, client, local
     from pipeline.evaluate.report import build_report, format_summary
     from pipeline.evaluate.run import run_evaluation
     from pipeline.evaluate.settings import EvalSettings
+    from pipeline.io.storage import S3Options
 
     print("\ndemo: evaluating: SDEdit (DDIM, strength 0.3) of every protected image and of its clean original",
           file=sys.stderr)
@@ -128,7 +130,7 @@ def evaluate(args: argparse.Namespace, source: str, endpoint: str, client, local
         protected=source.replace("/input/", "/protected/"), clean=source, output=f"s3://{BUCKET}/evaluation",
         scenarios=("sdedit",), model=args.model, device="auto", method=args.method, eps=args.eps,
         sdedit=SDEditConfig(strengths=(0.3,), modes=("ddim",), ddim_steps=args.eval_ddim_steps),
-        samples_per_group=4, s3_options={"endpoint_url": endpoint, "region": "us-east-1"},
+        samples_per_group=4, s3=S3Options(endpoint_url=endpoint, region="us-east-1"),
     )
     print(run_evaluation(settings, log=lambda m: print(m, file=sys.stderr)), file=sys.stderr)
     folder = copy_out(client, BUCKET, "evaluation/", os.path.join(local, "evaluation"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.batch.settings import RunSettings
-from pipeline.io.storage import S3Retry
+from pipeline.io.storage import S3Options, S3Retry
 from pipeline.models.loading import DEFAULT_MODEL, DTYPES, ModelSpec
 from pipeline.protect import ALL_METHODS, ProtectConfig
 from pipeline.protect.engine import FastProtectOptions
@@ -183,6 +183,13 @@ def apply_config_file(args: argparse.Namespace) -> dict:
     return dict(s3)
 
 
+def s3_from_args(args: argparse.Namespace, section: dict | None = None) -> S3Options:
+    """S3Options from a config file's ``s3:`` section, overridden by --endpoint-url, --region, --s3-max-attempts."""
+    values = dict(section or {})
+    values.update({k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region)) if v})
+    return S3Options.of({**values, "retry": S3Retry(max_attempts=getattr(args, "s3_max_attempts", 10))})
+
+
 def run_settings_from_args(args: argparse.Namespace, s3: dict | None = None) -> RunSettings:
     """The run's typed settings (`ProtectConfig`, `ModelSpec`, `RunSettings`), each built and validated once.
 
@@ -191,14 +198,10 @@ def run_settings_from_args(args: argparse.Namespace, s3: dict | None = None) -> 
     s3 = apply_config_file(args) if s3 is None else dict(s3)
     if not args.input or not args.output:
         raise ValueError("INPUT and OUTPUT are required (on the command line or in --config)")
-    if args.endpoint_url:
-        s3["endpoint_url"] = args.endpoint_url
-    if args.region:
-        s3["region"] = args.region
     return RunSettings(
         input=str(args.input), output=str(args.output), config=config_from_args(args), model=model_from_args(args),
-        batch_size=args.batch_size, actors=args.actors, address=args.address, s3=s3,
-        s3_retry=S3Retry(max_attempts=getattr(args, "s3_max_attempts", 10)), max_pixels=args.max_pixels,
+        batch_size=args.batch_size, actors=args.actors, address=args.address, s3=s3_from_args(args, s3),
+        max_pixels=args.max_pixels,
         chunk_size=args.chunk_size, progress=not args.no_progress, verbose=bool(getattr(args, "verbose", False)),
         on_bad_shard=args.on_bad_shard, overwrite=bool(args.overwrite), jpeg_as=args.jpeg_as,
     )

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # mid-run failure (e.g. an unreadable tar): say so once, keep what is committed
-        from pipeline.batch.driver import short_error
+        from pipeline.cluster.session import short_error
 
         print(f"mimicshield: error: the run failed: {short_error(err)}\n"
               "Shards finished before the failure are kept (see OUTPUT/tables/runs/); fix or remove the bad "

@@ -81,7 +81,7 @@ def settings_from_args(args: argparse.Namespace):
         protected=str(args.output), clean=str(args.clean), output=str(args.output), scenarios=grid.scenarios,
         group_by="artist", model=protect.model, inpaint_model=args.inpaint_model, prompt=args.prompt,
         **mimic_configs_from_args(args), batch_size=args.batch_size, actors=args.actors, address=args.address,
-        samples_per_group=args.samples, s3_options=protect.s3 or None)
+        samples_per_group=args.samples, s3=protect.s3)
     return StudySettings(grid=grid, protect=protect, evaluation=evaluation, upscaler=args.upscaler,
                          upscaler_steps=args.upscaler_steps, diffpure_steps=args.diffpure_steps, samples=args.samples,
                          actors=args.actors)

@@ -8,27 +8,27 @@ neighbouring files. `summary_table` is what the CLI prints in the terminal.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 
 import numpy as np
 import pandas as pd
 
+from pipeline.io.files import write_atomic
+from pipeline.io.html import figure_png, img, label, page, pyplot
 from pipeline.io.storage import split_uri, to_uri
 from pipeline.io.tables import load_schema
 
 TABLE = "mimicry_metrics"
 
 
-def read_metrics(output: str, s3_options: dict | None = None) -> pd.DataFrame:
+def read_metrics(output: str, s3=None) -> pd.DataFrame:
     """Every mimicry_metrics file under OUTPUT as one DataFrame (empty, with the columns, when none)."""
     import pyarrow.parquet as pq
     from pyarrow import fs as pafs
 
-    fs, root = split_uri(output, s3_options)
+    fs, root = split_uri(output, s3)
     folder = f"{root}/tables/{TABLE}"
     schema = load_schema(TABLE)
     try:
@@ -44,11 +44,11 @@ def read_metrics(output: str, s3_options: dict | None = None) -> pd.DataFrame:
     return pa.concat_tables(tables).to_pandas()
 
 
-def read_samples(output: str, s3_options: dict | None = None, limit: int = 12) -> list[dict]:
+def read_samples(output: str, s3=None, limit: int = 12) -> list[dict]:
     """Sample grid descriptions (JSON) with their PNG bytes, at most `limit` per scenario."""
     from pyarrow import fs as pafs
 
-    fs, root = split_uri(output, s3_options)
+    fs, root = split_uri(output, s3)
     try:
         infos = fs.get_file_info(pafs.FileSelector(f"{root}/samples", recursive=True))
     except FileNotFoundError:
@@ -71,26 +71,16 @@ def read_samples(output: str, s3_options: dict | None = None, limit: int = 12) -
     return out
 
 
-def _label(method: str, eps: float) -> str:
-    if method == "none":
-        return "none (clean)"
-    return f"{method} eps={eps:g}" if not (isinstance(eps, float) and math.isnan(eps)) else method
-
-
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """Mean value per (scenario, metric) x (method, eps), averaged over runs, groups and settings."""
     if df.empty:
         return pd.DataFrame()
-    d = df.assign(column=[_label(m, e) for m, e in zip(df["method"], df["eps"])])
+    d = df.assign(column=[label(m, e) for m, e in zip(df["method"], df["eps"])])
     return d.pivot_table(index=["scenario", "metric"], columns="column", values="value", aggfunc="mean")
 
 
 def _plot_png(df: pd.DataFrame, scenario: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     d = df[df["scenario"] == scenario]
     metrics = sorted(d["metric"].unique())
     cols = min(4, len(metrics))
@@ -115,34 +105,15 @@ def _plot_png(df: pd.DataFrame, scenario: str) -> bytes:
         fig.legend(handles, labels, loc="upper right", fontsize=7)
     fig.suptitle(scenario, fontsize=11)
     fig.tight_layout(rect=(0, 0, 0.9, 0.95))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, tight=False)
 
 
-def _img(data: bytes, alt: str, cls: str = "") -> str:
-    return (f'<img class="{cls}" alt="{html.escape(alt)}" '
-            f'src="data:image/png;base64,{base64.b64encode(data).decode()}">')
-
-
-CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
-h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;font-size:12px} td,th{border:1px solid #ddd;padding:3px 6px;text-align:right}
-th{background:#f4f4f4} .sample{display:inline-block;margin:0 1em 1em 0;vertical-align:top;font-size:11px;max-width:720px}
-.sample img{display:block;image-rendering:pixelated;border:1px solid #ccc} .note{color:#666;font-size:12px}
-"""
-
-
-def build_report(output: str, s3_options: dict | None = None, max_samples: int = 12) -> tuple[str, pd.DataFrame]:
+def build_report(output: str, s3=None, max_samples: int = 12) -> tuple[str, pd.DataFrame]:
     """Write OUTPUT/report.html; returns (its URI, the summary table)."""
-    df = read_metrics(output, s3_options)
-    samples = read_samples(output, s3_options, limit=max_samples)
+    df = read_metrics(output, s3)
+    samples = read_samples(output, s3, limit=max_samples)
     summary = summary_table(df)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>mimicshield report</title>"
-             f"<style>{CSS}</style></head><body>",
-             f"<h1>mimicshield evaluation report</h1><p class='note'>{html.escape(to_uri(*split_uri(output, s3_options)))}"
+    parts = [f"<h1>mimicshield evaluation report</h1><p class='note'>{html.escape(to_uri(*split_uri(output, s3)))}"
              f" &middot; {len(df)} metric rows &middot; runs: {html.escape(', '.join(sorted(df['run'].unique())) or '-')}"
              f"</p>"]
     if not df.empty and not df["calibrated"].all():
@@ -159,23 +130,20 @@ def build_report(output: str, s3_options: dict | None = None, max_samples: int =
         parts.append(f"<h3>{html.escape(scenario)}</h3>")
         for s in [s for s in samples if s["scenario"] == scenario]:
             cap = (f"<b>{html.escape(str(s.get('key') or s.get('name')))}</b> group {html.escape(str(s['group']))}, "
-                   f"{html.escape(_label(s.get('method', '?'), float(s.get('eps') or 0)))}<br>rows: "
+                   f"{html.escape(label(s.get('method', '?'), float(s.get('eps') or 0)))}<br>rows: "
                    f"{html.escape(' / '.join(s.get('rows', [])))}<br>columns: "
                    f"{html.escape(', '.join(map(str, s.get('columns', []))))}")
             alt = f"{scenario} {s.get('name')}"
-            parts.append(f"<div class='sample'>{_img(s['png'], alt, 'grid')}{cap}</div>")
+            parts.append(f"<div class='sample'>{img(s['png'], alt, 'grid')}{cap}</div>")
     if not df.empty:
         parts.append("<h2>Metrics per method and budget</h2>")
         for scenario in sorted(df["scenario"].unique()):
-            parts.append(_img(_plot_png(df, scenario), f"plot {scenario}", "plot"))
+            parts.append(img(_plot_png(df, scenario), f"plot {scenario}", "plot"))
         parts.append("<h2>All rows</h2>")
         full = df.sort_values(["scenario", "setting", "metric", "method", "eps", "group"])
         parts.append(full.to_html(index=False, float_format=lambda v: f"{v:.4g}"))
-    parts.append("</body></html>")
-    fs, root = split_uri(output, s3_options)
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root}/report.html") as f:
-        f.write("\n".join(parts).encode())
+    fs, root = split_uri(output, s3)
+    write_atomic(fs, f"{root}/report.html", page("mimicshield report", parts).encode())
     return to_uri(fs, f"{root}/report.html"), summary
 
 

@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-from pipeline.batch.driver import ensure_ray
+from pipeline.cluster.pool import actor_share
+from pipeline.cluster.session import ensure_ray
 from pipeline.evaluate.mimic import (
     TRAINING_SCENARIOS,
     Inpaint,
@@ -136,8 +137,8 @@ def png(rgb: np.ndarray) -> bytes:
 class SampleWriter:
     """Writes sample grids (PNG + a JSON description) under OUTPUT/samples/, a few per group."""
 
-    def __init__(self, output: str, s3_options: dict | None, per_group: int):
-        self.fs, self.root = split_uri(output, s3_options)
+    def __init__(self, output: str, s3, per_group: int):
+        self.fs, self.root = split_uri(output, s3)
         self.per_group = per_group
         self.count: dict[tuple, int] = {}
 
@@ -174,7 +175,7 @@ class PairEvaluator:
         if "inpaint" in settings.scenarios:
             spec = settings.inpaint_spec
             self.mimics["inpaint"] = Inpaint(spec, settings.inpaint, spec.device, spec.dtype)
-        self.samples = SampleWriter(settings.output, settings.s3_options, settings.samples_per_group)
+        self.samples = SampleWriter(settings.output, settings.s3, settings.samples_per_group)
 
     def _calibrated(self, metric: str, mimic: bool) -> bool:
         return calibrated(self.metrics, metric, mimic and self.builtin)
@@ -283,7 +284,7 @@ class GroupTrainer:
             self.mimics["textual_inversion"] = TextualInversion(settings.model, settings.textual_inversion, device)
         if "lora" in settings.scenarios:
             self.mimics["lora"] = Lora(settings.model, settings.lora, device)
-        self.samples = SampleWriter(settings.output, settings.s3_options, 1)
+        self.samples = SampleWriter(settings.output, settings.s3, 1)
         self.clean_cache: dict[tuple, object] = {}  # (scenario, group) -> clean-trained output
 
     def _calibrated(self, metric: str) -> bool:
@@ -309,7 +310,7 @@ class GroupTrainer:
     def _evaluate(self, scenario, mimic, recs, prot, clean) -> list[dict]:
         r0 = recs[0]
         group = r0["group"]
-        fs, root = split_uri(self.s.output, self.s.s3_options)
+        fs, root = split_uri(self.s.output, self.s.s3)
         outs = {}
         with tempfile.TemporaryDirectory(prefix="mimicshield-mimic-") as tmp:
             for source, images in (("protected", prot), ("clean", clean)):
@@ -401,16 +402,8 @@ def both_sides(batch: pa.Table) -> pa.Table:
 
 
 def actor_options(settings: EvalSettings) -> dict:
-    """map_batches / map_groups options: one GPU per actor when the cluster has GPUs."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
-    if settings.model.device.startswith("cuda") or (settings.model.device == "auto" and gpus > 0):
-        size = settings.actors or max(gpus, 1)
-        return {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=size), "num_gpus": 1}
-    size = settings.actors or 1
-    return {"compute": ray.data.ActorPoolStrategy(size=size), "num_cpus": max(0.5, min(1.0, (cpus - 1) / size))}
+    """map_batches / map_groups options for the mimic actors: cluster/pool.py's rule."""
+    return actor_share(settings.model.device, settings.actors).pool_options()
 
 
 def build_pairs(settings: EvalSettings):
@@ -418,8 +411,8 @@ def build_pairs(settings: EvalSettings):
 
     Keys found on one side only keep a row with the other side null (see `one_sided`, `both_sides`).
     """
-    prot = _tagged(read_samples(settings.protected, settings.s3_options), "p")
-    clean = _tagged(read_samples(settings.clean, settings.s3_options), "c")
+    prot = _tagged(read_samples(settings.protected, settings.s3), "p")
+    clean = _tagged(read_samples(settings.clean, settings.s3), "c")
     # an inner join on key as a groupby (Dataset.join would need polars, not a dependency here)
     return prot.union(clean).groupby("key").map_groups(pair_by_key, batch_format="pyarrow")
 
@@ -477,7 +470,7 @@ def protection_from_runs(settings: EvalSettings) -> tuple[str | None, float | No
     import pyarrow.parquet as pq
 
     try:
-        fs, root = split_uri(settings.protected, settings.s3_options)
+        fs, root = split_uri(settings.protected, settings.s3)
         runs = pq.read_table(f"{root.rstrip('/')}/tables/runs", filesystem=fs).to_pylist()
     except Exception:  # no runs table (not written by `mimicshield protect`): nothing to learn
         return None, None
@@ -519,7 +512,7 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
         trained = pairs.groupby("group_id").map_groups(
             GroupTrainer, fn_constructor_kwargs={"settings": settings}, batch_format="pyarrow", **opts)
         rows += [{k: r[k] for k in ROW_SCHEMA.names} for r in trained.take_all()]
-    fs, root = split_uri(settings.output, settings.s3_options)
+    fs, root = split_uri(settings.output, settings.s3)
     rows.sort(key=lambda r: tuple(str(r[k]) for k in ("run", "group", "scenario", "setting", "method", "metric")))
     path = write_table(rows, TABLE, f"{root}/tables/{TABLE}", filesystem=fs, basename=eval_id)
     fs.create_dir(f"{root}/evaluations", recursive=True)
@@ -534,5 +527,5 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
 
 def settings_record(settings: EvalSettings) -> dict:
     record = asdict(settings)
-    record.pop("s3_options", None)  # never write credentials
+    record.pop("s3", None)  # never write credentials
     return record

@@ -11,6 +11,7 @@ from pipeline.evaluate.mimic import (
     SDEditConfig,
     TextualInversionConfig,
 )
+from pipeline.io.storage import S3Options
 from pipeline.metrics.mimicry import MetricConfig
 from pipeline.models.loading import ModelSpec, inpaint_model_for
 
@@ -37,12 +38,13 @@ class EvalSettings:
     batch_size: int = 4
     actors: int | None = None
     address: str | None = None
-    s3_options: dict | None = None
+    s3: S3Options = field(default_factory=S3Options)  # a dict is converted once
 
     def __post_init__(self):
         bad = [s for s in self.scenarios if s not in SCENARIOS]
         if bad:
             raise ValueError(f"unknown scenario(s) {bad}; choose from {', '.join(SCENARIOS)}")
+        self.s3 = S3Options.of(self.s3)
         if isinstance(self.model, str):  # a model name: the defaults for everything else
             self.model = ModelSpec(self.model)
         if not isinstance(self.model, ModelSpec):

@@ -179,3 +179,55 @@ def encode_image(image: DecodedImage, pixels: np.ndarray, jpeg_quality: int = 95
 def extension_for(image: DecodedImage) -> str:
     fmt = image.format if image.format in WRITABLE_FORMATS else "PNG"
     return {"JPEG": "jpg", "TIFF": "tif"}.get(fmt, fmt.lower())
+
+
+# ---------------------------------------------------------------- image <-> tensor, and resizing
+#
+# One convention each, named by purpose:
+#   to_tensor / to_uint8     uint8 H x W x 3  <->  float 1 x 3 x H x W in [0, 1]  (rounded, clipped back)
+#   resize_pixels            images fed to a model at another size: bilinear, antialiased (torch), as the
+#                            protection engine, FastProtect and the built-in training see them
+#   resize_perturbation      perturbations mapped back to the image: bilinear, no antialiasing (a convex
+#                            combination of values in the eps-ball stays in it)
+#   resize_image             uint8 images for a mimic or a metric: PIL bicubic (diffusers' and the
+#                            evaluation references' own transforms)
+
+
+def to_tensor(rgb: np.ndarray, device=None):
+    """uint8 H x W x 3 -> float32 1 x 3 x H x W in [0, 1] (a copy: decoded arrays are read-only)."""
+    import torch
+
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255)
+    return x if device is None else x.to(device)
+
+
+def to_uint8(x) -> np.ndarray:
+    """float 1 x 3 x H x W (or 3 x H x W) in [0, 1] -> uint8 H x W x 3, rounded and clipped."""
+    x = x[0] if x.dim() == 4 else x
+    return x.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def resize_pixels(x, size: tuple[int, int]):
+    """Images (B x C x H x W float) to `size` (h, w) as a model sees them: bilinear, antialiased."""
+    import torch.nn.functional as F
+
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def resize_perturbation(d, size: tuple[int, int]):
+    """A perturbation (B x C x h x w) to `size`: bilinear without antialiasing, so it stays in its eps-ball."""
+    import torch.nn.functional as F
+
+    if tuple(d.shape[-2:]) == tuple(size):
+        return d
+    return F.interpolate(d, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 H x W x 3 to `size` (h, w) with PIL bicubic; unchanged when already that size."""
+    h, w = size
+    if rgb.shape[0] == h and rgb.shape[1] == w:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BICUBIC))

@@ -67,9 +67,9 @@ def read_paths(filesystem: pafs.FileSystem, paths: list[str], kind: str, root: s
     return ds
 
 
-def read_samples(uri: str, s3_options: dict | None = None):
+def read_samples(uri: str, s3=None):
     """A Ray Dataset with one row per sample of `uri`: key, source, image, ext, meta (see module doc)."""
-    filesystem, path, kind = parse_uri(uri, s3_options)
+    filesystem, path, kind = parse_uri(uri, s3)
     if kind == "shards":
         paths = list_shards(filesystem, path, uri)
         root = pattern_root(path)

@@ -7,7 +7,7 @@ One path for data. An input or output is a URI:
 - shards in S3 (``s3://bucket/prefix/``, ``s3://bucket/shard-{0000..0099}.tar``).
 
 S3 goes through `pyarrow.fs.S3FileSystem` with endpoint, region and credentials taken from
-`s3_options` or from the standard AWS environment variables (``AWS_ENDPOINT_URL``,
+`S3Options` or from the standard AWS environment variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` /
 ``AWS_DEFAULT_REGION``), so AWS S3, MinIO and moto all work the same way. Every S3 request (listings,
 reads in Ray tasks, shard parts, tables, markers) is retried on transient faults (503 SlowDown, 500,
@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from urllib.parse import urlparse
 
 from pyarrow import fs as pafs
@@ -82,31 +82,6 @@ def has_pattern(path: str) -> bool:
 # ---------------------------------------------------------------- filesystems
 
 
-def s3_options_from_env(options: dict | None = None) -> dict:
-    """S3 settings: explicit `options` first, then the standard AWS environment variables."""
-    options = {k: v for k, v in (options or {}).items() if v not in (None, "")}
-    unknown = set(options) - set(S3_OPTION_KEYS)
-    if unknown:
-        raise InputError(f"unknown S3 option(s): {', '.join(sorted(unknown))}; known: {', '.join(S3_OPTION_KEYS)}")
-    env = os.environ
-    resolved = {
-        "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
-        "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
-        "access_key": env.get("AWS_ACCESS_KEY_ID"),
-        "secret_key": env.get("AWS_SECRET_ACCESS_KEY"),
-        "session_token": env.get("AWS_SESSION_TOKEN"),
-        "anonymous": False,
-    }
-    resolved.update(options)
-    return resolved
-
-
-def public_s3_options(options: dict | None) -> dict:
-    """The S3 settings that may be logged or stored: never keys, secrets or tokens."""
-    opts = s3_options_from_env(options)
-    return {"endpoint_url": opts.get("endpoint_url"), "region": opts.get("region")}
-
-
 @dataclass(frozen=True)
 class S3Retry:
     """How the pipeline's S3 client rides out transient faults (validated once, when built).
@@ -126,6 +101,59 @@ class S3Retry:
         for name in ("connect_timeout_s", "request_timeout_s"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"S3Retry.{name} must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach S3: one typed object, validated once (CLI, config file ``s3:`` section, or Python).
+
+    Fields left None come from the standard AWS environment variables when a filesystem is made
+    (``AWS_ENDPOINT_URL[_S3]``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``), so credentials need never be written down.
+    Secrets never appear in its repr, and `public()` is all that is ever logged or stored.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    anonymous: bool = False
+    retry: S3Retry = field(default_factory=S3Retry)  # attempts and timeouts of every S3 request
+
+    def __post_init__(self):
+        if not isinstance(self.retry, S3Retry):
+            raise TypeError(f"retry must be an S3Retry, got {type(self.retry).__name__}")
+
+    @classmethod
+    def of(cls, value: "S3Options | dict | None") -> "S3Options":
+        """An `S3Options` from itself, None (all from the environment) or a mapping of its field names."""
+        if isinstance(value, cls):
+            return value
+        values = {k: v for k, v in dict(value or {}).items() if v not in (None, "")}
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise InputError(f"unknown S3 option(s): {', '.join(sorted(unknown))}; known: {', '.join(S3_OPTION_KEYS)}")
+        return cls(**values)
+
+    def resolved(self) -> dict:
+        """The connection settings, explicit values first, then the standard AWS environment variables."""
+        env = os.environ
+        out = {
+            "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+            "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            "access_key": env.get("AWS_ACCESS_KEY_ID"),
+            "secret_key": env.get("AWS_SECRET_ACCESS_KEY"),
+            "session_token": env.get("AWS_SESSION_TOKEN"),
+            "anonymous": False,
+        }
+        out.update({k: getattr(self, k) for k in S3_OPTION_KEYS if getattr(self, k) not in (None, "", False)})
+        return out
+
+    def public(self) -> dict:
+        """What may be logged or stored: never keys, secrets or tokens."""
+        opts = self.resolved()
+        return {"endpoint_url": opts.get("endpoint_url"), "region": opts.get("region")}
 
 
 class RetryingS3FileSystem(pafs.S3FileSystem):
@@ -173,8 +201,11 @@ def read_small_file(filesystem: pafs.FileSystem, path: str) -> bytes:
     raise AssertionError("unreachable")
 
 
-def s3_filesystem(options: dict | None = None, retry: S3Retry | None = None) -> pafs.S3FileSystem:
-    opts = s3_options_from_env(options)
+def s3_filesystem(s3: "S3Options | dict | None" = None, retry: S3Retry | None = None) -> pafs.S3FileSystem:
+    """A retrying S3 filesystem for `s3` (`retry` overrides its retry settings)."""
+    s3 = S3Options.of(s3)
+    retry = retry or s3.retry
+    opts = s3.resolved()
     kwargs: dict = {"region": opts.get("region") or "us-east-1"}
     endpoint = opts.get("endpoint_url")
     if endpoint:
@@ -195,11 +226,12 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def split_uri(uri: str, s3_options: dict | None = None, retry: S3Retry | None = None) -> tuple[pafs.FileSystem, str]:
+def split_uri(uri: str, s3: "S3Options | dict | None" = None, retry: S3Retry | None = None
+              ) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) without looking at what is there. S3 paths are ``bucket/key``."""
     if is_s3(uri):
         path = uri[len("s3://") :]
-        return s3_filesystem(s3_options, retry), path if has_pattern(path) else path.rstrip("/")
+        return s3_filesystem(s3, retry), path if has_pattern(path) else path.rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise InputError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
     path = uri[len("file://") :] if uri.startswith("file://") else uri
@@ -270,14 +302,14 @@ def _suffix(path: str) -> str:
     return posixpath.splitext(path)[1].lower().lstrip(".")
 
 
-def parse_uri(uri: str, s3_options: dict | None = None, retry: S3Retry | None = None
+def parse_uri(uri: str, s3: "S3Options | dict | None" = None, retry: S3Retry | None = None
               ) -> tuple[pafs.FileSystem, str, str]:
     """(filesystem, path, kind) for a URI; kind is "shards" or "folder".
 
     A brace/glob pattern or a ``.tar`` path is "shards"; a directory (or S3 prefix) holding ``.tar``
     files is "shards"; anything else (a folder of images, or one that does not exist yet) is "folder".
     """
-    filesystem, path = split_uri(uri, s3_options, retry)
+    filesystem, path = split_uri(uri, s3, retry)
     if has_pattern(path) or path.endswith(SHARD_SUFFIXES):
         return filesystem, path, "shards"
     check_bucket(filesystem, path, uri)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.io.images import to_tensor
+
 SEED = 0
 
 
@@ -53,8 +55,7 @@ def build_lpips(weights: str | None = None, device: torch.device | str = "cpu",
 @torch.no_grad()
 def lpips_distance(net: torch.nn.Module, a, b) -> float:
     """LPIPS between two uint8 H x W x 3 images (0 for identical images)."""
-    import numpy as np
 
     device = next(net.parameters()).device
-    x, y = (torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device) for img in (a, b))
+    x, y = (to_tensor(img, device).mul(2).sub(1) for img in (a, b))  # LPIPS takes [-1, 1]
     return float(net(x, y).mean())

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pipeline.evaluate.mimic.common import resize_square
+from pipeline.io.images import resize_image, resize_pixels
 from pipeline.metrics.lpips import build_lpips
 from pipeline.metrics.visibility import PSNR_CAP, psnr, ssim  # noqa: F401  (PSNR_CAP re-exported for callers)
 from pipeline.models.builtin.build import build_tokenizer
@@ -68,12 +69,11 @@ def _batch(images: list[np.ndarray], size: int | None = None) -> torch.Tensor:
 
 def _same_size(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Resize b to a's sizes where they differ (mimic outputs vs references at native size)."""
-    from PIL import Image
 
     out = []
     for x, y in zip(a, b):
         if x.shape != y.shape:
-            y = np.asarray(Image.fromarray(y).resize((x.shape[1], x.shape[0]), Image.BICUBIC))
+            y = resize_image(y, x.shape[:2])
         out.append(y)
     return a, out
 
@@ -95,7 +95,7 @@ class RandomFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float() * 2 - 1
-        x = nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+        x = resize_pixels(x, (64, 64))
         return self.net(x)
 
 

@@ -60,3 +60,58 @@ def sdxl_time_ids(height: int, width: int, batch: int, device=None, dtype=torch.
     """
     ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
     return ids.expand(batch, -1)
+
+
+# --------------------------------------------------------------------------- text conditioning
+
+
+def text_parts(model) -> list[tuple[object, object]]:
+    """(tokenizer, text encoder) pairs of a pipeline or `DiffusionModels`: one for SD 1.x/2.x, two for SDXL."""
+    parts = [(model.tokenizer, model.text_encoder)]
+    if getattr(model, "text_encoder_2", None) is not None:
+        parts.append((model.tokenizer_2, model.text_encoder_2))
+    return parts
+
+
+def encode_text(parts: list[tuple[object, object]], prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(c, pooled) for `prompts`, as the diffusers pipelines condition the UNet (no guidance, no clip skip).
+
+        SD 1.x / 2.x   c = last hidden state of the one text encoder; pooled = None
+        SDXL           c = the two encoders' penultimate hidden states, concatenated on the feature axis;
+                       pooled = the second encoder's projected text embedding
+
+    The one implementation: protection (`DiffusionModels`), the mimics (SDEdit, textual inversion, LoRA) and
+    the built-in models' training all call it. Gradients flow when the caller lets them (textual inversion).
+    """
+    hidden, pooled = [], None
+    for tokenizer, encoder in parts:
+        tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+        if len(parts) == 1:
+            hidden.append(encoder(tokens)[0])
+            continue
+        out = encoder(tokens, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        if out[0].ndim == 2:  # CLIPTextModelWithProjection: its text_embeds are the pooled c
+            pooled = out[0]
+    return torch.cat(hidden, dim=-1), pooled
+
+
+# --------------------------------------------------------------------------- the denoising loss
+
+
+def denoising_loss(unet, scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                   added: dict | None = None, extra_input: torch.Tensor | None = None) -> torch.Tensor:
+    """The standard training loss of a denoiser, mean over the batch (float32):
+
+        L = || f_theta([z_t, extra], t, c) - y_t ||^2,   z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps,
+        y_t = `prediction_target` (eps, v or z0, as the scheduler says)
+
+    `extra_input`: channels appended to z_t (an inpainting UNet's mask and masked latent).
+    The one implementation: the built-in models' training and the fine-tuning mimics (LoRA, textual
+    inversion) call it, each with its own data and conditioning.
+    """
+    z_t = scheduler.add_noise(z0, noise, t)
+    model_in = z_t if extra_input is None else torch.cat([z_t, extra_input.to(z_t.dtype)], dim=1)
+    pred = unet(model_in, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+    return torch.nn.functional.mse_loss(pred.float(), prediction_target(scheduler, z0, noise, t).float())

@@ -40,7 +40,12 @@ from pathlib import Path
 import torch
 
 from pipeline.models.builtin.build import BUILTIN_MODELS, builtin_model_path
-from pipeline.models.diffusion import prediction_target, sdxl_time_ids
+from pipeline.models.diffusion import (
+    encode_text,
+    prediction_target,
+    sdxl_time_ids,
+    text_parts,
+)
 from pipeline.models.hub import alternatives, hub_problem
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -149,31 +154,13 @@ class DiffusionModels:
         return prediction_target(self.scheduler, z0, noise, t)
 
     def _text_parts(self) -> list[tuple[object, torch.nn.Module]]:
-        parts = [(self.tokenizer, self.text_encoder)]
-        if self.text_encoder_2 is not None:
-            parts.append((self.tokenizer_2, self.text_encoder_2))
-        return parts
+        return text_parts(self)
 
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states c, pooled embedding or None) for new prompts, as the diffusers pipelines do."""
-        hidden, pooled = [], None
-        for tokenizer, encoder in self._text_parts():
-            tokens = tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(encoder.device)
-            if not self.is_sdxl:  # SD 1.x/2.x: the last hidden state
-                hidden.append(encoder(tokens)[0])
-                continue
-            out = encoder(tokens, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # SDXL: the penultimate layer of each encoder
-            if out[0].ndim == 2:  # CLIPTextModelWithProjection: its text_embeds are the pooled c
-                pooled = out[0]
-        embeds = torch.cat(hidden, dim=-1).to(self.device, self.dtype)
+        embeds, pooled = encode_text(self._text_parts(), prompts)
+        embeds = embeds.to(self.device, self.dtype)
         return embeds, None if pooled is None else pooled.to(self.device, self.dtype)
 
     def _cached(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.io.images import resize_perturbation, resize_pixels, to_tensor
 from pipeline.models.loading import DiffusionModels
 from pipeline.protect.eot import EOTSampler, parse_eot
 from pipeline.protect.methods import METHODS, StepInputs, encode, make_method
@@ -125,19 +126,18 @@ def working_size(height: int, width: int, resolution: str, multiple: int) -> tup
 
 def to_working(rgb: np.ndarray, size: tuple[int, int], resolution: str) -> torch.Tensor:
     """uint8 H x W x 3 -> float 3 x h x w in [0, 1] at the working size."""
-    x = torch.tensor(rgb).permute(2, 0, 1).float().div(255)  # copies: PIL arrays are read-only
-    h, w = x.shape[1:]
+    x = to_tensor(rgb)
+    h, w = x.shape[2:]
     if resolution == "native":  # pad right/bottom by edge replication; cropped away afterwards
-        return F.pad(x[None], (0, size[1] - w, 0, size[0] - h), mode="replicate")[0]
-    return F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        return F.pad(x, (0, size[1] - w, 0, size[0] - h), mode="replicate")[0]
+    return resize_pixels(x, size)[0]
 
 
 def from_working(delta: torch.Tensor, height: int, width: int, resolution: str) -> torch.Tensor:
     """Map a working-size perturbation (3 x h x w) back to the original H x W."""
     if resolution == "native":
         return delta[:, :height, :width]
-    # bilinear weights are convex, so the resized perturbation stays inside the eps-ball
-    return F.interpolate(delta[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return resize_perturbation(delta[None], (height, width))[0]  # stays inside the eps-ball
 
 
 def start_to_working(delta: np.ndarray, size: tuple[int, int], resolution: str) -> torch.Tensor:
@@ -145,7 +145,7 @@ def start_to_working(delta: np.ndarray, size: tuple[int, int], resolution: str) 
     d = torch.as_tensor(np.ascontiguousarray(delta), dtype=torch.float32).permute(2, 0, 1)[None]
     if resolution == "native":
         return F.pad(d, (0, size[1] - d.shape[3], 0, size[0] - d.shape[2]), mode="replicate")[0]
-    return F.interpolate(d, size=size, mode="bilinear", align_corners=False)[0]
+    return resize_perturbation(d, size)[0]
 
 
 def combine_directions(directions: list[torch.Tensor]) -> torch.Tensor:

@@ -30,26 +30,14 @@ def protect(settings, source, output: str, log=print):
     return run_protect(protect_settings(settings, source, output), log=log)
 
 
-def ensure_ray(address: str | None):
-    from pipeline.batch.driver import ensure_ray as ensure
-
-    return ensure(address)
-
-
-def short_error(err: BaseException) -> str:
-    from pipeline.batch.driver import short_error as short
-
-    return short(err)
-
-
 # ---------------------------------------------------------------- samples
 
 
-def read_encoded(uri: str, s3: dict | None) -> dict[str, tuple[bytes, str | None, str | None]]:
+def read_encoded(uri: str, s3) -> dict[str, tuple[bytes, str | None, str | None]]:
     """key -> (encoded image, JSON metadata, prompt) for every readable sample under `uri` (folder or shards)."""
     from pipeline.io.samples import read_samples
 
-    rows = read_samples(uri, s3 or None).take_all()
+    rows = read_samples(uri, s3).take_all()
     return {r["key"]: (r["image"], r["meta"], r["prompt"]) for r in rows if r["image"] is not None}
 
 
@@ -66,10 +54,10 @@ def sample_meta(meta: str | None) -> dict:
     return parse(meta) or {}
 
 
-def split_uri(uri: str, s3: dict | None):
+def split_uri(uri: str, s3):
     from pipeline.io.storage import split_uri as split
 
-    return split(uri, s3 or None)
+    return split(uri, s3)
 
 
 # ---------------------------------------------------------------- mimics and metrics

@@ -15,7 +15,6 @@ for any backbone), CLIP image similarity for the training mimics.
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import math
@@ -23,6 +22,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from pipeline.io.html import figure_png, img, label, page, pyplot
 from pipeline.io.tables import load_schema
 from pipeline.study.grid import Cell, Source, slug
 from pipeline.study.store import TABLE_DIR, StudyStore
@@ -41,10 +41,6 @@ def read_table(output: str, s3: dict | None = None) -> pd.DataFrame:
     if not files:
         return schema.empty_table().to_pandas()
     return pa.concat_tables([pq.read_table(f, filesystem=store.fs, schema=schema) for f in files]).to_pandas()
-
-
-def label(method: str, eps: float) -> str:
-    return "none (clean)" if method == "none" else f"{method} eps={eps:g}"
 
 
 def headline(df: pd.DataFrame) -> pd.DataFrame:
@@ -82,21 +78,8 @@ def retained_matrix(df: pd.DataFrame, scenario: str, purifications: list[str] | 
     return m[order]
 
 
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def heatmap_png(matrix: pd.DataFrame, title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.1 * matrix.shape[1] + 2.5, 0.45 * matrix.shape[0] + 1.6))
     values = matrix.to_numpy(dtype=float)
     im = ax.imshow(np.clip(values, 0, 1.2), cmap="RdYlGn", vmin=0, vmax=1.2, aspect="auto")
@@ -108,15 +91,11 @@ def heatmap_png(matrix: pd.DataFrame, title: str) -> bytes:
             ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="protection retained")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def curves_png(df: pd.DataFrame, scenario: str) -> bytes | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     h = headline(df)
     h = h[(h["scenario"] == scenario) & (h["purification_name"] != "none")]
     families = sorted(h["purification_name"].unique())
@@ -133,7 +112,7 @@ def curves_png(df: pd.DataFrame, scenario: str) -> bytes | None:
         ax.set_xlabel("strength")
     axes[0][0].set_ylabel(f"damage ({HEADLINE.get(scenario, '')})")
     axes[0][-1].legend(fontsize=7, loc="best")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def sample_grid(store: StudyStore, df: pd.DataFrame, scenario: str, size: int = 64) -> list[tuple[str, bytes]]:
@@ -163,8 +142,8 @@ def sample_grid(store: StudyStore, df: pd.DataFrame, scenario: str, size: int = 
                     path = cells.get((p, m, e), {}).get(f"{slug(key)}.{kind}.png")
                     if path is None:
                         continue
-                    img = Image.open(io.BytesIO(store.read(path))).convert("RGB").resize((size, size))
-                    canvas.paste(img, (pad + (2 * j + k) * (size + pad), pad + i * (size + pad)))
+                    tile = Image.open(io.BytesIO(store.read(path))).convert("RGB").resize((size, size))
+                    canvas.paste(tile, (pad + (2 * j + k) * (size + pad), pad + i * (size + pad)))
         buf = io.BytesIO()
         canvas.save(buf, format="PNG")
         caption = (f"{key}: rows {', '.join(purifications)}; column pairs (purified input | mimic output) for "
@@ -173,22 +152,13 @@ def sample_grid(store: StudyStore, df: pd.DataFrame, scenario: str, size: int = 
     return out
 
 
-def _img(data: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-
-
-CSS = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:12px}"
-       "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}h2{margin-top:1.5em}.note{color:#555}")
-
-
 def build_report(output: str, s3: dict | None = None) -> str:
     df = read_table(output, s3)
     store = StudyStore(output, s3)
-    parts = [f"<html><head><meta charset='utf-8'><title>mimicshield study</title><style>{CSS}</style></head><body>",
-             f"<h1>Robustness study: {html.escape(output)}</h1>"]
+    parts = [f"<h1>Robustness study: {html.escape(output)}</h1>"]
     if df.empty:
-        parts.append("<p>No cells yet.</p></body></html>")
-        return "".join(parts)
+        parts.append("<p>No cells yet.</p>")
+        return page("mimicshield study", parts)
     uncalibrated = not bool(df["calibrated"].all())
     parts.append(f"<p>{df['method'].ne('none').sum()} protected and {df['method'].eq('none').sum()} baseline rows; "
                  f"{df.groupby(['method', 'eps', 'purification', 'scenario']).ngroups} cells. "
@@ -204,19 +174,18 @@ def build_report(output: str, s3: dict | None = None) -> str:
         parts.append(f"<h2>{html.escape(scenario)}</h2>")
         matrix = retained_matrix(df, scenario, purifications)
         if not matrix.empty:
-            parts.append(_img(heatmap_png(matrix, f"{scenario}: protection retained"), "heatmap"))
+            parts.append(img(heatmap_png(matrix, f"{scenario}: protection retained"), "heatmap"))
             parts.append(matrix.round(3).to_html(na_rep="-"))
         curves = curves_png(df, scenario)
         if curves:
-            parts.append("<h3>Damage vs purification strength</h3>" + _img(curves, "curves"))
+            parts.append("<h3>Damage vs purification strength</h3>" + img(curves, "curves"))
         for caption, data in sample_grid(store, df, scenario):
-            parts.append(f"<h3>Samples</h3><p class='note'>{html.escape(caption)}</p>" + _img(data, caption))
+            parts.append(f"<h3>Samples</h3><p class='note'>{html.escape(caption)}</p>" + img(data, caption))
     parts.append("<h2>All rows</h2>")
     cols = ["method", "eps", "purification", "scenario", "setting", "metric", "value", "baseline", "damage",
             "n_images", "calibrated", "seconds"]
     parts.append(df[cols].sort_values(cols[:6]).round(4).to_html(index=False, na_rep="-"))
-    parts.append("</body></html>")
-    return "".join(parts)
+    return page("mimicshield study", parts)
 
 
 def write_report(output: str, s3: dict | None = None) -> str:

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 
 from pipeline.batch.settings import RunSettings
 from pipeline.cluster.faults import fault_point
+from pipeline.cluster.pool import actor_share
+from pipeline.cluster.session import ensure_ray
 from pipeline.evaluate.settings import EvalSettings
 from pipeline.study import adapter
 from pipeline.study.grid import CLEAN, Cell, StudyGrid
@@ -67,7 +69,7 @@ class StudySettings:
     def record(self) -> dict:
         out = asdict(self)
         out["protect"].pop("s3", None)  # never write credentials
-        out["evaluation"].pop("s3_options", None)
+        out["evaluation"].pop("s3", None)
         return out
 
 
@@ -88,16 +90,13 @@ class StudySummary:
 
 
 def worker_options(settings: StudySettings) -> tuple[int, dict, int | None]:
-    """(actors, Ray actor options, torch threads per actor) for the cell and purification pools."""
-    import ray
+    """(actors, Ray actor options, torch threads per actor) for the cell and purification pools.
 
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    device = settings.model.device
-    if device.startswith("cuda") or (device == "auto" and gpus > 0):
-        return settings.actors or max(gpus, 1), {"num_gpus": 1, "num_cpus": 1}, None
-    n = settings.actors or max(1, cpus // 2)
-    return n, {"num_cpus": 1}, max(1, cpus // n)
+    cluster/pool.py's rule; on CPU, one actor per two CPUs by default, torch threads spread over the CPUs.
+    """
+    share = actor_share(settings.model.device, settings.actors, default_cpu_actors=lambda cpus: int(cpus // 2),
+                        spread_threads=True)
+    return share.size, share.actor_options(), share.threads
 
 
 def run_study(settings: StudySettings, log=print) -> StudySummary:
@@ -107,7 +106,7 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
     grid = settings.grid
     store = StudyStore(settings.output, settings.s3)
     settings.model.check()
-    adapter.ensure_ray(settings.address)
+    ensure_ray(settings.address)
     store.write(f"{store.root}/study.json", json.dumps(settings.record(), indent=1, default=str).encode())
 
     cells = grid.cells()

@@ -23,6 +23,7 @@ import numpy as np
 from pyarrow import fs as pafs
 
 from pipeline.io.files import write_atomic
+from pipeline.io.storage import S3Options
 from pipeline.study import adapter
 from pipeline.study.grid import Cell, Source, purified_id, slug
 
@@ -30,9 +31,9 @@ TABLE_DIR = "tables/robustness"
 
 
 class StudyStore:
-    def __init__(self, output: str, s3: dict | None = None):
+    def __init__(self, output: str, s3=None):
         self.output = output.rstrip("/")
-        self.s3 = dict(s3 or {})
+        self.s3 = S3Options.of(s3)
         self.fs, root = adapter.split_uri(self.output, self.s3)
         self.root = root.rstrip("/")
 

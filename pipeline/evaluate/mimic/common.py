@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.models.diffusion import sdxl_time_ids
+from pipeline.io.images import resize_image
+from pipeline.models.diffusion import encode_text, sdxl_time_ids, text_parts
 from pipeline.models.loading import (
     ModelSpec,
     is_sdxl_class,
@@ -54,9 +55,7 @@ def native_resolution(pipe) -> int:
 
 def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
     """Square resize (aspect not kept, as the reference evaluation does); uint8 in, uint8 out."""
-    if rgb.shape[0] == size and rgb.shape[1] == size:
-        return rgb
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
+    return resize_image(rgb, (size, size))
 
 
 def to_pil(images: list[np.ndarray], size: int) -> list[Image.Image]:
@@ -122,12 +121,13 @@ def is_sdxl_pipeline(pipe) -> bool:
 
 
 def text_conditioning(pipe, prompts: list[str], height: int, width: int) -> tuple[torch.Tensor, dict | None]:
-    """(c, added_cond_kwargs) for `prompts`, as the pipeline itself conditions its UNet (no guidance)."""
-    if is_sdxl_pipeline(pipe):
-        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), device=pipe.device, do_classifier_free_guidance=False)
-        added = {"text_embeds": pooled.to(pipe.unet.dtype),
-                 "time_ids": sdxl_time_ids(height, width, len(prompts), pipe.device, pipe.unet.dtype)}
-        return embeds.to(pipe.unet.dtype), added
-    tokens = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(pipe.device)
-    return pipe.text_encoder(tokens)[0].to(pipe.unet.dtype), None
+    """(c, added_cond_kwargs) for `prompts` in the UNet's dtype, as the pipeline conditions its UNet (no guidance).
+
+    `pipe`: a diffusers pipeline or anything with its parts (tokenizer(s), text encoder(s), unet).
+    """
+    embeds, pooled = encode_text(text_parts(pipe), prompts)
+    dtype, device = pipe.unet.dtype, pipe.unet.device
+    if pooled is None:
+        return embeds.to(dtype), None
+    return embeds.to(dtype), {"text_embeds": pooled.to(dtype),
+                              "time_ids": sdxl_time_ids(height, width, len(prompts), device, dtype)}

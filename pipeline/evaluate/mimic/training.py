@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.evaluate.mimic.common import (
     generators,
+    text_conditioning,
     to_model_tensor,
     to_uint8,
 )
-from pipeline.models.diffusion import prediction_target, sdxl_time_ids
+from pipeline.models.diffusion import denoising_loss
 from pipeline.seeds import key_seed
 
 
@@ -54,27 +54,6 @@ def encode_latents(pipe, images: list[np.ndarray], resolution: int) -> torch.Ten
         vae.to(torch.float32)  # SDXL's VAE overflows in fp16
     x = to_model_tensor(images, resolution).to(pipe.device, vae.dtype)
     return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).float()
-
-
-def tokenize(parts, prompts: list[str], tokenizer=None) -> torch.Tensor:
-    tok = tokenizer or parts.tokenizer
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids.to(parts.unet.device)
-
-
-def text_condition(parts, prompts: list[str], resolution: int) -> tuple[torch.Tensor, dict | None]:
-    """(c, added_cond_kwargs) as the pipelines condition the UNet; SDXL when `parts` has text_encoder_2."""
-    encoder_2 = getattr(parts, "text_encoder_2", None)
-    if encoder_2 is None:
-        return parts.text_encoder(tokenize(parts, prompts))[0], None
-    hidden, pooled = [], None
-    for tok, enc in ((parts.tokenizer, parts.text_encoder), (parts.tokenizer_2, encoder_2)):
-        out = enc(tokenize(parts, prompts, tok), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]  # the second encoder's projected (pooled) embedding
-    added = {"text_embeds": pooled,
-             "time_ids": sdxl_time_ids(resolution, resolution, len(prompts), parts.unet.device, pooled.dtype)}
-    return torch.cat(hidden, dim=-1), added
 
 
 def train_denoiser(
@@ -113,13 +92,11 @@ def train_denoiser(
         z = latents[idx]
         noise = torch.randn(z.shape, generator=gen).to(z.device)
         t = torch.randint(0, n_train, (len(z),), generator=gen).to(z.device)
-        z_t = sched.add_noise(z, noise, t)
         batch_prompts = prompts(rng, len(z))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             with torch.set_grad_enabled(text_grad):
-                cond, added = text_condition(parts, batch_prompts, resolution)
-            pred = parts.unet(z_t, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
-        loss = F.mse_loss(pred.float(), prediction_target(sched, z, noise, t).float())
+                cond, added = text_conditioning(parts, batch_prompts, resolution, resolution)
+            loss = denoising_loss(parts.unet, sched, z, noise, t, cond, added)  # models/diffusion.py
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

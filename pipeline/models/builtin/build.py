@@ -39,7 +39,12 @@ from pathlib import Path
 import torch
 
 from pipeline.io.files import cache_root
-from pipeline.models.diffusion import prediction_target, sdxl_time_ids
+from pipeline.models.diffusion import (
+    denoising_loss,
+    encode_text,
+    sdxl_time_ids,
+    text_parts,
+)
 
 BUILTIN_VERSION = "v4"  # bump when a config below changes, so caches are rebuilt
 SEED = 0
@@ -447,12 +452,9 @@ def _sample_crops(n: int, size: int, generator: torch.Generator) -> torch.Tensor
 
 def _tiny_conditioning(pipe, batch: int, size: int) -> tuple[torch.Tensor, dict | None]:
     """(c, added_cond_kwargs) for "a photo": SD's last hidden state, or SDXL's two encoders + time ids."""
-    from diffusers import StableDiffusionXLPipeline
-
-    if not isinstance(pipe, StableDiffusionXLPipeline):
-        tokens = pipe.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt")
-        return pipe.text_encoder(tokens.input_ids)[0].expand(batch, -1, -1), None
-    embeds, _, pooled, _ = pipe.encode_prompt("a photo", device="cpu", do_classifier_free_guidance=False)
+    embeds, pooled = encode_text(text_parts(pipe), ["a photo"])
+    if pooled is None:
+        return embeds.expand(batch, -1, -1), None
     added = {"text_embeds": pooled.expand(batch, -1), "time_ids": sdxl_time_ids(size, size, batch)}
     return embeds.expand(batch, -1, -1), added
 
@@ -466,8 +468,6 @@ def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64
     SDXL-shaped pipelines are conditioned with both text encoders, the pooled embedding and time ids.
     `calibrate=False` keeps the VAE's scaling factor (a trained VAE brings its own).
     """
-    import torch.nn.functional as F
-
     gen = torch.Generator().manual_seed(SEED)
     vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
     with torch.no_grad():
@@ -483,15 +483,14 @@ def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64
             z = vae.encode(_sample_crops(batch, size, gen) * 2 - 1).latent_dist.mean * scale
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        z_t = scheduler.add_noise(z, noise, t)
+        extra = None
         if unet.config.in_channels == 9:
             mask = torch.zeros(batch, 1, *z.shape[2:])
             for m in mask:
                 h, w = (int(torch.randint(2, z.shape[2] + 1, (1,), generator=gen)) for _ in range(2))
                 m[:, :h, :w] = 1
-            z_t = torch.cat([z_t, mask, z * (1 - mask)], dim=1)
-        pred = unet(z_t, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
-        loss = F.mse_loss(pred, prediction_target(scheduler, z, noise, t))
+            extra = torch.cat([mask, z * (1 - mask)], dim=1)
+        loss = denoising_loss(unet, scheduler, z, noise, t, cond, added, extra)
         opt.zero_grad()
         loss.backward()
         opt.step()

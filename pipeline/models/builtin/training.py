@@ -30,7 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.io.images import to_tensor
 from pipeline.models.builtin import build as bm
+from pipeline.models.diffusion import denoising_loss, encode_text
 
 SEED = 0
 
@@ -52,10 +54,6 @@ def load_photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(img).permute(2, 0, 1).float() / 255
-
-
 class PhotoCrops:
     """Random square crops of some photos at random scale, flipped at random, resized to `size`.
 
@@ -67,7 +65,7 @@ class PhotoCrops:
 
     def __init__(self, names, seed: int = SEED, colour: bool = False):
         self.names = tuple(names)
-        self.photos = [_to_tensor(load_photo(n)) for n in self.names]
+        self.photos = [to_tensor(load_photo(n))[0] for n in self.names]
         self.grey = [bool((p[0] == p[1]).all() and (p[1] == p[2]).all()) for p in self.photos]
         self.gen = torch.Generator().manual_seed(seed)
         self.colour = colour
@@ -105,7 +103,7 @@ def held_out_images(size: int = 64, crops_per_photo: int = 8, names=HELD_OUT) ->
     """The evaluation set: per held-out photo, its centre square and random crops, at size x size."""
     out = []
     for name in names:
-        img = _to_tensor(load_photo(name))
+        img = to_tensor(load_photo(name))[0]
         side = min(img.shape[1:])
         top, left = (img.shape[1] - side) // 2, (img.shape[2] - side) // 2
         centre = img[None, :, top : top + side, left : left + side]
@@ -211,9 +209,7 @@ def calibrate_latent_scale(vae, n: int = 256, seed: int = SEED) -> float:
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts) -> torch.Tensor:
-    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
-    return text_encoder(tokens.input_ids)[0]
+    return encode_text([(tokenizer, text_encoder)], prompts)[0]
 
 
 @dataclass
@@ -288,7 +284,6 @@ def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: 
     embeddings = encode_prompts(tokenizer, text_encoder, prompts)
     plain, empty = len(prompts) - 2, len(prompts) - 1
     inpaint = unet.config.in_channels == 9
-    prediction = scheduler.config.prediction_type
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     floor = cfg.lr_min / cfg.lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup, cfg.decay, floor))
@@ -305,16 +300,13 @@ def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: 
         cap[u < cfg.uncond_prob] = empty
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=gen)
-        z_t = scheduler.add_noise(z, noise, t)
-        target = noise if prediction == "epsilon" else scheduler.get_velocity(z, noise, t)
-        model_in = z_t
+        extra = None
         if inpaint:
             m, zm = pool.masks[idx], pool.masked_latents[idx]
             m = torch.where(flip[:, None, None, None], m.flip(-1), m)
             zm = torch.where(flip[:, None, None, None], zm.flip(-1), zm)
-            model_in = torch.cat([z_t, m, zm], dim=1)
-        # || target - f_theta(z_t, t, c) ||^2
-        loss = F.mse_loss(unet(model_in, t, encoder_hidden_states=embeddings[cap]).sample, target)
+            extra = torch.cat([m, zm], dim=1)
+        loss = denoising_loss(unet, scheduler, z, noise, t, embeddings[cap], extra_input=extra)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

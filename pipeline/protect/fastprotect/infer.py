@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.io.images import resize_perturbation, resize_pixels, to_tensor
 from pipeline.metrics.lpips import build_lpips as build
 from pipeline.models.loading import DiffusionModels
 from pipeline.protect.engine import ProtectConfig, Protector
@@ -119,7 +120,7 @@ class FastProtector:
         out = []
         for rgb, d in zip(images, d_r):
             h, w = rgb.shape[:2]
-            full = F.interpolate(d[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            full = resize_perturbation(d[None], (h, w))[0]
             out.append(full.clamp_(-eps, eps).permute(1, 2, 0).float().cpu().numpy())
         return out
 
@@ -136,8 +137,7 @@ def build_default_bank(models: DiffusionModels) -> None:
 
 def square(rgb: np.ndarray, resolution: int) -> torch.Tensor:
     """uint8 H x W x 3 -> float 3 x R x R in [0, 1] (bilinear, antialiased)."""
-    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255)
-    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)[0]
+    return resize_pixels(to_tensor(rgb), (resolution, resolution))[0]
 
 
 class FastProtectPGD:

@@ -39,10 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.io.images import ImageError, decode_image
+from pipeline.io.images import ImageError, decode_image, resize_pixels, to_tensor
 from pipeline.io.samples import read_samples
 from pipeline.io.storage import list_images, parse_uri
 from pipeline.models.loading import DiffusionModels
@@ -121,8 +120,8 @@ def skimage_crops(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
     return crops, keys
 
 
-def _encoded_images(data: str, max_images: int | None, s3_options: dict | None) -> tuple[list[tuple[str, bytes]], str]:
-    filesystem, path, kind = parse_uri(data, s3_options)
+def _encoded_images(data: str, max_images: int | None, s3) -> tuple[list[tuple[str, bytes]], str]:
+    filesystem, path, kind = parse_uri(data, s3)
     if kind == "folder":
         paths = list_images(filesystem, path, data)[:max_images]
         out = []
@@ -130,13 +129,13 @@ def _encoded_images(data: str, max_images: int | None, s3_options: dict | None) 
             with filesystem.open_input_file(p) as f:
                 out.append((p, f.read()))
         return out, kind
-    ds = read_samples(data, s3_options)
+    ds = read_samples(data, s3)
     rows = ds.take(max_images) if max_images else ds.take_all()
     return [(r["key"], r["image"]) for r in rows if r["image"]], kind
 
 
 def load_training_images(
-    data: str, resolution: int, max_images: int | None = None, seed: int = 0, s3_options: dict | None = None
+    data: str, resolution: int, max_images: int | None = None, seed: int = 0, s3=None
 ) -> tuple[torch.Tensor, dict]:
     """(N x 3 x R x R uint8, summary) from a folder / shards URI, or ``skimage``."""
     skipped = 0
@@ -144,7 +143,7 @@ def load_training_images(
         rgbs, keys = skimage_crops(max_images or TINY_DEFAULT_IMAGES, seed)
         kind = "builtin"
     else:
-        encoded, kind = _encoded_images(data, max_images, s3_options)
+        encoded, kind = _encoded_images(data, max_images, s3)
         rgbs, keys = [], []
         for key, blob in encoded:
             try:
@@ -170,9 +169,8 @@ def load_training_images(
 
 def to_square(rgb: np.ndarray, resolution: int) -> torch.Tensor:
     """uint8 H x W x 3 -> uint8 3 x R x R (bilinear, antialiased; aspect ratio not kept)."""
-    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float()  # copy: PIL arrays are read-only
-    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-    return x[0].round().clamp(0, 255).to(torch.uint8)
+    x = resize_pixels(to_tensor(rgb), (resolution, resolution))
+    return x[0].mul(255).round().clamp(0, 255).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------- loss

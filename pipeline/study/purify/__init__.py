@@ -124,16 +124,4 @@ def parse_purifications(text: str | list[str] | tuple[str, ...]) -> list[Purific
     return units
 
 
-def to_float(rgb: np.ndarray):
-    """uint8 H x W x 3 -> torch float 1 x 3 x H x W in [0, 1]."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div(255)
-
-
-def to_uint8(x) -> np.ndarray:
-    """torch 1 x 3 x H x W in [0, 1] -> uint8 H x W x 3 (rounded)."""
-    return (x[0].detach().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
-
-
 __all__ = ["REGISTRY", "Purification", "PurifyContext", "parse_purification", "parse_purifications"]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from pipeline.study.purify import Purification, to_float, to_uint8
+from pipeline.io.images import to_tensor, to_uint8
+from pipeline.study.purify import Purification
 
 
 class GaussianBlur(Purification):
@@ -24,7 +25,7 @@ class GaussianBlur(Purification):
         from torchvision.transforms.functional import gaussian_blur
 
         size = 2 * math.ceil(3 * self.param) + 1
-        return to_uint8(gaussian_blur(to_float(rgb), [size, size], [self.param, self.param]))
+        return to_uint8(gaussian_blur(to_tensor(rgb), [size, size], [self.param, self.param]))
 
 
 UNIT = GaussianBlur

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.evaluate.mimic.common import load_pipeline
+from pipeline.io.images import resize_image
 from pipeline.models.loading import model_path
 from pipeline.study.purify import Purification
 
@@ -37,15 +38,14 @@ def fit(rgb: np.ndarray, multiple: int) -> Image.Image:
     """The image resized to sides that are multiples of `multiple` (unchanged when they already are)."""
     h, w = rgb.shape[:2]
     size = (max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple))
-    img = Image.fromarray(rgb)
-    return img if img.size == size else img.resize(size, Image.BICUBIC)
+    return Image.fromarray(resize_image(rgb, (size[1], size[0])))
 
 
 def back(out: np.ndarray, rgb: np.ndarray) -> np.ndarray:
     """A float [0, 1] output back to uint8 at the input's size."""
     img = Image.fromarray(np.round(np.clip(out, 0, 1) * 255).astype(np.uint8))
     h, w = rgb.shape[:2]
-    return np.asarray(img if img.size == (w, h) else img.resize((w, h), Image.BICUBIC))
+    return resize_image(np.asarray(img), (h, w))
 
 
 class DiffPure(Purification):

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.io.images import to_tensor, to_uint8
 from pipeline.models.loading import load_models
-from pipeline.study.purify import Purification, to_float, to_uint8
+from pipeline.study.purify import Purification
 
 ALPHA = 1.0  # weight of the proximity term
 LEARNING_RATE = 0.01
@@ -42,7 +43,7 @@ class Impress(Purification):
             return rgb.copy()
         models = vae_models(context)
         vae, m = models.vae, models.vae_factor
-        x = to_float(rgb).to(models.device)
+        x = to_tensor(rgb).to(models.device)
         h, w = x.shape[2:]
         x = F.pad(x, (0, -w % m, 0, -h % m), mode="replicate")
         x_pur = x.clone().requires_grad_(True)
