@@ -1,6 +1,6 @@
 """What the built-in `tiny` has learned, on photos it never saw (not a test).
 
-On ``builtin_training.HELD_OUT`` at 64 x 64 (each photo's centre square + random crops):
+On ``models.builtin.training.HELD_OUT`` at 64 x 64 (each photo's centre square + random crops):
 
 - VAE reconstruction E -> D through the posterior mean: PSNR / SSIM, per photo and overall, next to
   bicubic upsampling of an 8x area-downsampled copy (3 numbers per 8 x 8 block, where the VAE keeps 4:

@@ -1,7 +1,7 @@
 """Does protection hurt a mimic? Every method vs uniform noise of the same budget (not a test).
 
 On the built-in ``tiny`` model (trained on scikit-image photos, pipeline/models/builtin/training.py),
-on photos it never saw (``builtin_training.HELD_OUT``), at 64 x 64:
+on photos it never saw (``models.builtin.training.HELD_OUT``), at 64 x 64:
 
 - for each method (advdm, advdm-, photoguard, mist, sds+, sds-, sdst-, fastprotect) and each
   budget eps (default 4, 8, 16; [0, 255] units), protect the images (PGD `--steps` steps of

@@ -30,7 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def held_out_photos(n: int, size: int = 64) -> dict[str, np.ndarray]:
-    """n images at size x size from the photos tiny never saw in training (builtin_training.HELD_OUT)."""
+    """n images at size x size from the photos tiny never saw in training (models.builtin.training.HELD_OUT)."""
     from pipeline.models.builtin.training import HELD_OUT, held_out_images
 
     per_photo = max(0, -(-n // len(HELD_OUT)) - 1)  # the centre square of each photo, then random crops

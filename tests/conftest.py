@@ -24,6 +24,14 @@ def tiny_models():
 
 
 @pytest.fixture(scope="session")
+def photos_small() -> list[np.ndarray]:
+    """Four real photos (scikit-image) at 32 x 32, uint8 (tests/helpers.py)."""
+    from helpers import small_photos
+
+    return small_photos()
+
+
+@pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
     """Real photos bundled with scikit-image, as uint8 H x W x 3."""
     from skimage import data

@@ -1,6 +1,6 @@
 """The trained built-in `tiny`: its shipped weights, the script that made them, what it has learned.
 
-Figures are measured on photos held out of training (builtin_training.HELD_OUT), at 64 px.
+Figures are measured on photos held out of training (models.builtin.training.HELD_OUT), at 64 px.
 """
 
 from __future__ import annotations

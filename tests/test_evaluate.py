@@ -22,6 +22,7 @@ from pipeline.evaluate.settings import EvalSettings
 from pipeline.io import tables
 from pipeline.io.sample_data import photo_samples, png_bytes, shard_bytes
 from pipeline.metrics.mimicry import MetricConfig
+from pipeline.models.loading import ModelSpec
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ def test_every_scenario_writes_schema_rows(tmp_path):
          "c_meta": s["json"].decode()}
         for i, s in enumerate(samples)
     ])
-    settings = EvalSettings(protected="prot", clean="clean", output=str(tmp_path), model="tiny", device="cpu",
+    settings = EvalSettings(protected="prot", clean="clean", output=str(tmp_path), model=ModelSpec("tiny", device="cpu"),
                             **FAST_CONFIGS)
     joined = annotate(batch, settings)
     assert joined.column("group").to_pylist() == ["A", "A"] and joined.column("eps").to_pylist() == [8.0, 8.0]
@@ -150,7 +151,7 @@ def test_inputs_grid_when_only_training_scenarios(tmp_path, photos):
     clean = png_bytes(photos["coffee"][:64, :64])
     batch = pa.Table.from_pylist([{"key": "k", "p_image": perturbed(clean, 8, 0), "c_image": clean,
                                    "p_meta": None, "c_meta": None}])
-    settings = EvalSettings(protected="prot", clean="clean", output=str(tmp_path), model="tiny", device="cpu",
+    settings = EvalSettings(protected="prot", clean="clean", output=str(tmp_path), model=ModelSpec("tiny", device="cpu"),
                             method="mist", eps=8, scenarios=("lora",), **FAST_CONFIGS)
     rows = PairEvaluator(settings)(annotate(batch, settings)).to_pylist()
     assert {(r["scenario"], r["group"], r["method"]) for r in rows} == {("visibility", "all", "mist")}

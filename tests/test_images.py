@@ -21,6 +21,7 @@ from pipeline.io.images import (
     extension_for,
     quantize_perturbation,
 )
+from pipeline.metrics.visibility import linf
 
 pytestmark = pytest.mark.mutation  # fast: mutmut runs this module (README, "Tests")
 ORIENTATION = 0x0112
@@ -53,10 +54,6 @@ def roundtrip(data: bytes, eps: float = 8.0):
     h, w = src.size
     out = encode_image(src, apply_perturbation(src, random_delta(h, w, eps), eps))
     return src, out, decode_image(out)
-
-
-def linf(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int64) - b.astype(np.int64)).max())
 
 
 # --------------------------------------------------------------------------- quantisation

@@ -20,56 +20,26 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import SMALL_PHOTOS, SMALL_SIZE, independent_encode, to_x01
 from PIL import Image
 
 from pipeline.io.images import decode_image
+from pipeline.io.sample_data import png_bytes
+from pipeline.metrics.visibility import linf
 from pipeline.protect import ProtectConfig, build_protector
 from pipeline.protect.encoded import protect_encoded
 from pipeline.protect.methods import METHODS, StepInputs, make_method, sds_direction
 
 PGD_METHODS = tuple(METHODS)  # advdm, advdm-, photoguard, mist, sds+, sds-, sdst- (FastProtect: its own tests)
-SIZE = 32  # small enough for a fast suite on 2 CPU cores; the tiny model works at any multiple of 16
+SIZE = SMALL_SIZE
 EPS = 16.0
 STEPS = 10
 STEP_SIZE = 2.0
 EVAL_DRAWS = 32
-PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
+PHOTO_NAMES = SMALL_PHOTOS
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def to_x01(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
-
-
-def linf(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int64) - b.astype(np.int64)).max())
-
-
-@pytest.fixture(scope="module")
-def photos_small() -> list[np.ndarray]:
-    """Four real photos (scikit-image) resized to SIZE x SIZE, uint8."""
-    from skimage import data
-
-    out = []
-    for name in PHOTO_NAMES:
-        img = Image.fromarray(getattr(data, name)())
-        side = min(img.size)
-        img = img.crop((0, 0, side, side)).resize((SIZE, SIZE), Image.Resampling.LANCZOS)
-        out.append(np.asarray(img.convert("RGB")))
-    return out
-
-
-def independent_encode(models, x01: torch.Tensor) -> torch.Tensor:
-    """z = s * E(x), written here from the VAE alone (not through pipeline.protect.methods)."""
-    return models.vae.encode(x01 * 2 - 1).latent_dist.mean * models.vae.config.scaling_factor
 
 
 def independent_noisy_latent(models, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from types import SimpleNamespace
@@ -24,9 +23,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import SMALL_PHOTOS, SMALL_SIZE, independent_encode, to_x01
 from PIL import Image
 
 from pipeline.io.images import decode_image
+from pipeline.io.sample_data import png_bytes
+from pipeline.metrics.visibility import linf
 from pipeline.models.diffusion import predicted_original, prediction_target
 from pipeline.models.loading import load_ensemble, load_models, split_model_ids
 from pipeline.protect import ProtectConfig, build_protector
@@ -34,12 +36,12 @@ from pipeline.protect.encoded import protect_encoded
 from pipeline.protect.engine import combine_directions
 from pipeline.protect.methods import METHODS, StepInputs, sds_direction
 
-SIZE = 32
+SIZE = SMALL_SIZE
 EPS = 16.0
 STEPS = 20
 STEP_SIZE = 2.0
 EVAL_DRAWS = 24
-PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
+PHOTO_NAMES = SMALL_PHOTOS
 
 
 @pytest.fixture(scope="module")
@@ -57,32 +59,6 @@ def coverage_models(tiny_v, tiny_xl):
     return {"tiny-v": tiny_v, "tiny-xl": tiny_xl}
 
 
-@pytest.fixture(scope="module")
-def photos_small() -> list[np.ndarray]:
-    from skimage import data
-
-    out = []
-    for name in PHOTO_NAMES:
-        img = Image.fromarray(getattr(data, name)())
-        side = min(img.size)
-        out.append(np.asarray(img.crop((0, 0, side, side)).resize((SIZE, SIZE), Image.Resampling.LANCZOS).convert("RGB")))
-    return out
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def to_x01(images) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
-
-
-def linf(a, b) -> int:
-    return int(np.abs(a.astype(np.int64) - b.astype(np.int64)).max())
-
-
 def step_inputs(models, batch: int, t, seed: int = 7, target=None, prompts=None) -> StepInputs:
     gen = torch.Generator().manual_seed(seed)
     latent = SIZE // models.vae_factor
@@ -94,10 +70,6 @@ def step_inputs(models, batch: int, t, seed: int = 7, target=None, prompts=None)
         target_latent=target,
         added_cond=models.added_conditioning(prompts, SIZE, SIZE),
     )
-
-
-def independent_encode(models, x01):
-    return models.vae.encode(x01 * 2 - 1).latent_dist.mean * models.vae.config.scaling_factor
 
 
 def independent_v_parts(models, z, t, noise):
@@ -446,14 +418,8 @@ def test_load_ensemble_revisions():
 
 
 def test_memory_model_on_the_meta_device_counts_what_a_real_step_saves(tiny_xl):
-    """benchmarks/bench_memory_model.py --meta (how sdxl-arch at 1024 px is counted) agrees with a real CPU step."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory_model.py"
-    spec = importlib.util.spec_from_file_location("bench_memory_model", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    """The memory model's --meta count (how sdxl-arch at 1024 px is counted) agrees with a real CPU step."""
+    from pipeline.protect import memory as bench
     x = torch.rand(1, 3, SIZE, SIZE)
     meta = bench.meta_models("tiny-xl", "fp32", low_memory=False)
     assert meta.device.type == "meta" and meta.is_sdxl

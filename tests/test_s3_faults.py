@@ -13,12 +13,13 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import boto3
 import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
+from s3_fault_proxy import FaultProxy
+from test_pipeline_protect import tar_samples
 
 from pipeline.batch.driver import run_protect
 from pipeline.batch.settings import RunSettings
@@ -32,10 +33,6 @@ from pipeline.io.storage import (
 )
 from pipeline.models.loading import ModelSpec
 from pipeline.protect import ProtectConfig
-
-sys.path.insert(0, str(Path(__file__).parent))
-from s3_fault_proxy import FaultProxy  # noqa: E402
-from test_pipeline_protect import tar_samples  # noqa: E402
 
 
 def test_s3_retry_settings_are_validated_and_survive_pickling():

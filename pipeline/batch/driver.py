@@ -6,7 +6,7 @@
       -> ProtectActor pool (map_batches, ActorPoolStrategy; 1 GPU per actor when there are GPUs):
          pixels in, perturbations out, nothing else
       -> Encoder + Writer (CPU tasks): encode, measure, write files / shard parts from the worker
-      -> driver: small per-sample rows in input order; each unit is committed (shards.commit_unit:
+      -> driver: small per-sample rows in input order; each unit is committed (commit.commit_unit:
          output assembled by a worker task, tables, marker) as soon as the next unit's rows arrive
 
 The driver never holds image bytes: its memory and traffic grow with the number of samples (one

@@ -8,8 +8,8 @@
                         tensor work only, uint8 pixels in, the int16 perturbation that is written out
       -> Encoder        CPU tasks: apply, encode in the source format, measure the written file
       -> Writer         CPU tasks (fused with Encoder): write folder files under their final names,
-                        shard samples as staging parts (shards.py); emit small rows, no image bytes
-      -> the driver commits units in order (ray_pipeline.py, shards.commit_unit)
+                        shard samples as staging parts (commit.py); emit small rows, no image bytes
+      -> the driver commits units in order (driver.py, commit.commit_unit)
 
 Every stage maps a pyarrow batch to a pyarrow batch of a fixed schema, and every input row gives
 exactly one output row: samples in = samples written + error rows, by construction. A bad sample

@@ -123,12 +123,13 @@ def evaluate(args: argparse.Namespace, source: str, endpoint: str, client, local
     from pipeline.evaluate.run import run_evaluation
     from pipeline.evaluate.settings import EvalSettings
     from pipeline.io.storage import S3Options
+    from pipeline.models.loading import ModelSpec
 
     print("\ndemo: evaluating: SDEdit (DDIM, strength 0.3) of every protected image and of its clean original",
           file=sys.stderr)
     settings = EvalSettings(
         protected=source.replace("/input/", "/protected/"), clean=source, output=f"s3://{BUCKET}/evaluation",
-        scenarios=("sdedit",), model=args.model, device="auto", method=args.method, eps=args.eps,
+        scenarios=("sdedit",), model=ModelSpec(args.model), method=args.method, eps=args.eps,
         sdedit=SDEditConfig(strengths=(0.3,), modes=("ddim",), ddim_steps=args.eval_ddim_steps),
         samples_per_group=4, s3=S3Options(endpoint_url=endpoint, region="us-east-1"),
     )

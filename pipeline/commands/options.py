@@ -103,12 +103,12 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
     )
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
+def add_run_options(parser: argparse.ArgumentParser,
+                    actors_help: str = "protection actors (default: one per GPU in the cluster, or 1 on CPU)") -> None:
     """Options of the Ray run itself (cluster, actors, S3 endpoint)."""
     r = parser.add_argument_group("run")
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    r.add_argument("--actors", type=int, default=None,
-                   help="protection actors (default: one per GPU in the cluster, or 1 on CPU)")
+    r.add_argument("--actors", type=int, default=None, help=actors_help)
     r.add_argument("--endpoint-url", default=None,
                    help="S3 endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS_ENDPOINT_URL); "
                    "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")

@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--config", default=None, help="YAML or JSON file of these options (clean, output, methods, eps, "
                    "purifications, scenarios, ..., s3: {endpoint_url, region}); command-line options win")
     add_protection_options(p)
-    add_run_options(p)
+    add_run_options(p, actors_help="the study's cell and model-purification actors (default: one per GPU, else one "
+                    "per two CPUs); protection runs with protect's default")
     g = p.add_argument_group("grid")
     g.add_argument("--methods", "--method", dest="methods", type=names, default=DEFAULT_METHODS,
                    help="protection methods, comma-separated; NAME+eot protects with --eot "

@@ -1,4 +1,4 @@
-"""Sample rows: `read_samples(uri)` as a Ray Dataset, and what a sample says about itself (metadata, prompt)."""
+"""Sample rows: `read_samples(uri)` as a Ray Dataset (key, source, image, ext, meta, prompt), and `read_paths`."""
 
 from __future__ import annotations
 

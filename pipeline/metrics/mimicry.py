@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.evaluate.mimic.common import resize_square
 from pipeline.io.images import resize_image, resize_pixels
 from pipeline.metrics.lpips import build_lpips
 from pipeline.metrics.visibility import PSNR_CAP, psnr, ssim  # noqa: F401  (PSNR_CAP re-exported for callers)
@@ -63,7 +62,7 @@ def _seeded(build):
 def _batch(images: list[np.ndarray], size: int | None = None) -> torch.Tensor:
     """uint8 H x W x 3 arrays -> N x 3 x H x W uint8 (resized square to `size` when given)."""
     if size is not None:
-        images = [resize_square(img, size) for img in images]
+        images = [resize_image(img, (size, size)) for img in images]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 

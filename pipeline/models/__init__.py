@@ -1,8 +1,9 @@
 """Diffusion models: what to load (`ModelSpec`), loading, the diffusion maths, built-in models.
 
-- `spec`       `ModelSpec`, devices and dtypes, model ids and paths (hub id, local dir, built-in)
-- `loading`    `load_models(spec)` -> `DiffusionModels` (VAE, UNet, text encoders, scheduler)
-- `diffusion`  the noising rule and training targets (eps, v, sample) and SDXL micro-conditioning
+- `loading`    `ModelSpec` (what to load, where, in which dtype), model resolution (`resolve_model_path`,
+               `pretrained_source`, inpainting twins), `load_models(spec)` -> `DiffusionModels`
+- `diffusion`  the noising rule and training targets (eps, v, sample), text conditioning, the denoising
+               loss, SDXL micro-conditioning
 - `hub`        is a hub model reachable (one short request)?
 - `devices`    `--device` checked before Ray starts
 - `builtin/`   the built-in models (configs, build, training, shipped weights)

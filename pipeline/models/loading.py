@@ -7,7 +7,7 @@ driver when the model cannot be found, before any actor starts. `load_models(mod
 keeps working with plain arguments.
 
 A model name accepted by both is
-- a built-in name (``tiny``, ``tiny-v``, ``tiny-xl``, ``sd15-arch``, ...; see builtin_models),
+- a built-in name (``tiny``, ``tiny-v``, ``tiny-xl``, ``sd15-arch``, ...; see models/builtin/build.py),
 
 `--model A,B,...` names an ensemble: `ModelSpec.members` gives one spec per model.
 

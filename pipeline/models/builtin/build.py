@@ -80,13 +80,24 @@ _SD_VAE = dict(
     scaling_factor=0.18215,
 )
 
-_SD_UNET_BLOCKS = dict(
+_SD_UNET = dict(  # SD 1.x / 2.x UNet blocks; each architecture adds its attention settings
+    in_channels=4,
+    out_channels=4,
     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     block_out_channels=[320, 640, 1280, 1280],
     layers_per_block=2,
     sample_size=64,
 )
+
+
+def _clip_text(hidden: int, intermediate: int, layers: int, heads: int, projection: int, act: str,
+               vocab: int | None = None) -> dict:
+    """A CLIP text encoder's config (77 positions, as every SD text encoder)."""
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                max_position_embeddings=77, projection_dim=projection, hidden_act=act,
+                **({"vocab_size": vocab} if vocab else {}))
+
 
 CONFIGS: dict[str, dict] = {
     "tiny": dict(
@@ -115,58 +126,19 @@ CONFIGS: dict[str, dict] = {
             norm_num_groups=8,
             sample_size=8,
         ),
-        text=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            hidden_act="quick_gelu",
-        ),
+        text=_clip_text(32, 64, layers=2, heads=4, projection=32, act="quick_gelu"),
         dtype=torch.float32,
     ),
     "sd15-arch": dict(
         vae=_SD_VAE,
-        unet=dict(
-            in_channels=4,
-            out_channels=4,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            **_SD_UNET_BLOCKS,
-        ),
-        text=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            vocab_size=49408,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-        ),
+        unet=dict(_SD_UNET, cross_attention_dim=768, attention_head_dim=8),
+        text=_clip_text(768, 3072, layers=12, heads=12, projection=768, act="quick_gelu", vocab=49408),  # CLIP ViT-L/14
         dtype=torch.float16,  # random weights: store them small, load in any dtype
     ),
     "sd21-arch": dict(
         vae=_SD_VAE,
-        unet=dict(
-            in_channels=4,
-            out_channels=4,
-            cross_attention_dim=1024,
-            attention_head_dim=[5, 10, 20, 20],
-            use_linear_projection=True,
-            **_SD_UNET_BLOCKS,
-        ),
-        text=dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,
-            num_attention_heads=16,
-            max_position_embeddings=77,
-            vocab_size=49408,
-            projection_dim=512,
-            hidden_act="gelu",
-        ),
+        unet=dict(_SD_UNET, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+        text=_clip_text(1024, 4096, layers=23, heads=16, projection=512, act="gelu", vocab=49408),  # OpenCLIP ViT-H/14
         dtype=torch.float16,
     ),
 }
@@ -190,10 +162,7 @@ CONFIGS["sd21-768-arch"] = dict(  # stabilityai/stable-diffusion-2-1: 768 px, v-
 #     projection_class_embeddings_input_dim = text_2.projection_dim + 6 * addition_time_embed_dim
 # (pooled text embedding + six size ids), cross_attention_dim = text.hidden + text_2.hidden.
 
-_TINY_XL_TEXT = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
-)
+_TINY_XL_TEXT = _clip_text(32, 64, layers=2, heads=4, projection=32, act="gelu")
 CONFIGS["tiny-xl"] = dict(
     family="sdxl",
     seed=1,  # weights of its own (SDXL's VAE is not SD's): transfer from tiny goes through another encoder
@@ -238,14 +207,8 @@ CONFIGS["sdxl-arch"] = dict(  # stabilityai/stable-diffusion-xl-base-1.0, random
         projection_class_embeddings_input_dim=2816,  # 1280 + 6 * 256
         sample_size=128,
     ),
-    text=dict(  # CLIP ViT-L/14
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
-    ),
-    text_2=dict(  # OpenCLIP ViT-bigG/14
-        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-        max_position_embeddings=77, vocab_size=49408, projection_dim=1280, hidden_act="gelu",
-    ),
+    text=_clip_text(768, 3072, layers=12, heads=12, projection=768, act="quick_gelu", vocab=49408),  # CLIP ViT-L/14
+    text_2=_clip_text(1280, 5120, layers=32, heads=20, projection=1280, act="gelu", vocab=49408),  # OpenCLIP bigG/14
     dtype=torch.float16,
     init_dtype=torch.float16,  # 3.5 B parameters: initialise in fp16 (7 GB), never in fp32 (14 GB)
 )

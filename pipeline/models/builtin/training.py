@@ -133,7 +133,7 @@ def evaluate_vae(vae, images: torch.Tensor) -> dict:
 
 
 @dataclass
-class VAETraining:  # the shipped weights used: steps 6000, decay, ema 0.999 (builtin_models.WEIGHTS_RECIPE)
+class VAETraining:  # the shipped weights used: steps 6000, decay, ema 0.999 (builtin/build.py WEIGHTS_RECIPE)
     steps: int = 450
     batch: int = 16
     crop: int = 32  # the VAE is convolutional: small crops train it as well as 64 px ones, faster
@@ -260,7 +260,7 @@ def random_box_masks(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @dataclass
-class UNetTraining:  # the shipped weights used: 800 steps (UNet), 500 (inpainting) (builtin_models.WEIGHTS_RECIPE)
+class UNetTraining:  # the shipped weights used: 800 steps (UNet), 500 (inpainting) (builtin/build.py WEIGHTS_RECIPE)
     steps: int = 300
     batch: int = 16
     lr: float = 1e-3
@@ -333,7 +333,7 @@ def train_builtin(out: Path, vae_cfg: VAETraining, unet_cfg: UNetTraining, inpai
     """Train tiny's VAE, UNet and inpainting UNet; write WEIGHTS_NAME and the curve into `out`.
 
     `vae_init` starts the VAE from saved weights (a second, lower-learning-rate phase: see
-    WEIGHTS_RECIPE in builtin_models); `vae_only` stops after the VAE (vae-checkpoint.safetensors).
+    WEIGHTS_RECIPE in builtin/build.py); `vae_only` stops after the VAE (vae-checkpoint.safetensors).
     """
     from safetensors.torch import load_file, save_file
 

@@ -5,7 +5,7 @@ a 7-channel UNet taking [z_t, low-res image] with the noise level as class label
 latent is 1/4 of the output, a CLIP text encoder, DDPM low-res noise scheduler, DDIM sampler),
 with few channels. Random weights: its output is not an upscaled image, it only exercises the
 `noisy_upscale` code path without a download. Built once, seeded, under
-`$MIMICSHIELD_CACHE/models/tiny-upscaler-v1` (separate from builtin_models.py on purpose).
+`$MIMICSHIELD_CACHE/models/tiny-upscaler-v1` (separate from models/builtin/build.py on purpose).
 """
 
 from __future__ import annotations
