@@ -13,6 +13,10 @@ import numpy as np
 
 from pipeline.batch.driver import run_protect
 from pipeline.batch.settings import RunSettings
+from pipeline.evaluate import mimic
+from pipeline.evaluate import run as evaluation
+from pipeline.io import images, metadata, samples, storage, tables
+from pipeline.metrics import mimicry
 
 # ---------------------------------------------------------------- protection
 
@@ -35,29 +39,21 @@ def protect(settings, source, output: str, log=print):
 
 def read_encoded(uri: str, s3) -> dict[str, tuple[bytes, str | None, str | None]]:
     """key -> (encoded image, JSON metadata, prompt) for every readable sample under `uri` (folder or shards)."""
-    from pipeline.io.samples import read_samples
-
-    rows = read_samples(uri, s3).take_all()
+    rows = samples.read_samples(uri, s3).take_all()
     return {r["key"]: (r["image"], r["meta"], r["prompt"]) for r in rows if r["image"] is not None}
 
 
 def decode(data: bytes) -> np.ndarray:
     """uint8 H x W x 3 (ImageError for a bad image)."""
-    from pipeline.io.images import decode_image
-
-    return decode_image(data).rgb
+    return images.decode_image(data).rgb
 
 
 def sample_meta(meta: str | None) -> dict:
-    from pipeline.io.metadata import sample_meta as parse
-
-    return parse(meta) or {}
+    return metadata.sample_meta(meta) or {}
 
 
 def split_uri(uri: str, s3):
-    from pipeline.io.storage import split_uri as split
-
-    return split(uri, s3)
+    return storage.split_uri(uri, s3)
 
 
 # ---------------------------------------------------------------- mimics and metrics
@@ -65,53 +61,43 @@ def split_uri(uri: str, s3):
 
 def build_mimic(scenario: str, ev):
     """The scenario's mimic, loaded once (one per worker), from evaluate's settings `ev`."""
-    from pipeline.evaluate.mimic import Inpaint, Lora, SDEdit, TextualInversion
-
     if scenario == "sdedit":
-        return SDEdit(ev.model, ev.sdedit, ev.model.device, ev.model.dtype)
+        return mimic.SDEdit(ev.model, ev.sdedit, ev.model.device, ev.model.dtype)
     if scenario == "inpaint":
-        return Inpaint(ev.inpaint_spec, ev.inpaint, ev.inpaint_spec.device, ev.inpaint_spec.dtype)
+        return mimic.Inpaint(ev.inpaint_spec, ev.inpaint, ev.inpaint_spec.device, ev.inpaint_spec.dtype)
     if scenario == "textual_inversion":
-        return TextualInversion(ev.model, ev.textual_inversion, ev.model.device)
+        return mimic.TextualInversion(ev.model, ev.textual_inversion, ev.model.device)
     if scenario == "lora":
-        return Lora(ev.model, ev.lora, ev.model.device)
+        return mimic.Lora(ev.model, ev.lora, ev.model.device)
     raise ValueError(f"unknown scenario {scenario!r}")
 
 
 def is_training(scenario: str) -> bool:
-    from pipeline.evaluate.mimic import TRAINING_SCENARIOS
-
-    return scenario in TRAINING_SCENARIOS
+    return scenario in mimic.TRAINING_SCENARIOS
 
 
-def run_per_image(mimic, scenario: str, images, keys, source: str, prompts, metas):
+def run_per_image(model, scenario: str, images, keys, source: str, prompts, metas):
     """SDEdit / inpainting outputs: one MimicOutput per setting."""
     kwargs = {"metas": metas} if scenario == "inpaint" else {}
-    return mimic.run(images, keys, source, prompts=prompts, **kwargs)
+    return model.run(images, keys, source, prompts=prompts, **kwargs)
 
 
-def run_training(mimic, images, group: str, source: str, workdir: str):
+def run_training(model, images, group: str, source: str, workdir: str):
     """Textual inversion / LoRA trained on `images`: (MimicOutput of generated images, weights path)."""
-    return mimic.run(images, group, source, workdir)
+    return model.run(images, group, source, workdir)
 
 
-def prompt_template(mimic) -> str:
-    return mimic.config.prompt_template
+def prompt_template(model) -> str:
+    return model.config.prompt_template
 
 
 def metrics(ev):
-    from pipeline.metrics.mimicry import Metrics
-
-    return Metrics(ev.metrics)
+    return mimicry.Metrics(ev.metrics)
 
 
 def calibrated(metric_set, metric: str, model) -> bool:
-    from pipeline.evaluate.run import calibrated as is_calibrated
-
-    return is_calibrated(metric_set, metric, model.is_builtin)
+    return evaluation.calibrated(metric_set, metric, model.is_builtin)
 
 
 def write_table(rows: list[dict], table_dir: str, fs, basename: str) -> str:
-    from pipeline.io.tables import write_table as write
-
-    return write(rows, "robustness", table_dir, fs, basename=basename)
+    return tables.write_table(rows, "robustness", table_dir, fs, basename=basename)
