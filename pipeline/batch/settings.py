@@ -107,7 +107,8 @@ class RunSettings:
         """
         if gpus is None:
             gpus = torch.cuda.device_count()
-        accelerator = torch.device("cuda" if self.uses_gpu(gpus) else "cpu")
+        kind = "cuda" if self.uses_gpu(gpus) else "mps" if self.model.device == "mps" else "cpu"
+        accelerator = torch.device(kind)
         model = _fields(self.model, NOT_IN_FINGERPRINT["ModelSpec"])
         model.update(device=accelerator.type, dtype=dtype_name(resolve_dtype(self.model.dtype, accelerator)))
         return {**_flat(_fields(self.config, NOT_IN_FINGERPRINT["ProtectConfig"])), **model,
