@@ -78,11 +78,12 @@ def settings_from_args(args: argparse.Namespace):
     args.input, args.method, args.eps, args.eot = args.clean, grid.methods[0].removesuffix("+eot"), grid.eps[0], \
         args.eot or DEFAULT_EOT
     protect = replace(run_settings_from_args(args, s3), actors=None)
+    # the mimics and metrics the cells run (the study's own workers run them: no Ray or S3 options here,
+    # those live in `protect` and in StudySettings)
     evaluation = EvalSettings(
         protected=str(args.output), clean=str(args.clean), output=str(args.output), scenarios=grid.scenarios,
         group_by="artist", model=protect.model, inpaint_model=args.inpaint_model, prompt=args.prompt,
-        **mimic_configs_from_args(args), batch_size=args.batch_size, actors=args.actors, address=args.address,
-        samples_per_group=args.samples, s3=protect.s3)
+        **mimic_configs_from_args(args))
     return StudySettings(grid=grid, protect=protect, evaluation=evaluation, upscaler=args.upscaler,
                          upscaler_steps=args.upscaler_steps, diffpure_steps=args.diffpure_steps, samples=args.samples,
                          actors=args.actors)
