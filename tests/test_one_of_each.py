@@ -181,21 +181,3 @@ def test_evaluation_holds_a_model_spec_and_loads_its_revision(monkeypatch):
     assert settings.inpaint_spec == ModelSpec("owner/model", revision="abc123", device="cpu", dtype="fp32")
     assert EvalSettings(protected="p", clean="c", output="o", model=ModelSpec("tiny", revision=None)).inpaint_spec.model \
         == "tiny-inpaint"
-
-
-# ---------------------------------------------------------------- actor pools: one sizing rule
-
-
-def test_every_pool_leaves_a_cpu_for_the_tasks_beside_it():
-    from pipeline.cluster.pool import plan_share
-
-    gpu = plan_share("auto", None, gpus=4, cpus=32, smallest_node_cpus=8)
-    assert (gpu.size, gpu.gpu, gpu.actor_options()) == (4, True, {"num_gpus": 1, "num_cpus": 1.0})
-    assert plan_share("cpu", None, gpus=4, cpus=32, smallest_node_cpus=8).gpu is False  # --device cpu stays on CPU
-    for actors, cpus, smallest in ((1, 2, 2), (2, 2, 2), (4, 2, 1), (8, 8, 4), (3, 64, 16)):
-        share = plan_share("auto", actors, gpus=0, cpus=cpus, smallest_node_cpus=smallest)
-        assert share.size == actors
-        # the smallest node keeps a whole CPU whenever one actor's share fits there at all
-        assert share.num_cpus <= max(0.5, smallest - 1) and share.num_cpus * actors <= max(cpus - 1, 0.5 * actors)
-    study = plan_share("auto", None, gpus=0, cpus=8, smallest_node_cpus=8, default_cpu_actors=4, spread_threads=True)
-    assert (study.size, study.threads) == (4, 2)

@@ -199,9 +199,15 @@ def check_same_settings(markers: dict, current: dict, output: str) -> None:
 # ---------------------------------------------------------------- Ray
 
 
+def task_memory(s: RunSettings) -> int:
+    """What a CPU stage task reserves: a worker's own memory (torch, codecs: about 0.5 GiB) plus the largest
+    image it may hold (decoded RGB, its float copy and the encoder's buffers: about 6 bytes a pixel)."""
+    return 512 * 2**20 + 6 * s.max_pixels
+
+
 def actor_options(s: RunSettings) -> tuple[dict, str]:
     """(map_batches options for the protection stage, device description): cluster/pool.py's rule."""
-    share = actor_share(s.model.device, s.actors)
+    share = actor_share(s.model.device, s.actors, task_memory=task_memory(s))
     return {**share.pool_options(), "_threads": share.threads}, share.describe()
 
 
@@ -217,8 +223,7 @@ def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord):
     # image needs (pixels + working copies); this also keeps Ray from fusing the decode tasks into the
     # protection actors (it fuses task -> actor stages with equal resources): decoding stays off the
     # actors' critical path
-    cpu = {"batch_format": "pyarrow", "batch_size": s.cpu_batch_size(), "num_cpus": 1,
-           "memory": 512 * 2**20 + 6 * s.max_pixels}
+    cpu = {"batch_format": "pyarrow", "batch_size": s.cpu_batch_size(), "num_cpus": 1, "memory": task_memory(s)}
     ds = ds.map_batches(Decoder(UnitIndex(plan.kind, pending), s.max_pixels), **cpu)
     options, device = actor_options(s)
     threads = options.pop("_threads", None)
@@ -389,6 +394,11 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
     plan = preflight(s, fingerprint)
     s.model.check()  # every model of an ensemble (--model A,B)
     pending = [u for u in plan.units if u.id not in plan.done]
+    if pending:  # the resource plan, on the live cluster: a pool that cannot run beside its tasks is refused here
+        ensure_ray(s.address, s.verbose)
+        share = actor_share(s.model.device, s.actors, task_memory=task_memory(s))
+        if share.note:
+            log(f"mimicshield: {share.note}")
     if plan.done:
         log(f"resuming: {len(plan.done)} of {len(plan.units)} units already done in {s.output}, skipping them")
     counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0, "shards_failed": 0}
@@ -397,7 +407,6 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
         if pending:
             if plan.kind == "shards":
                 clear_parts(plan.out_fs, plan.out_root, {u.id for u in pending})  # left by an interrupted run
-            ensure_ray(s.address, s.verbose)
             ds, device = build_dataset(s, plan, pending, run)
             receiver = _Receiver(plan, run, pending, remote_assembler(assembled_on), s.progress,
                                  settings=s, fingerprint=fingerprint, log=log)

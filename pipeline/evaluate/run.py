@@ -490,6 +490,7 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     if "inpaint" in settings.scenarios:
         settings.inpaint_spec.check()
     ensure_ray(settings.address)
+    opts = actor_options(settings)  # the resource plan: a pool that cannot run beside its tasks is refused here
     eval_id = f"eval-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     joined = build_pairs(settings).materialize()
     unmatched = unmatched_keys(joined)
@@ -503,7 +504,6 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
         raise InputError(f"no sample of {settings.protected} has a clean original with the same key in "
                          f"{settings.clean}: nothing to evaluate")
     log(f"evaluating {pairs.count()} protected/clean pairs: {', '.join(settings.scenarios)}")
-    opts = actor_options(settings)
     rows: list[dict] = []
     per_image = pairs.map_batches(PairEvaluator, fn_constructor_kwargs={"settings": settings},
                                   batch_size=settings.batch_size, batch_format="pyarrow", **opts).materialize()

@@ -107,6 +107,7 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
     store = StudyStore(settings.output, settings.s3)
     settings.model.check()
     ensure_ray(settings.address)
+    worker_options(settings)  # the resource plan, before any work (cluster/pool.py)
     store.write(f"{store.root}/study.json", json.dumps(settings.record(), indent=1, default=str).encode())
 
     cells = grid.cells()

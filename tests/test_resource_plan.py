@@ -1,0 +1,123 @@
+"""The resource plan (pipeline/cluster/pool.py): a pool of model actors never takes the CPU its tasks need.
+
+Synthetic node lists check the rule without Ray (1, 2, 4 and 16 CPUs, mixed nodes, GPU nodes); then
+`protect` on this machine's local Ray (2 CPUs) shows the refusal and the lowered share end to end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from pipeline.cluster.pool import MIN_SHARE, TASK_CPUS, Node, ResourcePlanError, plan_share
+
+
+def worst_case_free(nodes: list[Node], size: int, share: float, runs_tasks=None) -> bool:
+    """Brute force: is there a placement of `size` actors (each `share` CPUs, where they fit) that leaves
+    no node (of those that `runs_tasks`) with a task slot? True when every placement keeps one (safe)."""
+    runs_tasks = runs_tasks or [True] * len(nodes)
+    for placement in itertools.product(range(len(nodes)), repeat=size):
+        used = [0.0] * len(nodes)
+        ok = True
+        for i in placement:
+            used[i] += share
+            if used[i] > nodes[i].cpus + 1e-9:
+                ok = False
+                break
+        if ok and all(n.cpus - u < TASK_CPUS - 1e-9 for n, u, r in zip(nodes, used, runs_tasks) if r):
+            return False
+    return True
+
+
+SMALL_CLUSTERS = [[Node(1)], [Node(2)], [Node(4)], [Node(1), Node(1)], [Node(2), Node(1)], [Node(4), Node(4)],
+                  [Node(2), Node(2), Node(1)]]
+
+
+@pytest.mark.parametrize("nodes", SMALL_CLUSTERS, ids=lambda ns: "+".join(f"{n.cpus:g}" for n in ns))
+@pytest.mark.parametrize("actors", [1, 2, 3, 4, 6])
+def test_every_accepted_plan_keeps_a_task_slot_however_ray_places_the_actors(nodes, actors):
+    try:
+        share = plan_share("cpu", actors, nodes)
+    except ResourcePlanError as err:
+        # refused: then no share down to the minimum is safe, and the advice is right
+        assert not worst_case_free(nodes, actors, MIN_SHARE) or actors > sum(math.floor(n.cpus / MIN_SHARE) for n in nodes)
+        fit = int(str(err).rsplit(" ", 1)[1]) if "largest --actors that fits is" in str(err) else 0
+        if fit:
+            assert worst_case_free(nodes, fit, MIN_SHARE) and plan_share("cpu", fit, nodes).size == fit
+        assert "\n" not in str(err)
+        return
+    assert share.size == actors and share.num_cpus >= MIN_SHARE
+    assert worst_case_free(nodes, actors, share.num_cpus), (nodes, actors, share)
+
+
+def test_the_cases_that_hung():
+    # 4 actors on a 2-core laptop: each took 0.5 CPU, nothing was left for the tasks; now a quarter each
+    laptop = plan_share("cpu", 4, [Node(2)])
+    assert laptop.num_cpus == 0.25 and laptop.note and "CPU stays free" in laptop.note
+    with pytest.raises(ResourcePlanError, match="the largest --actors that fits is 4"):
+        plan_share("cpu", 5, [Node(2)])
+    # two 1-CPU nodes, 2 actors: each node kept 0.5 CPU and no 1-CPU task fitted anywhere
+    with pytest.raises(ResourcePlanError, match="--actors 2 cannot run .* 2 node.s. with 1, 1 CPU.*fits is 1"):
+        plan_share("cpu", 2, [Node(1), Node(1)])
+    # 8 actors on two 4-CPU nodes
+    eight = plan_share("cpu", 8, [Node(4), Node(4)])
+    assert worst_case_free([Node(4), Node(4)], 8, eight.num_cpus)
+
+
+def test_defaults_are_unchanged_where_they_were_safe():
+    assert plan_share("cpu", None, [Node(2)]).num_cpus == 1.0  # one actor, one CPU, one CPU for the tasks
+    assert plan_share("cpu", 2, [Node(2)]).num_cpus == 0.5
+    big = plan_share("cpu", 3, [Node(16)])
+    assert big.num_cpus == 5.0 and big.threads == 5 and big.note is None
+    study = plan_share("cpu", None, [Node(8)], default_cpu_actors=4, spread_threads=True)
+    assert (study.size, study.threads) == (4, 2)
+
+
+def test_gpu_pools():
+    gpu = plan_share("auto", None, [Node(8, gpus=4), Node(8, gpus=4)])
+    assert (gpu.size, gpu.gpu, gpu.actor_options()) == (8, True, {"num_gpus": 1, "num_cpus": 1.0})
+    assert plan_share("cpu", None, [Node(8, gpus=4)]).gpu is False  # --device cpu stays on CPU
+    # a GPU node whose GPUs could hold all its CPUs, and no CPU-only node: the actors would starve the tasks
+    with pytest.raises(ResourcePlanError, match="at most 1 fit"):
+        plan_share("auto", 2, [Node(2, gpus=2)])
+    assert plan_share("auto", 2, [Node(2, gpus=2), Node(4)]).size == 2  # the CPU node runs the tasks
+    with pytest.raises(ResourcePlanError, match="no live node has a GPU"):
+        plan_share("cuda", None, [Node(16)])
+
+
+def test_memory_the_tasks_reserve_is_counted():
+    with pytest.raises(ResourcePlanError, match="GiB of memory"):
+        plan_share("cpu", 1, [Node(4, memory=2**30)], task_memory=2 * 2**30)
+    # only the big node runs tasks: the actors may fill the small one, never the big one's last CPU
+    nodes = [Node(4, memory=2**30), Node(2, memory=8 * 2**30)]
+    share = plan_share("cpu", 3, nodes, task_memory=2 * 2**30)
+    assert worst_case_free(nodes, 3, share.num_cpus, runs_tasks=[False, True])
+    assert not worst_case_free(nodes, 3, 0.5, runs_tasks=[False, True])  # the share a memory-blind plan gave
+
+
+def test_protect_refuses_a_pool_that_cannot_fit_in_one_line(ray_local, tmp_path, capsys):
+    import ray
+
+    from pipeline.cli import main
+    from pipeline.io.sample_data import photo_samples
+
+    cpus = ray.cluster_resources()["CPU"]
+    src = tmp_path / "in"
+    src.mkdir()
+    for s in photo_samples(2):
+        (src / f"{s['__key__']}.png").write_bytes(s["png"])
+    too_many = int((cpus - TASK_CPUS) / MIN_SHARE) + 1  # one node: the actors may share all but one CPU
+    code = main(["protect", str(src), str(tmp_path / "out"), "--model", "tiny", "--steps", "1", "--no-progress",
+                 "--actors", str(too_many)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert f"--actors {too_many} cannot run" in err and f"the largest --actors that fits is {too_many - 1}" in err
+    assert not (tmp_path / "out" / "img00000.png").exists()
+    # the largest that fits runs, with its lowered share said once
+    code = main(["protect", str(src), str(tmp_path / "out"), "--model", "tiny", "--steps", "1", "--no-progress",
+                 "--actors", str(too_many - 1)])
+    err = capsys.readouterr().err
+    assert code == 0 and (tmp_path / "out" / "img00000.png").exists()
+    assert err.count("CPU stays free for the pipeline's tasks") == 1
