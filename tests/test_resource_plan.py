@@ -11,7 +11,13 @@ import math
 
 import pytest
 
-from pipeline.cluster.pool import MIN_SHARE, TASK_CPUS, Node, ResourcePlanError, plan_share
+from pipeline.cluster.pool import (
+    MIN_SHARE,
+    TASK_CPUS,
+    Node,
+    ResourcePlanError,
+    plan_share,
+)
 
 
 def worst_case_free(nodes: list[Node], size: int, share: float, runs_tasks=None) -> bool:
@@ -121,3 +127,62 @@ def test_protect_refuses_a_pool_that_cannot_fit_in_one_line(ray_local, tmp_path,
     err = capsys.readouterr().err
     assert code == 0 and (tmp_path / "out" / "img00000.png").exists()
     assert err.count("CPU stays free for the pipeline's tasks") == 1
+
+
+# ---------------------------------------------------------------- the stall watchdog
+
+
+def test_watchdog_reports_at_the_runs_own_pace_and_ends_at_the_timeout():
+    from pipeline.cluster.watchdog import Watchdog, report_after
+
+    now = [0.0]
+    lines, interrupts = [], []
+    dog = Watchdog(timeout=None, log=lines.append, pending=lambda: "CPU 0/2 free", clock=lambda: now[0],
+                   interrupt=lambda: interrupts.append(now[0]), minimum=5.0)
+    for _ in range(10):  # a sample every 2 s
+        now[0] += 2.0
+        dog.tick()
+    assert report_after(dog.gaps, 5.0) == 20.0
+    now[0] += 19.0
+    dog.check()
+    assert lines == []
+    now[0] += 2.0
+    dog.check()
+    dog.check()  # once per stall
+    assert lines == ["mimicshield: no sample finished for 21 s; Ray: CPU 0/2 free"] and not interrupts
+    dog.tick()  # progress again: a new stall would be reported again
+    assert dog.reported is False
+    timed = Watchdog(timeout=30.0, log=lines.append, pending=lambda: "GPU 0/1 free", clock=lambda: now[0],
+                     interrupt=lambda: interrupts.append(now[0]), minimum=5.0)
+    now[0] += 29.0
+    timed.check()
+    assert not interrupts and timed.fired is None
+    now[0] += 1.0
+    timed.check()
+    assert interrupts and "no sample finished for 30 s (--stall-timeout 30); Ray: GPU 0/1 free" == timed.fired
+
+
+def test_protect_with_a_stall_timeout_ends_in_one_line_and_resumes(ray_local, tmp_path, capsys):
+    """No sample can finish within the timeout (a million PGD steps): exit 4, one line, nothing half-written."""
+    import time
+
+    from pipeline.cli import main
+    from pipeline.cluster.watchdog import STALL_EXIT
+    from pipeline.io.sample_data import photo_samples
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for s in photo_samples(1):
+        (src / f"{s['__key__']}.png").write_bytes(s["png"])
+    start = time.perf_counter()
+    code = main(["protect", str(src), str(tmp_path / "out"), "--model", "tiny", "--steps", "1000000", "--no-progress",
+                 "--stall-timeout", "5"])
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code == STALL_EXIT, err
+    lines = [line for line in err.splitlines() if "stalled" in line]
+    assert len(lines) == 1 and "no sample finished for" in lines[0] and "--stall-timeout 5" in lines[0]
+    assert seconds < 60, seconds
+    assert not (tmp_path / "out" / "img00000.png").exists()
+    code = main(["protect", str(src), str(tmp_path / "out"), "--model", "tiny", "--steps", "1", "--no-progress"])
+    assert code == 0 and (tmp_path / "out" / "img00000.png").exists()  # the rerun (other settings: none committed)

@@ -49,6 +49,7 @@ from pipeline.cluster.faults import fault_point
 from pipeline.cluster.logs import quiet_data_context
 from pipeline.cluster.pool import actor_share
 from pipeline.cluster.session import ensure_ray, short_error
+from pipeline.cluster.watchdog import Stalled, Watchdog
 from pipeline.io import tables
 from pipeline.io.samples import read_paths
 from pipeline.io.storage import (
@@ -412,12 +413,19 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
                                  settings=s, fingerprint=fingerprint, log=log)
             counts = receiver.counts
             batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+            watchdog = Watchdog(s.stall_timeout, log=log)
             try:
-                for batch in batches:
-                    driver_bytes += batch.nbytes
-                    for row in batch.to_pylist():
-                        receiver.add(row)
+                with watchdog:
+                    for batch in batches:
+                        driver_bytes += batch.nbytes
+                        for row in batch.to_pylist():
+                            receiver.add(row)
+                            watchdog.tick()
                 receiver.commit_through(len(pending))  # the last unit, and trailing empty ones
+            except KeyboardInterrupt:
+                if watchdog.fired:  # --stall-timeout: end the run; committed units stay (a rerun resumes)
+                    raise Stalled(watchdog.fired) from None
+                raise
             finally:
                 receiver.bar.close()
                 if hasattr(batches, "close"):

@@ -28,7 +28,7 @@ NOT_IN_FINGERPRINT = {
     "ProtectConfig": (),
     "ModelSpec": ("low_memory",),  # same result, less memory
     "RunSettings": ("input", "output", "config", "model", "batch_size", "actors", "address", "s3",
-                    "max_pixels", "chunk_size", "progress", "on_bad_shard", "overwrite", "verbose"),
+                    "max_pixels", "chunk_size", "progress", "on_bad_shard", "overwrite", "verbose", "stall_timeout"),
 }
 FIXED_POLICIES = {"jpeg_quality": "keep"}  # not an option: JPEG sources keep their quantisation tables
 
@@ -71,6 +71,7 @@ class RunSettings:
     overwrite: bool = False  # reprocess every unit, whatever OUTPUT holds (else resume, same settings only)
     jpeg_as: str = "jpeg"  # JPEG sources written as "jpeg" (source tables kept) or "png" (budget exact)
     verbose: bool = False  # Ray's own logs and progress bars on the terminal (pipeline/cluster/logs.py)
+    stall_timeout: float | None = None  # end the run (exit 4) after this many seconds without a finished sample
 
     def __post_init__(self):
         if not isinstance(self.config, ProtectConfig):
@@ -91,6 +92,8 @@ class RunSettings:
             raise ValueError(f"--steps 0 with {self.config.method} would write the PGD start ("
                              f"{'random noise' if self.config.init == 'random' else 'the clean image'}) as protected; "
                              "give --steps >= 1")
+        if self.stall_timeout is not None and not self.stall_timeout > 0:
+            raise ValueError(f"--stall-timeout must be > 0 seconds, got {self.stall_timeout!r}")
         self.s3 = S3Options.of(self.s3)
 
     def uses_gpu(self, gpus: int) -> bool:

@@ -127,6 +127,9 @@ def add_run_options(parser: argparse.ArgumentParser,
     r.add_argument("--jpeg-as", choices=["jpeg", "png"], default="jpeg",
                    help="JPEG inputs: written as JPEG with the source's tables (L-inf may exceed --eps after "
                    "compression; reported) or as PNG under the same key (the budget holds exactly) (default jpeg)")
+    r.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                   help="end the run (exit 4, committed work kept: rerun to resume) when no sample finishes for "
+                   "this long; without it a stall is only reported (after 10x the run's own pace, at least 120 s)")
     r.add_argument("--verbose", action="store_true", help="show Ray's own logs, warnings and progress bars "
                    "(kept off the terminal by default; always in /tmp/ray/session_latest/logs/)")
 
@@ -203,7 +206,8 @@ def run_settings_from_args(args: argparse.Namespace, s3: dict | None = None) -> 
         batch_size=args.batch_size, actors=args.actors, address=args.address, s3=s3_from_args(args, s3),
         max_pixels=args.max_pixels,
         chunk_size=args.chunk_size, progress=not args.no_progress, verbose=bool(getattr(args, "verbose", False)),
-        on_bad_shard=args.on_bad_shard, overwrite=bool(args.overwrite), jpeg_as=args.jpeg_as,
+        stall_timeout=getattr(args, "stall_timeout", None), on_bad_shard=args.on_bad_shard,
+        overwrite=bool(args.overwrite), jpeg_as=args.jpeg_as,
     )
 
 

@@ -45,6 +45,7 @@ def parse_settings(argv: list[str]):
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.batch.driver import BAD_SHARDS_EXIT, BadShard, run_protect
+    from pipeline.cluster.watchdog import STALL_EXIT, Stalled
     from pipeline.io.storage import InputError
     from pipeline.models.loading import ModelLoadError
 
@@ -57,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     except (ModelLoadError, InputError, ValueError, FileNotFoundError) as err:
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
+    except Stalled as err:  # --stall-timeout: one line, committed units kept
+        print(f"mimicshield: error: the run stalled: {err}\nmimicshield: rerun the same command to resume "
+              "(committed units are kept)", file=sys.stderr)
+        return STALL_EXIT
     except Exception as err:  # mid-run failure (e.g. an unreadable tar): say so once, keep what is committed
         from pipeline.cluster.session import short_error
 

@@ -1,0 +1,93 @@
+"""The stall watchdog: a run that stops making progress says so, and (with a timeout) ends.
+
+A scheduled job that hangs is worse than one that fails. The driver calls `tick()` whenever a sample
+finishes; a daemon thread checks the time since the last tick:
+
+- after `report_after(...)` seconds without one (10 x the run's own typical gap between samples, at
+  least `MIN_REPORT_S`), it prints one line naming what Ray reports: free vs total resources and dead
+  nodes (`ray_pending`), once per stall;
+- with a `timeout` (``--stall-timeout``), after that many seconds without progress it interrupts the
+  driver, which ends the run with `STALL_EXIT` (committed units are kept: a rerun resumes).
+"""
+
+from __future__ import annotations
+
+import _thread
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+MIN_REPORT_S = 120.0  # never report a stall sooner: model loading and the first batch take time
+STALL_EXIT = 4  # exit code of a run ended by --stall-timeout
+
+
+class Stalled(RuntimeError):
+    """The run made no progress for --stall-timeout seconds. str() says for how long and what Ray reported."""
+
+
+def report_after(gaps, minimum: float = MIN_REPORT_S) -> float:
+    """Seconds without progress that the run's own pace makes abnormal: 10 x its median gap, at least `minimum`."""
+    return max(minimum, 10 * statistics.median(gaps)) if gaps else minimum
+
+
+def ray_pending() -> str:
+    """What Ray reports while the run waits: free vs total resources, dead nodes."""
+    try:
+        import ray
+
+        total, free = ray.cluster_resources(), ray.available_resources()
+        parts = [f"{name} {free.get(name, 0):g}/{total[name]:g} free" for name in ("CPU", "GPU") if total.get(name)]
+        dead = [n.get("NodeManagerAddress", "?") for n in ray.nodes() if not n.get("Alive")]
+        if dead:
+            parts.append(f"dead node(s): {', '.join(dead)}")
+        return "; ".join(parts) or "no resources reported"
+    except Exception as err:  # the report must never be what breaks the run
+        return f"Ray state unavailable ({type(err).__name__})"
+
+
+class Watchdog:
+    def __init__(self, timeout: float | None = None, log: Callable[[str], None] = print,
+                 pending: Callable[[], str] = ray_pending, clock: Callable[[], float] = time.monotonic,
+                 interrupt: Callable[[], None] = _thread.interrupt_main, minimum: float = MIN_REPORT_S,
+                 poll_s: float = 1.0):
+        self.timeout, self.log, self.pending, self.clock, self.interrupt = timeout, log, pending, clock, interrupt
+        self.minimum, self.poll_s = minimum, poll_s
+        self.last = clock()
+        self.gaps: deque[float] = deque(maxlen=200)
+        self.reported = False
+        self.fired: str | None = None  # the reason, once the timeout ended the run
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> None:
+        """A sample finished."""
+        now = self.clock()
+        self.gaps.append(now - self.last)
+        self.last, self.reported = now, False
+
+    def check(self) -> None:
+        """One look (the thread calls it every `poll_s`; tests call it with a fake clock)."""
+        idle = self.clock() - self.last
+        if self.timeout is not None and idle >= self.timeout and self.fired is None:
+            self.fired = f"no sample finished for {idle:.0f} s (--stall-timeout {self.timeout:g}); Ray: {self.pending()}"
+            self.interrupt()
+            return
+        if not self.reported and idle >= report_after(self.gaps, self.minimum):
+            self.reported = True
+            self.log(f"mimicshield: no sample finished for {idle:.0f} s; Ray: {self.pending()}")
+
+    def __enter__(self) -> Watchdog:
+        def loop():
+            while not self._stop.wait(self.poll_s):
+                self.check()
+
+        self._thread = threading.Thread(target=loop, name="mimicshield-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
