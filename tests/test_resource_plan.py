@@ -138,7 +138,7 @@ def test_watchdog_reports_at_the_runs_own_pace_and_ends_at_the_timeout():
     now = [0.0]
     lines, interrupts = [], []
     dog = Watchdog(timeout=None, log=lines.append, pending=lambda: "CPU 0/2 free", clock=lambda: now[0],
-                   interrupt=lambda: interrupts.append(now[0]), minimum=5.0)
+                   interrupt=lambda: interrupts.append(now[0]), minimum=5.0, nodes=dict)
     for _ in range(10):  # a sample every 2 s
         now[0] += 2.0
         dog.tick()
@@ -153,7 +153,7 @@ def test_watchdog_reports_at_the_runs_own_pace_and_ends_at_the_timeout():
     dog.tick()  # progress again: a new stall would be reported again
     assert dog.reported is False
     timed = Watchdog(timeout=30.0, log=lines.append, pending=lambda: "GPU 0/1 free", clock=lambda: now[0],
-                     interrupt=lambda: interrupts.append(now[0]), minimum=5.0)
+                     interrupt=lambda: interrupts.append(now[0]), minimum=5.0, nodes=dict)
     now[0] += 29.0
     timed.check()
     assert not interrupts and timed.fired is None
@@ -186,3 +186,23 @@ def test_protect_with_a_stall_timeout_ends_in_one_line_and_resumes(ray_local, tm
     assert not (tmp_path / "out" / "img00000.png").exists()
     code = main(["protect", str(src), str(tmp_path / "out"), "--model", "tiny", "--steps", "1", "--no-progress"])
     assert code == 0 and (tmp_path / "out" / "img00000.png").exists()  # the rerun (other settings: none committed)
+
+
+def test_watchdog_names_a_lost_node_once():
+    from pipeline.cluster.watchdog import Watchdog
+
+    now, lines = [0.0], []
+    alive = {"a" * 16: "10.0.0.1", "b" * 16: "10.0.0.2"}
+    dog = Watchdog(log=lines.append, clock=lambda: now[0], interrupt=lambda: None, nodes=lambda: dict(alive),
+                   nodes_every_s=10.0, pending=lambda: "")
+    dog.check()
+    del alive["b" * 16]
+    now[0] += 5.0
+    dog.check()
+    assert lines == []  # looked 5 s ago: not yet
+    now[0] += 5.0
+    dog.check()
+    now[0] += 10.0
+    dog.check()
+    assert lines == ["mimicshield: lost Ray node 10.0.0.2 (bbbbbbbb); Ray retries its tasks and restarts its actors "
+                     "elsewhere, the run goes on"]

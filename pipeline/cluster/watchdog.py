@@ -7,7 +7,9 @@ finishes; a daemon thread checks the time since the last tick:
   least `MIN_REPORT_S`), it prints one line naming what Ray reports: free vs total resources and dead
   nodes (`ray_pending`), once per stall;
 - with a `timeout` (``--stall-timeout``), after that many seconds without progress it interrupts the
-  driver, which ends the run with `STALL_EXIT` (committed units are kept: a rerun resumes).
+  driver, which ends the run with `STALL_EXIT` (committed units are kept: a rerun resumes);
+- when a node of the cluster dies during the run, it says so in one line of ours (Ray retries the node's
+  tasks and restarts its actors; its own raylet dumps stay in the logs unless ``--verbose``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ def report_after(gaps, minimum: float = MIN_REPORT_S) -> float:
     return max(minimum, 10 * statistics.median(gaps)) if gaps else minimum
 
 
+def live_node_ids() -> dict[str, str]:
+    """node id -> address of the cluster's live nodes ({} when Ray cannot say)."""
+    try:
+        import ray
+
+        return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+    except Exception:
+        return {}
+
+
 def ray_pending() -> str:
     """What Ray reports while the run waits: free vs total resources, dead nodes."""
     try:
@@ -51,13 +63,16 @@ class Watchdog:
     def __init__(self, timeout: float | None = None, log: Callable[[str], None] = print,
                  pending: Callable[[], str] = ray_pending, clock: Callable[[], float] = time.monotonic,
                  interrupt: Callable[[], None] = _thread.interrupt_main, minimum: float = MIN_REPORT_S,
-                 poll_s: float = 1.0):
+                 poll_s: float = 1.0, nodes: Callable[[], dict[str, str]] = live_node_ids, nodes_every_s: float = 10.0):
         self.timeout, self.log, self.pending, self.clock, self.interrupt = timeout, log, pending, clock, interrupt
         self.minimum, self.poll_s = minimum, poll_s
         self.last = clock()
         self.gaps: deque[float] = deque(maxlen=200)
         self.reported = False
         self.fired: str | None = None  # the reason, once the timeout ended the run
+        self.nodes, self.nodes_every_s = nodes, nodes_every_s
+        self.known_nodes: dict[str, str] | None = None
+        self.nodes_checked = -float("inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -69,7 +84,11 @@ class Watchdog:
 
     def check(self) -> None:
         """One look (the thread calls it every `poll_s`; tests call it with a fake clock)."""
-        idle = self.clock() - self.last
+        now = self.clock()
+        if now - self.nodes_checked >= self.nodes_every_s:
+            self.nodes_checked = now
+            self.check_nodes()
+        idle = now - self.last
         if self.timeout is not None and idle >= self.timeout and self.fired is None:
             self.fired = f"no sample finished for {idle:.0f} s (--stall-timeout {self.timeout:g}); Ray: {self.pending()}"
             self.interrupt()
@@ -77,6 +96,17 @@ class Watchdog:
         if not self.reported and idle >= report_after(self.gaps, self.minimum):
             self.reported = True
             self.log(f"mimicshield: no sample finished for {idle:.0f} s; Ray: {self.pending()}")
+
+    def check_nodes(self) -> None:
+        """One line of ours for each node lost since the last look."""
+        alive = self.nodes()
+        if self.known_nodes is not None and alive:
+            for node_id, address in self.known_nodes.items():
+                if node_id not in alive:
+                    self.log(f"mimicshield: lost Ray node {address} ({node_id[:8]}); Ray retries its tasks and "
+                             "restarts its actors elsewhere, the run goes on")
+        if alive:
+            self.known_nodes = alive
 
     def __enter__(self) -> Watchdog:
         def loop():
