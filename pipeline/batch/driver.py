@@ -47,7 +47,7 @@ from pipeline.batch.settings import RunSettings
 from pipeline.batch.stages import Decoder, Encoder, ProtectActor, Writer, assemble_task
 from pipeline.cluster.faults import fault_point
 from pipeline.cluster.logs import quiet_data_context
-from pipeline.cluster.pool import actor_share
+from pipeline.cluster.pool import ActorShare, actor_share
 from pipeline.cluster.session import ensure_ray, short_error
 from pipeline.cluster.watchdog import Stalled, Watchdog
 from pipeline.io import tables
@@ -212,7 +212,7 @@ def actor_options(s: RunSettings) -> tuple[dict, str]:
     return {**share.pool_options(), "_threads": share.threads}, share.describe()
 
 
-def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord):
+def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord, share: ActorShare):
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -226,16 +226,14 @@ def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord):
     # actors' critical path
     cpu = {"batch_format": "pyarrow", "batch_size": s.cpu_batch_size(), "num_cpus": 1, "memory": task_memory(s)}
     ds = ds.map_batches(Decoder(UnitIndex(plan.kind, pending), s.max_pixels), **cpu)
-    options, device = actor_options(s)
-    threads = options.pop("_threads", None)
-    spec = s.model.on("cuda") if (s.model.device == "auto" and "num_gpus" in options) else s.model
-    ds = ds.map_batches(ProtectActor, fn_constructor_kwargs={"model": spec, "config": s.config, "threads": threads},
-                        batch_format="pyarrow", batch_size=s.batch_size, **options)
+    spec = s.model.on("cuda") if (s.model.device == "auto" and share.gpu) else s.model
+    ds = ds.map_batches(ProtectActor, fn_constructor_kwargs={"model": spec, "config": s.config, "threads": share.threads},
+                        batch_format="pyarrow", batch_size=s.batch_size, **share.pool_options())
     ds = ds.map_batches(Encoder(s.config.eps, s.max_pixels, s.config.fastprotect.lpips_weights, s.jpeg_as), **cpu)
     writer = Writer(plan.kind, plan.out_fs, plan.out_root, {u.id: u.output for u in pending}, run.sample_params(),
                     run.run_id, plan.in_root)
     ds = ds.map_batches(writer, **cpu)  # same resources as the Encoder: fused into the same tasks
-    return ds, device
+    return ds, share.describe()
 
 
 def remote_assembler(nodes: list | None = None):
@@ -408,7 +406,7 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
         if pending:
             if plan.kind == "shards":
                 clear_parts(plan.out_fs, plan.out_root, {u.id for u in pending})  # left by an interrupted run
-            ds, device = build_dataset(s, plan, pending, run)
+            ds, device = build_dataset(s, plan, pending, run, share)
             receiver = _Receiver(plan, run, pending, remote_assembler(assembled_on), s.progress,
                                  settings=s, fingerprint=fingerprint, log=log)
             counts = receiver.counts
