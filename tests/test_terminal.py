@@ -81,3 +81,62 @@ def test_cli_run_shows_a_bar_per_image_and_no_ray_noise(tmp_path):
     assert "img" in err and "1/1 chunks committed" in err
     noise = [line for line in err.replace("\r", "\n").splitlines() if any(n in line for n in RAY_NOISE)]
     assert not noise, noise
+
+
+def test_the_clusters_error_messages_reach_the_terminal_as_one_line_and_a_lost_node_as_none():
+    from pipeline.cluster.logs import cluster_message_line
+
+    dump = ["Raylet is terminated. Termination is unexpected. Possible reasons include: (1) SIGKILL ...",
+            "    [state-dump] NodeManager.ScheduleAndGrantLeases - 1 total", "    [state-dump] DebugString() time ms: 0"]
+    assert cluster_message_line(dump) is None  # the watchdog reports the node in a line of ours
+    assert cluster_message_line(["The node with node id: ab12 has been marked dead because the detector has missed "
+                                 "too many heartbeats from it."]) is None
+    oom = ["Task was killed due to the node running low on memory.", "Memory on the node (IP: 10.0.0.2) was 30 GB"]
+    assert cluster_message_line(oom) == "ray: Task was killed due to the node running low on memory."
+    assert cluster_message_line([]) is None
+
+
+def test_held_stderr_keeps_what_the_caller_explains_itself(capfd):
+    with pytest.raises(PermissionError):
+        with held_stderr(replay_if=lambda err: not isinstance(err, PermissionError)):
+            os.write(2, b"20 lines of retries\n")
+            raise PermissionError("refused")
+    assert "retries" not in capfd.readouterr().err
+
+
+def test_a_driver_finds_the_token_where_rays_cli_looks(tmp_path, monkeypatch):
+    from pipeline.cluster import session
+
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert session.token_source() is None
+    session.use_token_if_available()
+    assert "RAY_AUTH_MODE" not in os.environ  # nothing to send: Ray's default (no token) stays
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("abc")
+    assert session.token_source() == str(tmp_path / ".ray" / "auth_token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    assert session.token_source() is None  # an explicit path that does not exist is not silently replaced
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "xyz")
+    assert session.token_source() == "RAY_AUTH_TOKEN"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    session.use_token_if_available()
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"  # an explicit choice is kept
+    assert "sent no token" in session.auth_advice("10.0.0.5:6379")
+
+
+def test_auth_refusal_is_recognised_through_rays_wrapping():
+    from pipeline.cluster.session import auth_refused
+
+    class AuthenticationError(Exception):
+        pass
+
+    try:
+        try:
+            raise AuthenticationError("RPC error: InvalidAuthToken: Authentication token is missing or incorrect")
+        except AuthenticationError as inner:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379") from inner
+    except ConnectionError as err:
+        assert auth_refused(err)
+    assert not auth_refused(ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379"))

@@ -8,8 +8,9 @@ finishes; a daemon thread checks the time since the last tick:
   nodes (`ray_pending`), once per stall;
 - with a `timeout` (``--stall-timeout``), after that many seconds without progress it interrupts the
   driver, which ends the run with `STALL_EXIT` (committed units are kept: a rerun resumes);
-- when a node of the cluster dies during the run, it says so in one line of ours (Ray retries the node's
-  tasks and restarts its actors; its own raylet dumps stay in the logs unless ``--verbose``).
+- when a node of the cluster dies during the run, it says so in one line of ours, also when the run ends
+  before the next look (Ray retries the node's tasks and restarts its actors; its own raylet dumps stay
+  off the terminal unless ``--verbose``: cluster/logs.py `quiet_cluster_messages`).
 """
 
 from __future__ import annotations
@@ -121,3 +122,4 @@ class Watchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            self.check_nodes()  # a node lost since the last look is still reported
