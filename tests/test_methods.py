@@ -368,7 +368,7 @@ def test_zero_steps_is_the_start_point(init, tiny_models, photos_small):
 @pytest.mark.mutation
 def test_native_resolution_on_odd_size_keeps_size_and_budget(tiny_models, photos_small):
     odd = np.asarray(Image.fromarray(photos_small[0]).resize((53, 37)))  # 37 rows x 53 columns
-    protector = build_protector(tiny_models, ProtectConfig(method="sds-", eps=8, steps=3))
+    protector = build_protector(tiny_models, ProtectConfig(method="sds-", eps=8, steps=3, resolution="native"))
     (delta,) = protector.protect([odd], keys=["odd"])
     assert delta.shape == (37, 53, 3)
     (res,) = protect_encoded(protector, ["odd"], [png_bytes(odd)])

@@ -149,7 +149,7 @@ def test_worker_parts_committed_by_commit_unit(record, tmp_path):
 
     metrics = pq.read_table(f"{out_root}/tables/protect_metrics/{unit.id}.parquet").to_pylist()
     assert [m["key"] for m in metrics] == [s["__key__"] for s in samples]
-    assert {(m["seed"], m["init"], m["resolution"]) for m in metrics} == {(0, "random", "native")}
+    assert {(m["seed"], m["init"], m["resolution"]) for m in metrics} == {(0, "random", "auto")}
 
 
 # --------------------------------------------------------------------------- typed settings

@@ -50,8 +50,10 @@ def add_protection_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--target", default=None, help="target image for textural methods (default: built-in pattern)")
     g.add_argument(
         "--resolution",
-        default="native",
-        help="'native' (work at the image's size, padded) or N (protect an N x N copy, map back)",
+        default="auto",
+        help="where protection works: 'auto' (default: about the model's training area, aspect kept, optimised "
+             "through the downscale a mimic applies; cost about flat in image size), 'native' (the image's own "
+             "size: cost grows as pixels^1.7), or N (an N x N copy, aspect squashed)",
     )
     g.add_argument("--mist-weight", type=float, default=1e4, help="w in mist's L_tex - w L_sem (default 1e4)")
     g.add_argument("--sdst-rate", type=float, default=5.0, help="r in sdst-'s r g_sds + g_tex (default 5)")

@@ -144,6 +144,11 @@ class DiffusionModels:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def training_side(self) -> int:
+        """The side of the square the model was trained at: UNet sample_size x VAE factor (512 for SD 1.5)."""
+        return int(self.unet.config.sample_size) * self.vae_factor
+
+    @property
     def pixel_multiple(self) -> int:
         """Image sides must be a multiple of this: VAE downsampling x UNet downsampling."""
         unet_down = 2 ** (len(self.unet.config.block_out_channels) - 1)

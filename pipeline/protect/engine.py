@@ -16,9 +16,25 @@ scale, or an eps vs a v target) cannot dominate the sign. This is the per-gradie
 normalisation of MI-FGSM (Dong et al., "Boosting Adversarial Attacks with Momentum", CVPR 2018,
 eq. 6: g / ||g||_1) applied per model instead of per iteration; the ensemble rule itself is the
 one asked for in issue 14. With one model the step is exactly the single-model step.
-Protection runs on a working copy of each image (padded to the model's multiple, or resized to
-a square N x N); the perturbation is mapped back to the original size, where it still lies in the
-eps-ball, and is rounded when the file is written.
+Where protection works (``resolution``):
+
+- ``auto`` (the default): at about the model's training area (sample_size x VAE factor, squared: 512^2
+  for SD 1.x, 768^2 for SD 2.x-v, 1024^2 for SDXL), aspect kept and sides rounded to the model's multiple
+  as aspect-bucketing trainers do, never larger than the image. The perturbation lives at full size
+  and every step goes *through* the downscale a mimic applies first:
+
+      x_w = R(x + delta)                      R: bilinear, antialiased (io/images.resize_pixels), as the
+      d_full = J_R(x + delta)^T d(x_w)            training transforms of the diffusers scripts resize
+
+  so the gradient lands on the full-size pixels (a vector-Jacobian product, like EOT's), the budget is
+  enforced at full size, and the written file holds it exactly. The cost per step is that of the
+  working size plus a resize: about flat in image size. An image already within the area is protected
+  at its own size (as ``native``).
+- ``native``: at the image's own size, padded to the model's multiple (cost grows as pixels^1.7).
+- ``N``: on a square N x N copy (aspect squashed); the perturbation is mapped back to the original size
+  afterwards, where it still lies in the eps-ball.
+
+The perturbation is rounded when the file is written.
 
 Randomness is per sample (seeded by the run seed and the sample's key), so a sample gets the
 same protection whatever batch it lands in: reruns and resumed jobs are reproducible.
@@ -79,7 +95,7 @@ class ProtectConfig:
     seed: int = 0
     prompt: str = DEFAULT_PROMPT  # used when a sample brings no prompt of its own
     target: str | None = None  # textural target image file; None = built-in pattern
-    resolution: str = "native"  # "native" or a side length N (protect an N x N resized copy)
+    resolution: str = "auto"  # "auto" (the model's training area, through the resize), "native", or N (N x N copy)
     mist_weight: float = 1e4
     sdst_rate: float = 5.0
     eot: str = ""  # expectation over transformation, e.g. "jpeg:50-95,resize:0.5-1" (eot.py); "" = off
@@ -100,8 +116,8 @@ class ProtectConfig:
             raise ValueError("step_size must be > 0 and steps >= 0")
         if self.init not in ("random", "zero"):
             raise ValueError(f"init must be 'random' or 'zero', got {self.init!r}")
-        if self.resolution != "native" and not (self.resolution.isdigit() and int(self.resolution) > 0):
-            raise ValueError(f"resolution must be 'native' or a positive integer, got {self.resolution!r}")
+        if self.resolution not in ("auto", "native") and not (self.resolution.isdigit() and int(self.resolution) > 0):
+            raise ValueError(f"resolution must be 'auto', 'native' or a positive integer, got {self.resolution!r}")
         if self.eot:
             parse_eot(self.eot)
         if self.eot_samples < 1:
@@ -116,36 +132,73 @@ class ProtectConfig:
                 "steps": int(self.steps), "init": self.init, "seed": int(self.seed), "resolution": self.resolution}
 
 
-def working_size(height: int, width: int, resolution: str, multiple: int) -> tuple[int, int]:
-    """The size protection runs at: padded up to `multiple`, or N x N rounded to `multiple`."""
+def working_size(height: int, width: int, resolution: str, multiple: int,
+                 training_side: int | None = None) -> tuple[int, int]:
+    """The size protection runs at (see the module doc): padded up to `multiple` (native), N x N rounded to
+    `multiple`, or (auto) about `training_side`^2 pixels with the aspect kept, never larger than the image."""
+    if resolution == "auto":
+        if training_side is None:
+            raise ValueError("resolution 'auto' needs the model's training side")
+        scale = math.sqrt(training_side**2 / (height * width))
+        if scale < 1:
+            def side(n: int) -> int:
+                rounded = max(multiple, round(n * scale / multiple) * multiple)
+                return rounded if rounded <= n else max(multiple, (n // multiple) * multiple)
+
+            return side(height), side(width)
+        resolution = "native"  # within the training area already
     if resolution == "native":
         return math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple
     side = max(multiple, round(int(resolution) / multiple) * multiple)
     return side, side
 
 
-def to_working(rgb: np.ndarray, size: tuple[int, int], resolution: str) -> torch.Tensor:
-    """uint8 H x W x 3 -> float 3 x h x w in [0, 1] at the working size."""
+def working_mode(height: int, width: int, size: tuple[int, int], resolution: str) -> str:
+    """How an image reaches its working size: "pad" (native), "through" (auto, downscaled each step), "copy" (N)."""
+    if resolution == "native" or (resolution == "auto" and size[0] >= height and size[1] >= width):
+        return "pad"
+    return "through" if resolution == "auto" else "copy"
+
+
+def to_working(rgb: np.ndarray, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """uint8 H x W x 3 -> float 3 x h x w in [0, 1] at the working size ("through": kept at full size)."""
     x = to_tensor(rgb)
     h, w = x.shape[2:]
-    if resolution == "native":  # pad right/bottom by edge replication; cropped away afterwards
+    if mode == "pad":  # pad right/bottom by edge replication; cropped away afterwards
         return F.pad(x, (0, size[1] - w, 0, size[0] - h), mode="replicate")[0]
+    if mode == "through":
+        return x[0]
     return resize_pixels(x, size)[0]
 
 
-def from_working(delta: torch.Tensor, height: int, width: int, resolution: str) -> torch.Tensor:
+def from_working(delta: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
     """Map a working-size perturbation (3 x h x w) back to the original H x W."""
-    if resolution == "native":
+    if mode in ("pad", "through"):
         return delta[:, :height, :width]
     return resize_perturbation(delta[None], (height, width))[0]  # stays inside the eps-ball
 
 
-def start_to_working(delta: np.ndarray, size: tuple[int, int], resolution: str) -> torch.Tensor:
+def start_to_working(delta: np.ndarray, size: tuple[int, int], mode: str) -> torch.Tensor:
     """A start perturbation (float H x W x 3, pixel units) -> 3 x h x w at the working size."""
     d = torch.as_tensor(np.ascontiguousarray(delta), dtype=torch.float32).permute(2, 0, 1)[None]
-    if resolution == "native":
+    if mode == "through":
+        return d[0]
+    if mode == "pad":
         return F.pad(d, (0, size[1] - d.shape[3], 0, size[0] - d.shape[2]), mode="replicate")[0]
     return resize_perturbation(d, size)[0]
+
+
+def seen_by_models(x: torch.Tensor, working: tuple[int, int] | None) -> torch.Tensor:
+    """R(x): the image as the models see it (`auto`: resized to the working size, differentiably; else x)."""
+    return x if working is None else resize_pixels(x, working)
+
+
+def pull_back(direction: torch.Tensor, x_seen: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d_full = J_R(x)^T d: a direction taken at x_seen = R(x), onto the pixels of x (x itself when R is identity)."""
+    if x_seen is x:
+        return direction
+    (g,) = torch.autograd.grad(x_seen, x, grad_outputs=direction.to(x_seen.dtype))
+    return g
 
 
 def combine_directions(directions: list[torch.Tensor]) -> torch.Tensor:
@@ -191,12 +244,21 @@ class Protector:
         """A working size every model of the ensemble accepts (least common multiple)."""
         return math.lcm(*(m.pixel_multiple for m in self.members))
 
+    @property
+    def training_side(self) -> int:
+        """The side of the training area `auto` works at (an ensemble's largest: no member sees less)."""
+        return max(m.training_side for m in self.members)
+
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """Where this protector works on an image of height x width (see the module doc)."""
+        return working_size(height, width, self.config.resolution, self.pixel_multiple, self.training_side)
+
     def target_latent(self, size: tuple[int, int], member: int = 0) -> torch.Tensor:
         """s * E(y) of the textural target at a working size, for one model (computed once per size)."""
         key = (member, *size)
         if key not in self._target_latents:
             models = self.members[member]
-            y = to_working(self._target, size, resolution="resize")[None].to(models.device)
+            y = to_working(self._target, size, mode="copy")[None].to(models.device)
             with torch.no_grad():
                 self._target_latents[key] = encode(models, y)
         return self._target_latents[key]
@@ -216,29 +278,33 @@ class Protector:
         """
         keys = keys or [str(i) for i in range(len(images))]
         prompts = [p or self.config.prompt for p in (prompts or [None] * len(images))]
-        multiple = self.pixel_multiple
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}  # (mode, working size[, full size]) -> images
         for i, rgb in enumerate(images):
-            groups.setdefault(working_size(*rgb.shape[:2], self.config.resolution, multiple), []).append(i)
+            size = self.working_size(*rgb.shape[:2])
+            mode = working_mode(*rgb.shape[:2], size, self.config.resolution)
+            groups.setdefault((mode, size, rgb.shape[:2] if mode == "through" else None), []).append(i)
         out: list[np.ndarray | None] = [None] * len(images)
-        for size, idx in groups.items():
-            x = torch.stack([to_working(images[i], size, self.config.resolution) for i in idx])
+        for (mode, size, _), idx in groups.items():
+            x = torch.stack([to_working(images[i], size, mode) for i in idx])
             start = None
             if starts is not None:  # mapped to the working size like the image (pad or resize)
-                start = torch.stack([start_to_working(starts[i], size, self.config.resolution) for i in idx])
-            delta = self.protect_tensor(x, [keys[i] for i in idx], [prompts[i] for i in idx], start=start)
+                start = torch.stack([start_to_working(starts[i], size, mode) for i in idx])
+            delta = self.protect_tensor(x, [keys[i] for i in idx], [prompts[i] for i in idx], start=start,
+                                        working=size if mode == "through" else None)
             for j, i in enumerate(idx):
                 h, w = images[i].shape[:2]
-                d = from_working(delta[j], h, w, self.config.resolution).clamp_(-self.config.eps, self.config.eps)
+                d = from_working(delta[j], h, w, mode).clamp_(-self.config.eps, self.config.eps)
                 out[i] = d.permute(1, 2, 0).numpy()
         return out  # type: ignore[return-value]
 
     def protect_tensor(
-        self, x: torch.Tensor, keys: list[str], prompts: list[str], start: torch.Tensor | None = None
+        self, x: torch.Tensor, keys: list[str], prompts: list[str], start: torch.Tensor | None = None,
+        working: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """PGD on a batch of one size. x: B x 3 x h x w in [0, 1] on CPU. Returns delta * 255.
+        """PGD on a batch of one size. x: B x 3 x H x W in [0, 1] on CPU. Returns delta * 255 (B x 3 x H x W).
 
-        `start` (B x 3 x h x w, pixel units) replaces the configured init when given.
+        `start` (B x 3 x H x W, pixel units) replaces the configured init when given. `working` (h, w): the
+        models see R(x + delta) resized to it and each direction is pulled back through R (module doc).
         """
         cfg = self.config
         device = self.models.device
@@ -253,7 +319,7 @@ class Protector:
             x_adv = (x_clean + eps * start.to(device)).clamp(0, 1)
         else:
             x_adv = x_clean.clone()
-        height, width = x.shape[2:]
+        height, width = working or x.shape[2:]
         fixed = []  # per model: (models, cond, added_cond, latent shape, target latent)
         for m, models in enumerate(self.members):
             latent_shape = (models.latent_channels, height // models.vae_factor, width // models.vae_factor)
@@ -268,6 +334,7 @@ class Protector:
             eot = EOTSampler(cfg.eot, cfg.eot_samples, cfg.seed, keys)
         for _ in range(cfg.steps):
             x_adv.requires_grad_(True)
+            x_seen = seen_by_models(x_adv, working)
             directions = []
             for models, cond, added, latent_shape, target in fixed:  # draws: model by model, t then noise
                 n_timesteps = models.scheduler.config.num_train_timesteps
@@ -279,10 +346,10 @@ class Protector:
                     added_cond=added,
                 )
                 if eot is None:
-                    directions.append(self.method.direction(models, x_adv, inputs))
+                    directions.append(self.method.direction(models, x_seen, inputs))
                 else:
-                    directions.append(eot.direction(self.method, models, x_adv, inputs))
-            direction = combine_directions(directions)
+                    directions.append(eot.direction(self.method, models, x_seen, inputs))
+            direction = pull_back(combine_directions(directions), x_seen, x_adv)
             with torch.no_grad():
                 x_adv = x_adv + alpha * direction.sign()
                 x_adv = torch.min(torch.max(x_adv, x_clean - eps), x_clean + eps).clamp(0, 1)
