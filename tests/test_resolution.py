@@ -139,3 +139,55 @@ def test_auto_protects_what_the_mimic_sees(tiny_models):
         return float((z0 - target).pow(2).mean() - (z1 - target).pow(2).mean())  # how far toward the target
 
     assert latent_shift("auto") > latent_shift(str(math.isqrt(working[0] * working[1])))
+
+
+# ---------------------------------------------------------------- cost known before paying it
+
+
+def test_an_image_that_cannot_fit_the_memory_limit_is_an_error_row_naming_resolution(ray_local, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(photo(768, 512)).save(src / "poster.png")
+    Image.fromarray(photo(48, 32)).save(src / "small.png")
+    code = main(["protect", str(src), str(tmp_path / "out"), "--model", "tiny", "--steps", "1", "--no-progress",
+                 "--resolution", "native", "--max-memory", "0.05"])
+    assert code == 0, capsys.readouterr().err
+    errors = pq.read_table(tmp_path / "out" / "tables" / "errors").to_pylist()
+    assert [e["key"] for e in errors] == ["poster"]
+    assert "working size 512x768 (--resolution native) needs about" in errors[0]["reason"]
+    assert "use --resolution auto" in errors[0]["reason"]
+    assert (tmp_path / "out" / "small.png").exists() and not (tmp_path / "out" / "poster.png").exists()
+    # at auto the same poster fits the same limit (tiny works at about 64 x 64 through the resize)
+    code = main(["protect", str(src), str(tmp_path / "out2"), "--model", "tiny", "--steps", "1", "--no-progress",
+                 "--max-memory", "0.05"])
+    assert code == 0 and (tmp_path / "out2" / "poster.png").exists()
+
+
+def test_a_long_run_is_announced_with_the_option_that_cuts_it(tmp_path, monkeypatch):
+    from pipeline.batch import estimate as estimate_module
+    from pipeline.batch.commit import plan_units
+    from pipeline.batch.settings import RunSettings
+    from pipeline.models.loading import ModelSpec
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(photo(600, 400)).save(src / "big.png")
+    Image.fromarray(photo(60, 40)).save(src / "small.png")
+    settings = RunSettings(input=str(src), output=str(tmp_path / "out"), model=ModelSpec("tiny", device="cpu"),
+                           config=ProtectConfig(resolution="native", steps=50))
+    units = plan_units("folder", [str(src / "big.png"), str(src / "small.png")], str(src), str(tmp_path / "out"))
+    assert estimate_module.largest_pending_image(settings, "folder", units) == (400, 600)
+    monkeypatch.setattr(estimate_module, "LONG_SECONDS", 0.0)
+    line = estimate_module.cost_warning(settings, "folder", units)
+    assert line.startswith("mimicshield: warning: the largest image (600x400, working at 608x400") or \
+        line.startswith("mimicshield: warning: the largest image (600x400, working at 608x400"), line
+    assert "--resolution auto" in line and "50 steps" in line
+    monkeypatch.setattr(estimate_module, "LONG_SECONDS", 1e9)
+    assert estimate_module.cost_warning(settings, "folder", units) is None
+    settings.address = "10.0.0.5:6379"  # a cluster's workers are not this machine: no estimate
+    monkeypatch.setattr(estimate_module, "LONG_SECONDS", 0.0)
+    assert estimate_module.cost_warning(settings, "folder", units) is None

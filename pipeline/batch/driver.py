@@ -41,6 +41,7 @@ from pipeline.batch.commit import (
     read_markers,
     settings_diff,
 )
+from pipeline.batch.estimate import cost_warning
 from pipeline.batch.progress import ImageProgress
 from pipeline.batch.records import RunRecord
 from pipeline.batch.settings import RunSettings
@@ -227,7 +228,8 @@ def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord, sha
     cpu = {"batch_format": "pyarrow", "batch_size": s.cpu_batch_size(), "num_cpus": 1, "memory": task_memory(s)}
     ds = ds.map_batches(Decoder(UnitIndex(plan.kind, pending), s.max_pixels), **cpu)
     spec = s.model.on("cuda") if (s.model.device == "auto" and share.gpu) else s.model
-    ds = ds.map_batches(ProtectActor, fn_constructor_kwargs={"model": spec, "config": s.config, "threads": share.threads},
+    ds = ds.map_batches(ProtectActor, fn_constructor_kwargs={"model": spec, "config": s.config, "threads": share.threads,
+                                                             "max_memory_gb": s.max_memory_gb},
                         batch_format="pyarrow", batch_size=s.batch_size, **share.pool_options())
     ds = ds.map_batches(Encoder(s.config.eps, s.max_pixels, s.config.fastprotect.lpips_weights, s.jpeg_as), **cpu)
     writer = Writer(plan.kind, plan.out_fs, plan.out_root, {u.id: u.output for u in pending}, run.sample_params(),
@@ -398,6 +400,9 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
         share = actor_share(s.model.device, s.actors, task_memory=task_memory(s))
         if share.note:
             log(f"mimicshield: {share.note}")
+    warning = cost_warning(s, plan.kind, pending)  # a long local run says so before it starts (batch/estimate.py)
+    if warning:
+        log(warning)
     if plan.done:
         log(f"resuming: {len(plan.done)} of {len(plan.units)} units already done in {s.output}, skipping them")
     counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0, "shards_failed": 0}

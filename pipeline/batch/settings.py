@@ -28,7 +28,7 @@ NOT_IN_FINGERPRINT = {
     "ProtectConfig": (),
     "ModelSpec": ("low_memory",),  # same result, less memory
     "RunSettings": ("input", "output", "config", "model", "batch_size", "actors", "address", "s3",
-                    "max_pixels", "chunk_size", "progress", "on_bad_shard", "overwrite", "verbose", "stall_timeout"),
+                    "max_pixels", "chunk_size", "progress", "on_bad_shard", "overwrite", "verbose", "stall_timeout", "max_memory_gb"),
 }
 FIXED_POLICIES = {"jpeg_quality": "keep"}  # not an option: JPEG sources keep their quantisation tables
 
@@ -72,6 +72,7 @@ class RunSettings:
     jpeg_as: str = "jpeg"  # JPEG sources written as "jpeg" (source tables kept) or "png" (budget exact)
     verbose: bool = False  # Ray's own logs and progress bars on the terminal (pipeline/cluster/logs.py)
     stall_timeout: float | None = None  # end the run (exit 4) after this many seconds without a finished sample
+    max_memory_gb: float | None = None  # memory one protection step may use (None: what the device has free)
 
     def __post_init__(self):
         if not isinstance(self.config, ProtectConfig):
@@ -92,6 +93,8 @@ class RunSettings:
             raise ValueError(f"--steps 0 with {self.config.method} would write the PGD start ("
                              f"{'random noise' if self.config.init == 'random' else 'the clean image'}) as protected; "
                              "give --steps >= 1")
+        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+            raise ValueError(f"--max-memory must be > 0 GiB, got {self.max_memory_gb!r}")
         if self.stall_timeout is not None and not self.stall_timeout > 0:
             raise ValueError(f"--stall-timeout must be > 0 seconds, got {self.stall_timeout!r}")
         self.s3 = S3Options.of(self.s3)

@@ -45,6 +45,7 @@ from pipeline.io.samples import MEMBER_FIELDS
 from pipeline.io.storage import to_uri
 from pipeline.metrics.lpips import build_lpips, lpips_distance
 from pipeline.protect import build_protector
+from pipeline.protect.engine import FASTPROTECT_METHODS
 from pipeline.protect.encoded import decode, finish, quantize
 
 # what the Decoder passes on: the sample's metadata and members, and the decoded image
@@ -167,13 +168,16 @@ class ProtectActor:
     groups them by working size internally.
     """
 
-    def __init__(self, model, config, threads: int | None = None):
+    def __init__(self, model, config, threads: int | None = None, max_memory_gb: float | None = None):
         import torch
+
+        from pipeline.protect.cost import MemoryGate
 
         if threads:
             torch.set_num_threads(int(threads))
         members = model.load_all()  # a ModelSpec, already on this actor's device; A,B: an ensemble
         self.protector = build_protector(members, config)
+        self.memory = None if config.method in FASTPROTECT_METHODS else MemoryGate(self.protector, max_memory_gb)
         models = members[0]
         self.device = str(models.device)
 
@@ -184,6 +188,13 @@ class ProtectActor:
         more: list[list[bytes] | None] = [None] * n
         seconds: list[float | None] = [None] * n
         todo = [i for i in range(n) if stage[i] is None]
+        if self.memory is not None:  # a step that cannot fit is the sample's error row, never an OOM-killed actor
+            heights, widths = batch.column("height").to_pylist(), batch.column("width").to_pylist()
+            for i in list(todo):
+                refused = self.memory.refusal(heights[i], widths[i])
+                if refused:
+                    stage[i], reason[i] = "protect", refused
+                    todo.remove(i)
         if todo:
             cols = {c: batch.column(c).take(todo).to_pylist()
                     for c in ("key", "prompt", "rgb", "width", "height", "more_images", "member_names", "member_data")}

@@ -132,6 +132,9 @@ def add_run_options(parser: argparse.ArgumentParser,
     r.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
                    help="end the run (exit 4, committed work kept: rerun to resume) when no sample finishes for "
                    "this long; without it a stall is only reported (after 10x the run's own pace, at least 120 s)")
+    r.add_argument("--max-memory", dest="max_memory_gb", type=float, default=None, metavar="GB",
+                   help="memory one protection step may use; an image whose working size needs more becomes an "
+                   "error row naming --resolution (default: what the device has free when the image comes)")
     r.add_argument("--verbose", action="store_true", help="show Ray's own logs, warnings and progress bars "
                    "(kept off the terminal by default; always in /tmp/ray/session_latest/logs/)")
 
@@ -208,7 +211,8 @@ def run_settings_from_args(args: argparse.Namespace, s3: dict | None = None) -> 
         batch_size=args.batch_size, actors=args.actors, address=args.address, s3=s3_from_args(args, s3),
         max_pixels=args.max_pixels,
         chunk_size=args.chunk_size, progress=not args.no_progress, verbose=bool(getattr(args, "verbose", False)),
-        stall_timeout=getattr(args, "stall_timeout", None), on_bad_shard=args.on_bad_shard,
+        stall_timeout=getattr(args, "stall_timeout", None), max_memory_gb=getattr(args, "max_memory_gb", None),
+        on_bad_shard=args.on_bad_shard,
         overwrite=bool(args.overwrite), jpeg_as=args.jpeg_as,
     )
 
