@@ -68,5 +68,13 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, ModelLoadError, ValueError, FileNotFoundError) as err:  # raised before any actor starts
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # disk full, permission, S3 access mid-run: named, exit 5 (see protect)
+        from pipeline.io.paths import STORAGE_EXIT, storage_problem
+
+        problem = storage_problem(err)
+        if not problem:
+            raise
+        print(f"mimicshield: error: {problem}", file=sys.stderr)
+        return STORAGE_EXIT
     print(summary)
     return 0

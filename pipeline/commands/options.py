@@ -130,6 +130,9 @@ def add_run_options(parser: argparse.ArgumentParser,
     r.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
                    help="end the run (exit 4, committed work kept: rerun to resume) when no sample finishes for "
                    "this long; without it a stall is only reported (after 10x the run's own pace, at least 120 s)")
+    r.add_argument("--follow-external-links", action="store_true",
+                   help="folder INPUT: also read symbolic links that lead out of it (default: skipped and counted; "
+                   "loops and links back into INPUT are never followed)")
     r.add_argument("--verbose", action="store_true", help="show Ray's own logs, warnings and progress bars "
                    "(kept off the terminal by default; always in /tmp/ray/session_latest/logs/)")
 
@@ -208,6 +211,7 @@ def run_settings_from_args(args: argparse.Namespace, s3: dict | None = None) -> 
         chunk_size=args.chunk_size, progress=not args.no_progress, verbose=bool(getattr(args, "verbose", False)),
         stall_timeout=getattr(args, "stall_timeout", None), on_bad_shard=args.on_bad_shard,
         overwrite=bool(args.overwrite), jpeg_as=args.jpeg_as,
+        follow_external_links=bool(getattr(args, "follow_external_links", False)),
     )
 
 

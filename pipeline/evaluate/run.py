@@ -51,6 +51,7 @@ from pipeline.evaluate.settings import EvalSettings
 from pipeline.io.images import ImageError, decode_image
 from pipeline.io.metadata import sample_meta
 from pipeline.io.samples import read_samples
+from pipeline.io.paths import PathArg, check_paths
 from pipeline.io.storage import InputError, split_uri, to_uri
 from pipeline.io.tables import write_table
 from pipeline.metrics.mimicry import Metrics
@@ -482,6 +483,8 @@ def protection_from_runs(settings: EvalSettings) -> tuple[str | None, float | No
 def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     """Run every requested scenario over PROTECTED vs CLEAN; write the table; return a summary."""
     start = time.perf_counter()
+    check_paths([PathArg("PROTECTED", settings.protected), PathArg("--clean", settings.clean)],
+                PathArg("--output", settings.output), settings.s3)  # before Ray: each problem one line
     if settings.method is None or settings.eps is None:  # folder outputs: from the protect runs, when they agree
         method, eps = protection_from_runs(settings)
         settings = replace(settings, method=settings.method or method,

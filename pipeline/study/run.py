@@ -24,6 +24,7 @@ from pipeline.cluster.faults import fault_point
 from pipeline.cluster.pool import actor_share
 from pipeline.cluster.session import ensure_ray
 from pipeline.evaluate.settings import EvalSettings
+from pipeline.io.paths import PathArg, check_paths
 from pipeline.study import adapter
 from pipeline.study.grid import CLEAN, Cell, StudyGrid
 from pipeline.study.purify import PurifyContext, parse_purification
@@ -104,6 +105,7 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
 
     t0 = time.perf_counter()
     grid = settings.grid
+    check_paths([PathArg("CLEAN", settings.clean)], PathArg("OUTPUT", settings.output), settings.s3)  # before Ray
     store = StudyStore(settings.output, settings.s3)
     settings.model.check()
     ensure_ray(settings.address)
