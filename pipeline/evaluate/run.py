@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.cluster.pool import actor_share
+from pipeline.cluster.logs import quiet_data_context
 from pipeline.cluster.session import ensure_ray
 from pipeline.evaluate.mimic import (
     TRAINING_SCENARIOS,
@@ -116,7 +117,7 @@ def amplified_perturbation(clean: np.ndarray, protected: np.ndarray, gain: float
     return np.clip(delta * gain + 128, 0, 255).astype(np.uint8)
 
 
-def grid(rows: list[list[np.ndarray]], size: int = 128, pad: int = 2) -> np.ndarray:
+def grid(rows: list[list[np.ndarray]], size: int = 256, pad: int = 2) -> np.ndarray:
     """Images (uint8 H x W x 3) as a grid of size x size cells on white."""
     n_cols = max(len(r) for r in rows)
     out = np.full((len(rows) * (size + pad) + pad, n_cols * (size + pad) + pad, 3), 255, np.uint8)
@@ -492,7 +493,10 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     settings.model.check()  # fail fast on the driver, not in every actor
     if "inpaint" in settings.scenarios:
         settings.inpaint_spec.check()
-    ensure_ray(settings.address)
+    ensure_ray(settings.address, settings.verbose)
+    import ray.data
+
+    quiet_data_context(ray.data.DataContext.get_current(), settings.verbose)  # as protect: no INFO lines, no operator bars
     opts = actor_options(settings)  # the resource plan: a pool that cannot run beside its tasks is refused here
     eval_id = f"eval-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     joined = build_pairs(settings).materialize()
