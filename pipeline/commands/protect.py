@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.commands.docs import HelpFormatter
 from pipeline.commands.options import (
     add_protection_options,
     add_run_options,
@@ -25,6 +26,8 @@ def add_parser(sub) -> None:
         "OUTPUT are refused unless --overwrite). Exit codes: 0 done, 1 failed midway, 2 bad options or input, "
         "3 some input shards could not be read, 4 stalled (--stall-timeout), 5 the output storage failed (disk full, "
         "permission, S3 access): free it and rerun to resume.",
+        epilog="example:\n  mimicshield protect photos/ out/protected --model tiny --steps 20 --device cpu",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("input", nargs="?", help="input folder, shard folder/pattern, or s3://bucket/prefix")
     p.add_argument("output", nargs="?", help="output folder or s3://bucket/prefix")
