@@ -11,11 +11,21 @@ import sys
 COMMANDS = ["protect", "demo", "evaluate", "report", "train_fastprotect", "study"]
 
 
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("mimicshield")
+    except metadata.PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mimicshield",
         description="Protect images against diffusion-model mimicry, from one folder to a whole S3 archive.",
     )
+    parser.add_argument("--version", action="version", version=f"mimicshield {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:

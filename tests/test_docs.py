@@ -106,3 +106,18 @@ def test_relative_links_resolve(page: Path):
         if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in _anchors(linked)):
             broken.append(target)
     assert not broken, f"{page.relative_to(REPO)}: links to missing files or headings: {broken}"
+
+
+def test_version_and_help_show_what_a_user_types(capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("mimicshield ")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "('" not in text  # no Python None or tuples
+    assert "the clean originals, with the same keys (required)" in text
+    assert "(default: sdedit,inpaint,textual_inversion,lora)" in text and "(default: 0.1,0.2,0.3,0.5)" in text
+    assert "example: mimicshield evaluate" in text

@@ -135,13 +135,20 @@ def test_ray_evaluation_over_s3_then_report(ray_local, s3_server, s3_bucket, tmp
     assert total >= 6 and loaded == total
 
 
-def test_cli_refuses_unknown_scenario(capsys):
-    from pipeline.cli import main
+def test_cli_refuses_unknown_scenario(capsys, tmp_path):
+    import numpy as np
 
-    assert main(["evaluate", "prot", "--clean", "clean", "--output", "out", "--scenario", "sdedit,dreambooth"]) == 2
+    from pipeline.cli import main
+    from pipeline.io.sample_data import png_bytes
+
+    prot, clean, out = (str(tmp_path / name) for name in ("prot", "clean", "out"))
+    for folder in (prot, clean):  # real folders: the path checks come first
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.png").write_bytes(png_bytes(np.zeros((16, 16, 3), np.uint8)))
+    assert main(["evaluate", prot, "--clean", clean, "--output", out, "--scenario", "sdedit,dreambooth"]) == 2
     assert "unknown scenario(s) ['dreambooth']" in capsys.readouterr().err
     # a model that cannot be loaded stops the run on the driver, with a clear message
-    assert main(["evaluate", "prot", "--clean", "clean", "--output", "out", "--model", "/no/such/model"]) == 2
+    assert main(["evaluate", prot, "--clean", clean, "--output", out, "--model", "/no/such/model"]) == 2
     assert "unknown model '/no/such/model'" in capsys.readouterr().err
 
 

@@ -61,8 +61,8 @@ def test_pairs_are_joined_by_key_and_one_sided_keys_are_reported(ray_local, tmp_
                  "--strengths", "0.5", "--ddim-steps", "1", "--samples-per-group", "0"])
     out = capsys.readouterr()
     assert code == 0, out.err
-    assert "1 protected sample(s) without a clean original (orphan)" in out.out
-    assert "1 clean sample(s) without a protected copy (img00003)" in out.out
+    assert "1 protected sample(s) without a clean original (orphan)" in out.err  # progress notes: stderr, as protect
+    assert "1 clean sample(s) without a protected copy (img00003)" in out.err
 
     (table,) = (tmp_path / "eval" / "tables" / "mimicry_metrics").glob("*.parquet")
     rows = pq.read_table(table).to_pylist()

@@ -217,7 +217,7 @@ def test_shards_written_by_workers_committed_by_the_driver(ray_local, tmp_path, 
     [
         (["--method", "nope"], "unknown method"),
         (["--model", "no-such-model"], "unknown model"),
-        (["OUT=s3://missing-bucket-xyz/out/"], "bucket not found"),
+        (["OUT=s3://missing-bucket-xyz/out/"], "bucket missing-bucket-xyz does not exist"),
     ],
 )
 def test_whole_run_failures_fail_fast(s3_server, tmp_path, capsys, args, message):

@@ -157,7 +157,8 @@ def test_empty_or_missing_input_fails_fast(layout, tmp_path, capsys):
     code = main(["protect", str(src), str(tmp_path / "out"), *FAST])
     err = capsys.readouterr().err
     assert code == 2
-    assert ("not found" if layout == "missing folder" else "no images found") in err and err.count("\n") <= 2
+    assert f"INPUT {src}: " in err and err.count("\n") == 1
+    assert ("does not exist" if layout == "missing folder" else "holds no images or shards") in err
     assert not (tmp_path / "out").exists()
 
 
@@ -165,7 +166,7 @@ def test_output_equal_to_input_is_refused(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(png_bytes(np.zeros((16, 16, 3), np.uint8)))
     code = main(["protect", str(tmp_path / "in"), str(tmp_path / "in/"), *FAST])
-    assert code == 2 and "OUTPUT must differ from INPUT" in capsys.readouterr().err
+    assert code == 2 and f"OUTPUT {tmp_path / 'in'}: is the same folder as INPUT" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["a.png"]
 
 

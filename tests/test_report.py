@@ -20,12 +20,28 @@ CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "goog
 MARKER = (
     "<script>window.addEventListener('load', () => { const im = [...document.images];"
     " document.body.setAttribute('data-images-loaded',"
-    " im.filter(i => i.complete && i.naturalWidth > 0).length + '/' + im.length); });</script>"
+    " im.filter(i => i.complete && i.naturalWidth > 0).length + '/' + im.length);"
+    " const v = document.getElementById('verdict'); if (v) { const r = v.getBoundingClientRect();"
+    " document.body.setAttribute('data-verdict', Math.round(r.top) + '/' + Math.round(r.bottom) + '/'"
+    " + window.innerHeight + '/' + window.innerWidth); } });</script>"
 )
 
 
 def images_loaded_in_chromium(html_path: Path, workdir: Path) -> tuple[int, int]:
     """(images that loaded, images on the page) for a copy of the page in headless Chromium."""
+    match = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom := _chromium_dom(html_path, workdir))
+    assert match, f"the page's load handler did not run; dump starts: {dom[:300]!r}"
+    return int(match.group(1)), int(match.group(2))
+
+
+def verdict_box_in_chromium(html_path: Path, workdir: Path) -> tuple[int, int, int, int]:
+    """(top, bottom, window height, window width) of the page's #verdict in a 1280 x 800 Chromium window."""
+    match = re.search(r'data-verdict="(-?\d+)/(-?\d+)/(\d+)/(\d+)"', dom := _chromium_dom(html_path, workdir))
+    assert match, f"no #verdict on the page; dump starts: {dom[:300]!r}"
+    return tuple(int(g) for g in match.groups())
+
+
+def _chromium_dom(html_path: Path, workdir: Path) -> str:
     if CHROMIUM is None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):  # CI must really open the report
             pytest.fail("chromium is not installed but CI is set: .ci/run installs it (apt-get install chromium)")
@@ -34,13 +50,11 @@ def images_loaded_in_chromium(html_path: Path, workdir: Path) -> tuple[int, int]
     page.write_text(html_path.read_text().replace("</body>", MARKER + "</body>"))
     dom = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--virtual-time-budget=5000", f"--user-data-dir={workdir / 'chromium-profile'}", "--dump-dom",
+         "--virtual-time-budget=5000", "--window-size=1280,800", f"--user-data-dir={workdir / 'chromium-profile'}", "--dump-dom",
          page.resolve().as_uri()],
         capture_output=True, text=True, timeout=120,
     ).stdout
-    match = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
-    assert match, f"the page's load handler did not run; dump starts: {dom[:300]!r}"
-    return int(match.group(1)), int(match.group(2))
+    return dom
 
 
 def rows():
@@ -76,6 +90,41 @@ def test_report_from_table_and_samples(tmp_path, photos, capsys):
     assert 'src="data:image/png;base64,' in html and 'src="http' not in html  # self-contained
     loaded, total = images_loaded_in_chromium(Path(report), tmp_path)
     assert total >= 3 and loaded == total  # the sample grid and one plot per scenario
+    top, bottom, height, width = verdict_box_in_chromium(Path(report), tmp_path)
+    assert width == 1280 and 0 <= top < bottom <= height  # the verdict is on the first screen, whole
+
+
+def calibrated_rows(protected: dict[str, float], clean: dict[str, float], calibrated: bool = True) -> list[dict]:
+    out = []
+    for method, values in (("none", clean), *((m, {"lpips_ref": v}) for m, v in protected.items())):
+        for metric, value in values.items():
+            out.append({"run": "r1", "group": "A", "scenario": "sdedit", "setting": "ddim100/s=0.3",
+                        "method": method, "eps": 0.0 if method == "none" else 8.0, "metric": metric, "value": value,
+                        "n_images": 4, "calibrated": calibrated, "seconds": 1.0})
+    return out
+
+
+def test_verdict_per_method_from_calibrated_figures_only(tmp_path):
+    import pandas as pd
+
+    from pipeline.evaluate.report import format_verdicts, verdicts
+
+    # LPIPS of the mimic's output to the artist's image: clean 0.20; thresholds +0.10 protected, +0.03 weak
+    df = pd.DataFrame(calibrated_rows({"mist": 0.35, "sds-": 0.25, "photoguard": 0.21}, {"lpips_ref": 0.20}))
+    got = {v["method"]: v["verdict"] for v in verdicts(df)}
+    assert got == {"mist": "protected", "sds-": "weak", "photoguard": "not protected"}
+    assert "+0.15 LPIPS further from the artist's image than copies of the clean ones" in format_verdicts(df)
+
+    uncal = pd.DataFrame(calibrated_rows({"mist": 0.9}, {"lpips_ref": 0.2}, calibrated=False))
+    (only,) = verdicts(uncal)
+    assert only["verdict"] is None and "uncalibrated" in only["words"]
+
+    out = tmp_path / "eval"
+    tables.write_table(calibrated_rows({"mist": 0.35}, {"lpips_ref": 0.20}) + calibrated_rows(
+        {"mist": 0.9}, {"lpips_ref": 0.2}, calibrated=False), "mimicry_metrics", str(out / "tables" / "mimicry_metrics"))
+    page = Path(build_report(str(out))[0]).read_text()
+    assert page.index("id='verdict'") < page.index("Summary (calibrated figures)") < page.index("Uncalibrated figures")
+    assert "<code>lpips_ref</code>: LPIPS perceptual distance" in page  # a glossary line per metric
 
 
 def test_report_of_an_empty_output(tmp_path):

@@ -159,5 +159,6 @@ def test_bad_credentials_one_message_nonzero_exit_secret_never_printed(auth_s3, 
     assert code == 2
     assert secret not in text and "AKIAFAKEFAKEFAKE1234" not in text
     (line,) = [line for line in text.splitlines() if line.strip()]  # one message, no traceback
-    assert line.startswith("mimicshield: error: access denied for s3://guarded/in/") and "credentials" in line
+    assert line.startswith("mimicshield: error: INPUT s3://guarded/in/: access denied to bucket guarded") \
+        and "credentials" in line
     assert not (tmp_path / "out").exists()

@@ -46,16 +46,19 @@ from pipeline.batch.progress import ImageProgress
 from pipeline.batch.records import RunRecord
 from pipeline.batch.settings import RunSettings
 from pipeline.batch.stages import Decoder, Encoder, ProtectActor, Writer, assemble_task
-from pipeline.cluster.faults import fault_point
+from pipeline.cluster.faults import FAULT_ENV, fault_point
 from pipeline.cluster.logs import quiet_data_context
 from pipeline.cluster.pool import ActorShare, actor_share
 from pipeline.cluster.session import ensure_ray, short_error
 from pipeline.cluster.watchdog import Stalled, Watchdog
 from pipeline.io import tables
+from pipeline.io.files import remove_stale_temps
+from pipeline.io.paths import PathArg, StorageError, check_paths, storage_problem
 from pipeline.io.samples import read_paths
 from pipeline.io.storage import (
     TABLES_DIR,
     InputError,
+    Links,
     check_bucket,
     image_infos,
     is_s3,
@@ -147,6 +150,7 @@ class Plan:
     out_root: str
     units: list
     done: set
+    links: Links = field(default_factory=Links)  # symbolic links the folder listing did not follow
 
 
 def preflight(s: RunSettings, fingerprint: dict | None = None) -> Plan:
@@ -156,13 +160,14 @@ def preflight(s: RunSettings, fingerprint: dict | None = None) -> Plan:
     `fingerprint`: the settings' fingerprint for the hardware the run gets (default: this machine's).
     """
     in_fs, in_path, kind = parse_uri(s.input, s.s3)
+    links = Links(follow_external=s.follow_external_links)
     if kind == "shards":
-        infos, root = shard_infos(in_fs, in_path, s.input), pattern_root(in_path)  # a .tar path: its folder
+        infos, root = shard_infos(in_fs, in_path, s.input, links), pattern_root(in_path)  # a .tar path: its folder
         paths, identity = [i.path for i in infos], {i.path: input_identity(i) for i in infos}
     else:
         if in_fs.get_file_info(in_path).type.name == "NotFound":
             raise InputError(f"input not found: {s.input}")
-        infos, root = image_infos(in_fs, in_path, s.input), in_path
+        infos, root = image_infos(in_fs, in_path, s.input, links), in_path
         paths, identity = [i.path for i in infos], {i.path: input_identity(i) for i in infos}
     if not paths:
         raise InputError(f"no {'shards' if kind == 'shards' else 'images'} found at {s.input}")
@@ -185,7 +190,8 @@ def preflight(s: RunSettings, fingerprint: dict | None = None) -> Plan:
     done = set() if s.overwrite else committed(out_fs, out_root, units, markers)
     if not s.overwrite:
         check_same_settings(markers, fingerprint or s.fingerprint(), s.output)
-    return Plan(kind=kind, in_fs=in_fs, in_root=root, out_fs=out_fs, out_root=out_root, units=units, done=done)
+    return Plan(kind=kind, in_fs=in_fs, in_root=root, out_fs=out_fs, out_root=out_root, units=units, done=done,
+                links=links)
 
 
 def check_same_settings(markers: dict, current: dict, output: str) -> None:
@@ -233,7 +239,7 @@ def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord, sha
                         batch_format="pyarrow", batch_size=s.batch_size, **share.pool_options())
     ds = ds.map_batches(Encoder(s.config.eps, s.max_pixels, s.config.fastprotect.lpips_weights, s.jpeg_as), **cpu)
     writer = Writer(plan.kind, plan.out_fs, plan.out_root, {u.id: u.output for u in pending}, run.sample_params(),
-                    run.run_id, plan.in_root)
+                    run.run_id, plan.in_root, fault=os.environ.get(FAULT_ENV))
     ds = ds.map_batches(writer, **cpu)  # same resources as the Encoder: fused into the same tasks
     return ds, share.describe()
 
@@ -385,6 +391,7 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     run = RunRecord(run_id=started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6], config=s.config,
                     model=s.model, version=versions()["mimicshield"])
+    check_paths([PathArg("INPUT", s.input)], PathArg("OUTPUT", s.output), s.s3, inside_ok=True)  # before Ray
     if not (s.address or os.environ.get("RAY_ADDRESS")):
         check_local_device(s.model.device)  # --device cuda without a GPU here: say so before Ray starts
     if s.address or os.environ.get("RAY_ADDRESS"):  # the actors' hardware is the cluster's
@@ -405,8 +412,10 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
         log(warning)
     if plan.done:
         log(f"resuming: {len(plan.done)} of {len(plan.units)} units already done in {s.output}, skipping them")
+    remove_stale_temps(plan.out_fs, plan.out_root)  # left by a run that was killed or ran out of space
     counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0, "shards_failed": 0}
     device, failure, driver_bytes, receiver, assembled_on = "-", None, 0, None, []
+    storage_failed = False
     try:
         if pending:
             if plan.kind == "shards":
@@ -434,19 +443,25 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
                 if hasattr(batches, "close"):
                     batches.close()  # stops the streaming executor and its actors now, not at GC
     except BaseException as err:
-        failure = short_error(err)
+        problem = storage_problem(err, s.output) if isinstance(err, Exception) else None
+        failure, storage_failed = problem or short_error(err), bool(problem)
+        if problem:  # disk full, permission, bucket gone: named as such, never blamed on the input
+            raise StorageError(problem) from None
         raise
     finally:
         seconds = time.perf_counter() - t0
-        _write_run_row(s, plan, run, started, seconds, counts, failure)
+        _write_run_row(s, plan, run, started, seconds, counts, failure, quiet=storage_failed)
     return RunSummary(run_id=run.run_id, input=s.input, output=s.output, kind=plan.kind, units_total=len(plan.units),
                       units_skipped=len(plan.done), seconds=seconds, device=device, driver_bytes=driver_bytes,
                       writer_nodes=dict(receiver.writer_nodes) if receiver else {},
                       assembler_nodes={n: assembled_on.count(n) for n in set(assembled_on)},
-                      notes=receiver.notes(s.config.eps) if receiver else [], **counts)
+                      notes=[*([plan.links.summary()] if plan.links.summary() else []),
+                             *(receiver.notes(s.config.eps) if receiver else [])], **counts)
 
 
-def _write_run_row(s: RunSettings, plan: Plan, run: RunRecord, started, seconds: float, counts: dict, failure) -> None:
+def _write_run_row(s: RunSettings, plan: Plan, run: RunRecord, started, seconds: float, counts: dict, failure,
+                   quiet: bool = False) -> None:
+    """The run's row in OUTPUT/tables/runs/ (`quiet`: the storage already failed; its one line says so)."""
     config = run.config_json(
         batch_size=s.batch_size, actors=s.actors, max_pixels=s.max_pixels, chunk_size=s.chunk_size,
         on_bad_shard=s.on_bad_shard, overwrite=s.overwrite, jpeg_as=s.jpeg_as,
@@ -464,4 +479,5 @@ def _write_run_row(s: RunSettings, plan: Plan, run: RunRecord, started, seconds:
     try:
         tables.write_table([row], "runs", posixpath.join(plan.out_root, TABLES_DIR, "runs"), plan.out_fs, basename=run.run_id)
     except Exception as err:  # never hide the run's own failure behind this one
-        print(f"mimicshield: could not write the runs table: {err}", file=sys.stderr)
+        if not quiet:
+            print(f"mimicshield: could not write the runs table: {err}", file=sys.stderr)

@@ -28,7 +28,8 @@ NOT_IN_FINGERPRINT = {
     "ProtectConfig": (),
     "ModelSpec": ("low_memory",),  # same result, less memory
     "RunSettings": ("input", "output", "config", "model", "batch_size", "actors", "address", "s3",
-                    "max_pixels", "chunk_size", "progress", "on_bad_shard", "overwrite", "verbose", "stall_timeout", "max_memory_gb"),
+                    "max_pixels", "chunk_size", "progress", "on_bad_shard", "overwrite", "verbose", "stall_timeout",
+                    "max_memory_gb", "follow_external_links"),
 }
 FIXED_POLICIES = {"jpeg_quality": "keep"}  # not an option: JPEG sources keep their quantisation tables
 
@@ -73,6 +74,7 @@ class RunSettings:
     verbose: bool = False  # Ray's own logs and progress bars on the terminal (pipeline/cluster/logs.py)
     stall_timeout: float | None = None  # end the run (exit 4) after this many seconds without a finished sample
     max_memory_gb: float | None = None  # memory one protection step may use (None: what the device has free)
+    follow_external_links: bool = False  # folder INPUT: follow symbolic links that lead out of it
 
     def __post_init__(self):
         if not isinstance(self.config, ProtectConfig):

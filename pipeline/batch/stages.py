@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from pyarrow import fs as pafs
 
 from pipeline.batch.commit import (
     assemble_shard,
@@ -38,9 +39,11 @@ from pipeline.batch.commit import (
     same_suffix,
     tar_members,
 )
+from pipeline.cluster.faults import fault_point
 from pipeline.io.files import write_atomic
 from pipeline.io.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageError
 from pipeline.io.metadata import sample_meta
+from pipeline.io.paths import name_problem
 from pipeline.io.samples import MEMBER_FIELDS
 from pipeline.io.storage import to_uri
 from pipeline.metrics.lpips import build_lpips, lpips_distance
@@ -347,6 +350,7 @@ class Writer:
     sample_params: dict  # RunRecord.sample_params(): the "mimicshield" field of each sample's JSON
     run_id: str
     in_root: str = ""  # folder input: files are written at their path relative to it
+    fault: str | None = None  # the driver's MIMICSHIELD_FAULT (tests: `write-enospc:<key>`, cluster/faults.py)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import ray
@@ -368,8 +372,11 @@ class Writer:
                     res["output"] = to_uri(self.out_fs, self.unit_outputs[row["unit"]])
                 else:
                     path = posixpath.join(self.out_root, self.output_name(row, suffix))
-                    write_atomic(self.out_fs, path, row["data"])
-                    res["output"] = to_uri(self.out_fs, path)
+                    problem = self.write_file(path, row)
+                    if problem:  # a name the destination cannot hold: this sample's error row, not the unit's failure
+                        res.update(stage="write", reason=problem, format=None)
+                    else:
+                        res["output"] = to_uri(self.out_fs, path)
             out.append(res)
         names = {}
         for unit, chunks in parts.items():
@@ -379,6 +386,24 @@ class Writer:
             if not res["stage"] and self.kind == "shards":
                 res["part"] = names[res["unit"]]
         return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+    def write_file(self, path: str, row: dict) -> str | None:
+        """Write one folder output; returns why its name cannot be held (the sample's error), else None.
+        Storage failures (disk full, permission, S3 access) raise: they end the run (`paths.storage_problem`)."""
+        import errno
+
+        problem = name_problem(path, s3=not isinstance(self.out_fs, pafs.LocalFileSystem))
+        if problem:
+            return problem
+        fault_point("write-enospc", row["key"], spec=self.fault,
+                    error=OSError(errno.ENOSPC, "No space left on device (injected)", path))
+        try:
+            write_atomic(self.out_fs, path, row["data"])
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG or "KeyTooLong" in str(err):
+                return f"output name too long for the destination: {err.strerror or err}"
+            raise
+        return None
 
     def output_name(self, row: dict, suffix: str) -> str:
         """Folder output: the input's relative path, its suffix that of the written format.

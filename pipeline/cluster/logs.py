@@ -52,7 +52,8 @@ def quiet_data_context(ctx, verbose: bool, progress: bool = True) -> None:
     """Ray Data's own progress bars, start banner and INFO logs: only with `verbose` (bars: and `progress`)."""
     ctx.enable_progress_bars = verbose and progress
     ctx.print_on_execution_start = verbose
-    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else QUIET_PYTHON_LEVEL)
+    # quiet: not even its ERROR lines about a failed task; the run's own one-line reason follows
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
 @contextlib.contextmanager

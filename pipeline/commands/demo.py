@@ -78,6 +78,13 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.models.loading import ModelSpec
     from pipeline.protect import ProtectConfig
 
+    from pipeline.io.paths import PathArg, PathError, check_paths
+
+    try:
+        check_paths([], PathArg("--out-dir", args.out_dir))  # before the server and Ray start
+    except PathError as err:
+        print(f"mimicshield: error: {err}", file=sys.stderr)
+        return 2
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the loopback server's access log
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.commands.docs import HelpFormatter
 from pipeline.commands.options import add_mimic_options, mimic_configs_from_args, names
 from pipeline.models.loading import DEFAULT_MODEL, ModelSpec
 
@@ -18,8 +19,11 @@ def add_parser(sub) -> None:
         description="Mimic the protected images and their clean originals (joined by sample key) with each "
         "scenario, and write OUTPUT/tables/mimicry_metrics/ (Parquet), sample grids under OUTPUT/samples/ and "
         "the trained mimics under OUTPUT/mimics/. PROTECTED and CLEAN are what `protect` reads and writes: "
-        "folders or WebDataset shards, local or s3://. Then `mimicshield report OUTPUT`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "folders or WebDataset shards, local or s3://. Ends with a verdict per method and mimic and writes "
+        "OUTPUT/report.html (--no-report to skip; `mimicshield report OUTPUT` rebuilds it).",
+        epilog="example:\n  mimicshield evaluate out/protected --clean photos/ --output out/eval --model tiny "
+        "--scenario sdedit --device cpu",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("protected", help="protected samples (folder, shards, s3://...)")
     p.add_argument("--clean", required=True, help="the clean originals, with the same keys")
@@ -42,6 +46,9 @@ def add_parser(sub) -> None:
     g.add_argument("--actors", type=int, default=None, help="evaluation actors (default: one per GPU, else 1)")
     g.add_argument("--batch-size", type=int, default=4, help="image pairs per per-image actor batch")
     g.add_argument("--samples-per-group", type=int, default=4, help="sample grids per scenario and group")
+    g.add_argument("--verbose", action="store_true", help="show Ray's own logs and operator progress bars")
+    g.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report.html (`mimicshield report "
+                   "OUTPUT` writes it later)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +61,7 @@ def settings_from_args(args: argparse.Namespace):
         model=ModelSpec(args.model, revision=args.revision, device=args.device, dtype=args.dtype),
         method=args.method, eps=args.eps, run=args.run, prompt=args.prompt, **mimic_configs_from_args(args),
         samples_per_group=args.samples_per_group, batch_size=args.batch_size, actors=args.actors,
-        address=args.address,
+        address=args.address, verbose=bool(getattr(args, "verbose", False)),
     )
 
 
@@ -64,9 +71,25 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.models.loading import ModelLoadError
 
     try:
-        summary = run_evaluation(settings_from_args(args))
+        settings = settings_from_args(args)
+        summary = run_evaluation(settings, log=lambda msg: print(msg, file=sys.stderr))
     except (InputError, ModelLoadError, ValueError, FileNotFoundError) as err:  # raised before any actor starts
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # disk full, permission, S3 access mid-run: named, exit 5 (see protect)
+        from pipeline.io.paths import STORAGE_EXIT, storage_problem
+
+        problem = storage_problem(err)
+        if not problem:
+            raise
+        print(f"mimicshield: error: {problem}", file=sys.stderr)
+        return STORAGE_EXIT
+    from pipeline.evaluate.report import build_report, format_verdicts, read_metrics
+
     print(summary)
+    print("verdict (the mimic of the protected images against the mimic of the clean ones, calibrated figures only):")
+    print(format_verdicts(read_metrics(settings.output, settings.s3)))
+    if not args.no_report:
+        path, _ = build_report(settings.output, settings.s3)
+        print(f"report: {path}")
     return 0

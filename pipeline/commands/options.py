@@ -135,6 +135,9 @@ def add_run_options(parser: argparse.ArgumentParser,
     r.add_argument("--max-memory", dest="max_memory_gb", type=float, default=None, metavar="GB",
                    help="memory one protection step may use; an image whose working size needs more becomes an "
                    "error row naming --resolution (default: what the device has free when the image comes)")
+    r.add_argument("--follow-external-links", action="store_true",
+                   help="folder INPUT: also read symbolic links that lead out of it (default: skipped and counted; "
+                   "loops and links back into INPUT are never followed)")
     r.add_argument("--verbose", action="store_true", help="show Ray's own logs, warnings and progress bars "
                    "(kept off the terminal by default; always in /tmp/ray/session_latest/logs/)")
 
@@ -214,6 +217,7 @@ def run_settings_from_args(args: argparse.Namespace, s3: dict | None = None) -> 
         stall_timeout=getattr(args, "stall_timeout", None), max_memory_gb=getattr(args, "max_memory_gb", None),
         on_bad_shard=args.on_bad_shard,
         overwrite=bool(args.overwrite), jpeg_as=args.jpeg_as,
+        follow_external_links=bool(getattr(args, "follow_external_links", False)),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.commands.docs import HelpFormatter
 from pipeline.commands.options import (
     add_protection_options,
     add_run_options,
@@ -23,7 +24,10 @@ def add_parser(sub) -> None:
         "parameters added under 'mimicshield'); OUTPUT/tables/ gets Parquet tables protect_metrics, errors "
         "and runs. Rerunning the same command resumes: finished shards are skipped (other settings into the same "
         "OUTPUT are refused unless --overwrite). Exit codes: 0 done, 1 failed midway, 2 bad options or input, "
-        "3 some input shards could not be read.",
+        "3 some input shards could not be read, 4 stalled (--stall-timeout), 5 the output storage failed (disk full, "
+        "permission, S3 access): free it and rerun to resume.",
+        epilog="example:\n  mimicshield protect photos/ out/protected --model tiny --steps 20 --device cpu",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("input", nargs="?", help="input folder, shard folder/pattern, or s3://bucket/prefix")
     p.add_argument("output", nargs="?", help="output folder or s3://bucket/prefix")
@@ -46,12 +50,16 @@ def parse_settings(argv: list[str]):
 def run(args: argparse.Namespace) -> int:
     from pipeline.batch.driver import BAD_SHARDS_EXIT, BadShard, run_protect
     from pipeline.cluster.watchdog import STALL_EXIT, Stalled
+    from pipeline.io.paths import STORAGE_EXIT, StorageError
     from pipeline.io.storage import InputError
     from pipeline.models.loading import ModelLoadError
 
     try:
         settings = run_settings_from_args(args)
         summary = run_protect(settings, log=lambda msg: print(msg, file=sys.stderr))
+    except StorageError as err:  # disk full, permission, bucket gone: committed units kept
+        print(f"mimicshield: error: {err}", file=sys.stderr)
+        return STORAGE_EXIT
     except BadShard as err:  # --on-bad-shard fail
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return BAD_SHARDS_EXIT

@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import replace
 
+from pipeline.commands.docs import HelpFormatter
 from pipeline.commands.options import (
     add_mimic_options,
     add_protection_options,
@@ -35,6 +36,8 @@ def add_parser(sub) -> None:
         "CLEAN is a folder of images or WebDataset shards, local or s3://. Rerunning the same command computes "
         "only the missing cells.",
         conflict_handler="resolve",  # --eps and --method below replace protect's single-valued ones
+        epilog="example:\n  mimicshield study photos/ out/study --model tiny --device cpu --methods sds-,photoguard --eps 4,8 --steps 20",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("clean", nargs="?", help="the clean images: folder, shards, or s3://bucket/prefix")
     p.add_argument("output", nargs="?", help="output folder or s3:// prefix")
@@ -100,6 +103,14 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, ModelLoadError, ValueError, FileNotFoundError) as err:
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # disk full, permission, S3 access mid-run: named, exit 5 (see protect)
+        from pipeline.io.paths import STORAGE_EXIT, storage_problem
+
+        problem = storage_problem(err)
+        if not problem:
+            raise
+        print(f"mimicshield: error: {problem}", file=sys.stderr)
+        return STORAGE_EXIT
     print(summary)
     from pipeline.study.report import format_summary, read_table
 

@@ -79,6 +79,101 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return d.pivot_table(index=["scenario", "metric"], columns="column", values="value", aggfunc="mean")
 
 
+# ---------------------------------------------------------------- the verdict
+
+# metric -> (in words, direction: +1 when a larger value means the mimic is further from the artist's image)
+GLOSSARY = {
+    "psnr_ref": ("PSNR between the mimic's output and the artist's (clean) image, dB; lower = the copy is further", -1),
+    "ssim_ref": ("SSIM between the mimic's output and the artist's image, 0-1; lower = further", -1),
+    "lpips_ref": ("LPIPS perceptual distance between the mimic's output and the artist's image; higher = further", +1),
+    "clip_i2i_ref": ("CLIP image similarity of the mimic's output to the artist's images, 0-100; lower = further", -1),
+    "psnr_pair": ("PSNR between the mimic of the protected image and the mimic of the clean one, dB; lower = "
+                  "protection changed the copy more", -1),
+    "ssim_pair": ("SSIM between the two mimics' outputs (protected vs clean input); lower = changed more", -1),
+    "lpips_pair": ("LPIPS between the two mimics' outputs (protected vs clean input); higher = changed more", +1),
+    "clip_i2i_pair": ("CLIP similarity between the two mimics' outputs, 0-100; lower = changed more", -1),
+    "fid": ("FID of the generated set against the artist's images; higher = further", +1),
+    "kid": ("KID of the generated set against the artist's images; higher = further", +1),
+    "clip_score": ("CLIP similarity of generated images to their prompt; lower = the mimic follows it less", -1),
+    "psnr": ("visibility: PSNR of the protected image against the clean one, dB; higher = less visible", +1),
+    "ssim": ("visibility: SSIM of the protected image against the clean one; higher = less visible", +1),
+    "lpips": ("visibility: LPIPS of the protected image against the clean one; lower = less visible", -1),
+}
+# the figure a verdict rests on, in order of preference, with (protected, weak) thresholds on how much
+# further the mimic of the protected images is from the artist's image than the mimic of the clean ones
+VERDICT_METRICS = {"lpips_ref": (0.10, 0.03), "ssim_ref": (0.10, 0.03), "psnr_ref": (3.0, 1.0),
+                   "clip_i2i_ref": (5.0, 2.0), "fid": (50.0, 15.0)}
+VERDICT_RULE = ("protected: the mimic of the protected images is at least as far again from the artist's image as the "
+                "first threshold (LPIPS +0.10, SSIM -0.10, PSNR -3 dB, CLIP -5, FID +50) beyond the mimic of the clean "
+                "images; weak: at least the second (LPIPS +0.03, SSIM -0.03, PSNR -1 dB, CLIP -2, FID +15); not "
+                "protected: less. Each verdict uses the first calibrated figure of LPIPS, SSIM, PSNR, CLIP, FID "
+                "(uncalibrated figures never count).")
+
+
+def verdicts(df: pd.DataFrame) -> list[dict]:
+    """One verdict per (method, eps, mimic scenario): protected / weak / not protected, with its figure.
+
+    Only calibrated rows count; a scenario whose every figure is uncalibrated gets verdict None and says why.
+    """
+    out = []
+    if df.empty:
+        return out
+    mimic = df[df["scenario"] != "visibility"]
+    base = mimic[mimic["method"] == "none"]
+    for (method, eps, scenario), part in mimic[mimic["method"] != "none"].groupby(["method", "eps", "scenario"],
+                                                                                 dropna=False):
+        row = {"method": method, "eps": eps, "scenario": scenario, "verdict": None, "metric": None, "words": ""}
+        for metric, (strong, weak) in VERDICT_METRICS.items():
+            prot = part[(part["metric"] == metric) & part["calibrated"]]
+            clean = base[(base["scenario"] == scenario) & (base["metric"] == metric) & base["calibrated"]]
+            if prot.empty or clean.empty:
+                continue
+            p, c = float(prot["value"].mean()), float(clean["value"].mean())
+            further = (p - c) * GLOSSARY[metric][1]
+            row.update(metric=metric, protected_value=p, clean_value=c, further=further,
+                       verdict="protected" if further >= strong else "weak" if further >= weak else "not protected")
+            name = metric.removesuffix("_ref").upper().replace("CLIP_I2I", "CLIP similarity")
+            row["words"] = (f"{scenario} copies of the protected images are {further:+.3g} {name} further from the "
+                            f"artist's image than copies of the clean ones ({name} {p:.3g} vs {c:.3g})")
+            break
+        else:
+            row["words"] = ("every figure is uncalibrated (random metric backbones or a "
+                            "built-in random-weight mimic model); see the uncalibrated table")
+        out.append(row)
+    return out
+
+
+def format_verdicts(df: pd.DataFrame) -> str:
+    """The verdicts in words, one line each (what `evaluate` prints at its end)."""
+    lines = []
+    for v in verdicts(df):
+        what = label(v["method"], float(v["eps"]))
+        lines.append(f"  {what} vs {v['scenario']}: {(v['verdict'] or 'no verdict').upper()}: {v['words']}")
+    if lines:
+        lines.append("  (no equal-budget noise baseline in this run; no style-score verdict yet)")
+    return "\n".join(lines) or "  no protected/clean mimic pairs to judge"
+
+
+def _verdict_html(df: pd.DataFrame) -> str:
+    rows = verdicts(df)
+    if not rows:
+        return "<section id='verdict'><h2>Verdict</h2><p>No protected/clean mimic pairs to judge.</p></section>"
+    colour = {"protected": "#1a7f37", "weak": "#b35900", "not protected": "#b42318", None: "#555"}
+    items = "".join(
+        f"<li><b style='color:{colour[v['verdict']]}'>{html.escape((v['verdict'] or 'no verdict').upper())}</b> "
+        f"&mdash; {html.escape(label(v['method'], float(v['eps'])))} against "
+        f"{html.escape(v['scenario'])}: {html.escape(v['words'])}</li>" for v in rows)
+    return (f"<section id='verdict'><h2>Verdict</h2><ul class='verdict'>{items}</ul><p class='note'>"
+            f"{html.escape(VERDICT_RULE)} No equal-budget noise baseline in this run, so protection is compared "
+            "with the clean images only; a style-score verdict is not computed yet.</p></section>")
+
+
+def _glossary_html(metrics) -> str:
+    items = "".join(f"<li><code>{html.escape(m)}</code>: {html.escape(GLOSSARY[m][0])}</li>"
+                    for m in sorted(metrics) if m in GLOSSARY)
+    return f"<h2>What each metric means</h2><ul class='glossary'>{items}</ul>" if items else ""
+
+
 def _plot_png(df: pd.DataFrame, scenario: str) -> bytes:
     plt = pyplot()
     d = df[df["scenario"] == scenario]
@@ -116,15 +211,23 @@ def build_report(output: str, s3=None, max_samples: int = 12) -> tuple[str, pd.D
     parts = [f"<h1>mimicshield evaluation report</h1><p class='note'>{html.escape(to_uri(*split_uri(output, s3)))}"
              f" &middot; {len(df)} metric rows &middot; runs: {html.escape(', '.join(sorted(df['run'].unique())) or '-')}"
              f"</p>"]
-    if not df.empty and not df["calibrated"].all():
-        parts.append("<p class='note'><b>Uncalibrated rows present</b>: some metric backbones (LPIPS, CLIP, "
-                     "FID/KID features) or the mimic model had random weights; such values rank settings within "
-                     "this run but are not comparable with published figures.</p>")
-    parts.append("<h2>Summary</h2><p class='note'>Mean per scenario and metric, over runs, groups and settings. "
-                 "'none (clean)' is the same mimic on the clean images: protection works when the protected "
-                 "columns are far from it (higher lpips/fid/kid, lower psnr/ssim/clip similarity).</p>")
-    parts.append(summary.to_html(float_format=lambda v: f"{v:.4g}", na_rep="-") if not summary.empty
-                 else "<p>No metric rows found.</p>")
+    parts.append(_verdict_html(df))
+    calibrated = df[df["calibrated"]] if not df.empty else df
+    uncalibrated = df[~df["calibrated"]] if not df.empty else df
+    parts.append("<h2>Summary (calibrated figures)</h2><p class='note'>Mean per scenario and metric, over runs, groups "
+                 "and settings. 'none (clean)' is the same mimic on the clean images.</p>")
+    summary_cal = summary_table(calibrated)
+    parts.append(summary_cal.to_html(float_format=lambda v: f"{v:.4g}", na_rep="-") if not summary_cal.empty
+                 else "<p>No calibrated figures in this evaluation.</p>" if not df.empty else "<p>No metric rows found.</p>")
+    if not uncalibrated.empty:
+        parts.append("<h2>Uncalibrated figures (not in the verdict)</h2><p class='note'><b>Uncalibrated rows "
+                     "present</b>: some metric backbones (LPIPS, CLIP, FID/KID features) or the mimic model had random "
+                     "weights; such values rank settings within this run but are not comparable with published "
+                     "figures and never count in the verdict.</p>")
+        parts.append("<div class='uncalibrated'>" + summary_table(uncalibrated).to_html(
+            float_format=lambda v: f"{v:.4g}", na_rep="-") + "</div>")
+    if not df.empty:
+        parts.append(_glossary_html(df["metric"].unique()))
     parts.append("<h2>Samples</h2>")
     for scenario in dict.fromkeys(s["scenario"] for s in samples):
         parts.append(f"<h3>{html.escape(scenario)}</h3>")
@@ -135,10 +238,11 @@ def build_report(output: str, s3=None, max_samples: int = 12) -> tuple[str, pd.D
                    f"{html.escape(', '.join(map(str, s.get('columns', []))))}")
             alt = f"{scenario} {s.get('name')}"
             parts.append(f"<div class='sample'>{img(s['png'], alt, 'grid')}{cap}</div>")
-    if not df.empty:
+    if not df.empty and df.loc[df["method"] != "none", "eps"].nunique() >= 2:  # a plot needs 2+ budgets
         parts.append("<h2>Metrics per method and budget</h2>")
         for scenario in sorted(df["scenario"].unique()):
             parts.append(img(_plot_png(df, scenario), f"plot {scenario}", "plot"))
+    if not df.empty:
         parts.append("<h2>All rows</h2>")
         full = df.sort_values(["scenario", "setting", "metric", "method", "eps", "group"])
         parts.append(full.to_html(index=False, float_format=lambda v: f"{v:.4g}"))

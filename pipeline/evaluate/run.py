@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.cluster.pool import actor_share
+from pipeline.cluster.logs import quiet_data_context
 from pipeline.cluster.session import ensure_ray
 from pipeline.evaluate.mimic import (
     TRAINING_SCENARIOS,
@@ -51,6 +52,7 @@ from pipeline.evaluate.settings import EvalSettings
 from pipeline.io.images import ImageError, decode_image
 from pipeline.io.metadata import sample_meta
 from pipeline.io.samples import read_samples
+from pipeline.io.paths import PathArg, check_paths
 from pipeline.io.storage import InputError, split_uri, to_uri
 from pipeline.io.tables import write_table
 from pipeline.metrics.mimicry import Metrics
@@ -115,7 +117,7 @@ def amplified_perturbation(clean: np.ndarray, protected: np.ndarray, gain: float
     return np.clip(delta * gain + 128, 0, 255).astype(np.uint8)
 
 
-def grid(rows: list[list[np.ndarray]], size: int = 128, pad: int = 2) -> np.ndarray:
+def grid(rows: list[list[np.ndarray]], size: int = 256, pad: int = 2) -> np.ndarray:
     """Images (uint8 H x W x 3) as a grid of size x size cells on white."""
     n_cols = max(len(r) for r in rows)
     out = np.full((len(rows) * (size + pad) + pad, n_cols * (size + pad) + pad, 3), 255, np.uint8)
@@ -482,6 +484,8 @@ def protection_from_runs(settings: EvalSettings) -> tuple[str | None, float | No
 def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     """Run every requested scenario over PROTECTED vs CLEAN; write the table; return a summary."""
     start = time.perf_counter()
+    check_paths([PathArg("PROTECTED", settings.protected), PathArg("--clean", settings.clean)],
+                PathArg("--output", settings.output), settings.s3)  # before Ray: each problem one line
     if settings.method is None or settings.eps is None:  # folder outputs: from the protect runs, when they agree
         method, eps = protection_from_runs(settings)
         settings = replace(settings, method=settings.method or method,
@@ -489,7 +493,10 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     settings.model.check()  # fail fast on the driver, not in every actor
     if "inpaint" in settings.scenarios:
         settings.inpaint_spec.check()
-    ensure_ray(settings.address)
+    ensure_ray(settings.address, settings.verbose)
+    import ray.data
+
+    quiet_data_context(ray.data.DataContext.get_current(), settings.verbose)  # as protect: no INFO lines, no operator bars
     opts = actor_options(settings)  # the resource plan: a pool that cannot run beside its tasks is refused here
     eval_id = f"eval-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     joined = build_pairs(settings).materialize()

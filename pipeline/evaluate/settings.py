@@ -38,6 +38,7 @@ class EvalSettings:
     batch_size: int = 4
     actors: int | None = None
     address: str | None = None
+    verbose: bool = False  # Ray's own logs and operator progress bars on the terminal (cluster/logs.py)
     s3: S3Options = field(default_factory=S3Options)  # a dict is converted once
 
     def __post_init__(self):

@@ -16,7 +16,8 @@ CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc} h3{font-size:1em}
 table{border-collapse:collapse;font-size:12px} td,th{border:1px solid #ddd;padding:3px 6px;text-align:right}
-th{background:#f4f4f4} .sample{display:inline-block;margin:0 1em 1em 0;vertical-align:top;font-size:11px;max-width:720px}
+th{background:#f4f4f4} .sample{display:inline-block;margin:0 1em 1em 0;vertical-align:top;font-size:11px;max-width:100%}
+.sample img{max-width:100%} ul.verdict{font-size:15px;line-height:1.5} .uncalibrated{opacity:.75}
 .sample img{display:block;image-rendering:pixelated;border:1px solid #ccc} .note{color:#666;font-size:12px}
 """
 

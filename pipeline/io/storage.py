@@ -273,29 +273,105 @@ def check_bucket(filesystem: pafs.FileSystem, path: str, uri: str) -> None:
 # ---------------------------------------------------------------- listings
 
 
-def _walk(filesystem: pafs.FileSystem, root: str, uri: str) -> list[pafs.FileInfo]:
-    """Files under `root` (tables/ and hidden entries skipped); local symlinks to nothing are kept
-    (reading them gives the sample's error row instead of a silent gap)."""
+@dataclass
+class Links:
+    """How a local folder listing treats symbolic links, and what it skipped (filled in by the listing).
+
+    Each real file is listed once and no directory twice, so a loop (``sub/loop -> ..``) ends at once.
+    A link whose target is inside the listed folder is skipped (the target is listed where it is); one
+    that leads out of it is skipped unless `follow_external` (``--follow-external-links``). Links to
+    nothing are kept: reading them gives the sample's error row instead of a silent gap.
+    """
+
+    follow_external: bool = False
+    skipped: list = field(default_factory=list)  # (link path, why) for each link not followed
+
+    def summary(self) -> str | None:
+        """One line for the run summary, or None when nothing was skipped."""
+        if not self.skipped:
+            return None
+        whys: dict[str, int] = {}
+        for _, why in self.skipped:
+            whys[why] = whys.get(why, 0) + 1
+        return f"{len(self.skipped)} symbolic link(s) in INPUT skipped: " + "; ".join(
+            f"{n} {why}" for why, n in sorted(whys.items(), key=lambda kv: -kv[1]))
+
+
+LINK_OUTSIDE = "lead out of INPUT (--follow-external-links follows them)"
+LINK_INSIDE = "lead to a file or folder inside INPUT, listed once where it is"
+LINK_LOOP = "close a loop (lead to a folder above them)"
+LINK_SEEN = "lead to a file or folder already listed (a loop or a second link)"
+
+
+def _local_walk(root: str, links: Links) -> list[pafs.FileInfo]:
+    """Files under a local `root`, directory links never followed around a loop or (by default) out of root."""
+    real_root = os.path.realpath(root)
+    seen_dirs, seen_files, out, stack = {real_root}, set(), [], [root]
+
+    def inside(target: str) -> bool:
+        return target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
+
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            entries = sorted(entries, key=lambda e: e.name)
+        for entry in entries:
+            path = entry.path
+            if entry.is_symlink():
+                target = os.path.realpath(path)
+                if not os.path.exists(target):
+                    out.append(pafs.FileInfo(path, pafs.FileType.NotFound))  # a link to nothing: an error row
+                    continue
+                here = os.path.realpath(folder)
+                if os.path.isdir(target) and (here == target or here.startswith(target.rstrip(os.sep) + os.sep)):
+                    links.skipped.append((path, LINK_LOOP))  # a folder above the link: a loop
+                    continue
+                if inside(target):
+                    links.skipped.append((path, LINK_INSIDE))
+                    continue
+                if not inside(target) and not links.follow_external:
+                    links.skipped.append((path, LINK_OUTSIDE))
+                    continue
+                seen = seen_dirs if os.path.isdir(target) else seen_files
+                if target in seen:
+                    links.skipped.append((path, LINK_SEEN))
+                    continue
+                seen.add(target)
+                if os.path.isdir(target):
+                    stack.append(path)
+                elif os.path.isfile(target):
+                    st = os.stat(target)
+                    out.append(pafs.FileInfo(path, pafs.FileType.File, size=st.st_size, mtime_ns=st.st_mtime_ns))
+            elif entry.is_dir(follow_symlinks=False):
+                real = os.path.realpath(path)
+                if real not in seen_dirs:
+                    seen_dirs.add(real)
+                    stack.append(path)
+            elif entry.is_file(follow_symlinks=False):
+                real = os.path.realpath(path)
+                if real not in seen_files:
+                    seen_files.add(real)
+                    st = entry.stat(follow_symlinks=False)
+                    out.append(pafs.FileInfo(path, pafs.FileType.File, size=st.st_size, mtime_ns=st.st_mtime_ns))
+    return out
+
+
+def _walk(filesystem: pafs.FileSystem, root: str, uri: str, links: Links | None = None) -> list[pafs.FileInfo]:
+    """Files under `root` (tables/ and hidden entries skipped). Local folders: symbolic links as `Links`
+    says (default: never out of `root`, never around a loop; links to nothing kept)."""
     try:
-        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            infos = _local_walk(root, links if links is not None else Links()) if os.path.isdir(root) else []
+        else:
+            infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as err:
         raise _explain(err, uri) from None
     skip = posixpath.join(root.rstrip("/"), TABLES_DIR) + "/"
-    if isinstance(filesystem, pafs.LocalFileSystem):  # pyarrow's listing leaves dangling symlinks out
-        infos = list(infos) + [pafs.FileInfo(p, pafs.FileType.NotFound) for p in _dangling_links(root)]
     return [
         i for i in infos
         if i.type in (pafs.FileType.File, pafs.FileType.NotFound) and not i.path.startswith(skip)
         and not any(part.startswith((".", "_")) for part in posixpath.relpath(i.path, root).split("/"))
     ]
-
-
-def _dangling_links(root: str) -> list[str]:
-    """Local symlinks under `root` whose target does not exist."""
-    out = []
-    for folder, dirs, files in os.walk(root):
-        out += [p for name in files + dirs if os.path.islink(p := os.path.join(folder, name)) and not os.path.exists(p)]
-    return out
 
 
 def _suffix(path: str) -> str:
@@ -331,7 +407,8 @@ def list_shards(filesystem: pafs.FileSystem, path: str, uri: str | None = None) 
     return [i.path for i in shard_infos(filesystem, path, uri)]
 
 
-def shard_infos(filesystem: pafs.FileSystem, path: str, uri: str | None = None) -> list[pafs.FileInfo]:
+def shard_infos(filesystem: pafs.FileSystem, path: str, uri: str | None = None, links: Links | None = None
+                ) -> list[pafs.FileInfo]:
     """`list_shards` with each shard's size and mtime, from the listing itself (no second request)."""
     uri = uri or to_uri(filesystem, path)
     if "{" in path:
@@ -344,11 +421,13 @@ def shard_infos(filesystem: pafs.FileSystem, path: str, uri: str | None = None) 
         import fnmatch
 
         root = pattern_root(path)
-        return sorted((i for i in _walk(filesystem, root, uri) if fnmatch.fnmatch(i.path, path)), key=lambda i: i.path)
+        return sorted((i for i in _walk(filesystem, root, uri, links) if fnmatch.fnmatch(i.path, path)),
+                      key=lambda i: i.path)
     info = file_info(filesystem, path, uri)
     if info.type == pafs.FileType.File:
         return [info]
-    return sorted((i for i in _walk(filesystem, path, uri) if i.path.endswith(SHARD_SUFFIXES)), key=lambda i: i.path)
+    return sorted((i for i in _walk(filesystem, path, uri, links) if i.path.endswith(SHARD_SUFFIXES)),
+                  key=lambda i: i.path)
 
 
 def list_images(filesystem: pafs.FileSystem, path: str, uri: str | None = None) -> list[str]:
@@ -356,10 +435,12 @@ def list_images(filesystem: pafs.FileSystem, path: str, uri: str | None = None) 
     return [i.path for i in image_infos(filesystem, path, uri)]
 
 
-def image_infos(filesystem: pafs.FileSystem, path: str, uri: str | None = None) -> list[pafs.FileInfo]:
-    """`list_images` with each file's size and mtime (what a unit's input identity covers)."""
+def image_infos(filesystem: pafs.FileSystem, path: str, uri: str | None = None, links: Links | None = None
+                ) -> list[pafs.FileInfo]:
+    """`list_images` with each file's size and mtime (what a unit's input identity covers); `links`: how
+    local symbolic links are followed, and what was skipped."""
     uri = uri or to_uri(filesystem, path)
-    return sorted((i for i in _walk(filesystem, path, uri) if _suffix(i.path) in IMAGE_SUFFIXES), key=lambda i: i.path)
+    return sorted((i for i in _walk(filesystem, path, uri, links) if _suffix(i.path) in IMAGE_SUFFIXES), key=lambda i: i.path)
 
 
 def folder_key(path: str, root: str, same_stem: frozenset | set = frozenset()) -> str:

@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass
 from pipeline.batch.settings import RunSettings
 from pipeline.cluster.faults import fault_point
 from pipeline.cluster.pool import actor_share
+from pipeline.cluster.logs import quiet_data_context
 from pipeline.cluster.session import ensure_ray
 from pipeline.evaluate.settings import EvalSettings
+from pipeline.io.paths import PathArg, check_paths
 from pipeline.study import adapter
 from pipeline.study.grid import CLEAN, Cell, StudyGrid
 from pipeline.study.purify import PurifyContext, parse_purification
@@ -104,9 +106,13 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
 
     t0 = time.perf_counter()
     grid = settings.grid
+    check_paths([PathArg("CLEAN", settings.clean)], PathArg("OUTPUT", settings.output), settings.s3)  # before Ray
     store = StudyStore(settings.output, settings.s3)
     settings.model.check()
-    ensure_ray(settings.address)
+    ensure_ray(settings.address, settings.protect.verbose)
+    import ray.data
+
+    quiet_data_context(ray.data.DataContext.get_current(), settings.protect.verbose)  # as protect: quiet
     worker_options(settings)  # the resource plan, before any work (cluster/pool.py)
     store.write(f"{store.root}/study.json", json.dumps(settings.record(), indent=1, default=str).encode())
 
