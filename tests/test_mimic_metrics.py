@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.evaluate.mimic.common import resize_square
+from pipeline.evaluate.mimic.common import mimic_view
 from pipeline.metrics.mimicry import MetricConfig, Metrics
 from pipeline.metrics.visibility import PSNR_CAP
 
 
 @pytest.fixture(scope="module")
 def images(photos):
-    return [resize_square(p, 64) for p in photos.values()]
+    return [mimic_view(p, 64) for p in photos.values()]
 
 
 @pytest.fixture(scope="module")

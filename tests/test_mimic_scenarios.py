@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.evaluate.mimic import Inpaint, InpaintConfig, SDEdit, SDEditConfig
-from pipeline.evaluate.mimic.common import resize_square
+from pipeline.evaluate.mimic.common import mimic_view
 from pipeline.evaluate.mimic.masks import (
     center_mask,
     make_mask,
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pair(photos):
     """Two clean 64x64 photos and a protected-like copy (an eps=8 perturbation)."""
-    clean = [resize_square(photos[k], 64) for k in ("astronaut", "coffee")]
+    clean = [mimic_view(photos[k], 64) for k in ("astronaut", "coffee")]
     rng = np.random.default_rng(0)
     protected = [np.clip(c.astype(int) + rng.choice([-8, 8], c.shape), 0, 255).astype(np.uint8) for c in clean]
     return ["a", "b"], clean, protected

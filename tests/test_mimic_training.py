@@ -12,7 +12,7 @@ from pipeline.evaluate.mimic import (
     TextualInversion,
     TextualInversionConfig,
 )
-from pipeline.evaluate.mimic.common import load_pipeline, resize_square
+from pipeline.evaluate.mimic.common import load_pipeline, mimic_view
 from pipeline.evaluate.mimic.textual_inversion import placeholder_token
 from pipeline.models.loading import model_path
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def group(photos):
-    return [resize_square(p, 64) for p in photos.values()]
+    return [mimic_view(p, 64) for p in photos.values()]
 
 
 def _generate(pipe, prompt: str) -> np.ndarray:

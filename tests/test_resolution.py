@@ -191,3 +191,34 @@ def test_a_long_run_is_announced_with_the_option_that_cuts_it(tmp_path, monkeypa
     settings.address = "10.0.0.5:6379"  # a cluster's workers are not this machine: no estimate
     monkeypatch.setattr(estimate_module, "LONG_SECONDS", 0.0)
     assert estimate_module.cost_warning(settings, "folder", units) is None
+
+
+# ---------------------------------------------------------------- the evaluation's mimics see what fine-tuning scripts see
+
+
+@pytest.mark.mutation
+def test_mimics_and_their_references_crop_the_centre_and_keep_the_aspect():
+    from pipeline.evaluate.mimic.common import mimic_view, to_model_tensor
+    from pipeline.io.images import center_crop_resize
+    from pipeline.metrics.mimicry import _same_size
+
+    wide = np.zeros((60, 180, 3), np.uint8)  # thirds: red | green | blue
+    wide[:, :60, 0] = wide[:, 60:120, 1] = wide[:, 120:, 2] = 255
+    view = mimic_view(wide, 30)
+    assert view.shape == (30, 30, 3)
+    assert (view[:, :, 1] > 200).all() and view[:, :, 0].max() < 60 and view[:, :, 2].max() < 60  # the centre, unsquashed
+    tall = wide.transpose(1, 0, 2).copy()
+    assert (mimic_view(tall, 30)[:, :, 1] > 200).all()
+    x = to_model_tensor([wide], 30)
+    assert tuple(x.shape) == (1, 3, 30, 30) and float(x[0, 1].min()) > 0.5
+    # a square image is only resized
+    square = np.asarray(Image.fromarray(wide[:, 60:120]).resize((64, 64)))
+    assert np.array_equal(center_crop_resize(square, 64), square)
+    # the metric compares a mimic output with the reference as the mimic saw it
+    _, (ref,) = _same_size([view], [wide])
+    assert np.array_equal(ref, view)
+    # a mask is cropped like its image (nearest: still binary)
+    mask = np.zeros((60, 180), np.uint8)
+    mask[:, 80:100] = 255
+    cropped = center_crop_resize(mask, 30, Image.NEAREST)
+    assert set(np.unique(cropped)) <= {0, 255} and cropped[:, 15].min() == 255 and cropped[:, 0].max() == 0

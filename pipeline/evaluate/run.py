@@ -46,7 +46,7 @@ from pipeline.evaluate.mimic import (
     SDEdit,
     TextualInversion,
 )
-from pipeline.evaluate.mimic.common import resize_square
+from pipeline.evaluate.mimic.common import mimic_view
 from pipeline.evaluate.mimic.textual_inversion import placeholder_token
 from pipeline.evaluate.settings import EvalSettings
 from pipeline.io.images import ImageError, decode_image
@@ -124,7 +124,7 @@ def grid(rows: list[list[np.ndarray]], size: int = 256, pad: int = 2) -> np.ndar
     for i, r in enumerate(rows):
         for j, img in enumerate(r):
             y, x = pad + i * (size + pad), pad + j * (size + pad)
-            out[y : y + size, x : x + size] = resize_square(img, size)
+            out[y : y + size, x : x + size] = mimic_view(img, size)
     return out
 
 

@@ -191,6 +191,9 @@ def extension_for(image: DecodedImage) -> str:
 #                            combination of values in the eps-ball stays in it)
 #   resize_image             uint8 images for a mimic or a metric: PIL bicubic (diffusers' and the
 #                            evaluation references' own transforms)
+#   center_crop_resize       what a fine-tuning script feeds its model: the shorter side resized to
+#                            `size`, then the centre size x size (diffusers' Resize(size) + CenterCrop(size));
+#                            the evaluation's mimics and the references they are compared with
 
 
 def to_tensor(rgb: np.ndarray, device=None):
@@ -223,6 +226,22 @@ def resize_perturbation(d, size: tuple[int, int]):
     if tuple(d.shape[-2:]) == tuple(size):
         return d
     return F.interpolate(d, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def center_crop_resize(rgb: np.ndarray, size: int, resample=Image.BICUBIC) -> np.ndarray:
+    """uint8 H x W (x C) -> size x size: the shorter side resized to `size`, then the centre crop (aspect kept).
+
+    What the diffusers training scripts do (``Resize(size)`` + ``CenterCrop(size)``); `resample`
+    NEAREST for masks. A square image is only resized, as before.
+    """
+    h, w = rgb.shape[:2]
+    if h == w:
+        return rgb if h == size else np.asarray(Image.fromarray(rgb).resize((size, size), resample))
+    scale = size / min(h, w)
+    rh, rw = max(size, round(h * scale)), max(size, round(w * scale))
+    resized = np.asarray(Image.fromarray(rgb).resize((rw, rh), resample))
+    top, left = (rh - size) // 2, (rw - size) // 2
+    return resized[top : top + size, left : left + size]
 
 
 def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:

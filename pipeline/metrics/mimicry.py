@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.io.images import resize_image, resize_pixels
+from pipeline.io.images import center_crop_resize, resize_image, resize_pixels
 from pipeline.metrics.lpips import build_lpips
 from pipeline.metrics.visibility import PSNR_CAP, psnr, ssim  # noqa: F401  (PSNR_CAP re-exported for callers)
 from pipeline.models.builtin.build import build_tokenizer
@@ -67,12 +67,13 @@ def _batch(images: list[np.ndarray], size: int | None = None) -> torch.Tensor:
 
 
 def _same_size(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Resize b to a's sizes where they differ (mimic outputs vs references at native size)."""
+    """b brought to a's sizes where they differ (mimic outputs vs references at native size): a square output
+    gets the reference as the mimic saw it (shorter side resized, centre crop: io/images.center_crop_resize)."""
 
     out = []
     for x, y in zip(a, b):
         if x.shape != y.shape:
-            y = resize_image(y, x.shape[:2])
+            y = center_crop_resize(y, x.shape[0]) if x.shape[0] == x.shape[1] else resize_image(y, x.shape[:2])
         out.append(y)
     return a, out
 

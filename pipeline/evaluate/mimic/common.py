@@ -1,8 +1,10 @@
 """What every mimicry scenario shares: image <-> tensor conversion, seeds, and diffusers pipelines.
 
-A mimic sees images at one working resolution: a square resize to ``resolution`` (the
-model's native size by default: 512 for SD 1.5, 64 for the built-in ``tiny``), as the
-Diff-Protect reference evaluation does. Outputs are uint8 H x W x 3 arrays at that size.
+A mimic sees images at one working resolution, ``resolution`` (the model's native size by default:
+512 for SD 1.5, 64 for the built-in ``tiny``), prepared as the fine-tuning scripts prepare them: the
+shorter side resized to it, then the centre square (diffusers' ``Resize`` + ``CenterCrop``; the aspect
+is kept, never squashed). The metrics compare outputs with references prepared the same way
+(`metrics/mimicry.py`). Outputs are uint8 arrays at that size.
 
 Pipelines are plain diffusers pipelines loaded from the model's directory (``models.path``),
 safety checker off, progress bars off; an SDXL model (its model_index.json names an SDXL pipeline)
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.io.images import resize_image
+from pipeline.io.images import center_crop_resize
 from pipeline.models.diffusion import encode_text, sdxl_time_ids, text_parts
 from pipeline.models.loading import (
     ModelSpec,
@@ -53,18 +55,18 @@ def native_resolution(pipe) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
-def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Square resize (aspect not kept, as the reference evaluation does); uint8 in, uint8 out."""
-    return resize_image(rgb, (size, size))
+def mimic_view(rgb: np.ndarray, size: int) -> np.ndarray:
+    """An image as a mimic at `size` sees it: shorter side to `size`, centre crop (io/images.center_crop_resize)."""
+    return center_crop_resize(rgb, size)
 
 
 def to_pil(images: list[np.ndarray], size: int) -> list[Image.Image]:
-    return [Image.fromarray(resize_square(img, size)) for img in images]
+    return [Image.fromarray(mimic_view(img, size)) for img in images]
 
 
 def to_model_tensor(images: list[np.ndarray], size: int) -> torch.Tensor:
     """A batch in [-1, 1], N x 3 x size x size, float32 on CPU."""
-    arr = np.stack([resize_square(img, size) for img in images]).astype(np.float32) / 127.5 - 1.0
+    arr = np.stack([mimic_view(img, size) for img in images]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 

@@ -28,6 +28,7 @@ from pipeline.evaluate.mimic.common import (
     to_uint8,
 )
 from pipeline.evaluate.mimic.masks import MASK_MODES, make_mask
+from pipeline.io.images import center_crop_resize
 from pipeline.models.loading import ModelSpec
 from pipeline.seeds import key_seed
 
@@ -104,7 +105,7 @@ class Inpaint:
     @torch.no_grad()
     def inpaint(self, images, masks, keys, prompts) -> list[np.ndarray]:
         cfg, size = self.config, self.resolution
-        mask_images = [Image.fromarray(m).resize((size, size), Image.NEAREST) for m in masks]
+        mask_images = [Image.fromarray(center_crop_resize(m, size, Image.NEAREST)) for m in masks]  # as the image
         out = self.pipe(
             prompt=list(prompts),
             image=to_pil(images, size),
