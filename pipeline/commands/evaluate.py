@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pipeline.commands.docs import HelpFormatter
-from pipeline.commands.options import add_mimic_options, mimic_configs_from_args, names
+from pipeline.commands.options import (
+    add_mimic_options,
+    mimic_configs_from_args,
+    names,
+    run_with_exit_codes,
+)
 from pipeline.models.loading import DEFAULT_MODEL, ModelSpec
 
 
@@ -67,23 +71,11 @@ def settings_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.evaluate.run import run_evaluation
-    from pipeline.io.storage import InputError
-    from pipeline.models.loading import ModelLoadError
 
-    try:
-        settings = settings_from_args(args)
-        summary = run_evaluation(settings, log=lambda msg: print(msg, file=sys.stderr))
-    except (InputError, ModelLoadError, ValueError, FileNotFoundError) as err:  # raised before any actor starts
-        print(f"mimicshield: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # disk full, permission, S3 access mid-run: named, exit 5 (see protect)
-        from pipeline.io.paths import STORAGE_EXIT, storage_problem
-
-        problem = storage_problem(err)
-        if not problem:
-            raise
-        print(f"mimicshield: error: {problem}", file=sys.stderr)
-        return STORAGE_EXIT
+    outcome = run_with_exit_codes(settings_from_args, run_evaluation, args)
+    if isinstance(outcome, int):
+        return outcome
+    settings, summary = outcome
     from pipeline.evaluate.report import build_report, format_verdicts, read_metrics
 
     print(summary)

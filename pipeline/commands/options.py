@@ -277,3 +277,31 @@ def mimic_configs_from_args(args: argparse.Namespace) -> dict:
         metrics=MetricConfig(lpips_weights=args.lpips_weights, clip_model=args.clip_model,
                              fid_weights=args.fid_weights, fid_min_images=args.fid_min_images, device=args.device),
     )
+
+
+def run_with_exit_codes(build_settings, run, args: argparse.Namespace):
+    """(settings, summary) of `run(build_settings(args), log=stderr)`, or the exit code after one line on stderr.
+
+    2: bad options or input found before any work; 5 (``STORAGE_EXIT``): the output storage failed
+    mid-run (disk full, permission, S3 access). Anything else is re-raised. evaluate and study share this;
+    protect has more cases of its own (bad shards, stalls).
+    """
+    import sys
+
+    from pipeline.io.paths import STORAGE_EXIT, storage_problem
+    from pipeline.io.storage import InputError
+    from pipeline.models.loading import ModelLoadError
+
+    try:
+        settings = build_settings(args)
+        return settings, run(settings, log=lambda msg: print(msg, file=sys.stderr))
+    except (InputError, ModelLoadError, ValueError, FileNotFoundError) as err:  # raised before any actor starts
+        print(f"mimicshield: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        problem = storage_problem(err)
+        if not problem:
+            raise
+        print(f"mimicshield: error: {problem}", file=sys.stderr)
+        return STORAGE_EXIT
+

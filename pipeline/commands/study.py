@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 
 from pipeline.commands.docs import HelpFormatter
@@ -16,6 +15,7 @@ from pipeline.commands.options import (
     mimic_configs_from_args,
     names,
     run_settings_from_args,
+    run_with_exit_codes,
 )
 
 
@@ -93,24 +93,12 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.io.storage import InputError
-    from pipeline.models.loading import ModelLoadError
     from pipeline.study.run import run_study
 
-    try:
-        settings = settings_from_args(args)
-        summary = run_study(settings, log=lambda msg: print(msg, file=sys.stderr))
-    except (InputError, ModelLoadError, ValueError, FileNotFoundError) as err:
-        print(f"mimicshield: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # disk full, permission, S3 access mid-run: named, exit 5 (see protect)
-        from pipeline.io.paths import STORAGE_EXIT, storage_problem
-
-        problem = storage_problem(err)
-        if not problem:
-            raise
-        print(f"mimicshield: error: {problem}", file=sys.stderr)
-        return STORAGE_EXIT
+    outcome = run_with_exit_codes(settings_from_args, run_study, args)
+    if isinstance(outcome, int):
+        return outcome
+    settings, summary = outcome
     print(summary)
     from pipeline.study.report import format_summary, read_table
 

@@ -73,8 +73,7 @@ def step_cost(protector, height: int, width: int) -> StepCost:
     for models in protector.members:
         meta = getattr(models, "_meta_copy", None)
         if meta is None:
-            meta = meta_copy(models)
-            object.__setattr__(models, "_meta_copy", meta)  # built once per model
+            meta = models._meta_copy = meta_copy(models)  # built once per loaded model
         storages: dict[int, int] = {}
 
         def pack(t):
@@ -104,8 +103,12 @@ def step_cost(protector, height: int, width: int) -> StepCost:
                 torch.autograd.grad(seen, x, grad_outputs=d)
         flops += counter.get_total_flops()
         saved = max(saved, sum(storages.values()))
-    full = 3 * height * width * 4
-    return StepCost(flops=float(flops), saved_bytes=saved, image_bytes=(8 if through else 4) * full)
+    return StepCost(flops=float(flops), saved_bytes=saved, image_bytes=full_size_bytes(height, width, through))
+
+
+def full_size_bytes(height: int, width: int, through: bool) -> int:
+    """The full-size float32 tensors PGD keeps: x, x_adv, direction, sign (and, through the resize, its graph)."""
+    return (8 if through else 4) * 3 * height * width * 4
 
 
 def memory_limit_bytes(device: torch.device, configured_gb: float | None) -> float:
@@ -124,7 +127,8 @@ def memory_limit_bytes(device: torch.device, configured_gb: float | None) -> flo
 class MemoryGate:
     """Refuses, per image, a working size whose step would not fit the memory limit (see the module doc).
 
-    The count on the meta device takes a fraction of a second, so it is kept per working size.
+    The count on the meta device takes a fraction of a second, so it is kept per working size (auto
+    buckets an archive's sizes into a few); the full-size tensors are counted from the image's size.
     """
 
     def __init__(self, protector, limit_gb: float | None = None):
@@ -134,11 +138,10 @@ class MemoryGate:
     def peak_bytes(self, height: int, width: int) -> float:
         working = self.protector.working_size(height, width)
         through = working[0] * working[1] < height * width and self.protector.config.resolution == "auto"
-        key = (working, through, (height, width) if through else None)
+        key = (working, through)
         if key not in self._saved:
             self._saved[key] = step_cost(self.protector, height, width).saved_bytes
-        full = 3 * height * width * 4 * (8 if through else 4)
-        return self._saved[key] * SAFETY + full
+        return self._saved[key] * SAFETY + full_size_bytes(height, width, through)
 
     def refusal(self, height: int, width: int) -> str | None:
         """None when the image's step fits, else the error row's reason."""
