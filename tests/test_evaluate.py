@@ -206,3 +206,37 @@ def test_folder_outputs_take_method_and_eps_from_the_protect_runs_table(tmp_path
     assert protection_from_runs(settings) == ("sds-", 8.0)  # failed runs don't count
     write_table([run_row("c", "completed", "photoguard", 8.0)], "runs", runs)
     assert protection_from_runs(settings) == (None, None)  # runs disagree: leave it to --method/--eps
+
+
+def test_training_mimics_write_style_rows_and_their_generated_images(tmp_path):
+    """Style accuracy/distance rows for the clean and protected mimic; --save-images writes every generated
+    image with the prompt and seed that made it, the clean and protected sets paired by index."""
+    from pipeline.evaluate.run import png
+    from pipeline.models.builtin.styles import HELD_OUT_STYLES, artist_images
+
+    artist, other = HELD_OUT_STYLES[0], HELD_OUT_STYLES[1]
+    clean = [png_bytes(img) for img in artist_images(artist, 2, 64, seed=3)]
+    batch = pa.Table.from_pylist([
+        {"key": f"k{i}", "p_image": perturbed(c, 8, i), "c_image": c,
+         "p_meta": json.dumps({"artist": artist.name, "mimicshield": {"method": "sds-", "eps": 8, "run_id": "r1"}}),
+         "c_meta": "{}"} for i, c in enumerate(clean)])
+    settings = EvalSettings(protected="prot", clean="clean", output=str(tmp_path), model=ModelSpec("tiny", device="cpu"),
+                            scenarios=("lora", "textual_inversion"), save_images=True, **FAST_CONFIGS)
+    references = {artist.name: clean, other.name: [png(img) for img in artist_images(other, 2, 64, seed=4)]}
+    rows = GroupTrainer(settings, style_references=references)(annotate(batch, settings)).to_pylist()
+    path = tables.write_table(rows, "mimicry_metrics", str(tmp_path / "tables" / "mimicry_metrics"))
+    tables.check_file(path, "mimicry_metrics")
+    style = {(r["scenario"], r["method"], r["metric"]): r for r in rows if r["metric"].startswith("style_")}
+    for scenario in ("lora", "textual_inversion"):
+        for method in ("sds-", "none"):
+            assert 0 <= style[(scenario, method, "style_accuracy")]["value"] <= 1
+            assert style[(scenario, method, "style_distance")]["value"] > 0
+            assert style[(scenario, method, "style_accuracy")]["n_images"] == 2
+    assert not any(r["calibrated"] for r in style.values())  # a random style backbone
+    for scenario in ("lora", "textual_inversion"):
+        base = tmp_path / "generated" / scenario / "r1" / artist.name
+        prot, cln = base / "sds-8" / "protected", base / "none-0" / "clean"
+        index_p, index_c = (json.loads((d / "index.json").read_text()) for d in (prot, cln))
+        assert [e["file"] for e in index_p] == ["0.png", "1.png"] and all((prot / e["file"]).is_file() for e in index_p)
+        assert [(e["prompt"], e["seed"]) for e in index_p] == [(e["prompt"], e["seed"]) for e in index_c]
+        assert len({e["seed"] for e in index_p}) == 2 and index_p[0]["method"] == "sds-" and index_c[0]["eps"] == 0.0

@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--clean", required=True, help="the clean originals, with the same keys")
     p.add_argument("--output", required=True, help="output folder or s3:// prefix")
     p.add_argument("--scenario", type=names, default=SCENARIOS, help=f"comma-separated: {','.join(SCENARIOS)}")
-    p.add_argument("--group-by", default="artist", help="metadata field grouping samples for the training mimics")
+    p.add_argument("--group-by", default="artist", help="what groups samples (artists) for the training mimics: a metadata field, or 'folder' "
+                   "(a folder INPUT's sub-folders: art/<artist>/...)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="mimic model: hub id, local diffusers directory or built-in (tiny, sd15-arch, ...)")
     p.add_argument("--revision", default=None, help="hub revision (commit, tag) of --model, for reproducibility")
@@ -64,7 +65,7 @@ def settings_from_args(args: argparse.Namespace):
         group_by=args.group_by, inpaint_model=args.inpaint_model,
         model=ModelSpec(args.model, revision=args.revision, device=args.device, dtype=args.dtype),
         method=args.method, eps=args.eps, run=args.run, prompt=args.prompt, **mimic_configs_from_args(args),
-        samples_per_group=args.samples_per_group, batch_size=args.batch_size, actors=args.actors,
+        samples_per_group=args.samples_per_group, save_images=args.save_images, batch_size=args.batch_size, actors=args.actors,
         address=args.address, verbose=bool(getattr(args, "verbose", False)),
     )
 

@@ -247,12 +247,20 @@ def add_mimic_options(parser: argparse.ArgumentParser, resolution_flag: str = "-
     g.add_argument("--lora-rank", type=int, default=4, help="LoRA rank")
     g.add_argument("--num-images", type=int, default=4, help="images generated per group and source")
     g.add_argument("--inference-steps", type=int, default=25, help="generation steps")
+    g.add_argument("--save-images", action="store_true",
+                   help="write the generated images (clean- and protected-trained, same prompts and seeds) "
+                        "under OUTPUT/generated/, PNG with an index.json")
     g = parser.add_argument_group("metric backbones (random, and calibrated=false, without them)")
     if lpips:
         g.add_argument("--lpips-weights", default=None, help="torchvision AlexNet state dict for LPIPS")
     g.add_argument("--clip-model", default=None, help="local transformers CLIP directory")
     g.add_argument("--fid-weights", default=None, help="torch-fidelity Inception weights (needs torch-fidelity)")
     g.add_argument("--fid-min-images", type=int, default=50, help="FID only for sets at least this large (KID always)")
+    g.add_argument("--style-weights", default=None,
+                   help="torchvision VGG-19 state dict for the style score (else a random conv net)")
+    g.add_argument("--style-references", default=None,
+                   help="more candidate styles for style accuracy besides the groups: 'builtin' (the built-in "
+                        "style world's held-out artists) or a folder with one sub-folder of images per style")
 
 
 def mimic_configs_from_args(args: argparse.Namespace) -> dict:
@@ -275,7 +283,8 @@ def mimic_configs_from_args(args: argparse.Namespace) -> dict:
         lora=LoraConfig(rank=args.lora_rank, steps=args.lora_steps, num_images=args.num_images,
                         inference_steps=args.inference_steps, **common),
         metrics=MetricConfig(lpips_weights=args.lpips_weights, clip_model=args.clip_model,
-                             fid_weights=args.fid_weights, fid_min_images=args.fid_min_images, device=args.device),
+                             fid_weights=args.fid_weights, fid_min_images=args.fid_min_images, device=args.device,
+                             style_weights=args.style_weights, style_references=args.style_references),
     )
 
 

@@ -61,6 +61,8 @@ def add_parser(sub) -> None:
     g.add_argument("--upscaler-steps", type=int, default=20, help="noisy_upscale denoising steps (default 20)")
     g.add_argument("--diffpure-steps", type=int, default=20, help="diffpure DDIM steps over the full schedule")
     g.add_argument("--samples", type=int, default=2, help="images per cell kept for the report's sample grids")
+    g.add_argument("--group-by", default="artist",
+                   help="the artist of the training mimics' cells: a metadata field, or 'folder' (sub-folders of CLEAN)")
     add_mimic_options(p, resolution_flag="--mimic-resolution", lpips=False)  # --lpips-weights: protection's
     p.set_defaults(func=run, _parser=p)
 
@@ -85,7 +87,7 @@ def settings_from_args(args: argparse.Namespace):
     # those live in `protect` and in StudySettings)
     evaluation = EvalSettings(
         protected=str(args.output), clean=str(args.clean), output=str(args.output), scenarios=grid.scenarios,
-        group_by="artist", model=protect.model, inpaint_model=args.inpaint_model, prompt=args.prompt,
+        group_by=args.group_by, model=protect.model, inpaint_model=args.inpaint_model, prompt=args.prompt,
         **mimic_configs_from_args(args))
     return StudySettings(grid=grid, protect=protect, evaluation=evaluation, upscaler=args.upscaler,
                          upscaler_steps=args.upscaler_steps, diffpure_steps=args.diffpure_steps, samples=args.samples,

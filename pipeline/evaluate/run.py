@@ -50,12 +50,13 @@ from pipeline.evaluate.mimic.common import mimic_view
 from pipeline.evaluate.mimic.textual_inversion import placeholder_token
 from pipeline.evaluate.settings import EvalSettings
 from pipeline.io.images import ImageError, decode_image
-from pipeline.io.metadata import sample_meta
+from pipeline.io.metadata import sample_group, sample_meta
 from pipeline.io.samples import read_samples
 from pipeline.io.paths import PathArg, check_paths
 from pipeline.io.storage import InputError, split_uri, to_uri
 from pipeline.io.tables import write_table
 from pipeline.metrics.mimicry import Metrics
+from pipeline.metrics.style import StyleDescriptor, StyleJudge
 
 TABLE = "mimicry_metrics"
 GROUP_KEYS = ["run", "group", "scenario", "setting", "method", "eps", "metric", "calibrated"]
@@ -76,7 +77,8 @@ def annotate(batch: pa.Table, settings: EvalSettings) -> pa.Table:
     for row in batch.to_pylist():
         p_meta, c_meta = sample_meta(row.get("p_meta")) or {}, sample_meta(row.get("c_meta")) or {}
         params = p_meta.get("mimicshield") if isinstance(p_meta.get("mimicshield"), dict) else {}
-        group = p_meta.get(settings.group_by, c_meta.get(settings.group_by))
+        group = (sample_group(row["key"], p_meta, settings.group_by)
+                 or sample_group(row["key"], c_meta, settings.group_by))
         method = settings.method or params.get("method") or "unknown"
         eps = settings.eps if settings.eps is not None else params.get("eps")
         eps = float(eps) if isinstance(eps, (int, float)) else math.nan
@@ -276,11 +278,13 @@ class PairEvaluator:
 class GroupTrainer:
     """Ray actor: textual inversion and LoRA, trained per group on protected and on clean images."""
 
-    def __init__(self, settings: EvalSettings):
+    def __init__(self, settings: EvalSettings, style_references: dict[str, list[bytes]] | None = None):
         self.s = settings
         self.metrics = Metrics(settings.metrics)
         self.builtin = settings.model.is_builtin
         self.mimics = {}
+        self.style_references = style_references or {}  # group (or reference style) -> encoded images
+        self.judges: dict[int, StyleJudge] = {}  # per mimic resolution
         device = settings.model.device
         if "textual_inversion" in settings.scenarios:
             self.mimics["textual_inversion"] = TextualInversion(settings.model, settings.textual_inversion, device)
@@ -291,6 +295,16 @@ class GroupTrainer:
 
     def _calibrated(self, metric: str) -> bool:
         return calibrated(self.metrics, metric, self.builtin)
+
+    def judge(self, resolution: int) -> StyleJudge | None:
+        """The style judge over every group's clean images and the reference styles, at the mimic's size."""
+        if not self.style_references:
+            return None
+        if resolution not in self.judges:
+            refs = {name: [_decode(b) for b in images] for name, images in self.style_references.items()}
+            descriptor = StyleDescriptor(self.s.metrics.style_weights, self.metrics.device)
+            self.judges[resolution] = StyleJudge(descriptor, refs, resolution)
+        return self.judges[resolution]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         recs, prot, clean = [], [], []
@@ -342,6 +356,18 @@ class GroupTrainer:
         gen_p, gen_c = outs["protected"].images, outs["clean"].images
         for name, value in self.metrics.paired(gen_p, gen_c, clip=True).items():
             row(f"{name}_pair", value, len(gen_p), outs["protected"].seconds)
+        judge = self.judge(mimic.resolution)
+        if judge is not None and group in judge.names:
+            for source, gen in (("protected", gen_p), ("clean", gen_c)):
+                scores = judge.score(gen, group)
+                if len(judge.names) > 1:  # accuracy needs another style to confuse it with
+                    row("style_accuracy", np.mean(scores["style_match"]), len(gen), outs[source].seconds,
+                        baseline=source == "clean")
+                row("style_distance", np.mean(scores["style_distance"]), len(gen), outs[source].seconds,
+                    baseline=source == "clean")
+        if self.s.save_images:
+            for source in ("protected", "clean"):
+                save_generated(fs, root, scenario, r0, outs[source], mimic.config, source)
         for source, gen in (("protected", gen_p), ("clean", gen_c)):
             sm = self.metrics.set_metrics(gen, clean, prompt=prompt)
             for name, value in sm.items():
@@ -359,6 +385,46 @@ class GroupTrainer:
 
 def mimic_slug(group: str) -> str:
     return placeholder_token(group)[1:-1]
+
+
+def save_generated(fs, root: str, scenario: str, rec: dict, out, config, source: str) -> None:
+    """A training mimic's generated images as PNG, with an index.json saying which prompt and seed made each:
+    OUTPUT/generated/<scenario>/<run>/<group>/<method>-<eps>/<protected|clean>/<i>.png (clean-trained and
+    protected-trained images of one group share prompts and seeds, so image i of each is a pair)."""
+    from pipeline.evaluate.mimic.common import mimic_seed
+
+    protection = "none-0" if source == "clean" else f"{mimic_slug(rec['method'])}-{rec['eps']:g}"
+    folder = f"{root}/generated/{scenario}/{mimic_slug(rec['run'])}/{mimic_slug(rec['group'])}/{protection}/{source}"
+    fs.create_dir(folder, recursive=True)
+    token = placeholder_token(rec["group"]) if scenario == "textual_inversion" else getattr(config, "token", "")
+    prompt = config.prompt_template.format(token=token)
+    index = []
+    for i, image in enumerate(out.images):
+        with fs.open_output_stream(f"{folder}/{i}.png") as f:
+            f.write(png(image))
+        index.append({"file": f"{i}.png", "group": rec["group"], "run": rec["run"], "source": source,
+                      "method": "none" if source == "clean" else rec["method"],
+                      "eps": 0.0 if source == "clean" else rec["eps"], "prompt": prompt,
+                      "seed": mimic_seed(config.seed, f"{scenario}/{rec['group']}/{i}"), "setting": out.setting})
+    with fs.open_output_stream(f"{folder}/index.json") as f:
+        f.write(json.dumps(index, indent=1).encode())
+
+
+def style_reference_images(pairs, settings: EvalSettings, per_group: int = 16) -> dict[str, list[bytes]]:
+    """The style judge's candidates: up to `per_group` clean images of every group, plus the reference
+    styles of ``--style-references`` (metrics/style.reference_styles; a group keeps its own images)."""
+    from pipeline.metrics.style import reference_styles
+
+    def first(batch: pa.Table) -> pa.Table:
+        return batch.slice(0, per_group).select(["group", "c_image"])
+
+    out: dict[str, list[bytes]] = {name: [png(img) for img in images]
+                                   for name, images in reference_styles(settings.metrics.style_references,
+                                                                        settings.s3).items()}
+    groups: dict[str, list[bytes]] = {}
+    for r in pairs.groupby("group").map_groups(first, batch_format="pyarrow").take_all():
+        groups.setdefault(r["group"], []).append(r["c_image"])
+    return {**out, **groups}
 
 
 # ---------------------------------------------------------------------------- driver
@@ -516,8 +582,10 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
                                   batch_size=settings.batch_size, batch_format="pyarrow", **opts).materialize()
     rows += aggregate(per_image)  # visibility rows always; sdedit / inpaint when asked for
     if training_wanted:
+        references = style_reference_images(pairs, settings)
         trained = pairs.groupby("group_id").map_groups(
-            GroupTrainer, fn_constructor_kwargs={"settings": settings}, batch_format="pyarrow", **opts)
+            GroupTrainer, fn_constructor_kwargs={"settings": settings, "style_references": references},
+            batch_format="pyarrow", **opts)
         rows += [{k: r[k] for k in ROW_SCHEMA.names} for r in trained.take_all()]
     fs, root = split_uri(settings.output, settings.s3)
     rows.sort(key=lambda r: tuple(str(r[k]) for k in ("run", "group", "scenario", "setting", "method", "metric")))

@@ -34,6 +34,7 @@ class EvalSettings:
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     metrics: MetricConfig = field(default_factory=MetricConfig)
+    save_images: bool = False  # write the training mimics' generated images (OUTPUT/generated/)
     samples_per_group: int = 4  # sample grids written per (scenario, group) by each actor
     batch_size: int = 4
     actors: int | None = None

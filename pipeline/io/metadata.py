@@ -33,3 +33,15 @@ def sample_prompt(meta: str | dict | None, txt: bytes | None = None) -> str | No
     if txt:
         return txt.decode("utf-8", errors="replace").strip() or None
     return None
+
+
+FOLDER_GROUP = "folder"  # --group-by folder: a sample's group is the top folder of its key (art/<artist>/x.png)
+
+
+def sample_group(key: str, meta: dict | None, group_by: str) -> str | None:
+    """The sample's group (an artist, for the training mimics): its JSON field `group_by`, or with
+    ``group_by="folder"`` the first part of its key (a folder INPUT's sub-folder); None when it has none."""
+    if group_by == FOLDER_GROUP:
+        return key.split("/", 1)[0] if "/" in key else None
+    value = (meta or {}).get(group_by)
+    return None if value in (None, "") else str(value)

@@ -89,3 +89,29 @@ def shard_bytes(samples: list[dict]) -> bytes:
                 info.size, info.mtime = len(data), 0
                 tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def write_style_world(out: str, per_artist: int = 8, artists: int = 8, size: int = 64, seed: int = 0) -> list[str]:
+    """The built-in style world's held-out artists as a folder archive: OUT/<artist>/<i>.png (evaluate and
+    study them with ``--model tiny-style --group-by folder``); returns the artists' names."""
+    from pathlib import Path
+
+    from pipeline.models.builtin.styles import HELD_OUT_STYLES, artist_images
+
+    names = []
+    for a, style in enumerate(HELD_OUT_STYLES[:artists]):
+        folder = Path(out) / style.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(artist_images(style, per_artist, size, seed=seed + 100 + a)):
+            (folder / f"{i}.png").write_bytes(png_bytes(img))
+        names.append(style.name)
+    return names
+
+
+if __name__ == "__main__":  # python -m pipeline.io.sample_data style-world DIR [PER_ARTIST] [ARTISTS]
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "style-world":
+        sys.exit("usage: python -m pipeline.io.sample_data style-world DIR [PER_ARTIST] [ARTISTS]")
+    made = write_style_world(sys.argv[2], *(int(a) for a in sys.argv[3:5]))
+    print(f"{len(made)} artists under {sys.argv[2]}: {', '.join(made)}")

@@ -48,6 +48,8 @@ class MetricConfig:
     clip_model: str | None = None
     fid_weights: str | None = None
     fid_min_images: int = 50  # FID of fewer images is dominated by its covariance estimate; use KID
+    style_weights: str | None = None  # torchvision VGG-19 state dict for the style score (metrics/style.py)
+    style_references: str | None = None  # extra candidate styles: "builtin" or a folder of sub-folders
     kid_subset_size: int = 1000
     device: str = "auto"
 
@@ -135,7 +137,8 @@ class Metrics:
         cfg = self.config
         return {"psnr": True, "ssim": True, "lpips": cfg.lpips_weights is not None,
                 "clip_i2i": cfg.clip_model is not None, "clip_score": cfg.clip_model is not None,
-                "fid": cfg.fid_weights is not None, "kid": cfg.fid_weights is not None}
+                "fid": cfg.fid_weights is not None, "kid": cfg.fid_weights is not None,
+                "style_accuracy": cfg.style_weights is not None, "style_distance": cfg.style_weights is not None}
 
     @cached_property
     def lpips_net(self) -> nn.Module:

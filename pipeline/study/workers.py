@@ -15,12 +15,13 @@ import time
 
 import numpy as np
 
+from pipeline.io.metadata import sample_group
 from pipeline.study import adapter
 from pipeline.study.grid import Cell, Source
 from pipeline.study.purify import PurifyContext, parse_purification
 from pipeline.study.store import StudyStore
 
-SIMILARITIES = ("psnr", "ssim", "clip_i2i", "clip_score")  # higher = the mimic got closer to the original
+SIMILARITIES = ("psnr", "ssim", "clip_i2i", "clip_score", "style_accuracy")  # higher = the mimic got closer
 
 
 def damage(metric: str, value: float, baseline: float | None) -> float | None:
@@ -73,6 +74,17 @@ class CellWorker:
         self.metrics = adapter.metrics(self.ev)
         self.mimics: dict[str, object] = {}
         self.store = StudyStore(settings.output, settings.s3)
+        self.judges: dict[tuple, object] = {}
+
+    def style_judge(self, artist: str, originals: list[np.ndarray], resolution: int):
+        """The style judge of the training cells: the artist's clean originals among --style-references."""
+        from pipeline.metrics.style import StyleDescriptor, StyleJudge, reference_styles
+
+        if (artist, resolution) not in self.judges:
+            refs = {**reference_styles(self.ev.metrics.style_references, self.s.s3), artist: originals}
+            descriptor = StyleDescriptor(self.ev.metrics.style_weights, self.metrics.device)
+            self.judges[(artist, resolution)] = StyleJudge(descriptor, refs, resolution)
+        return self.judges[(artist, resolution)]
 
     def mimic(self, scenario: str):
         if scenario not in self.mimics:
@@ -93,13 +105,23 @@ class CellWorker:
         results = []  # (setting, metric, value, n, seconds)
         samples: dict[str, np.ndarray] = {}
         if adapter.is_training(cell.scenario):
+            # one artist (the --group-by field, default "artist"; "folder": sub-folders): its name, else "all"
+            artists = {sample_group(k, m, self.ev.group_by) for k, m in zip(keys, metas)}
+            group = artists.pop() if len(artists) == 1 and None not in artists else "all"
             with tempfile.TemporaryDirectory(prefix="mimicshield-study-") as tmp:
-                out, _ = adapter.run_training(mimic, images, "all", cell.source.id, tmp)
-            prompt = adapter.prompt_template(mimic).format(token="all")
+                out, _ = adapter.run_training(mimic, images, group, cell.source.id, tmp)
+            prompt = adapter.prompt_template(mimic).format(token=group)
             refs = [originals[k] for k in keys]
             for name, value in self.metrics.set_metrics(out.images, refs, prompt=prompt).items():
                 metric = "clip_i2i_ref" if name == "clip_i2i" else name
                 results.append((out.setting, metric, value, len(out.images), out.seconds))
+            judge = self.style_judge(group, refs[:16], mimic.resolution)
+            scores = judge.score(out.images, group)
+            if len(judge.names) > 1:
+                results.append((out.setting, "style_accuracy", np.mean(scores["style_match"]), len(out.images),
+                                out.seconds))
+            results.append((out.setting, "style_distance", np.mean(scores["style_distance"]), len(out.images),
+                            out.seconds))
             samples = {k: img for k, img in zip(keys, out.images)}
         else:
             outputs = adapter.run_per_image(mimic, cell.scenario, images, keys, cell.source.id, prompts, metas)

@@ -46,9 +46,14 @@ class MimicOutput:
     seconds: float = 0.0
 
 
+def mimic_seed(seed: int, key: str) -> int:
+    """The seed of the mimic output keyed `key` (an input's key, or "<scenario>/<group>/<i>" for generated image i)."""
+    return key_seed(seed, key, "mimic")
+
+
 def generators(seed: int, keys: list[str], device: torch.device) -> list[torch.Generator]:
     gen_device = "cpu" if device.type == "mps" else device
-    return [torch.Generator(device=gen_device).manual_seed(key_seed(seed, k, "mimic")) for k in keys]
+    return [torch.Generator(device=gen_device).manual_seed(mimic_seed(seed, k)) for k in keys]
 
 
 def native_resolution(pipe) -> int:

@@ -111,7 +111,7 @@ def generate(pipe, prompt: str, n: int, seed: int, tag: str, steps: int, guidanc
              resolution: int, batch_size: int = 8) -> list[np.ndarray]:
     """n images for `prompt`; image i is seeded by (seed, tag/i), identical across pipelines."""
     images: list[np.ndarray] = []
-    keys = [f"{tag}/{i}" for i in range(n)]
+    keys = [f"{tag}/{i}" for i in range(n)]  # image i's seed: common.mimic_seed(seed, key)
     for b in range(0, n, batch_size):
         chunk = keys[b : b + batch_size]
         out = pipe(

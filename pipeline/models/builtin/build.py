@@ -13,6 +13,10 @@ checkpoint.
                    latents conditioned on the text encoder (random, seeded, frozen; shipped too).
                    Small enough to measure whether a protection hurts a mimic; not a real model.
 - ``tiny-inpaint`` the same VAE and text encoder with a 9-channel UNet trained to inpaint.
+- ``tiny-style``   the style world's model (``styles.py``, trained by ``style_training.py``): tiny's VAE
+                   fine-tuned on painted renders too, a UNet and text encoder that paint 24 named styles
+                   ("a painting in the style of <name>"); what the LoRA and textual-inversion mimics learn
+                   a held-out artist on.
 - ``sd15-arch``    the real SD 1.5 architecture with random weights (speed/memory benchmarks).
 - ``sd21-arch``    the real SD 2.1-base architecture with random weights.
 
@@ -46,7 +50,7 @@ from pipeline.models.diffusion import (
     text_parts,
 )
 
-BUILTIN_VERSION = "v4"  # bump when a config below changes, so caches are rebuilt
+BUILTIN_VERSION = "v5"  # bump when a config below changes, so caches are rebuilt
 SEED = 0
 
 
@@ -143,6 +147,17 @@ CONFIGS: dict[str, dict] = {
     ),
 }
 CONFIGS["tiny-inpaint"] = dict(CONFIGS["tiny"], unet=dict(CONFIGS["tiny"]["unet"], in_channels=9))
+
+# --------------------------------------------------------------------------- the style world (issue 20)
+# ``tiny-style``: tiny's VAE fine-tuned on the style world's renders as well as photos, and a UNet (cross-
+# attention at both levels, wider) and text encoder trained together on captions such as "a painting in the
+# style of <name>" for the 24 training styles of `styles.py` and "a photo of <content>": a prompt names a
+# style and the model paints it; LoRA and textual inversion can learn the 8 held-out ones.
+CONFIGS["tiny-style"] = dict(
+    CONFIGS["tiny"],
+    unet=dict(CONFIGS["tiny"]["unet"], down_block_types=["CrossAttnDownBlock2D"] * 2,
+              up_block_types=["CrossAttnUpBlock2D"] * 2, block_out_channels=[48, 96]),
+)
 
 # --------------------------------------------------------------------------- v-prediction (issue 14)
 # A config may override scheduler fields (`scheduler=`); `prediction_type` then decides what the
@@ -264,8 +279,15 @@ WEIGHTS_RECIPE = (
     "--unet-steps 800 --inpaint-steps 500 --unet-batch 16 --pool 1024 --threads 2",
 )
 WEIGHTS_SHA256 = "729cb23e1a25cd32acd4352c758f3d2e4e2760a386934d9dcdc53623bad67a0f"
-# which built-ins take trained weights, and the prefix of their UNet in the weights file
-TRAINED_UNETS = {"tiny": "unet.tiny.", "tiny-inpaint": "unet.tiny-inpaint."}
+# ``tiny-style`` (issue 20): made by `python -m pipeline.models.builtin.style_training` (seed 0, one core)
+STYLE_WEIGHTS_NAME = "tiny-style-v1.safetensors"
+STYLE_WEIGHTS_RECIPE = ("python -m pipeline.models.builtin.style_training --out A --vae-steps 1000 --unet-steps 3000 "
+                        "--eval-every 750 --pool 4096 --threads 1",)
+STYLE_WEIGHTS_SHA256 = "TBD"
+# which built-ins take trained weights: the prefix of their UNet in the weights file, and that file
+TRAINED_UNETS = {"tiny": "unet.tiny.", "tiny-inpaint": "unet.tiny-inpaint.", "tiny-style": "unet.tiny-style."}
+WEIGHTS_FILES = {"tiny": (WEIGHTS_NAME, WEIGHTS_SHA256), "tiny-inpaint": (WEIGHTS_NAME, WEIGHTS_SHA256),
+                 "tiny-style": (STYLE_WEIGHTS_NAME, STYLE_WEIGHTS_SHA256)}
 
 
 def sha256(path: Path) -> str:
@@ -290,12 +312,14 @@ def load_trained_weights(pipe, name: str, path: Path | None = None) -> None:
     """Put the shipped weights of built-in `name` into `pipe` (checking the file's sha256)."""
     from safetensors import safe_open
 
-    path = path or WEIGHTS_DIR / WEIGHTS_NAME
+    file_name, expected = WEIGHTS_FILES[name]
+    path = path or WEIGHTS_DIR / file_name
     if not path.exists():
+        script = "style_training" if name == "tiny-style" else "training"
         raise FileNotFoundError(f"{path} is missing: reinstall mimicshield, or rebuild it with "
-                                "`python -m pipeline.models.builtin.training --out DIR`")
-    if path == WEIGHTS_DIR / WEIGHTS_NAME and sha256(path) != WEIGHTS_SHA256:
-        raise ValueError(f"{path} does not match its recorded sha256 {WEIGHTS_SHA256} (corrupt or replaced)")
+                                f"`python -m pipeline.models.builtin.{script} --out DIR`")
+    if path == WEIGHTS_DIR / file_name and sha256(path) != expected:
+        raise ValueError(f"{path} does not match its recorded sha256 {expected} (corrupt or replaced)")
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         scale = float(f.metadata()["scaling_factor"])

@@ -155,10 +155,12 @@ def _lr_factor(step: int, steps: int, warmup: int, decay: bool = False, floor: f
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED, stage: str = "vae") -> list[dict]:
-    """Train `vae` in place on TRAIN_PHOTOS crops; returns the curve (held-out PSNR/SSIM at 64 px)."""
+def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED, stage: str = "vae",
+              data=None, evaluations: dict[str, torch.Tensor] | None = None) -> list[dict]:
+    """Train `vae` in place on TRAIN_PHOTOS crops (or `data`: anything with PhotoCrops' `sample(n, size)`);
+    returns the curve: PSNR/SSIM at 64 px on the held-out photos, and on each of `evaluations` (name: images)."""
     torch.manual_seed(seed)
-    data = PhotoCrops(TRAIN_PHOTOS, seed, colour=cfg.colour)
+    data = data or PhotoCrops(TRAIN_PHOTOS, seed, colour=cfg.colour)
     held_out = held_out_images(64)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     floor = cfg.lr_min / cfg.lr
@@ -186,6 +188,8 @@ def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED
             point = {"stage": stage, "step": step, "seconds": round(time.time() - start, 1),
                      "loss": round(loss.item(), 5), "lr": round(sched.get_last_lr()[0], 6),
                      **evaluate_vae(shipped, held_out)}
+            for name, images in (evaluations or {}).items():
+                point.update({f"{name}_{k}": v for k, v in evaluate_vae(shipped, images).items()})
             curve.append(point)
             if log:
                 log(point)

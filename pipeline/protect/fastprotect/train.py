@@ -356,16 +356,17 @@ def train_default_tiny_bank(models: DiffusionModels, path: str | Path, progress:
 
 
 def ensure_default_bank(models: DiffusionModels) -> Path:
-    """The default bank path of `models`; for the built-in ``tiny`` model, trained there first if missing.
+    """The default bank path of `models`; for the built-in ``tiny`` (and ``tiny-style``) model, trained there first
+    if missing.
 
     The same bank the README command ``mimicshield train-fastprotect --model tiny --data skimage``
     writes (the fixed `TINY_DEFAULT` recipe, about half a minute on CPU). Other models are not
     trained on the fly: their path is returned as it is and loading it names the command to run.
     """
     path = default_bank_path(models.model_id)
-    if models.model_id == "tiny" and not path.is_file():
+    if models.model_id in ("tiny", "tiny-style") and not path.is_file():
         import sys
 
-        print(f"mimicshield: training the default FastProtect bank for 'tiny' once (cached at {path})", file=sys.stderr)
+        print(f"mimicshield: training the default FastProtect bank for {models.model_id!r} once (cached at {path})", file=sys.stderr)
         train_default_tiny_bank(models, path)
     return path
