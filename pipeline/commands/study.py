@@ -99,10 +99,14 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(outcome, int):
         return outcome
     settings, summary = outcome
-    print(summary)
-    from pipeline.study.report import format_summary, read_table
+    from pipeline.study.report import SURVIVAL_RULE, format_summary, format_survival, read_table
 
-    text = format_summary(read_table(settings.output, settings.s3))
+    print(summary)
+    df = read_table(settings.output, settings.s3)
+    text = format_summary(df)
     if text:
         print(text)
+    print(f"verdict (does the protection survive each purification? {SURVIVAL_RULE}):")
+    print(format_survival(df))
+    print(f"report: {summary.report}")
     return 0

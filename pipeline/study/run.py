@@ -88,7 +88,7 @@ class StudySummary:
     def __str__(self) -> str:
         return (f"mimicshield study: {self.cells_done} cells computed, {self.cells_skipped} already done, "
                 f"{self.cells_total} in total ({self.purified_done} purified sets made) in {self.seconds:.1f} s\n"
-                f"  table:  {self.output}/tables/robustness/\n  report: {self.report}")
+                f"  table:  {self.output}/tables/robustness/")  # the report's path: printed last, by the command
 
 
 def worker_options(settings: StudySettings) -> tuple[int, dict, int | None]:
