@@ -50,6 +50,7 @@ def add_parser(sub) -> None:
     g.add_argument("--actors", type=int, default=None, help="evaluation actors (default: one per GPU, else 1)")
     g.add_argument("--batch-size", type=int, default=4, help="image pairs per per-image actor batch")
     g.add_argument("--samples-per-group", type=int, default=4, help="sample grids per scenario and group")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only in a terminal)")
     g.add_argument("--verbose", action="store_true", help="show Ray's own logs and operator progress bars")
     g.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report.html (`mimicshield report "
                    "OUTPUT` writes it later)")
@@ -65,7 +66,7 @@ def settings_from_args(args: argparse.Namespace):
         model=ModelSpec(args.model, revision=args.revision, device=args.device, dtype=args.dtype),
         method=args.method, eps=args.eps, run=args.run, prompt=args.prompt, **mimic_configs_from_args(args),
         samples_per_group=args.samples_per_group, batch_size=args.batch_size, actors=args.actors,
-        address=args.address, verbose=bool(getattr(args, "verbose", False)),
+        address=args.address, verbose=bool(getattr(args, "verbose", False)), progress=not args.no_progress,
     )
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from pipeline.batch.progress import CountProgress
 from pipeline.cluster.pool import actor_share
 from pipeline.cluster.logs import quiet_data_context
 from pipeline.cluster.session import ensure_ray
@@ -296,6 +297,34 @@ class PairEvaluator:
                 "key": r["key"], "run": r["run"], "method": r["method"], "eps": r["eps"], **info})
 
 
+PROGRESS = "_pairs"  # the scenario of the one row per batch that tells the driver's bar how many pairs it held
+
+
+class CountedPairEvaluator(PairEvaluator):
+    """PairEvaluator in the Ray stage: its rows, then one PROGRESS row (n_images: the batch's pairs)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tick = {"run": "", "group": "", "scenario": PROGRESS, "setting": "", "method": "", "eps": math.nan,
+                "metric": "", "value": 0.0, "n_images": batch.num_rows, "calibrated": False, "seconds": 0.0}
+        return pa.concat_tables([super().__call__(batch), pa.Table.from_pylist([tick], schema=ROW_SCHEMA)])
+
+
+def evaluate_pairs(pairs, settings: EvalSettings, opts: dict):
+    """Run PairEvaluator over `pairs` with one bar of pairs (in a terminal); the per-image rows as a Dataset."""
+    import pyarrow.compute as pc
+    import ray.data
+
+    tables = []
+    with CountProgress(pairs.count(), "evaluating", "pair", enabled=None if settings.progress else False) as bar:
+        for batch in pairs.map_batches(CountedPairEvaluator, fn_constructor_kwargs={"settings": settings},
+                                       batch_size=settings.batch_size, batch_format="pyarrow",
+                                       **opts).iter_batches(batch_size=None, batch_format="pyarrow"):
+            ticks = pc.equal(batch["scenario"], PROGRESS)
+            bar.add(int(pc.sum(pc.filter(batch["n_images"], ticks)).as_py() or 0))
+            tables.append(batch.filter(pc.invert(ticks)))
+    return ray.data.from_arrow(tables or [ROW_SCHEMA.empty_table()])
+
+
 # ---------------------------------------------------------------------------- training scenarios
 
 
@@ -538,9 +567,7 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
                          f"{settings.clean}: nothing to evaluate")
     log(f"evaluating {pairs.count()} protected/clean pairs: {', '.join(settings.scenarios)}")
     rows: list[dict] = []
-    per_image = pairs.map_batches(PairEvaluator, fn_constructor_kwargs={"settings": settings},
-                                  batch_size=settings.batch_size, batch_format="pyarrow", **opts).materialize()
-    rows += aggregate(per_image)  # visibility rows always; sdedit / inpaint when asked for
+    rows += aggregate(evaluate_pairs(pairs, settings, opts))  # visibility rows always; sdedit / inpaint when asked for
     if training_wanted:
         trained = pairs.groupby("group_id").map_groups(
             GroupTrainer, fn_constructor_kwargs={"settings": settings}, batch_format="pyarrow", **opts)
