@@ -3,8 +3,10 @@
 Starts an S3 endpoint on loopback (moto server), uploads WebDataset shards built from
 scikit-image's bundled photos (several sizes, one deliberately corrupt sample), runs protection
 with the built-in `tiny` model through a local Ray (20 PGD steps of 2 by default, so it takes about a
-minute on 2 CPUs), prints the summary, and copies the protected shards and tables out of the
-loopback bucket into a local folder to look at. With --evaluate it ends with a small evaluation:
+minute on 2 CPUs), prints the summary, copies the protected shards and tables out of the
+loopback bucket into a local folder, and ends with the path of a before/after contact sheet
+(`before-after.png`: clean, protected, perturbation amplified). With --evaluate (about twice the
+time) it ends instead with a small evaluation:
 SDEdit (DDIM, strength 0.3) of the protected and the clean images by the same
 built-in model, its table, and `report.html`, whose sample grids show the mimic of each clean
 image next to the mimic of its protected copy.
@@ -53,8 +55,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def upload_demo_shards(client, bucket: str, shards: int, samples: int) -> str:
-    """Put `shards` sample shards into `bucket`; returns their brace-pattern URI."""
+def upload_demo_shards(client, bucket: str, shards: int, samples: int) -> tuple[str, dict[str, bytes]]:
+    """Put `shards` sample shards into `bucket`; returns their brace-pattern URI and {key: image bytes} of the
+    good samples (the contact sheet's "before")."""
     from pipeline.io.sample_data import bad_samples, photo_samples, shard_bytes
 
     good = photo_samples(shards * samples, sizes=((64, 64), (64, 96), (96, 96), (80, 64)), formats=("PNG", "PNG", "WEBP"))
@@ -63,7 +66,34 @@ def upload_demo_shards(client, bucket: str, shards: int, samples: int) -> str:
         if s == 0:  # one deliberately corrupt sample
             chunk = chunk + bad_samples(good[0]["png"])[:1]
         client.put_object(Bucket=bucket, Key=f"input/shard-{s:06d}.tar", Body=shard_bytes(chunk))
-    return f"s3://{bucket}/input/shard-{{000000..{shards - 1:06d}}}.tar"
+    clean = {g["__key__"]: next(v for k, v in g.items() if k in ("png", "webp", "jpg")) for g in good}
+    return f"s3://{bucket}/input/shard-{{000000..{shards - 1:06d}}}.tar", clean
+
+
+def contact_sheet(local: str, clean: dict[str, bytes], limit: int = 8, cell: int = 128) -> str:
+    """LOCAL/before-after.png: for the first `limit` protected images (columns), the clean input, the
+    protected copy and the perturbation amplified (rows), centre squares at `cell` px; returns its path."""
+    import glob
+
+    from pyarrow import fs as pafs
+
+    from pipeline.evaluate.run import amplified_perturbation, grid, png
+    from pipeline.io.images import decode_image
+    from pipeline.io.webdataset import read_shard
+
+    before, after = [], []
+    for shard in sorted(glob.glob(os.path.join(local, "shard-*.tar"))):
+        for row in read_shard(pafs.LocalFileSystem(), shard):
+            if row["image"] is not None and row["key"] in clean and len(before) < limit:
+                c, p = decode_image(clean[row["key"]]).rgb, decode_image(row["image"]).rgb
+                if c.shape == p.shape:
+                    before.append(c)
+                    after.append(p)
+    path = os.path.join(local, "before-after.png")
+    if before:
+        with open(path, "wb") as f:
+            f.write(png(grid([before, after, [amplified_perturbation(c, p) for c, p in zip(before, after)]], cell)))
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         client.create_bucket(Bucket=BUCKET)
-        source = upload_demo_shards(client, BUCKET, args.shards, args.samples)
+        source, clean = upload_demo_shards(client, BUCKET, args.shards, args.samples)
         target = f"s3://{BUCKET}/protected/"
         print(f"demo: S3 endpoint {endpoint}, {args.shards} shards uploaded to {source}", file=sys.stderr)
         print(f"demo: protecting with --model {args.model} --method {args.method} --steps {args.steps} "
@@ -113,11 +143,14 @@ def run(args: argparse.Namespace) -> int:
         print(summary)
         local = copy_out(client, BUCKET, "protected/", args.out_dir)
         print_tables(local)
+        sheet = contact_sheet(local, clean)
         if args.evaluate:
+            print(f"\nbefore / after (rows: clean, protected, perturbation amplified): {sheet}")
             evaluate(args, source, endpoint, client, local)
         else:
             print("\nnext: `mimicshield demo --evaluate` also runs a small SDEdit evaluation of the protected vs the "
-                  "clean images and writes report.html with sample grids")
+                  "clean images and writes report.html with sample grids (about a minute and a half more)")
+            print(f"before / after (rows: clean, protected, perturbation amplified): {sheet}")
     finally:
         server.stop()
     return 0
@@ -138,14 +171,15 @@ def evaluate(args: argparse.Namespace, source: str, endpoint: str, client, local
         protected=source.replace("/input/", "/protected/"), clean=source, output=f"s3://{BUCKET}/evaluation",
         scenarios=("sdedit",), model=ModelSpec(args.model), method=args.method, eps=args.eps,
         sdedit=SDEditConfig(strengths=(0.3,), modes=("ddim",), ddim_steps=args.eval_ddim_steps),
-        samples_per_group=4, s3=S3Options(endpoint_url=endpoint, region="us-east-1"),
+        samples_per_group=4, s3=S3Options(endpoint_url=endpoint, region="us-east-1"), progress=not args.no_progress,
     )
     print(run_evaluation(settings, log=lambda m: print(m, file=sys.stderr)), file=sys.stderr)
     folder = copy_out(client, BUCKET, "evaluation/", os.path.join(local, "evaluation"))
     path, summary = build_report(folder)
     print("\nmimicry (SDEdit) of the protected vs the clean images:")
     print(format_summary(summary))
-    print(f"  report with sample grids (clean image, its mimic, the protected image's mimic): {path}")
+    print(f"report with sample grids (the clean and the protected image, each as the mimic sees it and as it "
+          f"copies it): {path}")
 
 
 def copy_out(client, bucket: str, prefix: str, out_dir: str) -> str:
