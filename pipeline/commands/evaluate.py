@@ -7,6 +7,7 @@ import argparse
 from pipeline.commands.docs import HelpFormatter
 from pipeline.commands.options import (
     add_mimic_options,
+    lead_with,
     mimic_configs_from_args,
     names,
     run_with_exit_codes,
@@ -25,25 +26,25 @@ def add_parser(sub) -> None:
         "the trained mimics under OUTPUT/mimics/. PROTECTED and CLEAN are what `protect` reads and writes: "
         "folders or WebDataset shards, local or s3://. Ends with a verdict per method and mimic and writes "
         "OUTPUT/report.html (--no-report to skip; `mimicshield report OUTPUT` rebuilds it).",
-        epilog="example:\n  mimicshield evaluate out/protected --clean photos/ --output out/eval --model tiny "
-        "--scenario sdedit --device cpu",
         formatter_class=HelpFormatter,
     )
     p.add_argument("protected", help="protected samples (folder, shards, s3://...)")
     p.add_argument("--clean", required=True, help="the clean originals, with the same keys")
     p.add_argument("--output", required=True, help="output folder or s3:// prefix")
     p.add_argument("--scenario", type=names, default=SCENARIOS, help=f"comma-separated: {','.join(SCENARIOS)}")
-    p.add_argument("--group-by", default="artist", help="metadata field grouping samples for the training mimics")
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    i = p.add_argument_group("inputs")
+    i.add_argument("--group-by", default="artist", help="metadata field grouping samples for the training mimics")
+    m = p.add_argument_group("model and device")
+    m.add_argument("--model", default=DEFAULT_MODEL,
                    help="mimic model: hub id, local diffusers directory or built-in (tiny, sd15-arch, ...)")
-    p.add_argument("--revision", default=None, help="hub revision (commit, tag) of --model, for reproducibility")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="SDEdit/inpaint weights dtype")
-    p.add_argument("--method", default=None, help="protection method, when the samples' metadata lacks it")
-    p.add_argument("--eps", type=float, default=None, help="protection budget (0-255), when the metadata lacks it")
-    p.add_argument("--run", default=None, help="run name for the table (default: the protection run id)")
-    p.add_argument("--prompt", default="a photo", help="prompt for samples without one")
-    p.add_argument("--seed", type=int, default=0, help="seed of every mimic (noise, masks, training)")
+    m.add_argument("--revision", default=None, help="hub revision (commit, tag) of --model, for reproducibility")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="SDEdit/inpaint weights dtype")
+    i.add_argument("--method", default=None, help="protection method, when the samples' metadata lacks it")
+    i.add_argument("--eps", type=float, default=None, help="protection budget (0-255), when the metadata lacks it")
+    i.add_argument("--run", default=None, help="run name for the table (default: the protection run id)")
+    i.add_argument("--prompt", default="a photo", help="prompt for samples without one")
+    m.add_argument("--seed", type=int, default=0, help="seed of every mimic (noise, masks, training)")
     add_mimic_options(p)
     g = p.add_argument_group("ray")
     g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
@@ -54,6 +55,10 @@ def add_parser(sub) -> None:
     g.add_argument("--verbose", action="store_true", help="show Ray's own logs and operator progress bars")
     g.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report.html (`mimicshield report "
                    "OUTPUT` writes it later)")
+    lead_with(p, "Mimic the protected images and their clean originals; say whether the protection holds.",
+              ("--clean", "--output", "--model", "--scenario"),
+              "mimicshield evaluate out/protected --clean photos/ --output out/eval --model tiny --scenario sdedit "
+              "--device cpu")
     p.set_defaults(func=run)
 
 

@@ -12,6 +12,7 @@ from pipeline.commands.options import (
     add_run_options,
     apply_config_file,
     floats,
+    lead_with,
     mimic_configs_from_args,
     names,
     run_settings_from_args,
@@ -36,7 +37,6 @@ def add_parser(sub) -> None:
         "CLEAN is a folder of images or WebDataset shards, local or s3://. Rerunning the same command computes "
         "only the missing cells.",
         conflict_handler="resolve",  # --eps and --method below replace protect's single-valued ones
-        epilog="example:\n  mimicshield study photos/ out/study --model tiny --device cpu --methods sds-,photoguard --eps 4,8 --steps 20",
         formatter_class=HelpFormatter,
     )
     p.add_argument("clean", nargs="?", help="the clean images: folder, shards, or s3://bucket/prefix")
@@ -62,6 +62,10 @@ def add_parser(sub) -> None:
     g.add_argument("--diffpure-steps", type=int, default=20, help="diffpure DDIM steps over the full schedule")
     g.add_argument("--samples", type=int, default=2, help="images per cell kept for the report's sample grids")
     add_mimic_options(p, resolution_flag="--mimic-resolution", lpips=False)  # --lpips-weights: protection's
+    lead_with(p, "Which protections survive which purifications: protect, purify, mimic, one table and report.",
+              ("--model", "--methods", "--eps", "--purifications"),
+              "mimicshield study photos/ out/study --model tiny --device cpu --methods sds-,photoguard --eps 4,8 "
+              "--steps 20")
     p.set_defaults(func=run, _parser=p)
 
 
