@@ -21,6 +21,12 @@ def test_demo_runs_end_to_end(ray_local, tmp_path, monkeypatch, capsys):
     for table in ("protect_metrics", "errors", "runs"):
         assert list((out / "tables" / table).glob("*.parquet"))
     assert "bad-corrupt" in text and str(out) in text
+    # it ends with something to open: the before/after contact sheet, 4 images x (clean, protected, perturbation)
+    sheet = out / "before-after.png"
+    assert text.rstrip().splitlines()[-1].endswith(str(sheet))
+    from PIL import Image
+
+    assert Image.open(sheet).size == (4 * 130 + 2, 3 * 130 + 2)
 
 
 def test_demo_ends_with_a_small_evaluation(ray_local, tmp_path, monkeypatch, capsys):
@@ -36,3 +42,5 @@ def test_demo_ends_with_a_small_evaluation(ray_local, tmp_path, monkeypatch, cap
     assert list((out / "evaluation" / "tables" / "mimicry_metrics").glob("*.parquet"))
     assert list((out / "evaluation" / "samples" / "sdedit").rglob("*.png"))
     assert (out / "evaluation" / "report.html").stat().st_size > 10_000
+    assert text.rstrip().splitlines()[-1].endswith(str(out / "evaluation" / "report.html"))  # the report, last
+    assert (out / "before-after.png").exists()

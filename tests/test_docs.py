@@ -47,6 +47,29 @@ def test_cli_page_lists_every_option_of_every_command():
                 assert re.search(rf"(?:`|, ){re.escape(flag)}[ `,]", section), f"{name}: {flag} not in docs/cli.md"
 
 
+@pytest.mark.parametrize("command, common", [
+    ("protect", ["--model", "--method", "--eps", "--device"]),
+    ("evaluate", ["--clean", "--output", "--model", "--scenario"]),
+    ("study", ["--model", "--methods", "--eps", "--purifications"]),
+    ("demo", ["--out-dir", "--steps", "--evaluate"]),
+])
+def test_help_opens_with_the_common_options_and_an_example(command, common, capsys, monkeypatch):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    usage, summary = text.split("\n\n")[:2]
+    assert len(usage.splitlines()) == 1 and all(flag in usage for flag in common)  # one short usage line
+    head = text.split("\noptions:\n")[0]  # before the other options and the named groups
+    assert f"example:\n  mimicshield {command}" in head
+    block = head.split("common options:\n")[1]
+    assert [line.split()[0] for line in block.splitlines() if line.startswith("  --")] == common
+    groups = re.findall(r"^(\S[^\n]*):$", text.split("\noptions:\n")[1], re.MULTILINE)
+    assert groups, "the other options sit in named groups"
+
+
 def test_cli_markdown_does_not_depend_on_the_terminal(monkeypatch):
     first = docs.cli_markdown()
     monkeypatch.setenv("COLUMNS", "40")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.evaluate.report import build_report, format_summary, read_metrics
-from pipeline.evaluate.run import SampleWriter, amplified_perturbation, grid
+from pipeline.evaluate.run import SampleWriter, pair_grid
 from pipeline.io import tables
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -23,7 +24,10 @@ MARKER = (
     " im.filter(i => i.complete && i.naturalWidth > 0).length + '/' + im.length);"
     " const v = document.getElementById('verdict'); if (v) { const r = v.getBoundingClientRect();"
     " document.body.setAttribute('data-verdict', Math.round(r.top) + '/' + Math.round(r.bottom) + '/'"
-    " + window.innerHeight + '/' + window.innerWidth); } });</script>"
+    " + window.innerHeight + '/' + window.innerWidth); }"
+    " document.body.setAttribute('data-grids', [...document.querySelectorAll('img.grid')].map(g =>"
+    " g.width + 'x' + g.naturalWidth + '@' + (g.closest('a') ? g.closest('a').getAttribute('href') : '')).join(' '));"
+    " });</script>"
 )
 
 
@@ -39,6 +43,13 @@ def verdict_box_in_chromium(html_path: Path, workdir: Path) -> tuple[int, int, i
     match = re.search(r'data-verdict="(-?\d+)/(-?\d+)/(\d+)/(\d+)"', dom := _chromium_dom(html_path, workdir))
     assert match, f"no #verdict on the page; dump starts: {dom[:300]!r}"
     return tuple(int(g) for g in match.groups())
+
+
+def grids_in_chromium(html_path: Path, workdir: Path) -> list[tuple[int, int, str]]:
+    """(shown width, natural width, link) of each sample grid in a 1280 px wide Chromium window."""
+    match = re.search(r'data-grids="([^"]*)"', dom := _chromium_dom(html_path, workdir))
+    assert match, f"the page's load handler did not run; dump starts: {dom[:300]!r}"
+    return [(int(w), int(n), href) for w, n, href in re.findall(r"(\d+)x(\d+)@(\S*)", match.group(1))]
 
 
 def _chromium_dom(html_path: Path, workdir: Path) -> str:
@@ -76,8 +87,8 @@ def test_report_from_table_and_samples(tmp_path, photos, capsys):
     clean = photos["astronaut"][:64, :64]
     prot = np.clip(clean.astype(int) + 8, 0, 255).astype(np.uint8)
     writer = SampleWriter(str(out), None, per_group=2)
-    writer.write("sdedit", "A", "key/one", grid([[clean, prot, amplified_perturbation(clean, prot)], [clean], [prot]]),
-                 {"key": "key/one", "method": "sds-", "eps": 8.0, "rows": ["inputs"], "columns": ["s=0.3"]})
+    image, info = pair_grid(clean, prot, 64, [("s=0.3", clean, prot)])
+    writer.write("sdedit", "A", "key/one", image, {"key": "key/one", "method": "sds-", "eps": 8.0, **info})
 
     report, summary = build_report(str(out))
     assert report == str(out / "report.html")
@@ -92,6 +103,31 @@ def test_report_from_table_and_samples(tmp_path, photos, capsys):
     assert total >= 3 and loaded == total  # the sample grid and one plot per scenario
     top, bottom, height, width = verdict_box_in_chromium(Path(report), tmp_path)
     assert width == 1280 and 0 <= top < bottom <= height  # the verdict is on the first screen, whole
+    # the grid at full size (256 px a cell, 3 cells across) on a 1280 px page, linked to its PNG beside the page
+    ((shown, natural, href),) = grids_in_chromium(Path(report), tmp_path)
+    assert shown == natural == 3 * 258 + 2 and href.startswith("samples/sdedit/") and href.endswith(".png")
+    assert Image.open(out / href).size == (natural, 3 * 258 + 2)  # the link opens the full-size PNG
+    assert "the mimic sees 64 x 64 px: the shorter side resized to 64 px, then the centre square cropped" in html.replace(
+        "The mimic", "the mimic")
+
+
+def test_pair_grid_has_three_full_columns_and_shows_the_mimics_view(photos):
+    tall = photos["astronaut"][:, 100:300]  # 512 x 200: the mimic crops the centre square of a portrait
+    prot = np.clip(tall.astype(int) + 8, 0, 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    mimic_c = np.full((64, 64, 3), 40, np.uint8)
+    mimic_p = rng.integers(50, 70, (64, 64, 3), dtype=np.uint8)
+    outputs = [(s, mimic_c, mimic_p) for s in ("s=0.1", "s=0.3")]
+    image, info = pair_grid(tall, prot, 64, outputs)
+    assert image.shape == (4 * 258 + 2, 3 * 258 + 2, 3)  # inputs, the mimic's view, one row per setting
+    assert info["rows"][1] == "as the mimic sees it (64 px)" and info["rows"][2:] == ["mimic output, s=0.1",
+                                                                                       "mimic output, s=0.3"]
+    assert info["columns"] == ["clean", "protected", "difference, amplified"] and info["mimic_resolution"] == 64
+    cells = [image[2 + i * 258: 258 + i * 258, 2 + j * 258: 258 + j * 258] for i in range(4) for j in range(3)]
+    assert all((cell != 255).any() for cell in cells)  # no empty (white) cell
+    view = cells[3]  # the clean image as the mimic saw it: 64 px, each pixel a 4 x 4 block
+    assert (view[::4, ::4] == view[1::4, 1::4]).all() and (view == np.repeat(np.repeat(view[::4, ::4], 4, 0), 4, 1)).all()
+    assert (cells[6] == 40).all() and (cells[7][::4, ::4] == mimic_p).all()  # both mimics of a setting side by side
 
 
 def calibrated_rows(protected: dict[str, float], clean: dict[str, float], calibrated: bool = True) -> list[dict]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import boto3
 import pyarrow.parquet as pq
+import pandas as pd
 import pytest
 from pyarrow import fs as pafs
 
@@ -45,6 +46,42 @@ def test_damage_is_positive_when_the_protection_hurts_the_mimic():
     assert damage("lpips_ref", 0.5, 0.2) == pytest.approx(0.3)  # distance: higher than the baseline
     assert damage("kid", 0.1, 0.3) == pytest.approx(-0.2)
     assert damage("ssim_ref", 0.5, None) is None
+
+
+def robustness_rows(damage: dict) -> pd.DataFrame:
+    """A robustness table: {(method, purification): headline damage} for sdedit (PSNR), plus the clean baseline."""
+    rows = [{"method": m, "eps": 8.0, "purification": p, "purification_name": p.split(":")[0],
+             "strength": 0.0, "scenario": "sdedit", "metric": "psnr_ref", "damage": d, "calibrated": False}
+            for (m, p), d in damage.items()]
+    rows += [{**rows[0], "method": "none", "eps": 0.0, "damage": 0.0}]
+    return pd.DataFrame(rows)
+
+
+def test_study_verdict_says_which_protection_survives_which_purification():
+    from pipeline.study.report import format_survival, survival
+
+    df = robustness_rows({("sds-", "none"): 4.0, ("sds-", "jpeg:50"): 3.2, ("sds-", "noise:0.1"): 0.4,
+                          ("mist", "none"): 2.0, ("mist", "jpeg:50"): 1.0, ("advdm", "none"): -0.5,
+                          ("advdm", "jpeg:50"): 0.1})
+    got = {(v["method"], v["purification"]): v["verdict"] for v in survival(df)}
+    assert got == {("sds-", "jpeg:50"): "survives", ("sds-", "noise:0.1"): "removed",
+                   ("mist", "jpeg:50"): "weakened", ("advdm", "jpeg:50"): None}  # advdm did no damage unpurified
+    text = format_survival(df)
+    assert "sdedit, jpeg:50: sds- eps=8: SURVIVES: keeps 80% of its damage (psnr_ref damage +3.2 after jpeg:50, " \
+           "+4 unpurified)" in text
+    assert "advdm eps=8: NO VERDICT: the protection does no damage to the mimic even unpurified" in text
+    assert text.splitlines()[-1].startswith("  (uncalibrated")
+
+
+def test_study_heatmap_writes_each_cells_value():
+    from pipeline.study.report import heatmap_figure, retained_matrix
+
+    df = robustness_rows({("sds-", "none"): 4.0, ("sds-", "jpeg:50"): 3.2, ("mist", "none"): 2.0})
+    matrix = retained_matrix(df, "sdedit")
+    fig = heatmap_figure(matrix, "sdedit")
+    written = sorted(t.get_text() for t in fig.axes[0].texts)
+    assert written == sorted(["1.00", "0.80", "1.00", "-"])  # mist under jpeg:50 was not computed
+    assert matrix.shape == (2, 2)
 
 
 # ---------------------------------------------------------------------------- end to end

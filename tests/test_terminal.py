@@ -33,6 +33,28 @@ def test_image_progress_counts_images_not_units():
     assert silent.getvalue() == ""
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_count_progress_draws_only_in_a_terminal():
+    from pipeline.batch.progress import CountProgress
+
+    piped = io.StringIO()  # a log file or a pipe: no bar, the caller logs its lines instead
+    with CountProgress(3, "study", "cell", file=piped) as bar:
+        bar.add(1, note="sds-_eps8/jpeg-50/sdedit")
+    assert piped.getvalue() == "" and not bar.shown and bar.done == 1
+    term = Terminal()
+    with CountProgress(3, "evaluating", "pair", file=term) as bar:
+        bar.add(2)
+        bar.add(1, note="last")
+    assert bar.shown and "evaluating" in term.getvalue() and "3/3" in term.getvalue().split("\r")[-1]
+    off = Terminal()
+    CountProgress(3, "study", "cell", enabled=False, file=off).close()  # --no-progress
+    assert off.getvalue() == ""
+
+
 def test_ray_output_settings_quiet_by_default_verbose_brings_them_back():
     from ray.data import DataContext
 

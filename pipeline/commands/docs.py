@@ -38,6 +38,21 @@ def _prose(text: str) -> str:
     return _escape(text).replace("\\|", "|")
 
 
+def _paragraphs(text: str) -> list[str]:
+    """A description or epilog as markdown lines: prose lines escaped, indented lines (examples) as code."""
+    out, code = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("  "):
+            code.append(line.strip())
+            continue
+        if code:
+            out += ["```", *code, "```", ""]
+            code = []
+        if line.strip():
+            out += [_prose(line), ""]
+    return out
+
+
 def _value(value) -> str:
     """A default as one would type it on the command line."""
     if isinstance(value, bool):
@@ -164,8 +179,7 @@ def cli_markdown() -> str:
     out.append("")
     for name, _, sub in subs:
         out += [f"## mimicshield {name}", ""]
-        if sub.description:
-            out += [_prose(sub.description), ""]
+        out += _paragraphs(sub.description or "") + _paragraphs(sub.epilog or "")
         out.append(parser_markdown(sub))
     return "\n".join(out).rstrip("\n") + "\n"
 

@@ -7,6 +7,7 @@ import argparse
 from pipeline.commands.docs import HelpFormatter
 from pipeline.commands.options import (
     add_mimic_options,
+    lead_with,
     mimic_configs_from_args,
     names,
     run_with_exit_codes,
@@ -25,35 +26,40 @@ def add_parser(sub) -> None:
         "the trained mimics under OUTPUT/mimics/. PROTECTED and CLEAN are what `protect` reads and writes: "
         "folders or WebDataset shards, local or s3://. Ends with a verdict per method and mimic and writes "
         "OUTPUT/report.html (--no-report to skip; `mimicshield report OUTPUT` rebuilds it).",
-        epilog="example:\n  mimicshield evaluate out/protected --clean photos/ --output out/eval --model tiny "
-        "--scenario sdedit --device cpu",
         formatter_class=HelpFormatter,
     )
     p.add_argument("protected", help="protected samples (folder, shards, s3://...)")
     p.add_argument("--clean", required=True, help="the clean originals, with the same keys")
     p.add_argument("--output", required=True, help="output folder or s3:// prefix")
     p.add_argument("--scenario", type=names, default=SCENARIOS, help=f"comma-separated: {','.join(SCENARIOS)}")
-    p.add_argument("--group-by", default="artist", help="what groups samples (artists) for the training mimics: a metadata field, or 'folder' "
-                   "(a folder INPUT's sub-folders: art/<artist>/...)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    i = p.add_argument_group("inputs")
+    i.add_argument("--group-by", default="artist", help="what groups samples (artists) for the training mimics: a "
+                   "metadata field, or 'folder' (a folder INPUT's sub-folders: art/<artist>/...)")
+    m = p.add_argument_group("model and device")
+    m.add_argument("--model", default=DEFAULT_MODEL,
                    help="mimic model: hub id, local diffusers directory or built-in (tiny, sd15-arch, ...)")
-    p.add_argument("--revision", default=None, help="hub revision (commit, tag) of --model, for reproducibility")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="SDEdit/inpaint weights dtype")
-    p.add_argument("--method", default=None, help="protection method, when the samples' metadata lacks it")
-    p.add_argument("--eps", type=float, default=None, help="protection budget (0-255), when the metadata lacks it")
-    p.add_argument("--run", default=None, help="run name for the table (default: the protection run id)")
-    p.add_argument("--prompt", default="a photo", help="prompt for samples without one")
-    p.add_argument("--seed", type=int, default=0, help="seed of every mimic (noise, masks, training)")
+    m.add_argument("--revision", default=None, help="hub revision (commit, tag) of --model, for reproducibility")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="SDEdit/inpaint weights dtype")
+    i.add_argument("--method", default=None, help="protection method, when the samples' metadata lacks it")
+    i.add_argument("--eps", type=float, default=None, help="protection budget (0-255), when the metadata lacks it")
+    i.add_argument("--run", default=None, help="run name for the table (default: the protection run id)")
+    i.add_argument("--prompt", default="a photo", help="prompt for samples without one")
+    m.add_argument("--seed", type=int, default=0, help="seed of every mimic (noise, masks, training)")
     add_mimic_options(p)
     g = p.add_argument_group("ray")
     g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     g.add_argument("--actors", type=int, default=None, help="evaluation actors (default: one per GPU, else 1)")
     g.add_argument("--batch-size", type=int, default=4, help="image pairs per per-image actor batch")
     g.add_argument("--samples-per-group", type=int, default=4, help="sample grids per scenario and group")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only in a terminal)")
     g.add_argument("--verbose", action="store_true", help="show Ray's own logs and operator progress bars")
     g.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report.html (`mimicshield report "
                    "OUTPUT` writes it later)")
+    lead_with(p, "Mimic the protected images and their clean originals; say whether the protection holds.",
+              ("--clean", "--output", "--model", "--scenario"),
+              "mimicshield evaluate out/protected --clean photos/ --output out/eval --model tiny --scenario sdedit "
+              "--device cpu")
     p.set_defaults(func=run)
 
 
@@ -65,8 +71,9 @@ def settings_from_args(args: argparse.Namespace):
         group_by=args.group_by, inpaint_model=args.inpaint_model,
         model=ModelSpec(args.model, revision=args.revision, device=args.device, dtype=args.dtype),
         method=args.method, eps=args.eps, run=args.run, prompt=args.prompt, **mimic_configs_from_args(args),
-        samples_per_group=args.samples_per_group, save_images=args.save_images, batch_size=args.batch_size, actors=args.actors,
-        address=args.address, verbose=bool(getattr(args, "verbose", False)),
+        samples_per_group=args.samples_per_group, save_images=args.save_images, batch_size=args.batch_size,
+        actors=args.actors,
+        address=args.address, verbose=bool(getattr(args, "verbose", False)), progress=not args.no_progress,
     )
 
 

@@ -37,6 +37,31 @@ def names(text) -> tuple[str, ...]:
 METHOD_HELP = "; ".join(f"{name}" for name in ALL_METHODS)
 
 
+def lead_with(parser: argparse.ArgumentParser, summary: str, common: tuple[str, ...], example: str) -> None:
+    """`--help` opens with what most runs need: a short usage line, `summary`, `example`, then the `common`
+    options in a group of their own ahead of the rest, which stay in their named groups. The parser's
+    description (the details: outputs, resume, exit codes) moves after the groups."""
+    group = parser.add_argument_group("common options")
+    for flag in common:
+        action = parser._option_string_actions[flag]
+        for other in parser._action_groups:
+            if action in other._group_actions:
+                other._group_actions.remove(action)
+        group._group_actions.append(action)
+    parser._action_groups.remove(group)
+    parser._action_groups.insert(parser._action_groups.index(parser._positionals) + 1, group)
+    parser.usage = " ".join(["%(prog)s", *(a.metavar or a.dest.upper() for a in parser._positionals._group_actions),
+                             *(_usage(parser._option_string_actions[flag], flag) for flag in common), "[options]"])
+    parser.epilog = parser.description
+    parser.description = f"{summary}\n\nexample:\n  {example}"
+
+
+def _usage(action: argparse.Action, flag: str) -> str:
+    """An option as the usage line shows it: `--eps EPS`, `[--evaluate]`; bracketed unless required."""
+    text = flag if action.nargs == 0 else f"{flag} {action.metavar or action.dest.upper()}"
+    return text if action.required else f"[{text}]"
+
+
 def add_protection_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs protection."""
     g = parser.add_argument_group("protection")

@@ -9,6 +9,7 @@ from pipeline.commands.docs import HelpFormatter
 from pipeline.commands.options import (
     add_protection_options,
     add_run_options,
+    lead_with,
     run_settings_from_args,
 )
 
@@ -26,7 +27,6 @@ def add_parser(sub) -> None:
         "OUTPUT are refused unless --overwrite). Exit codes: 0 done, 1 failed midway, 2 bad options or input, "
         "3 some input shards could not be read, 4 stalled (--stall-timeout), 5 the output storage failed (disk full, "
         "permission, S3 access): free it and rerun to resume.",
-        epilog="example:\n  mimicshield protect photos/ out/protected --model tiny --steps 20 --device cpu",
         formatter_class=HelpFormatter,
     )
     p.add_argument("input", nargs="?", help="input folder, shard folder/pattern, or s3://bucket/prefix")
@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
                    "method, eps, model, s3: {endpoint_url, region}, ...); command-line options win")
     add_protection_options(p)
     add_run_options(p)
+    lead_with(p, "Protect every image under INPUT (folder, shards, s3://) and write it under OUTPUT.",
+              ("--model", "--method", "--eps", "--device"),
+              "mimicshield protect photos/ out/protected --model tiny --steps 20 --device cpu")
     p.set_defaults(func=run, _parser=p)
 
 

@@ -12,6 +12,7 @@ from pipeline.commands.options import (
     add_run_options,
     apply_config_file,
     floats,
+    lead_with,
     mimic_configs_from_args,
     names,
     run_settings_from_args,
@@ -36,7 +37,6 @@ def add_parser(sub) -> None:
         "CLEAN is a folder of images or WebDataset shards, local or s3://. Rerunning the same command computes "
         "only the missing cells.",
         conflict_handler="resolve",  # --eps and --method below replace protect's single-valued ones
-        epilog="example:\n  mimicshield study photos/ out/study --model tiny --device cpu --methods sds-,photoguard --eps 4,8 --steps 20",
         formatter_class=HelpFormatter,
     )
     p.add_argument("clean", nargs="?", help="the clean images: folder, shards, or s3://bucket/prefix")
@@ -64,6 +64,10 @@ def add_parser(sub) -> None:
     g.add_argument("--group-by", default="artist",
                    help="the artist of the training mimics' cells: a metadata field, or 'folder' (sub-folders of CLEAN)")
     add_mimic_options(p, resolution_flag="--mimic-resolution", lpips=False)  # --lpips-weights: protection's
+    lead_with(p, "Which protections survive which purifications: protect, purify, mimic, one table and report.",
+              ("--model", "--methods", "--eps", "--purifications"),
+              "mimicshield study photos/ out/study --model tiny --device cpu --methods sds-,photoguard --eps 4,8 "
+              "--steps 20")
     p.set_defaults(func=run, _parser=p)
 
 
@@ -101,10 +105,14 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(outcome, int):
         return outcome
     settings, summary = outcome
-    print(summary)
-    from pipeline.study.report import format_summary, read_table
+    from pipeline.study.report import SURVIVAL_RULE, format_summary, format_survival, read_table
 
-    text = format_summary(read_table(settings.output, settings.s3))
+    print(summary)
+    df = read_table(settings.output, settings.s3)
+    text = format_summary(df)
     if text:
         print(text)
+    print(f"verdict (does the protection survive each purification? {SURVIVAL_RULE}):")
+    print(format_survival(df))
+    print(f"report: {summary.report}")
     return 0

@@ -3,7 +3,9 @@
 Reads ``OUTPUT/tables/mimicry_metrics/*.parquet`` and the sample grids under ``OUTPUT/samples/``
 (local or s3://), and writes one HTML file whose images (sample grids, matplotlib plots) are
 embedded as base64 data URIs, so it opens in any browser from anywhere, no server, no
-neighbouring files. `summary_table` is what the CLI prints in the terminal.
+neighbouring files; each sample grid also links to its full-size PNG under ``OUTPUT/samples/`` (a
+relative link: it opens while the page sits in OUTPUT). `summary_table` is what the CLI prints in the
+terminal.
 """
 
 from __future__ import annotations
@@ -61,11 +63,13 @@ def read_samples(output: str, s3=None, limit: int = 12) -> list[dict]:
             meta = json.loads(f.read())
         if per_scenario.get(meta["scenario"], 0) >= limit:
             continue
+        png_path = info.path[: -len(".json")] + ".png"
         try:
-            with fs.open_input_stream(info.path[: -len(".json")] + ".png") as f:
+            with fs.open_input_stream(png_path) as f:
                 meta["png"] = f.read()
         except FileNotFoundError:
             continue
+        meta["href"] = png_path[len(root) + 1 :]  # relative to OUTPUT, where report.html is
         per_scenario[meta["scenario"]] = per_scenario.get(meta["scenario"], 0) + 1
         out.append(meta)
     return out
@@ -203,6 +207,28 @@ def _plot_png(df: pd.DataFrame, scenario: str) -> bytes:
     return figure_png(fig, tight=False)
 
 
+def _sample_html(s: dict) -> str:
+    """One sample grid, a link to its full-size PNG, and a caption saying what each row and column is."""
+    def esc(value) -> str:
+        return html.escape(str(value))
+
+    lines = [f"<b>{esc(s.get('key') or s.get('name'))}</b> group {esc(s['group'])}, "
+             f"{esc(label(s.get('method', '?'), float(s.get('eps') or 0)))}"]
+    if s.get("columns"):
+        lines.append(f"columns: {esc(' | '.join(map(str, s['columns'])))}")
+    if s.get("rows"):
+        lines.append("rows, top to bottom: " + "; ".join(f"{i}. {esc(r)}" for i, r in enumerate(s["rows"], 1)))
+    if s.get("mimic_input"):
+        words = s["mimic_input"][:1].upper() + s["mimic_input"][1:]
+        lines.append(f"{esc(words)}; each cell is shown at {esc(s.get('cell_px', 256))} px, "
+                     "differences amplified to fill the 8-bit range.")
+    picture = img(s["png"], f"{s['scenario']} {s.get('name')}", "grid")
+    if s.get("href"):
+        picture = f"<a href='{html.escape(s['href'], quote=True)}' title='full-size PNG'>{picture}</a>"
+        lines.append("Click the grid for the full-size PNG.")
+    return f"<div class='sample'>{picture}{'<br>'.join(lines)}</div>"
+
+
 def build_report(output: str, s3=None, max_samples: int = 12) -> tuple[str, pd.DataFrame]:
     """Write OUTPUT/report.html; returns (its URI, the summary table)."""
     df = read_metrics(output, s3)
@@ -231,13 +257,7 @@ def build_report(output: str, s3=None, max_samples: int = 12) -> tuple[str, pd.D
     parts.append("<h2>Samples</h2>")
     for scenario in dict.fromkeys(s["scenario"] for s in samples):
         parts.append(f"<h3>{html.escape(scenario)}</h3>")
-        for s in [s for s in samples if s["scenario"] == scenario]:
-            cap = (f"<b>{html.escape(str(s.get('key') or s.get('name')))}</b> group {html.escape(str(s['group']))}, "
-                   f"{html.escape(label(s.get('method', '?'), float(s.get('eps') or 0)))}<br>rows: "
-                   f"{html.escape(' / '.join(s.get('rows', [])))}<br>columns: "
-                   f"{html.escape(', '.join(map(str, s.get('columns', []))))}")
-            alt = f"{scenario} {s.get('name')}"
-            parts.append(f"<div class='sample'>{img(s['png'], alt, 'grid')}{cap}</div>")
+        parts += [_sample_html(s) for s in samples if s["scenario"] == scenario]
     if not df.empty and df.loc[df["method"] != "none", "eps"].nunique() >= 2:  # a plot needs 2+ budgets
         parts.append("<h2>Metrics per method and budget</h2>")
         for scenario in sorted(df["scenario"].unique()):

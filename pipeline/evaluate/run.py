@@ -35,7 +35,9 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
+from pipeline.batch.progress import CountProgress
 from pipeline.cluster.pool import actor_share
 from pipeline.cluster.logs import quiet_data_context
 from pipeline.cluster.session import ensure_ray
@@ -49,7 +51,7 @@ from pipeline.evaluate.mimic import (
 from pipeline.evaluate.mimic.common import mimic_view
 from pipeline.evaluate.mimic.textual_inversion import placeholder_token
 from pipeline.evaluate.settings import EvalSettings
-from pipeline.io.images import ImageError, decode_image
+from pipeline.io.images import ImageError, center_crop_resize, decode_image
 from pipeline.io.metadata import sample_group, sample_meta
 from pipeline.io.samples import read_samples
 from pipeline.io.paths import PathArg, check_paths
@@ -128,6 +130,37 @@ def grid(rows: list[list[np.ndarray]], size: int = 256, pad: int = 2) -> np.ndar
             y, x = pad + i * (size + pad), pad + j * (size + pad)
             out[y : y + size, x : x + size] = mimic_view(img, size)
     return out
+
+
+CELL = 256  # px per grid cell: readable on a 1280 px page, three columns side by side
+
+
+def mimic_input_words(resolution: int) -> str:
+    """How a mimic prepares its input (mimic/common.py mimic_view), as a report caption says it."""
+    return (f"the mimic sees {resolution} x {resolution} px: the shorter side resized to {resolution} px, then the "
+            "centre square cropped (aspect kept)")
+
+
+def pair_grid(clean: np.ndarray, prot: np.ndarray, resolution: int, outputs: list[tuple]) -> tuple[np.ndarray, dict]:
+    """A mimic's sample grid, three full columns (clean | protected | amplified difference) per row.
+
+    Rows: the inputs (centre square); the inputs as the mimic sees them (`resolution`, enlarged without
+    smoothing); then per setting in `outputs` ((setting, mimic of clean, mimic of protected)) both outputs
+    and their amplified difference. Returns the image and its description for the report.
+    """
+    def seen(rgb):  # at the mimic's resolution, each of its pixels a block in the cell
+        view = mimic_view(rgb, resolution)
+        return center_crop_resize(view, CELL, Image.NEAREST) if resolution < CELL else view
+
+    pert = amplified_perturbation(clean, prot) if clean.shape == prot.shape else np.full_like(prot, 128)
+    view_c, view_p = seen(clean), seen(prot)
+    rows = [[clean, prot, pert], [view_c, view_p, amplified_perturbation(view_c, view_p)]]
+    rows += [[seen(c), seen(p), amplified_perturbation(seen(c), seen(p))] for _, c, p in outputs]
+    info = {"columns": ["clean", "protected", "difference, amplified"],
+            "rows": ["input (centre square)", f"as the mimic sees it ({resolution} px)",
+                     *(f"mimic output, {setting}" for setting, _, _ in outputs)],
+            "mimic_resolution": resolution, "mimic_input": mimic_input_words(resolution), "cell_px": CELL}
+    return grid(rows, CELL), info
 
 
 def png(rgb: np.ndarray) -> bytes:
@@ -221,7 +254,8 @@ class PairEvaluator:
                 if c.shape == p.shape and self.samples.wants("visibility", r["group"]):
                     self.samples.write("visibility", r["group"], r["key"], grid([[c, p, amplified_perturbation(c, p)]]), {
                         "key": r["key"], "run": r["run"], "method": r["method"], "eps": r["eps"],
-                        "rows": ["clean | protected | amplified perturbation"], "columns": []})
+                        "rows": ["input (centre square)"], "columns": ["clean", "protected", "difference, amplified"],
+                        "cell_px": CELL})
         outputs = {}
         for scenario, mimic in self.mimics.items():
             kwargs = {"metas": metas} if scenario == "inpaint" else {}
@@ -252,24 +286,45 @@ class PairEvaluator:
         for i, r in enumerate(recs):
             if not self.samples.wants(scenario, r["group"]):
                 continue
-            settings, row_p, row_c = [], [], []
+            outputs = []
             for out_p, out_c in zip(by_source["protected"], by_source["clean"]):
                 if r["key"] in out_p.keys:
                     j = out_p.keys.index(r["key"])
-                    settings.append(out_p.setting)
-                    row_p.append(out_p.images[j])
-                    row_c.append(out_c.images[j])
-            if not settings:
+                    outputs.append((out_p.setting, out_c.images[j], out_p.images[j]))
+            if not outputs:
                 continue
             c, p = clean[index[r["key"]]], prot[index[r["key"]]]
-            pert = amplified_perturbation(c, p) if c.shape == p.shape else np.full_like(p, 128)
-            image = grid([[c, p, pert], row_c, row_p])
+            image, info = pair_grid(c, p, self.mimics[scenario].resolution, outputs)
             self.samples.write(scenario, r["group"], r["key"], image, {
-                "key": r["key"], "run": r["run"], "method": r["method"], "eps": r["eps"],
-                "rows": ["inputs: clean | protected | amplified perturbation",
-                         "mimic of the clean image", "mimic of the protected image"],
-                "columns": settings,
-            })
+                "key": r["key"], "run": r["run"], "method": r["method"], "eps": r["eps"], **info})
+
+
+PROGRESS = "_pairs"  # the scenario of the one row per batch that tells the driver's bar how many pairs it held
+
+
+class CountedPairEvaluator(PairEvaluator):
+    """PairEvaluator in the Ray stage: its rows, then one PROGRESS row (n_images: the batch's pairs)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tick = {"run": "", "group": "", "scenario": PROGRESS, "setting": "", "method": "", "eps": math.nan,
+                "metric": "", "value": 0.0, "n_images": batch.num_rows, "calibrated": False, "seconds": 0.0}
+        return pa.concat_tables([super().__call__(batch), pa.Table.from_pylist([tick], schema=ROW_SCHEMA)])
+
+
+def evaluate_pairs(pairs, settings: EvalSettings, opts: dict):
+    """Run PairEvaluator over `pairs` with one bar of pairs (in a terminal); the per-image rows as a Dataset."""
+    import pyarrow.compute as pc
+    import ray.data
+
+    tables = []
+    with CountProgress(pairs.count(), "evaluating", "pair", enabled=None if settings.progress else False) as bar:
+        for batch in pairs.map_batches(CountedPairEvaluator, fn_constructor_kwargs={"settings": settings},
+                                       batch_size=settings.batch_size, batch_format="pyarrow",
+                                       **opts).iter_batches(batch_size=None, batch_format="pyarrow"):
+            ticks = pc.equal(batch["scenario"], PROGRESS)
+            bar.add(int(pc.sum(pc.filter(batch["n_images"], ticks)).as_py() or 0))
+            tables.append(batch.filter(pc.invert(ticks)))
+    return ray.data.from_arrow(tables or [ROW_SCHEMA.empty_table()])
 
 
 # ---------------------------------------------------------------------------- training scenarios
@@ -578,9 +633,7 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
                          f"{settings.clean}: nothing to evaluate")
     log(f"evaluating {pairs.count()} protected/clean pairs: {', '.join(settings.scenarios)}")
     rows: list[dict] = []
-    per_image = pairs.map_batches(PairEvaluator, fn_constructor_kwargs={"settings": settings},
-                                  batch_size=settings.batch_size, batch_format="pyarrow", **opts).materialize()
-    rows += aggregate(per_image)  # visibility rows always; sdedit / inpaint when asked for
+    rows += aggregate(evaluate_pairs(pairs, settings, opts))  # visibility rows always; sdedit / inpaint when asked for
     if training_wanted:
         references = style_reference_images(pairs, settings)
         trained = pairs.groupby("group_id").map_groups(

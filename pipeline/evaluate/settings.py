@@ -40,6 +40,7 @@ class EvalSettings:
     actors: int | None = None
     address: str | None = None
     verbose: bool = False  # Ray's own logs and operator progress bars on the terminal (cluster/logs.py)
+    progress: bool = True  # one bar of pairs, drawn when stderr is a terminal (batch/progress.py)
     s3: S3Options = field(default_factory=S3Options)  # a dict is converted once
 
     def __post_init__(self):

@@ -78,7 +78,63 @@ def retained_matrix(df: pd.DataFrame, scenario: str, purifications: list[str] | 
     return m[order]
 
 
-def heatmap_png(matrix: pd.DataFrame, title: str) -> bytes:
+# the share of its unpurified damage a protection keeps after a purification: (survives, weakened) thresholds
+SURVIVAL = (0.75, 0.25)
+SURVIVAL_RULE = ("survives: after the purification the protection still does at least 75% of the damage to the mimic "
+                 "it does unpurified; weakened: 25-75%; removed: less than 25%. No verdict where the protection does "
+                 "no damage even unpurified.")
+
+
+def survival(df: pd.DataFrame) -> list[dict]:
+    """Per (scenario, method, eps, purification other than none): survives / weakened / removed, and why in words."""
+    r = retained(df)
+    if r.empty:
+        return []
+    unpurified = r[r["purification"] == "none"].set_index(["method", "eps", "scenario"])["damage"]
+    out = []
+    for row in r[r["purification"] != "none"].itertuples(index=False):
+        base = unpurified.get((row.method, row.eps, row.scenario), math.nan)
+        metric = HEADLINE.get(row.scenario, "")
+        v = {"scenario": row.scenario, "method": row.method, "eps": row.eps, "purification": row.purification,
+             "retained": row.retained, "damage": row.damage, "unpurified": base, "verdict": None}
+        if not base > 1e-9 or math.isnan(row.retained):
+            v["words"] = f"the protection does no damage to the mimic even unpurified ({metric} {base:+.3g})"
+        else:
+            v["verdict"] = ("survives" if row.retained >= SURVIVAL[0] else "weakened" if row.retained >= SURVIVAL[1]
+                            else "removed")
+            v["words"] = (f"keeps {row.retained:.0%} of its damage ({metric} damage {row.damage:+.3g} after "
+                          f"{row.purification}, {base:+.3g} unpurified)")
+        out.append(v)
+    return sorted(out, key=lambda v: (v["scenario"], v["purification"], v["method"], v["eps"]))
+
+
+def format_survival(df: pd.DataFrame) -> str:
+    """The study's verdict in words, one line per scenario, purification and protection (what `study` prints)."""
+    lines = [f"  {v['scenario']}, {v['purification']}: {label(v['method'], v['eps'])}: "
+             f"{(v['verdict'] or 'no verdict').upper()}: {v['words']}" for v in survival(df)]
+    if not lines:
+        return "  no protected cell with a purification to judge"
+    if not df.empty and not bool(df["calibrated"].all()):
+        lines.append("  (uncalibrated: a random-weight model or metric backbone; these rank settings within this run "
+                     "and do not measure protection on a real model)")
+    return "\n".join(lines)
+
+
+def _survival_html(df: pd.DataFrame) -> str:
+    rows = survival(df)
+    if not rows:
+        return ""
+    colour = {"survives": "#1a7f37", "weakened": "#b35900", "removed": "#b42318", None: "#555"}
+    items = "".join(
+        f"<li><b style='color:{colour[v['verdict']]}'>{html.escape((v['verdict'] or 'no verdict').upper())}</b> "
+        f"&mdash; {html.escape(label(v['method'], v['eps']))} after {html.escape(v['purification'])} against "
+        f"{html.escape(v['scenario'])}: {html.escape(v['words'])}</li>" for v in rows)
+    return (f"<section id='verdict'><h2>Verdict: does the protection survive?</h2><ul class='verdict'>{items}</ul>"
+            f"<p class='note'>{html.escape(SURVIVAL_RULE)}</p></section>")
+
+
+def heatmap_figure(matrix: pd.DataFrame, title: str):
+    """The retained matrix as a red-to-green heatmap, each cell's value written in it ("-" where unknown)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.1 * matrix.shape[1] + 2.5, 0.45 * matrix.shape[0] + 1.6))
     values = matrix.to_numpy(dtype=float)
@@ -88,10 +144,16 @@ def heatmap_png(matrix: pd.DataFrame, title: str) -> bytes:
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             v = values[i, j]
-            ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
+            dark = not math.isnan(v) and (v < 0.2 or v > 1.0)  # the colour map's ends are dark: white text there
+            ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=9,
+                    color="white" if dark else "black")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="protection retained")
-    return figure_png(fig)
+    return fig
+
+
+def heatmap_png(matrix: pd.DataFrame, title: str) -> bytes:
+    return figure_png(heatmap_figure(matrix, title))
 
 
 def curves_png(df: pd.DataFrame, scenario: str) -> bytes | None:
@@ -160,6 +222,7 @@ def build_report(output: str, s3: dict | None = None) -> str:
         parts.append("<p>No cells yet.</p>")
         return page("mimicshield study", parts)
     uncalibrated = not bool(df["calibrated"].all())
+    parts.append(_survival_html(df))
     parts.append(f"<p>{df['method'].ne('none').sum()} protected and {df['method'].eq('none').sum()} baseline rows; "
                  f"{df.groupby(['method', 'eps', 'purification', 'scenario']).ngroups} cells. "
                  "Protection retained = damage under the purification / damage with no purification, damage "

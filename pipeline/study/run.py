@@ -19,6 +19,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
+from pipeline.batch.progress import CountProgress
 from pipeline.batch.settings import RunSettings
 from pipeline.cluster.faults import fault_point
 from pipeline.cluster.pool import actor_share
@@ -88,7 +89,7 @@ class StudySummary:
     def __str__(self) -> str:
         return (f"mimicshield study: {self.cells_done} cells computed, {self.cells_skipped} already done, "
                 f"{self.cells_total} in total ({self.purified_done} purified sets made) in {self.seconds:.1f} s\n"
-                f"  table:  {self.output}/tables/robustness/\n  report: {self.report}")
+                f"  table:  {self.output}/tables/robustness/")  # the report's path: printed last, by the command
 
 
 def worker_options(settings: StudySettings) -> tuple[int, dict, int | None]:
@@ -138,14 +139,15 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
             uri = settings.clean if source.is_clean else store.protected_uri(source)
             encoded_refs[source] = ray.put(adapter.read_encoded(uri, settings.s3))
         purified_made = _purify(settings, todo, encoded_refs, log)
-        # 3. mimic: baseline cells first, then the protected ones with their baselines
-        committed = 0
+        # 3. mimic: baseline cells first, then the protected ones with their baselines; one bar of cells in a
+        # terminal (a line per cell elsewhere)
+        bar = CountProgress(len(pending), "study", "cell", enabled=None if settings.protect.progress else False)
 
         def on_done(result):
-            nonlocal committed
-            committed += 1
-            log(f"cell {result['cell']}: {result['rows']} rows, {result['seconds']:.1f} s")
-            fault_point("cells-committed", committed, kill=True)  # tests: a hard crash after N cells
+            bar.add(1, note=result["cell"])
+            if not bar.shown:
+                log(f"cell {result['cell']}: {result['rows']} rows, {result['seconds']:.1f} s")
+            fault_point("cells-committed", bar.done, kill=True)  # tests: a hard crash after N cells
 
         n, options, threads = worker_options(settings)
 
@@ -163,6 +165,7 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
             for result in pool.map_unordered(lambda a, job: a.run.remote(job[0], clean_ref, job[1]), jobs):
                 on_done(result)
         finally:
+            bar.close()
             for actor in actors:  # free their resources now (the next study on this Ray needs them)
                 ray.kill(actor)
     # 4. the report
