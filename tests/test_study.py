@@ -84,6 +84,29 @@ def test_study_heatmap_writes_each_cells_value():
     assert matrix.shape == (2, 2)
 
 
+def test_training_cells_are_judged_by_the_style_score_when_they_have_it():
+    """lora cells: style accuracy is their headline (falling accuracy = damage), style distance without it,
+    CLIP similarity only for tables written before the style score."""
+    from pipeline.study.report import headline_metrics, retained_matrix
+
+    assert damage("style_accuracy", 0.25, 0.75) == 0.5 and damage("style_distance", 6.0, 5.0) == 1.0
+    rows = []
+    for metric, protected, baseline in (("style_accuracy", {"none": 0.25, "jpeg:50": 0.5}, 0.75),
+                                        ("style_distance", {"none": 6.0, "jpeg:50": 5.0}, 5.0),
+                                        ("clip_i2i_ref", {"none": 70.0, "jpeg:50": 80.0}, 80.0)):
+        for p, value in protected.items():
+            rows.append({"method": "sds-", "eps": 16.0, "purification": p, "purification_name": p.split(":")[0],
+                         "strength": 0.0, "scenario": "lora", "metric": metric, "calibrated": False,
+                         "damage": damage(metric, value, baseline)})
+        rows.append({**rows[-1], "method": "none", "eps": 0.0, "damage": 0.0})
+    df = pd.DataFrame(rows)
+    assert headline_metrics(df)["lora"] == "style_accuracy"
+    row = retained_matrix(df, "lora").iloc[0]  # accuracy damage 0.5 unpurified, 0.25 after jpeg:50
+    assert row["none"] == pytest.approx(1.0) and row["jpeg:50"] == pytest.approx(0.5)
+    assert headline_metrics(df[df["metric"] != "style_accuracy"])["lora"] == "style_distance"
+    assert headline_metrics(df[~df["metric"].str.startswith("style")])["lora"] == "clip_i2i_ref"
+
+
 # ---------------------------------------------------------------------------- end to end
 
 

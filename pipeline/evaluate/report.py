@@ -99,19 +99,27 @@ GLOSSARY = {
     "fid": ("FID of the generated set against the artist's images; higher = further", +1),
     "kid": ("KID of the generated set against the artist's images; higher = further", +1),
     "clip_score": ("CLIP similarity of generated images to their prompt; lower = the mimic follows it less", -1),
+    "style_accuracy": ("fraction of generated images whose nearest style (Gram + palette descriptor) is the "
+                       "artist's own among the candidate styles; lower = the mimic lost the style", -1),
+    "style_distance": ("distance of generated images to the artist's style, in units of the artist's own spread "
+                       "(about 1 = as close as the artist's images); higher = further", +1),
     "psnr": ("visibility: PSNR of the protected image against the clean one, dB; higher = less visible", +1),
     "ssim": ("visibility: SSIM of the protected image against the clean one; higher = less visible", +1),
     "lpips": ("visibility: LPIPS of the protected image against the clean one; lower = less visible", -1),
 }
 # the figure a verdict rests on, in order of preference, with (protected, weak) thresholds on how much
 # further the mimic of the protected images is from the artist's image than the mimic of the clean ones
-VERDICT_METRICS = {"lpips_ref": (0.10, 0.03), "ssim_ref": (0.10, 0.03), "psnr_ref": (3.0, 1.0),
+VERDICT_METRICS = {"style_accuracy": (0.5, 0.2), "style_distance": (1.0, 0.3),  # the training mimics' style score
+                   "lpips_ref": (0.10, 0.03), "ssim_ref": (0.10, 0.03), "psnr_ref": (3.0, 1.0),
                    "clip_i2i_ref": (5.0, 2.0), "fid": (50.0, 15.0)}
+VERDICT_NAMES = {"style_accuracy": "style accuracy", "style_distance": "style distance", "lpips_ref": "LPIPS",
+                 "ssim_ref": "SSIM", "psnr_ref": "PSNR", "clip_i2i_ref": "CLIP similarity", "fid": "FID"}
 VERDICT_RULE = ("protected: the mimic of the protected images is at least as far again from the artist's image as the "
-                "first threshold (LPIPS +0.10, SSIM -0.10, PSNR -3 dB, CLIP -5, FID +50) beyond the mimic of the clean "
-                "images; weak: at least the second (LPIPS +0.03, SSIM -0.03, PSNR -1 dB, CLIP -2, FID +15); not "
-                "protected: less. Each verdict uses the first calibrated figure of LPIPS, SSIM, PSNR, CLIP, FID "
-                "(uncalibrated figures never count).")
+                "first threshold (style accuracy -0.5, style distance +1.0, LPIPS +0.10, SSIM -0.10, PSNR -3 dB, "
+                "CLIP -5, FID +50) beyond the mimic of the clean images; weak: at least the second (style accuracy "
+                "-0.2, style distance +0.3, LPIPS +0.03, SSIM -0.03, PSNR -1 dB, CLIP -2, FID +15); not protected: "
+                "less. Each verdict uses the first calibrated figure of style accuracy, style distance (the training "
+                "mimics), LPIPS, SSIM, PSNR, CLIP, FID (uncalibrated figures never count).")
 
 
 def verdicts(df: pd.DataFrame) -> list[dict]:
@@ -136,7 +144,7 @@ def verdicts(df: pd.DataFrame) -> list[dict]:
             further = (p - c) * GLOSSARY[metric][1]
             row.update(metric=metric, protected_value=p, clean_value=c, further=further,
                        verdict="protected" if further >= strong else "weak" if further >= weak else "not protected")
-            name = metric.removesuffix("_ref").upper().replace("CLIP_I2I", "CLIP similarity")
+            name = VERDICT_NAMES[metric]
             row["words"] = (f"{scenario} copies of the protected images are {further:+.3g} {name} further from the "
                             f"artist's image than copies of the clean ones ({name} {p:.3g} vs {c:.3g})")
             break
@@ -154,7 +162,7 @@ def format_verdicts(df: pd.DataFrame) -> str:
         what = label(v["method"], float(v["eps"]))
         lines.append(f"  {what} vs {v['scenario']}: {(v['verdict'] or 'no verdict').upper()}: {v['words']}")
     if lines:
-        lines.append("  (no equal-budget noise baseline in this run; no style-score verdict yet)")
+        lines.append("  (no equal-budget noise baseline in this run)")
     return "\n".join(lines) or "  no protected/clean mimic pairs to judge"
 
 
@@ -169,7 +177,7 @@ def _verdict_html(df: pd.DataFrame) -> str:
         f"{html.escape(v['scenario'])}: {html.escape(v['words'])}</li>" for v in rows)
     return (f"<section id='verdict'><h2>Verdict</h2><ul class='verdict'>{items}</ul><p class='note'>"
             f"{html.escape(VERDICT_RULE)} No equal-budget noise baseline in this run, so protection is compared "
-            "with the clean images only; a style-score verdict is not computed yet.</p></section>")
+            "with the clean images only.</p></section>")
 
 
 def _glossary_html(metrics) -> str:

@@ -468,18 +468,17 @@ def save_generated(fs, root: str, scenario: str, rec: dict, out, config, source:
 def style_reference_images(pairs, settings: EvalSettings, per_group: int = 16) -> dict[str, list[bytes]]:
     """The style judge's candidates: up to `per_group` clean images of every group, plus the reference
     styles of ``--style-references`` (metrics/style.reference_styles; a group keeps its own images)."""
-    from pipeline.metrics.style import reference_styles
+    from pipeline.metrics.style import merge_references, reference_styles
 
     def first(batch: pa.Table) -> pa.Table:
         return batch.slice(0, per_group).select(["group", "c_image"])
 
-    out: dict[str, list[bytes]] = {name: [png(img) for img in images]
-                                   for name, images in reference_styles(settings.metrics.style_references,
-                                                                        settings.s3).items()}
+    extra = {name: [png(img) for img in images]
+             for name, images in reference_styles(settings.metrics.style_references, settings.s3).items()}
     groups: dict[str, list[bytes]] = {}
     for r in pairs.groupby("group").map_groups(first, batch_format="pyarrow").take_all():
         groups.setdefault(r["group"], []).append(r["c_image"])
-    return {**out, **groups}
+    return merge_references(extra, groups)
 
 
 # ---------------------------------------------------------------------------- driver

@@ -177,3 +177,12 @@ def reference_styles(spec: str | None, s3=None, per_style: int = 16) -> dict[str
     if not out:
         raise ValueError(f"--style-references {spec}: no sub-folder of images (one per style) found")
     return out
+
+
+def merge_references(extra: dict[str, list], groups: dict[str, list]) -> dict[str, list]:
+    """The judge's candidates: the reference styles and an evaluation's groups; a group named like a reference
+    style (an archive made from the built-in world) pools both image sets, one style with one prototype."""
+    out = {name: list(images) for name, images in extra.items()}
+    for name, images in groups.items():
+        out[name] = out.get(name, []) + list(images)
+    return out

@@ -8,9 +8,11 @@
   protected copy (columns: purified input | mimic output);
 - the retained table and the damage table in full.
 
-Damage is read on one headline metric per scenario (HEADLINE), averaged over its settings:
+Damage is read on one headline metric per scenario (HEADLINES), averaged over its settings:
 PSNR of the mimic's output against the clean original for SDEdit and inpainting (calibrated
-for any backbone), CLIP image similarity for the training mimics.
+for any backbone); for the training mimics the style score (metrics/style.py: style accuracy when the
+cells have one, i.e. with --style-references, else style distance), CLIP image similarity for tables
+written before it existed.
 """
 
 from __future__ import annotations
@@ -27,8 +29,18 @@ from pipeline.io.tables import load_schema
 from pipeline.study.grid import Cell, Source, slug
 from pipeline.study.store import TABLE_DIR, StudyStore
 
-HEADLINE = {"sdedit": "psnr_ref", "inpaint": "psnr_ref", "textual_inversion": "clip_i2i_ref",
-            "lora": "clip_i2i_ref"}
+_STYLE_FIRST = ("style_accuracy", "style_distance", "clip_i2i_ref")
+HEADLINES = {"sdedit": ("psnr_ref",), "inpaint": ("psnr_ref",), "textual_inversion": _STYLE_FIRST,
+             "lora": _STYLE_FIRST}  # per scenario, in order of preference: the first the table has
+
+
+def headline_metrics(df: pd.DataFrame) -> dict[str, str]:
+    """The headline metric of each scenario in `df`: the first of HEADLINES[scenario] that has rows."""
+    out = {}
+    for scenario, options in HEADLINES.items():
+        present = set(df.loc[df["scenario"] == scenario, "metric"])
+        out[scenario] = next((m for m in options if m in present), options[0])
+    return out
 
 
 def read_table(output: str, s3: dict | None = None) -> pd.DataFrame:
@@ -45,7 +57,7 @@ def read_table(output: str, s3: dict | None = None) -> pd.DataFrame:
 
 def headline(df: pd.DataFrame) -> pd.DataFrame:
     """Per (method, eps, purification, scenario): mean damage on the scenario's headline metric."""
-    rows = df[(df["method"] != "none") & (df["metric"] == df["scenario"].map(HEADLINE))]
+    rows = df[(df["method"] != "none") & (df["metric"] == df["scenario"].map(headline_metrics(df)))]
     if rows.empty:
         return pd.DataFrame(columns=["method", "eps", "purification", "purification_name", "strength", "scenario",
                                      "damage"])
@@ -92,9 +104,10 @@ def survival(df: pd.DataFrame) -> list[dict]:
         return []
     unpurified = r[r["purification"] == "none"].set_index(["method", "eps", "scenario"])["damage"]
     out = []
+    chosen = headline_metrics(df)
     for row in r[r["purification"] != "none"].itertuples(index=False):
         base = unpurified.get((row.method, row.eps, row.scenario), math.nan)
-        metric = HEADLINE.get(row.scenario, "")
+        metric = chosen.get(row.scenario, "")
         v = {"scenario": row.scenario, "method": row.method, "eps": row.eps, "purification": row.purification,
              "retained": row.retained, "damage": row.damage, "unpurified": base, "verdict": None}
         if not base > 1e-9 or math.isnan(row.retained):
@@ -172,7 +185,7 @@ def curves_png(df: pd.DataFrame, scenario: str) -> bytes | None:
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.set_title(family)
         ax.set_xlabel("strength")
-    axes[0][0].set_ylabel(f"damage ({HEADLINE.get(scenario, '')})")
+    axes[0][0].set_ylabel(f"damage ({headline_metrics(df).get(scenario, '')})")
     axes[0][-1].legend(fontsize=7, loc="best")
     return figure_png(fig)
 
@@ -227,7 +240,8 @@ def build_report(output: str, s3: dict | None = None) -> str:
                  f"{df.groupby(['method', 'eps', 'purification', 'scenario']).ngroups} cells. "
                  "Protection retained = damage under the purification / damage with no purification, damage "
                  "being how much worse the mimic copies the clean original than it does from the equally purified "
-                 "clean image (headline metric: " + ", ".join(f"{k} {v}" for k, v in HEADLINE.items()) + ").</p>")
+                 "clean image (headline metric: " + ", ".join(f"{k} {v}" for k, v in headline_metrics(df).items()
+                                                             if k in set(df["scenario"])) + ").</p>")
     if uncalibrated:
         parts.append("<p class='note'><b>Uncalibrated:</b> some rows come from a random-weight model or metric "
                      "backbone (calibrated = false); they check the machinery and rank settings within this run, "
@@ -237,7 +251,8 @@ def build_report(output: str, s3: dict | None = None) -> str:
         parts.append(f"<h2>{html.escape(scenario)}</h2>")
         matrix = retained_matrix(df, scenario, purifications)
         if not matrix.empty:
-            parts.append(img(heatmap_png(matrix, f"{scenario}: protection retained"), "heatmap"))
+            parts.append(img(heatmap_png(matrix, f"{scenario}: protection retained ({headline_metrics(df)[scenario]})"),
+                             "heatmap"))
             parts.append(matrix.round(3).to_html(na_rep="-"))
         curves = curves_png(df, scenario)
         if curves:
@@ -264,5 +279,5 @@ def format_summary(df: pd.DataFrame) -> str:
     for scenario in dict.fromkeys(df["scenario"]):
         m = retained_matrix(df, scenario)
         if not m.empty:
-            out.append(f"protection retained, {scenario} ({HEADLINE.get(scenario)}):\n{m.round(2).to_string()}")
+            out.append(f"protection retained, {scenario} ({headline_metrics(df).get(scenario)}):\n{m.round(2).to_string()}")
     return "\n\n".join(out)

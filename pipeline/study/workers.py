@@ -78,10 +78,10 @@ class CellWorker:
 
     def style_judge(self, artist: str, originals: list[np.ndarray], resolution: int):
         """The style judge of the training cells: the artist's clean originals among --style-references."""
-        from pipeline.metrics.style import StyleDescriptor, StyleJudge, reference_styles
+        from pipeline.metrics.style import StyleDescriptor, StyleJudge, merge_references, reference_styles
 
         if (artist, resolution) not in self.judges:
-            refs = {**reference_styles(self.ev.metrics.style_references, self.s.s3), artist: originals}
+            refs = merge_references(reference_styles(self.ev.metrics.style_references, self.s.s3), {artist: originals})
             descriptor = StyleDescriptor(self.ev.metrics.style_weights, self.metrics.device)
             self.judges[(artist, resolution)] = StyleJudge(descriptor, refs, resolution)
         return self.judges[(artist, resolution)]

@@ -283,7 +283,7 @@ WEIGHTS_SHA256 = "729cb23e1a25cd32acd4352c758f3d2e4e2760a386934d9dcdc53623bad67a
 STYLE_WEIGHTS_NAME = "tiny-style-v1.safetensors"
 STYLE_WEIGHTS_RECIPE = ("python -m pipeline.models.builtin.style_training --out A --vae-steps 1000 --unet-steps 3000 "
                         "--eval-every 750 --pool 4096 --threads 1",)
-STYLE_WEIGHTS_SHA256 = "TBD"
+STYLE_WEIGHTS_SHA256 = "f50570d499ee63ba03859ee4a75aa735fa05fad7fb63c06c813d112a886d4691"
 # which built-ins take trained weights: the prefix of their UNet in the weights file, and that file
 TRAINED_UNETS = {"tiny": "unet.tiny.", "tiny-inpaint": "unet.tiny-inpaint.", "tiny-style": "unet.tiny-style."}
 WEIGHTS_FILES = {"tiny": (WEIGHTS_NAME, WEIGHTS_SHA256), "tiny-inpaint": (WEIGHTS_NAME, WEIGHTS_SHA256),

@@ -125,9 +125,12 @@ class FastProtector:
         return out
 
 
+DEFAULT_BANK_BUILTINS = ("tiny", "tiny-style")  # trained on first use (train.ensure_default_bank)
+
+
 def build_default_bank(models: DiffusionModels) -> None:
-    """Train the built-in tiny model's default bank if it is missing (other models: nothing)."""
-    if models.model_id == "tiny":
+    """Train the built-in tiny (or tiny-style) model's default bank if it is missing (other models: nothing)."""
+    if models.model_id in DEFAULT_BANK_BUILTINS:
         from pipeline.protect.fastprotect.train import (
             ensure_default_bank,  # training code only on this path, never to load a bank
         )

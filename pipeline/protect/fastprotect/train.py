@@ -364,7 +364,9 @@ def ensure_default_bank(models: DiffusionModels) -> Path:
     trained on the fly: their path is returned as it is and loading it names the command to run.
     """
     path = default_bank_path(models.model_id)
-    if models.model_id in ("tiny", "tiny-style") and not path.is_file():
+    from pipeline.protect.fastprotect.infer import DEFAULT_BANK_BUILTINS
+
+    if models.model_id in DEFAULT_BANK_BUILTINS and not path.is_file():
         import sys
 
         print(f"mimicshield: training the default FastProtect bank for {models.model_id!r} once (cached at {path})", file=sys.stderr)
