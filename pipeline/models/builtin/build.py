@@ -286,8 +286,11 @@ STYLE_WEIGHTS_RECIPE = ("python -m pipeline.models.builtin.style_training --out 
 STYLE_WEIGHTS_SHA256 = "f50570d499ee63ba03859ee4a75aa735fa05fad7fb63c06c813d112a886d4691"
 # which built-ins take trained weights: the prefix of their UNet in the weights file, and that file
 TRAINED_UNETS = {"tiny": "unet.tiny.", "tiny-inpaint": "unet.tiny-inpaint.", "tiny-style": "unet.tiny-style."}
-WEIGHTS_FILES = {"tiny": (WEIGHTS_NAME, WEIGHTS_SHA256), "tiny-inpaint": (WEIGHTS_NAME, WEIGHTS_SHA256),
-                 "tiny-style": (STYLE_WEIGHTS_NAME, STYLE_WEIGHTS_SHA256)}
+
+
+def weights_file(name: str) -> tuple[str, str]:
+    """(file name in WEIGHTS_DIR, recorded sha256) of a trained built-in's shipped weights."""
+    return (STYLE_WEIGHTS_NAME, STYLE_WEIGHTS_SHA256) if name == "tiny-style" else (WEIGHTS_NAME, WEIGHTS_SHA256)
 
 
 def sha256(path: Path) -> str:
@@ -312,7 +315,7 @@ def load_trained_weights(pipe, name: str, path: Path | None = None) -> None:
     """Put the shipped weights of built-in `name` into `pipe` (checking the file's sha256)."""
     from safetensors import safe_open
 
-    file_name, expected = WEIGHTS_FILES[name]
+    file_name, expected = weights_file(name)
     path = path or WEIGHTS_DIR / file_name
     if not path.exists():
         script = "style_training" if name == "tiny-style" else "training"
