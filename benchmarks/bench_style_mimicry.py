@@ -154,7 +154,7 @@ def markdown(result: dict, args) -> str:
         f"- mimics: LoRA rank {args.lora_rank}, {args.lora_steps} steps, lr {args.lora_lr:g}; textual inversion "
         f"{args.ti_steps} steps, lr {args.ti_lr:g}; {args.generate} images generated per cell, 25 DDIM steps, guidance 7.5",
         "- style score: random conv Gram + palette descriptor (metrics/style.py; uncalibrated: a relative measure only)",
-        f"- seconds per cell (train + generate): " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds_per_cell"].items()),
+        "- seconds per cell (train + generate): " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds_per_cell"].items()),
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}, "
         f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
         f"- {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",

@@ -150,7 +150,8 @@ def verdicts(df: pd.DataFrame) -> list[dict]:
             break
         else:
             row["words"] = ("every figure is uncalibrated (random metric backbones or a "
-                            "built-in random-weight mimic model); see the uncalibrated table")
+                            "built-in mimic model: a toy trained on a few photos or random weights, whose figures say nothing about "
+                            "real checkpoints); see the uncalibrated table")
         out.append(row)
     return out
 

@@ -101,7 +101,7 @@ def annotate(batch: pa.Table, settings: EvalSettings) -> pa.Table:
 
 
 def calibrated(metrics: Metrics, metric: str, random_mimic: bool) -> bool:
-    """False when the metric's backbone is random or the mimic model is a built-in random-weight one."""
+    """False when the metric's backbone is random or the mimic model is a built-in (a toy trained here, or random weights)."""
     base = metric.removesuffix("_pair").removesuffix("_ref")
     return bool(metrics.calibrated.get(base, False)) and not random_mimic
 

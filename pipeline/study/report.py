@@ -128,7 +128,7 @@ def format_survival(df: pd.DataFrame) -> str:
     if not lines:
         return "  no protected cell with a purification to judge"
     if not df.empty and not bool(df["calibrated"].all()):
-        lines.append("  (uncalibrated: a random-weight model or metric backbone; these rank settings within this run "
+        lines.append("  (uncalibrated: a built-in model (toy or random weights) or a random metric backbone; these rank settings within this run "
                      "and do not measure protection on a real model)")
     return "\n".join(lines)
 
@@ -243,8 +243,8 @@ def build_report(output: str, s3: dict | None = None) -> str:
                  "clean image (headline metric: " + ", ".join(f"{k} {v}" for k, v in headline_metrics(df).items()
                                                              if k in set(df["scenario"])) + ").</p>")
     if uncalibrated:
-        parts.append("<p class='note'><b>Uncalibrated:</b> some rows come from a random-weight model or metric "
-                     "backbone (calibrated = false); they check the machinery and rank settings within this run, "
+        parts.append("<p class='note'><b>Uncalibrated:</b> some rows come from a built-in model (toy or random "
+                     "weights) or a random metric backbone (calibrated = false); they check the machinery and rank settings within this run, "
                      "they do not measure protection on a real model.</p>")
     purifications = sorted(dict.fromkeys(df["purification"]), key=lambda p: (p != "none", p))
     for scenario in dict.fromkeys(df["scenario"]):

@@ -32,7 +32,6 @@ import torch
 
 from pipeline.models.builtin import build as bm
 from pipeline.models.builtin.styles import (
-    ARTIST_PHOTOS,
     HELD_OUT_STYLES,
     JUDGE_PHOTOS,
     TRAIN_STYLES,
