@@ -206,3 +206,22 @@ def test_watchdog_names_a_lost_node_once():
     dog.check()
     assert lines == ["mimicshield: lost Ray node 10.0.0.2 (bbbbbbbb); Ray retries its tasks and restarts its actors "
                      "elsewhere, the run goes on"]
+
+
+def test_the_stall_interrupt_wakes_a_main_thread_blocked_in_a_wait():
+    """A driver blocked in a lock or queue wait must still be interrupted: a real SIGINT to the main thread
+    wakes the wait at once, where `_thread.interrupt_main`'s flag waits for the lock's own timeout (here
+    10 s; forever without one, which hung a whole test run)."""
+    import threading
+    import time
+
+    from pipeline.cluster.watchdog import interrupt_main_thread
+
+    held = threading.Lock()
+    held.acquire()
+    timer = threading.Timer(0.3, interrupt_main_thread)
+    start = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        held.acquire(timeout=10)
+    assert time.monotonic() - start < 3

@@ -16,6 +16,7 @@ finishes; a daemon thread checks the time since the last tick:
 from __future__ import annotations
 
 import _thread
+import signal
 import statistics
 import threading
 import time
@@ -28,6 +29,19 @@ STALL_EXIT = 4  # exit code of a run ended by --stall-timeout
 
 class Stalled(RuntimeError):
     """The run made no progress for --stall-timeout seconds. str() says for how long and what Ray reported."""
+
+
+def interrupt_main_thread() -> None:
+    """KeyboardInterrupt in the main thread, even while it is blocked in a wait.
+
+    `_thread.interrupt_main` only sets a flag that the main thread reads when it next runs Python code; a
+    main thread blocked in a lock or queue wait without a timeout (Ray Data's iterator can be) never reads
+    it, and the run hangs. A real SIGINT sent to the main thread wakes such a wait (POSIX); elsewhere, the flag.
+    """
+    if hasattr(signal, "pthread_kill") and callable(signal.getsignal(signal.SIGINT)):  # a Python handler: it runs
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:
+        _thread.interrupt_main()
 
 
 def report_after(gaps, minimum: float = MIN_REPORT_S) -> float:
@@ -63,7 +77,7 @@ def ray_pending() -> str:
 class Watchdog:
     def __init__(self, timeout: float | None = None, log: Callable[[str], None] = print,
                  pending: Callable[[], str] = ray_pending, clock: Callable[[], float] = time.monotonic,
-                 interrupt: Callable[[], None] = _thread.interrupt_main, minimum: float = MIN_REPORT_S,
+                 interrupt: Callable[[], None] = interrupt_main_thread, minimum: float = MIN_REPORT_S,
                  poll_s: float = 1.0, nodes: Callable[[], dict[str, str]] = live_node_ids, nodes_every_s: float = 10.0):
         self.timeout, self.log, self.pending, self.clock, self.interrupt = timeout, log, pending, clock, interrupt
         self.minimum, self.poll_s = minimum, poll_s

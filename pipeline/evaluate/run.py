@@ -429,11 +429,13 @@ class GroupTrainer:
                 metric = "clip_i2i_ref" if name == "clip_i2i" else name
                 n = len(gen)
                 row(metric, value, n, outs[source].seconds, baseline=source == "clean")
-        self.samples.write(scenario, group, f"{r0['run']}-{r0['method']}-{r0['eps']:g}", grid([clean[:4], gen_c, gen_p]), {
+        n = min(4, len(clean), len(gen_c), len(gen_p))  # every row as long as the others: no empty cells
+        self.samples.write(scenario, group, f"{r0['run']}-{r0['method']}-{r0['eps']:g}",
+                           grid([clean[:n], gen_c[:n], gen_p[:n]]), {
             "key": None, "run": r0["run"], "method": r0["method"], "eps": r0["eps"],
-            "rows": ["clean training images", "generated after training on clean images",
-                     "generated after training on protected images"],
-            "columns": [f"#{i}" for i in range(max(len(gen_p), min(4, len(clean))))],
+            "rows": ["clean training images", "generated after training on clean images (same prompt and seeds "
+                     "as the row below)", "generated after training on protected images"],
+            "columns": [f"#{i}" for i in range(n)],
         })
         return rows
 
