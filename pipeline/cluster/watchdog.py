@@ -104,7 +104,10 @@ class Watchdog:
             self.nodes_checked = now
             self.check_nodes()
         idle = now - self.last
-        if self.timeout is not None and idle >= self.timeout and self.fired is None:
+        if self.fired is not None:  # again, each look until the run ends: an interrupt that lands while the main
+            self.interrupt()        # thread runs a finalizer is swallowed there ("Exception ignored in ...")
+            return
+        if self.timeout is not None and idle >= self.timeout:
             self.fired = f"no sample finished for {idle:.0f} s (--stall-timeout {self.timeout:g}); Ray: {self.pending()}"
             self.interrupt()
             return
