@@ -31,15 +31,24 @@ class Stalled(RuntimeError):
     """The run made no progress for --stall-timeout seconds. str() says for how long and what Ray reported."""
 
 
-def interrupt_main_thread() -> None:
-    """KeyboardInterrupt in the main thread, even while it is blocked in a wait.
+STALL_SIGNAL = getattr(signal, "SIGUSR1", None)  # the watchdog's own signal (POSIX), never the user's Ctrl-C
 
-    `_thread.interrupt_main` only sets a flag that the main thread reads when it next runs Python code; a
-    main thread blocked in a lock or queue wait without a timeout (Ray Data's iterator can be) never reads
-    it, and the run hangs. A real SIGINT sent to the main thread wakes such a wait (POSIX); elsewhere, the flag.
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupt_main_thread() -> None:
+    """KeyboardInterrupt in the main thread, even while it is blocked in a wait and whatever SIGINT's disposition.
+
+    `_thread.interrupt_main` only sets a flag that the main thread reads when it next runs Python code (a
+    thread blocked in a lock wait without timeout never does), and does nothing at all where SIGINT is
+    ignored, as it is for every job a non-interactive shell starts in the background (``cmd &``, cron
+    scripts): the run then hangs. While a `Watchdog` runs, STALL_SIGNAL raises KeyboardInterrupt in the main
+    thread (`Watchdog.__enter__` installs the handler); a real signal also wakes a blocked wait.
     """
-    if hasattr(signal, "pthread_kill") and callable(signal.getsignal(signal.SIGINT)):  # a Python handler: it runs
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    if STALL_SIGNAL is not None and signal.getsignal(STALL_SIGNAL) is _raise_interrupt:
+        signal.pthread_kill(threading.main_thread().ident, STALL_SIGNAL)
     else:
         _thread.interrupt_main()
 
@@ -90,6 +99,7 @@ class Watchdog:
         self.nodes_checked = -float("inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._old_handler = None
 
     def tick(self) -> None:
         """A sample finished."""
@@ -131,6 +141,9 @@ class Watchdog:
             while not self._stop.wait(self.poll_s):
                 self.check()
 
+        self._old_handler = None
+        if STALL_SIGNAL is not None and threading.current_thread() is threading.main_thread():
+            self._old_handler = signal.signal(STALL_SIGNAL, _raise_interrupt)  # restored by __exit__
         self._thread = threading.Thread(target=loop, name="mimicshield-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -139,4 +152,7 @@ class Watchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._old_handler is not None:
+            signal.signal(STALL_SIGNAL, self._old_handler)
+            self._old_handler = None
             self.check_nodes()  # a node lost since the last look is still reported
