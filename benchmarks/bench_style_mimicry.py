@@ -177,7 +177,7 @@ def main(argv=None) -> None:
     p.add_argument("--artists", type=int, default=4)
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--generate", type=int, default=8)
-    p.add_argument("--lora-steps", type=int, default=100)
+    p.add_argument("--lora-steps", type=int, default=300)
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--lora-lr", type=float, default=3e-3)
     p.add_argument("--ti-steps", type=int, default=60)

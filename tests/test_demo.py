@@ -44,3 +44,13 @@ def test_demo_ends_with_a_small_evaluation(ray_local, tmp_path, monkeypatch, cap
     assert (out / "evaluation" / "report.html").stat().st_size > 10_000
     assert text.rstrip().splitlines()[-1].endswith(str(out / "evaluation" / "report.html"))  # the report, last
     assert (out / "before-after.png").exists()
+    # style mimicry: two style-world artists, textual inversion on clean vs protected, style rows and images
+    import pyarrow.parquet as pq
+
+    assert "style mimicry (textual inversion)" in text
+    style = out / "style-evaluation"
+    metrics = pq.read_table(style / "tables" / "mimicry_metrics").to_pylist()
+    rows = [r for r in metrics if r["metric"] == "style_accuracy"]
+    assert {r["group"] for r in rows} == {"oskses", "ragarka"}  # the style world's first held-out artists
+    assert len(list((style / "generated").rglob("*.png"))) == 2 * 2 * 8  # artists x (clean, protected) x 8
+    assert (style / "report.html").exists()

@@ -188,3 +188,39 @@ def test_study_over_s3_survives_a_kill(s3_server, s3_bucket, ray_local):
     assert "study/report.html" in keys and not [k for k in keys if "/_tmp-" in k]
     report = s3.get_object(Bucket=s3_bucket, Key="study/report.html")["Body"].read().decode()
     assert "protection retained" in report.lower() and report.count("data:image/png") >= 3  # heatmap, curves, samples
+
+
+def test_save_images_writes_every_image_a_training_cell_generated(tmp_path):
+    """`study --save-images`: all of a training cell's generated images, with the prompt and seed that made each
+    and the cell's protection and purification (evaluate's writer, so both tools' index.json read alike)."""
+    import json
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.cli import build_parser
+    from pipeline.commands.study import settings_from_args
+    from pipeline.evaluate.mimic import LoraConfig
+    from pipeline.evaluate.mimic.common import MimicOutput, mimic_seed
+    from pipeline.study import adapter
+    from pipeline.study.grid import Cell, Source
+    from pipeline.study.store import StudyStore
+
+    argv = ["study", str(tmp_path / "clean"), str(tmp_path / "out"), "--save-images"]
+    args = build_parser().parse_args(argv)
+    args._argv = argv[1:]
+    assert settings_from_args(args).evaluation.save_images  # accepted and passed on, not dropped
+
+    store = StudyStore(str(tmp_path / "out"))
+    cell = Cell(Source("sds-", 8.0), "jpeg:50", "lora")
+    images = [np.full((8, 8, 3), 40 * i, np.uint8) for i in range(5)]
+    out = MimicOutput("lora", "rank=4/steps=2", "protected", [f"ana/{i}" for i in range(5)], images)
+    adapter.save_generated(store, cell, "ana", out, SimpleNamespace(config=LoraConfig(seed=3)))
+    folder = tmp_path / "out" / "generated" / "lora" / cell.id
+    index = json.loads((folder / "index.json").read_text())
+    assert [e["file"] for e in index] == [f"{i}.png" for i in range(5)]
+    assert all((e["method"], e["eps"], e["purification"], e["group"]) == ("sds-", 8.0, "jpeg:50", "ana") for e in index)
+    assert index[0]["prompt"] == "a painting in the style of sks"
+    assert [e["seed"] for e in index] == [mimic_seed(3, f"lora/ana/{i}") for i in range(5)]
+    assert np.array_equal(np.asarray(Image.open(folder / "4.png")), images[4])

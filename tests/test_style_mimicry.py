@@ -37,7 +37,7 @@ def scores(judge, mimic, images, artist) -> tuple[float, float]:
 
 def test_textual_inversion_and_lora_learn_a_held_out_artist(judge):
     """Measured (4 images, 4 generated, chance 1/8): TI 30 steps 0.69 against 0.00 untrained;
-    LoRA 60 steps 0.31 (it learns some artists, not others: benchmarks/README.md)."""
+    LoRA 60 steps 0.56 (UNet + text-encoder adapters, caption dropout; UNet-only without dropout: 0.31)."""
     ti = TextualInversion("tiny-style", TextualInversionConfig(steps=30, num_images=4), device="cpu")
     untrained = TextualInversion("tiny-style", TextualInversionConfig(steps=0, num_images=4), device="cpu")
     lora = Lora("tiny-style", LoraConfig(steps=60, learning_rate=3e-3, num_images=4), device="cpu")
@@ -48,7 +48,7 @@ def test_textual_inversion_and_lora_learn_a_held_out_artist(judge):
         before.append(scores(judge, untrained, images, style.name)[0])
         lora_acc.append(scores(judge, lora, images, style.name)[0])
     assert np.mean(learned) >= 0.35 and np.mean(learned) >= np.mean(before) + 0.3
-    assert np.mean(lora_acc) >= 0.16  # above chance (0.125)
+    assert np.mean(lora_acc) >= 0.34  # chance 0.125 + half the measured margin
 
 
 def test_sds_minus_keeps_the_textual_inversion_mimic_further_from_the_artist_than_noise(judge):

@@ -92,6 +92,7 @@ def settings_from_args(args: argparse.Namespace):
     evaluation = EvalSettings(
         protected=str(args.output), clean=str(args.clean), output=str(args.output), scenarios=grid.scenarios,
         group_by=args.group_by, model=protect.model, inpaint_model=args.inpaint_model, prompt=args.prompt,
+        save_images=args.save_images,
         **mimic_configs_from_args(args))
     return StudySettings(grid=grid, protect=protect, evaluation=evaluation, upscaler=args.upscaler,
                          upscaler_steps=args.upscaler_steps, diffpure_steps=args.diffpure_steps, samples=args.samples,

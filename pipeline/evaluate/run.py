@@ -448,21 +448,28 @@ def save_generated(fs, root: str, scenario: str, rec: dict, out, config, source:
     """A training mimic's generated images as PNG, with an index.json saying which prompt and seed made each:
     OUTPUT/generated/<scenario>/<run>/<group>/<method>-<eps>/<protected|clean>/<i>.png (clean-trained and
     protected-trained images of one group share prompts and seeds, so image i of each is a pair)."""
-    from pipeline.evaluate.mimic.common import mimic_seed
-
     protection = "none-0" if source == "clean" else f"{mimic_slug(rec['method'])}-{rec['eps']:g}"
     folder = f"{root}/generated/{scenario}/{mimic_slug(rec['run'])}/{mimic_slug(rec['group'])}/{protection}/{source}"
+    write_generated(fs, folder, scenario, rec["group"], out, config,
+                    {"run": rec["run"], "source": source, "method": "none" if source == "clean" else rec["method"],
+                     "eps": 0.0 if source == "clean" else rec["eps"]})
+
+
+def write_generated(fs, folder: str, scenario: str, group: str, out, config, fields: dict) -> None:
+    """`out.images` as folder/<i>.png and folder/index.json: per image its file, group, prompt, seed, setting
+    and `fields` (run, source, method, eps, purification: what the caller knows). The one writer of generated
+    images: evaluate (`save_generated`) and the study's cells (`--save-images`) call it."""
+    from pipeline.evaluate.mimic.common import mimic_seed
+
     fs.create_dir(folder, recursive=True)
-    token = placeholder_token(rec["group"]) if scenario == "textual_inversion" else getattr(config, "token", "")
+    token = placeholder_token(group) if scenario == "textual_inversion" else getattr(config, "token", "")
     prompt = config.prompt_template.format(token=token)
     index = []
     for i, image in enumerate(out.images):
         with fs.open_output_stream(f"{folder}/{i}.png") as f:
             f.write(png(image))
-        index.append({"file": f"{i}.png", "group": rec["group"], "run": rec["run"], "source": source,
-                      "method": "none" if source == "clean" else rec["method"],
-                      "eps": 0.0 if source == "clean" else rec["eps"], "prompt": prompt,
-                      "seed": mimic_seed(config.seed, f"{scenario}/{rec['group']}/{i}"), "setting": out.setting})
+        index.append({"file": f"{i}.png", "group": group, **fields, "prompt": prompt,
+                      "seed": mimic_seed(config.seed, f"{scenario}/{group}/{i}"), "setting": out.setting})
     with fs.open_output_stream(f"{folder}/index.json") as f:
         f.write(json.dumps(index, indent=1).encode())
 

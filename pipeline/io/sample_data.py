@@ -91,21 +91,34 @@ def shard_bytes(samples: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def write_style_world(out: str, per_artist: int = 8, artists: int = 8, size: int = 64, seed: int = 0) -> list[str]:
-    """The built-in style world's held-out artists as a folder archive: OUT/<artist>/<i>.png (evaluate and
-    study them with ``--model tiny-style --group-by folder``); returns the artists' names."""
-    from pathlib import Path
-
+def style_world_images(per_artist: int = 8, artists: int = 8, size: int = 64, seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """The built-in style world's first `artists` held-out artists: {artist name: `per_artist` images}."""
     from pipeline.models.builtin.styles import HELD_OUT_STYLES, artist_images
 
-    names = []
-    for a, style in enumerate(HELD_OUT_STYLES[:artists]):
-        folder = Path(out) / style.name
+    return {style.name: artist_images(style, per_artist, size, seed=seed + 100 + a)
+            for a, style in enumerate(HELD_OUT_STYLES[:artists])}
+
+
+def write_style_world(out: str, per_artist: int = 8, artists: int = 8, size: int = 64, seed: int = 0) -> list[str]:
+    """The held-out artists as a folder archive: OUT/<artist>/<i>.png (evaluate and study them with
+    ``--model tiny-style --group-by folder``); returns the artists' names."""
+    from pathlib import Path
+
+    world = style_world_images(per_artist, artists, size, seed)
+    for name, images in world.items():
+        folder = Path(out) / name
         folder.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(artist_images(style, per_artist, size, seed=seed + 100 + a)):
+        for i, img in enumerate(images):
             (folder / f"{i}.png").write_bytes(png_bytes(img))
-        names.append(style.name)
-    return names
+    return list(world)
+
+
+def style_world_samples(per_artist: int = 8, artists: int = 2, size: int = 64, seed: int = 0) -> list[dict]:
+    """The same artists as WebDataset samples, the artist in each sample's JSON (``--group-by artist``)."""
+    return [{"__key__": f"{name}-{i:03d}", "png": png_bytes(img),
+             "json": json.dumps({"artist": name, "caption": f"a painting by {name}"}).encode()}
+            for name, images in style_world_images(per_artist, artists, size, seed).items()
+            for i, img in enumerate(images)]
 
 
 if __name__ == "__main__":  # python -m pipeline.io.sample_data style-world DIR [PER_ARTIST] [ARTISTS]

@@ -101,3 +101,11 @@ def calibrated(metric_set, metric: str, model) -> bool:
 
 def write_table(rows: list[dict], table_dir: str, fs, basename: str) -> str:
     return tables.write_table(rows, "robustness", table_dir, fs, basename=basename)
+
+
+def save_generated(store, cell, group: str, out, trained) -> None:
+    """Every image a training cell's mimic generated (``--save-images``), PNG + index.json (prompt, seed, the
+    cell's method, eps and purification) under OUTPUT/generated/<scenario>/<cell id>/: evaluate's writer."""
+    evaluation.write_generated(store.fs, f"{store.root}/generated/{cell.scenario}/{cell.id}", cell.scenario, group,
+                               out, trained.config, {"source": cell.source.id, "method": cell.source.method,
+                                                     "eps": float(cell.source.eps), "purification": cell.purification})

@@ -123,6 +123,8 @@ class CellWorker:
             results.append((out.setting, "style_distance", np.mean(scores["style_distance"]), len(out.images),
                             out.seconds))
             samples = {k: img for k, img in zip(keys, out.images)}
+            if self.ev.save_images:
+                adapter.save_generated(self.store, cell, group, out, mimic)
         else:
             outputs = adapter.run_per_image(mimic, cell.scenario, images, keys, cell.source.id, prompts, metas)
             for out in outputs:
