@@ -57,14 +57,18 @@ def test_lora_trains_saves_safetensors_and_loads_back(group, tmp_path):
 
     lora = Lora(model_path("tiny"), LoraConfig(rank=2, steps=4, num_images=2, inference_steps=2), device="cpu")
     base = {k: v.clone() for k, v in lora.pipe.unet.state_dict().items()}
+    base_text = {k: v.clone() for k, v in lora.pipe.text_encoder.state_dict().items()}
     out, path = lora.run(group, "Artist A", "protected", tmp_path / "lora")
     assert path.name == "pytorch_lora_weights.safetensors" and len(out.images) == 2
     keys = list(load_file(str(path)))
-    assert keys and all(k.startswith("unet.") and "lora" in k for k in keys)
+    assert keys and all(k.split(".")[0] in ("unet", "text_encoder") and "lora" in k for k in keys)
     assert any(".to_q." in k for k in keys) and any(".to_out.0." in k for k in keys)
-    # the base UNet is unchanged after training and unloading
+    assert any(k.startswith("text_encoder.") and ".q_proj." in k for k in keys)  # text-encoder adapters too
+    # the base UNet and text encoder are unchanged after training and unloading (the next group starts clean)
     after_state = lora.pipe.unet.state_dict()
     assert set(after_state) == set(base) and all(torch.equal(after_state[k], v) for k, v in base.items())
+    after_text = lora.pipe.text_encoder.state_dict()
+    assert set(after_text) == set(base_text) and all(torch.equal(after_text[k], v) for k, v in base_text.items())
 
     pipe = load_pipeline("text2img", model_path("tiny"), device="cpu", dtype="fp32")
     before = _generate(pipe, "a painting in the style of sks")
