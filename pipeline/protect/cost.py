@@ -50,6 +50,7 @@ def meta_copy(models):
 
     return dataclasses.replace(models, vae=empty(models.vae), unet=empty(models.unet),
                                text_encoder=empty(models.text_encoder), text_encoder_2=empty(models.text_encoder_2),
+                               text_encoder_3=empty(models.text_encoder_3),
                                scheduler=copy.deepcopy(models.scheduler),  # diffusers moves its tables to the input's device
                                device=torch.device("meta"), _prompt_cache={})
 
@@ -82,15 +83,13 @@ def step_cost(protector, height: int, width: int) -> StepCost:
 
         latent = (1, meta.latent_channels, working[0] // meta.vae_factor, working[1] // meta.vae_factor)
         dtype = meta.dtype
+        cond, added = meta_conditioning(meta)
         inputs = StepInputs(
-            cond=torch.zeros(1, 77, meta.unet.config.cross_attention_dim, device="meta", dtype=dtype),
-            t=torch.tensor([500], device="meta"),
+            cond=cond,
+            t=torch.tensor([500.0 if meta.is_flow else 500], device="meta"),
             noise=torch.zeros(latent, device="meta", dtype=dtype),
             target_latent=torch.zeros(latent, device="meta", dtype=dtype),
-            added_cond=None if not meta.is_sdxl else {
-                "text_embeds": torch.zeros(1, meta.unet.config.projection_class_embeddings_input_dim
-                                           - 6 * meta.unet.config.addition_time_embed_dim, device="meta", dtype=dtype),
-                "time_ids": torch.zeros(1, 6, device="meta", dtype=dtype)},
+            added_cond=added,
         )
         leaf = torch.zeros(1, 3, height if through else working[0], width if through else working[1],
                            device="meta", requires_grad=True)
@@ -104,6 +103,27 @@ def step_cost(protector, height: int, width: int) -> StepCost:
         flops += counter.get_total_flops()
         saved = max(saved, sum(storages.values()))
     return StepCost(flops=float(flops), saved_bytes=saved, image_bytes=full_size_bytes(height, width, through))
+
+
+def meta_conditioning(meta) -> tuple[torch.Tensor, dict | None]:
+    """(c, added conditioning) of one prompt, as zeros of the right shapes on the meta device, for any family:
+    SD 77 CLIP tokens; SDXL + pooled and time ids; SD3 77 CLIP + T5 tokens and pooled projections; FLUX T5 tokens."""
+    from pipeline.models.diffusion import t5_sequence_length
+
+    config, dtype = meta.unet.config, meta.dtype
+
+    def zeros(*shape):
+        return torch.zeros(*shape, device="meta", dtype=dtype)
+
+    if meta.is_flow:
+        t5_tokenizer = meta.tokenizer_3 if meta.family == "sd3" else meta.tokenizer_2
+        tokens = t5_sequence_length(t5_tokenizer, meta.family) + (77 if meta.family == "sd3" else 0)
+        return zeros(1, tokens, config.joint_attention_dim), {"pooled_projections": zeros(1, config.pooled_projection_dim)}
+    cond = zeros(1, 77, config.cross_attention_dim)
+    if not meta.is_sdxl:
+        return cond, None
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return cond, {"text_embeds": zeros(1, pooled), "time_ids": zeros(1, 6)}
 
 
 def full_size_bytes(height: int, width: int, through: bool) -> int:

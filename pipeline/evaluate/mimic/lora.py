@@ -11,6 +11,10 @@ B initialised so that W' = W at the start; only A and B are trained, with the de
 ``pytorch_lora_weights.safetensors`` file, diffusers key names) and generation loads them back
 with ``load_lora_weights``, the path any user of the saved file would take.
 
+Flow models (SD3, FLUX): the adapters go on the transformer's attention projections (the same four
+names, as diffusers' train_dreambooth_lora_{sd3,flux}.py default to), trained on the velocity loss
+(training.py), saved as ``transformer_lora_layers`` by StableDiffusion3Pipeline / FluxPipeline.
+
 Defaults are small so that a group trains in seconds on the built-in ``tiny`` model. Real use
 (SD 1.5, 512 px; FastProtect's main evaluation): rank 4-16, about 500-1000 steps at lr 1e-4,
 batch 1-4, 50 inference steps.
@@ -25,7 +29,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pipeline.evaluate.mimic.common import MimicOutput, load_pipeline, native_resolution
+from pipeline.evaluate.mimic.common import MimicOutput, denoiser, is_flow_pipeline, load_pipeline, native_resolution
 from pipeline.evaluate.mimic.training import (
     MimicTrainingConfig,
     encode_latents,
@@ -58,10 +62,14 @@ class Lora:
 
         self.config = config or LoraConfig()
         self.pipe = load_pipeline("text2img", model, device, dtype)
-        self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        if is_flow_pipeline(self.pipe):  # trained and sampled with its own flow-matching scheduler
+            self.train_scheduler = self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
+        else:
+            self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+            self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         self.resolution = self.config.resolution or native_resolution(self.pipe)
-        for part in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)):
+        for part in (denoiser(self.pipe), self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None),
+                     getattr(self.pipe, "text_encoder_3", None)):
             if part is not None:
                 part.requires_grad_(False)
 
@@ -75,7 +83,7 @@ class Lora:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        cfg, unet = self.config, self.pipe.unet
+        cfg, unet = self.config, denoiser(self.pipe)  # the UNet, or a flow model's transformer
         adapter = "mimic_train"
         unet.add_adapter(
             peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
@@ -88,7 +96,9 @@ class Lora:
                 p.data = p.data.float()  # trainable weights in fp32 whatever the model's dtype
             parts = SimpleNamespace(unet=unet, text_encoder=self.pipe.text_encoder, tokenizer=self.pipe.tokenizer,
                                     text_encoder_2=getattr(self.pipe, "text_encoder_2", None),
-                                    tokenizer_2=getattr(self.pipe, "tokenizer_2", None), scheduler=self.train_scheduler)
+                                    tokenizer_2=getattr(self.pipe, "tokenizer_2", None),
+                                    text_encoder_3=getattr(self.pipe, "text_encoder_3", None),
+                                    tokenizer_3=getattr(self.pipe, "tokenizer_3", None), scheduler=self.train_scheduler)
             latents = encode_latents(self.pipe, images, self.resolution)
             prompt = cfg.train_template.format(token=cfg.token)
             unet.train()
@@ -98,8 +108,9 @@ class Lora:
             unet.eval()
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
             Path(save_dir).mkdir(parents=True, exist_ok=True)
-            type(self.pipe).save_lora_weights(str(save_dir), unet_lora_layers=layers,
-                                                      weight_name=LORA_FILE, safe_serialization=True)
+            layers_name = "transformer_lora_layers" if is_flow_pipeline(self.pipe) else "unet_lora_layers"
+            type(self.pipe).save_lora_weights(str(save_dir), **{layers_name: layers},
+                                              weight_name=LORA_FILE, safe_serialization=True)
         finally:
             unet.delete_adapters(adapter)
             unet.requires_grad_(False)
