@@ -209,7 +209,10 @@ def test_flow_sds_is_the_encoder_vjp_of_the_velocity_residual(name, flow_models,
 
 @pytest.mark.parametrize("name", FLOW_MODELS)
 def test_flow_sds_direction_agrees_with_the_full_gradient(name, flow_models, photos_small):
-    """cos(g_sds, dL_sem/dx) > 0 at several t: the Jacobian SDS skips does not turn the direction around."""
+    """cos(g_sds, dL_sem/dx) > 0 at several t: the Jacobian SDS skips does not turn the direction around.
+
+    Measured (4 draws each, t = 100 .. 900): tiny-sd3 0.83 .. 0.99, tiny-flux 0.59 .. 0.99 (lowest at small t,
+    where the dropped term (1 - s) J weighs most: methods.py)."""
     models = flow_models[name]
     advdm = METHODS["advdm"]()
     for t in (100.0, 300.0, 500.0, 700.0, 900.0):
@@ -220,7 +223,7 @@ def test_flow_sds_direction_agrees_with_the_full_gradient(name, flow_models, pho
             full = advdm.grad(models, x, inputs)
             sds = sds_direction(models, to_x01(photos_small).requires_grad_(True), inputs)
             cosines.append(cosine(sds, full))
-        assert np.mean(cosines) > 0, (name, t, cosines)
+        assert min(cosines) > 0.3, (name, t, cosines)
 
 
 # --------------------------------------------------------------------------- every method

@@ -318,6 +318,17 @@ class ModelSpec:
         return self.model in BUILTIN_MODELS
 
     @property
+    def family(self) -> str:
+        """"sd", "sdxl", "sd3" or "flux" of a single built-in or local model, read from its config or
+        model_index.json without loading it; "sd" for a hub id (its own loading tells the truth)."""
+        if self.is_builtin:
+            from pipeline.models.builtin.build import CONFIGS
+
+            return CONFIGS[self.model].get("family", "sd")
+        local = Path(self.model).expanduser()
+        return family_of_class(pipeline_class_name(str(local))) if local.is_dir() else "sd"
+
+    @property
     def model_ids(self) -> list[str]:
         """The models of `A,B,...` (one id for a single model)."""
         return split_model_ids(self.model)

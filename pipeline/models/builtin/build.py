@@ -388,8 +388,9 @@ STYLE_WEIGHTS_SHA256 = "f50570d499ee63ba03859ee4a75aa735fa05fad7fb63c06c813d112a
 # ``tiny-sd3``, ``tiny-flux`` (issue 21): made by `python -m pipeline.models.builtin.flow_training` (seed 0, one core);
 # the file holds their transformers, text encoders and fine-tuned VAE layers; the rest of their VAE is tiny's
 FLOW_WEIGHTS_NAME = "tiny-flow-v1.safetensors"
-FLOW_WEIGHTS_RECIPE = ("python -m pipeline.models.builtin.flow_training --out A --threads 1",)
-FLOW_WEIGHTS_SHA256 = ""
+FLOW_WEIGHTS_RECIPE = ("python -m pipeline.models.builtin.flow_training --out A --vae-steps 400 --vae-lr 1e-3 --steps 1500 "
+                       "--threads 1",)
+FLOW_WEIGHTS_SHA256 = "edea7f21caf857cc2339a337bc743acd2331d315e9c5fbb205671fce2e1ff52c"
 # which built-ins take trained weights: the prefix of their UNet in the weights file, and that file
 TRAINED_UNETS = {"tiny": "unet.tiny.", "tiny-inpaint": "unet.tiny-inpaint.", "tiny-style": "unet.tiny-style."}
 
