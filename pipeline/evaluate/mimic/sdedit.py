@@ -155,5 +155,7 @@ class SDEdit:
             generator=generators(cfg.seed, keys, self.device),
             output_type="np",
             **flow_pipeline_kwargs(self.pipe),
+            # flow img2img pipelines default to their own size (FLUX: 1024), not the input's
+            **({"height": self.resolution, "width": self.resolution} if self.flow else {}),
         ).images
         return to_uint8(out)
