@@ -8,7 +8,8 @@ An archive protected against one encoder is protected against one encoder (FastP
   with `--method` at `--eps` for `--steps` PGD steps; plus uniform noise U(-eps, eps) (``noise``);
 - mimics: each of `--mimic`; for every (protector, mimic) pair
   - latent displacement under the *mimic's* encoder, ||E_m(x') - E_m(x)||_2 / ||E_m(x)||_2 (mean);
-  - SDEdit damage: the mimic's DDIM edit (`--strength`, `--ddim-steps`) of the protected image vs
+  - SDEdit damage: the mimic's DDIM edit (flow models: their img2img pipeline's Euler sampler;
+    `--strength`, `--ddim-steps`) of the protected image vs
     the clean image, PSNR (lower = more damage), against the same for the clean image's edit.
 
 The built-ins' VAEs are random (issue 10 ships a trained one): ``tiny`` and ``tiny-v`` share the
@@ -182,7 +183,7 @@ def main() -> None:
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     mimics = args.mimic.split(",")
     lines = [f"# Transfer: {args.method}, eps {args.eps:g}, {args.steps} steps, {args.images} images at {args.size} px",
-             "", f"SDEdit DDIM s={args.strength:g}, {args.ddim_steps} steps. Cells: latent shift under the mimic's "
+             "", f"SDEdit s={args.strength:g}, {args.ddim_steps} steps (DDIM; flow models: their own Euler sampler). Cells: latent shift under the mimic's "
              "encoder / PSNR drop of the mimic's edit vs the clean image's edit (dB; higher = more damage). "
              "`*`: the mimic is (one of) the protecting model(s).", "",
              "| protect \\ mimic | " + " | ".join(mimics) + " | ms / step / image | saved MiB / weights MiB |",
