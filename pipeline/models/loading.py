@@ -1,4 +1,4 @@
-"""Load the parts of a Stable Diffusion model: VAE, UNet, text encoder(s), tokenizer(s), scheduler.
+"""Load the parts of a latent diffusion model: VAE, denoiser (UNet or transformer), text encoder(s), tokenizer(s), scheduler.
 
 `ModelSpec(model, revision, device, dtype, low_memory)` says which model to load and how; it is
 validated when built (once, from the CLI or a config file), travels as an object to every Ray actor
@@ -420,7 +420,7 @@ def load_models(
     revision: str | None = None,
     low_memory: bool = False,
 ) -> DiffusionModels:
-    """Load a Stable Diffusion (1.x, 2.x or XL) model's parts, frozen, on `device` in `dtype`.
+    """Load a Stable Diffusion (1.x, 2.x, XL, 3.x) or FLUX.1 model's parts, frozen, on `device` in `dtype`.
 
     `model_id` may be a `ModelSpec`, which then says everything (`load_models(spec)` is
     `spec.load()`; the other arguments must be left out).
@@ -485,8 +485,19 @@ def load_models(
 
 def _load_flow_parts(path: str, class_name: str, kwargs: dict, revision: str | None) -> dict:
     """The parts of an SD3 or FLUX diffusers directory or hub id, by their pipelines' folder names."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+    )
+    from transformers import (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
 
     sd3 = family_of_class(class_name) == "sd3"
     parts = dict(

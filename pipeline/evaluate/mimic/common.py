@@ -22,7 +22,14 @@ import torch
 from PIL import Image
 
 from pipeline.io.images import center_crop_resize
-from pipeline.models.diffusion import FLUX_GUIDANCE, denoiser_family, encode_text, sdxl_time_ids, t5_sequence_length, text_parts
+from pipeline.models.diffusion import (
+    FLUX_GUIDANCE,
+    denoiser_family,
+    encode_text,
+    sdxl_time_ids,
+    t5_sequence_length,
+    text_parts,
+)
 from pipeline.models.loading import (
     ModelSpec,
     family_of_class,
@@ -158,11 +165,6 @@ def model_family(model_path: str, revision: str | None = None) -> str:
                                                    is_local=local.is_dir()))
     except Exception:  # unreachable hub: from_pretrained will say so with the real error
         return "sd"
-
-
-def is_sdxl_model(model_path: str, revision: str | None = None) -> bool:
-    """Whether the model at `model_path` (directory or hub id) is an SDXL model."""
-    return model_family(model_path, revision) == "sdxl"
 
 
 def is_sdxl_pipeline(pipe) -> bool:

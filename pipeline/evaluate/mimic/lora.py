@@ -29,7 +29,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pipeline.evaluate.mimic.common import MimicOutput, denoiser, is_flow_pipeline, load_pipeline, native_resolution
+from pipeline.evaluate.mimic.common import (
+    MimicOutput,
+    denoiser,
+    is_flow_pipeline,
+    load_pipeline,
+    native_resolution,
+)
 from pipeline.evaluate.mimic.training import (
     MimicTrainingConfig,
     encode_latents,

@@ -45,7 +45,13 @@ from pipeline.evaluate.mimic.common import (
     to_pil,
     to_uint8,
 )
-from pipeline.models.diffusion import denoise, latent_shift, noise_latents, predicted_original, vae_latents
+from pipeline.models.diffusion import (
+    denoise,
+    latent_shift,
+    noise_latents,
+    predicted_original,
+    vae_latents,
+)
 from pipeline.models.loading import ModelSpec
 
 SDEDIT_MODES = ("one_step", "ddim")

@@ -29,7 +29,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from pipeline.evaluate.mimic.common import MimicOutput, is_flow_pipeline, load_pipeline, native_resolution
+from pipeline.evaluate.mimic.common import (
+    MimicOutput,
+    is_flow_pipeline,
+    load_pipeline,
+    native_resolution,
+)
 from pipeline.evaluate.mimic.training import (
     MimicTrainingConfig,
     encode_latents,
