@@ -478,3 +478,32 @@ def test_flow_training_script_runs_and_its_weights_load(tmp_path):
         pipe = bm.build_pipeline(name)
         bm.load_flow_weights(pipe, name, path)  # strict for the transformer and text encoders
         assert pipe.vae.config.shift_factor != bm.CONFIGS[name]["vae"]["shift_factor"]  # calibrated
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_low_memory_gives_the_same_protection_on_a_flow_model(flow_models, photos_small):
+    """--low-memory (text encoders, T5 included, kept on the CPU; encoder checkpointing): the same perturbation."""
+    low = load_models("tiny-sd3", device="cpu", dtype="fp32", low_memory=True)
+    assert low.text_encoder_3 is not None and low.text_encoder_3.device.type == "cpu"
+    config = ProtectConfig(method="sds-", eps=EPS, steps=3, step_size=2.0)
+    a = build_protector(flow_models["tiny-sd3"], config).protect(photos_small[:2], keys=["a", "b"])
+    b = build_protector(low, config).protect(photos_small[:2], keys=["a", "b"])
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", FLOW_MODELS)
+def test_memory_model_on_the_meta_device_counts_what_a_real_flow_step_saves(name, flow_models):
+    """The --meta count (how sd35-arch and flux-arch are counted at 1024 px) agrees with a real CPU step."""
+    from pipeline.protect import memory
+
+    x = torch.rand(1, 3, SIZE, SIZE)
+    meta = memory.meta_models(name, "fp32", low_memory=False)
+    assert meta.device.type == "meta" and meta.family == flow_models[name].family
+    for method in ("sds-", "advdm", "photoguard"):
+        config = ProtectConfig(method=method, steps=1)
+        real_bytes = memory.saved_bytes_of_step(build_protector(flow_models[name], config), x)
+        meta_bytes = memory.saved_bytes_of_step(build_protector(meta, config), x)
+        assert meta_bytes > 0 and abs(real_bytes - meta_bytes) <= 0.01 * real_bytes, (method, real_bytes, meta_bytes)

@@ -94,7 +94,7 @@ def step_cost(protector, height: int, width: int) -> StepCost:
         leaf = torch.zeros(1, 3, height if through else working[0], width if through else working[1],
                            device="meta", requires_grad=True)
         counter = FlopCounterMode(display=False)
-        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with counter, fused_attention_on_meta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             x = leaf * 1.0  # not a leaf: the flop counter's hooks refuse autograd.grad on leaves
             seen = torch.nn.functional.interpolate(x, size=working, mode="bilinear", antialias=True) if through else x
             d = protector.method.direction(meta, seen, inputs)
@@ -103,6 +103,38 @@ def step_cost(protector, height: int, width: int) -> StepCost:
         flops += counter.get_total_flops()
         saved = max(saved, sum(storages.values()))
     return StepCost(flops=float(flops), saved_bytes=saved, image_bytes=full_size_bytes(height, width, through))
+
+
+class fused_attention_on_meta:
+    """Count attention on the meta device as a fused kernel saves it (q, k, v, output, log-sum-exp), not as the
+    math path does (the whole softmax matrix, heads x tokens^2).
+
+    On the meta device `scaled_dot_product_attention` has no fused kernel and falls back to the math path, while
+    a real step uses one (flash / memory-efficient on CUDA, flash on CPU): counted the math way, FLUX's 4608 tokens
+    at 1024^2 cost 1 GB per layer that no real step keeps. Inside this context an unmasked, dropout-free call on
+    meta tensors goes to `aten._scaled_dot_product_flash_attention_for_cpu`, whose meta kernel saves what the fused
+    kernels save; every other call is left alone.
+    """
+
+    def __enter__(self):
+        import torch.nn.functional as F
+
+        self.original = original = F.scaled_dot_product_attention
+
+        def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            if query.device.type != "meta" or attn_mask is not None or dropout_p or enable_gqa:
+                return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                scale=scale, enable_gqa=enable_gqa)
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, 0.0, is_causal, scale=scale)[0]
+
+        F.scaled_dot_product_attention = sdpa
+        return self
+
+    def __exit__(self, *exc):
+        import torch.nn.functional as F
+
+        F.scaled_dot_product_attention = self.original
 
 
 def meta_conditioning(meta) -> tuple[torch.Tensor, dict | None]:

@@ -4,7 +4,8 @@ A PGD step's peak GPU memory is about weights on the device + the activations au
 backward + the largest transient. `saved_bytes_of_step` counts the saved activations exactly, by
 running the step's forward with `torch.autograd.graph.saved_tensors_hooks` (each saved storage counted
 once); `meta_models` builds a built-in architecture on PyTorch's meta device, where the same count
-costs nothing (shapes and dtypes are real, nothing is computed or allocated).
+costs nothing (shapes and dtypes are real, nothing is computed or allocated; attention is counted as the
+fused kernels a real step uses keep it: `cost.fused_attention_on_meta`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from pipeline.models.builtin.build import build_pipeline
 from pipeline.models.loading import assemble_models, resolve_dtype
-from pipeline.protect.cost import meta_conditioning
+from pipeline.protect.cost import fused_attention_on_meta, meta_conditioning
 from pipeline.protect.methods import StepInputs, encode, predict
 
 
@@ -64,7 +65,7 @@ def saved_bytes_of_step(protector, x01: torch.Tensor) -> int:
     )
     x = x01.to(models.device).clone().requires_grad_(True)
     method = protector.method
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with fused_attention_on_meta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if method.name.startswith("sds"):  # SDS: the encoder's graph only; the UNet runs under no_grad
             z = encode(models, x)
             with torch.no_grad():
