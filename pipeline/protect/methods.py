@@ -56,7 +56,8 @@ needs no flow-specific code. Unlike the eps case, the term kept here is not "the
 noise" but the exact gradient of the target term. The term dropped, 2 (1 - s) r^T J, shrinks as s -> 1;
 elsewhere nothing in the algebra bounds it (at a perfect model on very broad data, (1 - s) J -> -I and the
 two terms cancel), so its effect is measured, not assumed: tests/test_flow.py checks that g_sds has a
-positive cosine with the full gradient on tiny-sd3 and tiny-flux at several t.
+positive cosine with the full gradient on tiny-sd3 and tiny-flux at several t (measured: 0.83-0.99 on
+tiny-sd3, 0.59-0.99 on tiny-flux for t = 100 .. 900, lowest at small t, where (1 - s) J weighs most).
 """
 
 from __future__ import annotations

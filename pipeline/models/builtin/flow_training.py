@@ -52,7 +52,6 @@ from pipeline.models.diffusion import (
     vae_latents,
 )
 
-FLOW_BUILTINS = ("tiny-sd3", "tiny-flux")
 TRAINABLE_VAE = ("encoder.conv_norm_out.", "encoder.conv_out.", "decoder.conv_in.")
 
 
@@ -170,7 +169,7 @@ def flow_weights(name: str, pipe) -> dict[str, torch.Tensor]:
     return {k: (v.half() if v.is_floating_point() else v).detach().contiguous() for k, v in out.items()}
 
 
-def train_flow_builtins(out: Path, vae_cfg: VAETraining, flow_cfg: FlowTraining, names=FLOW_BUILTINS) -> Path:
+def train_flow_builtins(out: Path, vae_cfg: VAETraining, flow_cfg: FlowTraining, names=bm.FLOW_BUILTINS) -> Path:
     """Train each flow built-in (VAE fine-tune, calibration, transformer); write FLOW_WEIGHTS_NAME into `out`."""
     from safetensors.torch import save_file
 
