@@ -21,7 +21,8 @@ def photo(photos) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def context() -> PurifyContext:
-    return PurifyContext(model="tiny", device="cpu", dtype="fp32", upscaler_steps=4, diffpure_steps=10)
+    return PurifyContext(model="tiny", device="cpu", dtype="fp32", upscaler_steps=4, diffpure_steps=10,
+                         gridpure_iterations=5)
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -41,7 +42,8 @@ def test_specs_parse_and_refuse():
     assert [u.spec for u in parse_purifications("none,blur:2")] == ["none", "blur:2"]
     for bad, reason in [("sharpen:1", "unknown purification"), ("jpeg:x", "not a number"), ("none:3", "no parameter"),
                         ("jpeg:0", "quality"), ("quantize:2.5", "whole number"), ("diffpure:1.5", r"\(0, 1\]"),
-                        ("resize:0.5", ">= 1"), ("jpeg:75,jpeg:75", "twice")]:
+                        ("resize:0.5", ">= 1"), ("jpeg:75,jpeg:75", "twice"), ("jpeg:75:x", "no option"),
+                        ("gridpure:0", r"\(0, 1\]")]:
         with pytest.raises(ValueError, match=reason):
             parse_purifications(bad)
 
@@ -91,3 +93,30 @@ def test_noisy_upscale_runs_the_x4_upscaler(photo, context):
     out = run("noisy_upscale:0.1", photo, context=context)
     assert np.array_equal(out, run("noisy_upscale:0.1", photo, context=context))
     assert not np.array_equal(out, run("noisy_upscale:0.1", photo, seed=3, context=context))  # the noise is seeded
+
+
+def test_gridpure_grids_are_the_papers():
+    from pipeline.study.purify.gridpure import grid_boxes, grid_purify
+
+    boxes, gh, gw = grid_boxes(512, 512, 256)  # SD's 512 px: 3 x 3 half-overlapping grids of 256 (stride 128)
+    assert (gh, gw) == (256, 256) and sorted({y for y, _ in boxes}) == [0, 128, 256] and len(boxes) == 9
+    boxes, _, _ = grid_boxes(48, 80, 32)  # the last row and column flush with the border
+    assert sorted({y for y, _ in boxes}) == [0, 16] and sorted({x for _, x in boxes}) == [0, 16, 32, 48]
+    x = np.random.default_rng(0).random((48, 80, 4)).astype(np.float32)
+    seen = []
+    merged = grid_purify(x, 32, lambda tiles: seen.append(len(tiles)) or tiles)  # identity purifier
+    assert seen == [len(boxes) + 1]  # every grid and the square of the four corners, in one batch
+    assert np.allclose(merged, x, atol=1e-6)  # averaging overlapping copies of the same values changes nothing
+    doubled = grid_purify(x, 32, lambda tiles: [2 * t for t in tiles])
+    assert np.allclose(doubled, 2 * x, atol=1e-5)  # every pixel covered, each weighted equally
+
+
+def test_gridpure_depends_more_on_the_noise_with_larger_t(photo, context):
+    near = run("gridpure:0.01", photo, context=context)
+    assert np.array_equal(near, run("gridpure:0.01", photo, context=context))
+    assert 0 < mse(near, photo)
+
+    def spread(t):
+        return mse(run(f"gridpure:{t}", photo, seed=1, context=context), run(f"gridpure:{t}", photo, seed=2, context=context))
+
+    assert spread(0.01) < spread(0.2)
