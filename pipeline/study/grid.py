@@ -101,6 +101,9 @@ class StudyGrid:
         if not units:
             raise ValueError("a study needs at least one purification (e.g. none)")
         object.__setattr__(self, "purifications", tuple(u.spec for u in units))  # normalised: "jpeg:75"
+        slugs = [slug(p.replace(":", "-")) for p in self.purifications]
+        if len(set(slugs)) != len(slugs):  # e.g. cat:100:advdm and cat:100:advdm- would share their files
+            raise ValueError(f"purifications {self.purifications} would share file names ({slugs}): drop one")
         for name in ("methods", "eps", "scenarios"):
             values = getattr(self, name)
             if len(set(values)) != len(values):

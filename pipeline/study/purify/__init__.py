@@ -53,6 +53,7 @@ REGISTRY: dict[str, tuple[str, float | None]] = {
     "impress": ("impress", 50.0),
     "noisy_upscale": ("noisy_upscale", 0.1),
     "gridpure": ("gridpure", 0.01),
+    "cat": ("cat", 100.0),
 }
 
 
@@ -107,6 +108,19 @@ class Purification:
 
     def one(self, rgb: np.ndarray, seed: int, context: PurifyContext | None) -> np.ndarray:
         raise NotImplementedError
+
+    # a model-side attack (adapts_model) also defines these three
+    def adaptation(self, context: PurifyContext, seed: int = 0) -> dict:
+        """Train the adaptation once (deterministic in seed): name -> tensor."""
+        raise NotImplementedError
+
+    def adapted(self, vae, tensors: dict):
+        """A context manager: `vae` carries the adaptation while it is open."""
+        raise NotImplementedError
+
+    def metadata(self, context: PurifyContext) -> dict[str, str]:
+        """Strings recorded beside the adaptation's tensors."""
+        return {"spec": self.spec}
 
 
 def parse_purification(spec: str) -> Purification:
