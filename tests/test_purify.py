@@ -120,3 +120,48 @@ def test_gridpure_depends_more_on_the_noise_with_larger_t(photo, context):
         return mse(run(f"gridpure:{t}", photo, seed=1, context=context), run(f"gridpure:{t}", photo, seed=2, context=context))
 
     assert spread(0.01) < spread(0.2)
+
+
+@pytest.fixture(scope="module")
+def held_out_photo() -> np.ndarray:
+    """The centre of a photo neither the tiny models nor the pixel DDPM trained on (rocket), 64 x 64."""
+    from pipeline.models.builtin.training import held_out_images
+
+    return np.round(held_out_images(64, crops_per_photo=1)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * np.log10(255.0**2 / mse(a, b))
+
+
+def test_pdmpure_denoises_a_noised_held_out_photo(held_out_photo, context):
+    noisy = run("noise:0.08", held_out_photo)
+    purified = run("pdmpure:0.1", noisy, context=context)
+    assert np.array_equal(purified, run("pdmpure:0.1", noisy, context=context))  # deterministic for a seed and key
+    assert psnr(purified, held_out_photo) > psnr(noisy, held_out_photo) + 3  # the pixel DDPM removes noise
+
+
+def test_pdmpure_depends_more_on_the_noise_with_larger_t(photo, context):
+    def spread(t):
+        return mse(run(f"pdmpure:{t}", photo, seed=1, context=context), run(f"pdmpure:{t}", photo, seed=2, context=context))
+
+    assert 0 < spread(0.05) < spread(0.5)
+    assert mse(run("pdmpure:0.05", photo, context=context), photo) < mse(run("pdmpure:0.5", photo, context=context), photo)
+
+
+def test_pdmpure_takes_a_users_pixel_model_directory(tmp_path, photo, context):
+    from pipeline.models.builtin.pixel import builtin_pixel_path, load_trained_unet
+    from pipeline.study.purify.pdmpure import load_pixel_model
+
+    unet, scheduler = load_pixel_model(builtin_pixel_path(), "cpu", "fp32")  # the built-in, through from_pretrained
+    assert type(unet).__name__ == "UNet2DModel" and scheduler.config.num_train_timesteps == 1000
+    load_trained_unet().save_pretrained(tmp_path / "unet-only")  # a bare UNet2DModel directory: DDPM's schedule
+    mine = PurifyContext(model="tiny", device="cpu", dtype="fp32", diffpure_steps=context.diffpure_steps,
+                         pixel_model=str(tmp_path / "unet-only"))
+    assert np.array_equal(run("pdmpure:0.1", photo, context=mine), run("pdmpure:0.1", photo, context=context))
+    from diffusers import UNet2DModel
+
+    UNet2DModel(in_channels=4, out_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).save_pretrained(tmp_path / "latent")
+    with pytest.raises(ValueError, match="pixel-space"):
+        load_pixel_model(str(tmp_path / "latent"))  # a latent-space UNet is refused

@@ -53,6 +53,7 @@ REGISTRY: dict[str, tuple[str, float | None]] = {
     "impress": ("impress", 50.0),
     "noisy_upscale": ("noisy_upscale", 0.1),
     "gridpure": ("gridpure", 0.01),
+    "pdmpure": ("pdmpure", 0.1),
     "cat": ("cat", 100.0),
 }
 
