@@ -165,3 +165,13 @@ def test_pdmpure_takes_a_users_pixel_model_directory(tmp_path, photo, context):
                 down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).save_pretrained(tmp_path / "latent")
     with pytest.raises(ValueError, match="pixel-space"):
         load_pixel_model(str(tmp_path / "latent"))  # a latent-space UNet is refused
+
+
+def test_tiny_pixel_weights_are_small_and_checked(monkeypatch):
+    from pipeline.models.builtin import pixel
+
+    path = pixel.WEIGHTS_DIR / pixel.WEIGHTS_NAME
+    assert path.stat().st_size < 3 * 2**20 and pixel.sha256(path) == pixel.WEIGHTS_SHA256
+    monkeypatch.setattr(pixel, "WEIGHTS_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="sha256"):
+        pixel.load_trained_unet()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,7 +200,7 @@ def main(argv=None) -> None:
                                     eval_every=a.eval_every), log=log)
     path = a.out / WEIGHTS_NAME
     save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()}, str(path),
-              metadata={"seed": str(SEED), "recipe": " ".join(a_ for a_ in (argv or [])) or "see WEIGHTS_RECIPE"})
+              metadata={"seed": str(SEED), "args": " ".join(sys.argv[1:] if argv is None else argv)})
     log({"stage": "done", "weights": str(path), "sha256": sha256(path), "bytes": path.stat().st_size})
 
 
