@@ -159,6 +159,9 @@ def test_pdmpure_takes_a_users_pixel_model_directory(tmp_path, photo, context):
     mine = PurifyContext(model="tiny", device="cpu", dtype="fp32", diffpure_steps=context.diffpure_steps,
                          pixel_model=str(tmp_path / "unet-only"))
     assert np.array_equal(run("pdmpure:0.1", photo, context=mine), run("pdmpure:0.1", photo, context=context))
+    named = PurifyContext(model="tiny", device="cpu", dtype="fp32", diffpure_steps=context.diffpure_steps,
+                          pixel_model="tiny-pixel")  # the built-in by its name
+    assert np.array_equal(run("pdmpure:0.1", photo, context=named), run("pdmpure:0.1", photo, context=context))
     from diffusers import UNet2DModel
 
     UNet2DModel(in_channels=4, out_channels=4, block_out_channels=(8, 16), norm_num_groups=4,

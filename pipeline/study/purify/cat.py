@@ -61,7 +61,7 @@ def encoder_targets(vae) -> list[str]:
     """Every convolution and linear layer of the encoder, and quant_conv: where the adapters go."""
     names = {name.removesuffix(".base_layer") for name, m in vae.named_modules()  # adapters added before leave wrappers
              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and ".lora_" not in name
-             and (name.startswith("encoder.") or name.startswith("quant_conv"))}
+             and name.startswith(("encoder.", "quant_conv"))}
     return sorted(names)
 
 

@@ -13,8 +13,8 @@ x0 models go through models/diffusion.py `predicted_original`):
 over n = ceil(T x `PurifyContext.diffpure_steps`) evenly spaced timesteps from t down to 0, then
 x0_hat of the last one. The pixel model is `PurifyContext.pixel_model` (`--pixel-model PATH`: a
 diffusers `DDPMPipeline` directory or hub id, or a bare `UNet2DModel` directory, which then gets
-DDPM's linear schedule); without one, the built-in `tiny-pixel` (models/builtin/pixel.py: trained
-on the bundled photos, fully convolutional). The model runs on the image at its own size, padded by
+DDPM's linear schedule); without one (or named `tiny-pixel`), the built-in `tiny-pixel`
+(models/builtin/pixel.py: trained on the bundled photos, fully convolutional). The model runs on the image at its own size, padded by
 reflection to the UNet's multiple (the paper runs DeepFloyd IF's pixel stage and guided diffusion at
 their sizes; a user's model with attention costs memory quadratic in the pixels). Seeded per
 (seed, key). Larger T: stronger purification.
@@ -57,9 +57,10 @@ def pixel_model(context):
     """The context's pixel model (its own, or the built-in tiny-pixel), loaded once per context."""
 
     def build():
-        from pipeline.models.builtin.pixel import builtin_pixel_path
+        from pipeline.models.builtin.pixel import NAME, builtin_pixel_path
 
-        return load_pixel_model(context.pixel_model or builtin_pixel_path(), context.device, context.dtype)
+        path = builtin_pixel_path() if context.pixel_model in (None, NAME) else context.pixel_model
+        return load_pixel_model(path, context.device, context.dtype)
 
     return context.get("pixel", build)
 
