@@ -29,6 +29,8 @@ A model-side attack: it does not change the image. How it plugs into the study:
    when the cell ends: every image the mimic encodes (SDEdit's and inpainting's inputs, the training
    latents of LoRA and textual inversion) goes through the adapted encoder; the decoder is untouched.
    The clean baseline of the same cell is encoded the same way, so "damage" compares like with like.
+   (The inpainting mimic's VAE is its inpainting model's: the adapters trained on the study model's VAE
+   fit it when the two share their VAE, as SD and its inpainting twin, and tiny and tiny-inpaint, do.)
 """
 
 from __future__ import annotations
