@@ -53,8 +53,8 @@ def main() -> None:
                 models = meta_models(args.model, args.dtype, low_memory)
             else:
                 models = load_models(args.model, device="cpu", dtype=args.dtype, low_memory=low_memory)
-            # protection needs the encoder and the UNet on the GPU (and the text encoders unless offloaded)
-            weights = module_bytes(models.vae.encoder) + module_bytes(models.vae.quant_conv) + module_bytes(models.unet)
+            # protection needs the encoder and the denoiser (UNet or transformer) on the GPU (and the text encoders unless offloaded)
+            weights = sum(module_bytes(m) for m in (models.vae.encoder, models.vae.quant_conv, models.unet) if m is not None)
             if not low_memory:
                 weights += text_bytes(models)
             x = torch.rand(1, 3, args.resolution, args.resolution)

@@ -8,7 +8,8 @@ An archive protected against one encoder is protected against one encoder (FastP
   with `--method` at `--eps` for `--steps` PGD steps; plus uniform noise U(-eps, eps) (``noise``);
 - mimics: each of `--mimic`; for every (protector, mimic) pair
   - latent displacement under the *mimic's* encoder, ||E_m(x') - E_m(x)||_2 / ||E_m(x)||_2 (mean);
-  - SDEdit damage: the mimic's DDIM edit (`--strength`, `--ddim-steps`) of the protected image vs
+  - SDEdit damage: the mimic's DDIM edit (flow models: their img2img pipeline's Euler sampler;
+    `--strength`, `--ddim-steps`) of the protected image vs
     the clean image, PSNR (lower = more damage), against the same for the clean image's edit.
 
 The built-ins' VAEs are random (issue 10 ships a trained one): ``tiny`` and ``tiny-v`` share the
@@ -18,6 +19,14 @@ through different ones. Random encoders measure the mechanism, not real-world st
 
     python benchmarks/bench_transfer.py                       # tiny, tiny-v, tiny-xl at 64 px
     python benchmarks/bench_transfer.py --steps 20 --name transfer_quick
+    # SD 1.5-shaped vs FLUX-shaped vs both (issue 21), on the held-out photos:
+    python benchmarks/bench_transfer.py --protect tiny,tiny-flux --ensembles tiny+tiny-flux \
+        --mimic tiny,tiny-sd3,tiny-flux --held-out --name transfer_flow
+
+Per protector it also reports the cost of one PGD step: seconds per step and image (wall clock, this
+machine) and memory (`pipeline/protect/memory.py`): the activations autograd keeps for one step's backward
+(the largest member: an ensemble's members are differentiated one after another) and the weights the step
+needs on the device (VAE encoder + denoiser, every member).
 
 Writes benchmarks/results/<name>.json and .md (default transfer_cpu) and prints the table.
 """
@@ -77,6 +86,21 @@ def latents(models, images) -> "torch.Tensor":
         return encode(models, x).float()
 
 
+def step_cost(members, config, size: int, seconds_per_step: float) -> dict:
+    """ms per step and image (measured), saved activations of the largest member and every member's weights (MiB)."""
+    import torch
+
+    from pipeline.protect import build_protector
+    from pipeline.protect.memory import module_bytes, saved_bytes_of_step
+
+    x = torch.rand(1, 3, size, size)
+    saved = max(saved_bytes_of_step(build_protector(m, config), x) for m in members)
+    weights = sum(module_bytes(part) for m in members for part in (m.vae.encoder, m.vae.quant_conv, m.unet)
+                  if part is not None)
+    return {"step_ms": round(1000 * seconds_per_step, 1), "saved_MiB": round(saved / 2**20, 2),
+            "weights_MiB": round(weights / 2**20, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protect", default="tiny,tiny-v,tiny-xl", help="single protecting models")
@@ -91,6 +115,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--strength", type=float, default=0.3)
     parser.add_argument("--ddim-steps", type=int, default=20)
+    parser.add_argument("--held-out", action="store_true",
+                        help="the built-ins' held-out photos (rocket, motorcycle: centre + random crops) instead")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     parser.add_argument("--name", default="transfer_cpu")
     args = parser.parse_args()
@@ -105,12 +131,19 @@ def main() -> None:
     names = sorted(set(args.protect.split(",")) | set(args.mimic.split(","))
                    | {m for e in args.ensembles.split(",") if e for m in e.split("+")})
     loaded = {n: load_models(n, device="cpu", dtype="fp32") for n in names}
-    images = photos(args.images, args.size)
+    if args.held_out:
+        from pipeline.models.builtin.training import held_out_images
+
+        held = held_out_images(args.size, crops_per_photo=max(0, args.images // 2 - 1))
+        images = [np.round(im.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for im in held]
+    else:
+        images = photos(args.images, args.size)
     keys = [f"img{i}" for i in range(len(images))]
     config = ProtectConfig(method=args.method, eps=args.eps, steps=args.steps, step_size=args.step_size, seed=0)
 
     protected: dict[str, list[np.ndarray]] = {}
     seconds: dict[str, float] = {}
+    cost: dict[str, dict] = {"noise": {"step_ms": 0.0, "saved_MiB": 0.0, "weights_MiB": 0.0}}
     rng = np.random.default_rng(0)
     protected["noise"] = apply(images, [rng.uniform(-args.eps, args.eps, im.shape) for im in images])
     seconds["noise"] = 0.0
@@ -121,7 +154,8 @@ def main() -> None:
         deltas = build_protector(members, config).protect(images, keys=keys)
         seconds[p] = time.perf_counter() - start
         protected[p] = apply(images, deltas)
-        print(f"protected with {p}: {seconds[p]:.1f} s", flush=True)
+        cost[p] = step_cost(members, config, args.size, seconds[p] / (args.steps * len(images)))
+        print(f"protected with {p}: {seconds[p]:.1f} s; per step {cost[p]}", flush=True)
 
     rows = []
     for m in args.mimic.split(","):
@@ -138,7 +172,8 @@ def main() -> None:
             damage = float(np.mean([psnr(o, c) for o, c in zip(edit.images, images)]))
             rows.append({"protect": p, "mimic": m, "same_model": m in p.split("+"), "latent_shift": round(shift, 4),
                          "sdedit_psnr": round(damage, 2), "sdedit_psnr_clean": round(clean_psnr, 2),
-                         "psnr_drop": round(clean_psnr - damage, 2), "protect_seconds": round(seconds[p], 1)})
+                         "psnr_drop": round(clean_psnr - damage, 2), "protect_seconds": round(seconds[p], 1),
+                         **cost[p]})
             print(json.dumps(rows[-1]), flush=True)
 
     meta = {"args": vars(args), "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -148,17 +183,20 @@ def main() -> None:
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     mimics = args.mimic.split(",")
     lines = [f"# Transfer: {args.method}, eps {args.eps:g}, {args.steps} steps, {args.images} images at {args.size} px",
-             "", f"SDEdit DDIM s={args.strength:g}, {args.ddim_steps} steps. Cells: latent shift under the mimic's "
+             "", f"SDEdit s={args.strength:g}, {args.ddim_steps} steps (DDIM; flow models: their own Euler sampler). Cells: latent shift under the mimic's "
              "encoder / PSNR drop of the mimic's edit vs the clean image's edit (dB; higher = more damage). "
              "`*`: the mimic is (one of) the protecting model(s).", "",
-             "| protect \\ mimic | " + " | ".join(mimics) + " | seconds |", "|---|" + "---|" * (len(mimics) + 1)]
+             "| protect \\ mimic | " + " | ".join(mimics) + " | ms / step / image | saved MiB / weights MiB |",
+             "|---|" + "---|" * (len(mimics) + 2)]
     for p in protected:
         cells = []
         for m in mimics:
             r = next(r for r in rows if r["protect"] == p and r["mimic"] == m)
             cells.append(f"{r['latent_shift']:.3f} / {r['psnr_drop']:.2f}{' *' if r['same_model'] else ''}")
-        lines.append(f"| {p} | " + " | ".join(cells) + f" | {seconds[p]:.0f} |")
-    lines += ["", f"Machine: {meta['cpus']} CPUs, load average {meta['load_average'][0]:.1f} at the end; {meta['when']}."]
+        c = cost[p]
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {c['step_ms']:.0f} | {c['saved_MiB']:.1f} / {c['weights_MiB']:.1f} |")
+    lines += ["", f"Machine: {meta['cpus']} CPUs ({args.threads} torch thread(s)), load average "
+              f"{meta['load_average'][0]:.1f} at the end; {meta['when']}."]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -12,7 +12,9 @@ Streams in use:
     "eot"              EOT transforms (protect/eot.py)
     "mimic"            SDEdit / inpainting noise and masks, per image (evaluate/mimic/)
     "train"            textual-inversion / LoRA training, per group (evaluate/mimic/training.py)
-    "purify:<spec>"    a purification's noise, per image (study/purify/)
+    "purify:<spec>"    a purification's noise, per image (study/purify/); gridpure derives one seed per
+                       iteration and grid from it (stream "gridpure", key "<iteration>/<grid>")
+    "purify:cat"       CAT's attacker, once per study (key: the spec): its images, batches, adapters' init
 
 The result fits torch's and numpy's generators (63 bits).
 """

@@ -21,7 +21,8 @@ def photo(photos) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def context() -> PurifyContext:
-    return PurifyContext(model="tiny", device="cpu", dtype="fp32", upscaler_steps=4, diffpure_steps=10)
+    return PurifyContext(model="tiny", device="cpu", dtype="fp32", upscaler_steps=4, diffpure_steps=10,
+                         gridpure_iterations=5)
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -41,7 +42,8 @@ def test_specs_parse_and_refuse():
     assert [u.spec for u in parse_purifications("none,blur:2")] == ["none", "blur:2"]
     for bad, reason in [("sharpen:1", "unknown purification"), ("jpeg:x", "not a number"), ("none:3", "no parameter"),
                         ("jpeg:0", "quality"), ("quantize:2.5", "whole number"), ("diffpure:1.5", r"\(0, 1\]"),
-                        ("resize:0.5", ">= 1"), ("jpeg:75,jpeg:75", "twice")]:
+                        ("resize:0.5", ">= 1"), ("jpeg:75,jpeg:75", "twice"), ("jpeg:75:x", "no option"),
+                        ("gridpure:0", r"\(0, 1\]")]:
         with pytest.raises(ValueError, match=reason):
             parse_purifications(bad)
 
@@ -91,3 +93,88 @@ def test_noisy_upscale_runs_the_x4_upscaler(photo, context):
     out = run("noisy_upscale:0.1", photo, context=context)
     assert np.array_equal(out, run("noisy_upscale:0.1", photo, context=context))
     assert not np.array_equal(out, run("noisy_upscale:0.1", photo, seed=3, context=context))  # the noise is seeded
+
+
+def test_gridpure_grids_are_the_papers():
+    from pipeline.study.purify.gridpure import grid_boxes, grid_purify
+
+    boxes, gh, gw = grid_boxes(512, 512, 256)  # SD's 512 px: 3 x 3 half-overlapping grids of 256 (stride 128)
+    assert (gh, gw) == (256, 256) and sorted({y for y, _ in boxes}) == [0, 128, 256] and len(boxes) == 9
+    boxes, _, _ = grid_boxes(48, 80, 32)  # the last row and column flush with the border
+    assert sorted({y for y, _ in boxes}) == [0, 16] and sorted({x for _, x in boxes}) == [0, 16, 32, 48]
+    x = np.random.default_rng(0).random((48, 80, 4)).astype(np.float32)
+    seen = []
+    merged = grid_purify(x, 32, lambda tiles: seen.append(len(tiles)) or tiles)  # identity purifier
+    assert seen == [len(boxes) + 1]  # every grid and the square of the four corners, in one batch
+    assert np.allclose(merged, x, atol=1e-6)  # averaging overlapping copies of the same values changes nothing
+    doubled = grid_purify(x, 32, lambda tiles: [2 * t for t in tiles])
+    assert np.allclose(doubled, 2 * x, atol=1e-5)  # every pixel covered, each weighted equally
+
+
+def test_gridpure_depends_more_on_the_noise_with_larger_t(photo, context):
+    near = run("gridpure:0.01", photo, context=context)
+    assert np.array_equal(near, run("gridpure:0.01", photo, context=context))
+    assert 0 < mse(near, photo)
+
+    def spread(t):
+        return mse(run(f"gridpure:{t}", photo, seed=1, context=context), run(f"gridpure:{t}", photo, seed=2, context=context))
+
+    assert spread(0.01) < spread(0.2)
+
+
+@pytest.fixture(scope="module")
+def held_out_photo() -> np.ndarray:
+    """The centre of a photo neither the tiny models nor the pixel DDPM trained on (rocket), 64 x 64."""
+    from pipeline.models.builtin.training import held_out_images
+
+    return np.round(held_out_images(64, crops_per_photo=1)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * np.log10(255.0**2 / mse(a, b))
+
+
+def test_pdmpure_denoises_a_noised_held_out_photo(held_out_photo, context):
+    noisy = run("noise:0.08", held_out_photo)
+    purified = run("pdmpure:0.1", noisy, context=context)
+    assert np.array_equal(purified, run("pdmpure:0.1", noisy, context=context))  # deterministic for a seed and key
+    assert psnr(purified, held_out_photo) > psnr(noisy, held_out_photo) + 3  # the pixel DDPM removes noise
+
+
+def test_pdmpure_depends_more_on_the_noise_with_larger_t(photo, context):
+    def spread(t):
+        return mse(run(f"pdmpure:{t}", photo, seed=1, context=context), run(f"pdmpure:{t}", photo, seed=2, context=context))
+
+    assert 0 < spread(0.05) < spread(0.5)
+    assert mse(run("pdmpure:0.05", photo, context=context), photo) < mse(run("pdmpure:0.5", photo, context=context), photo)
+
+
+def test_pdmpure_takes_a_users_pixel_model_directory(tmp_path, photo, context):
+    from pipeline.models.builtin.pixel import builtin_pixel_path, load_trained_unet
+    from pipeline.study.purify.pdmpure import load_pixel_model
+
+    unet, scheduler = load_pixel_model(builtin_pixel_path(), "cpu", "fp32")  # the built-in, through from_pretrained
+    assert type(unet).__name__ == "UNet2DModel" and scheduler.config.num_train_timesteps == 1000
+    load_trained_unet().save_pretrained(tmp_path / "unet-only")  # a bare UNet2DModel directory: DDPM's schedule
+    mine = PurifyContext(model="tiny", device="cpu", dtype="fp32", diffpure_steps=context.diffpure_steps,
+                         pixel_model=str(tmp_path / "unet-only"))
+    assert np.array_equal(run("pdmpure:0.1", photo, context=mine), run("pdmpure:0.1", photo, context=context))
+    named = PurifyContext(model="tiny", device="cpu", dtype="fp32", diffpure_steps=context.diffpure_steps,
+                          pixel_model="tiny-pixel")  # the built-in by its name
+    assert np.array_equal(run("pdmpure:0.1", photo, context=named), run("pdmpure:0.1", photo, context=context))
+    from diffusers import UNet2DModel
+
+    UNet2DModel(in_channels=4, out_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2).save_pretrained(tmp_path / "latent")
+    with pytest.raises(ValueError, match="pixel-space"):
+        load_pixel_model(str(tmp_path / "latent"))  # a latent-space UNet is refused
+
+
+def test_tiny_pixel_weights_are_small_and_checked(monkeypatch):
+    from pipeline.models.builtin import pixel
+
+    path = pixel.WEIGHTS_DIR / pixel.WEIGHTS_NAME
+    assert path.stat().st_size < 3 * 2**20 and pixel.sha256(path) == pixel.WEIGHTS_SHA256
+    monkeypatch.setattr(pixel, "WEIGHTS_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="sha256"):
+        pixel.load_trained_unet()

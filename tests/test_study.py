@@ -110,8 +110,8 @@ def test_training_cells_are_judged_by_the_style_score_when_they_have_it():
 # ---------------------------------------------------------------------------- end to end
 
 
-METHODS, EPS, PURIFICATIONS = ("sds-", "photoguard"), (4.0, 8.0), ("none", "jpeg:50", "noise:0.1")
-CELLS = (1 + len(METHODS) * len(EPS)) * len(PURIFICATIONS)  # the clean baseline + 4 protections, x 3, x sdedit
+METHODS, EPS, PURIFICATIONS = ("sds-", "photoguard"), (4.0, 8.0), ("none", "jpeg:50", "noise:0.1", "cat:2")
+CELLS = (1 + len(METHODS) * len(EPS)) * len(PURIFICATIONS)  # the clean baseline + 4 protections, x 4, x sdedit
 
 
 def study_command(clean: str, output: str) -> list[str]:
@@ -185,6 +185,7 @@ def test_study_over_s3_survives_a_kill(s3_server, s3_bucket, ray_local):
             for o in page.get("Contents", [])}
     assert {f"study/protected/{m}_eps{e:g}/shard-000000.tar" for m in METHODS for e in EPS} <= keys
     assert len([k for k in keys if k.startswith("study/purified/") and k.endswith(".tar")]) == CELLS
+    assert "study/adapters/cat-2.safetensors" in keys  # the model-side attack's adapters, trained once
     assert "study/report.html" in keys and not [k for k in keys if "/_tmp-" in k]
     report = s3.get_object(Bucket=s3_bucket, Key="study/report.html")["Body"].read().decode()
     assert "protection retained" in report.lower() and report.count("data:image/png") >= 3  # heatmap, curves, samples

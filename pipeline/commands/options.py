@@ -93,9 +93,10 @@ def add_protection_options(parser: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"hub id or local diffusers directory (SD 1.x, 2.x incl. v-prediction, SDXL), or a built-in: tiny, "
-        f"tiny-v, tiny-xl, sd15-arch, sd21-arch, sd21-768-arch, sdxl-arch; A,B,... protects against all of them at "
-        f"once (an ensemble; not with fastprotect) (default {DEFAULT_MODEL})",
+        help=f"hub id or local diffusers directory (SD 1.x, 2.x incl. v-prediction, SDXL, SD3/3.5, FLUX.1), or a "
+        f"built-in: tiny, tiny-v, tiny-xl, tiny-sd3, tiny-flux, sd15-arch, sd21-arch, sd21-768-arch, sdxl-arch; "
+        f"A,B,... protects against all of them at once (an ensemble, families may mix; not with fastprotect) "
+        f"(default {DEFAULT_MODEL})",
     )
     m.add_argument("--revision", default=None, help="hub revision (commit, tag) for reproducibility; "
                    "for an ensemble one per model, comma-separated (empty for the default)")

@@ -59,7 +59,12 @@ def add_parser(sub) -> None:
     g.add_argument("--upscaler", default=None, help="noisy_upscale: diffusers x4 upscaler directory or hub id "
                    "(e.g. stabilityai/stable-diffusion-x4-upscaler; default: the built-in random tiny-upscaler)")
     g.add_argument("--upscaler-steps", type=int, default=20, help="noisy_upscale denoising steps (default 20)")
-    g.add_argument("--diffpure-steps", type=int, default=20, help="diffpure DDIM steps over the full schedule")
+    g.add_argument("--diffpure-steps", type=int, default=20,
+                   help="diffpure, gridpure and pdmpure: DDIM steps over the full schedule (default 20)")
+    g.add_argument("--gridpure-iterations", type=int, default=20, help="gridpure: purification iterations (default 20, "
+                   "the paper's)")
+    g.add_argument("--pixel-model", default=None, help="pdmpure: a pixel-space diffusion model, a diffusers DDPMPipeline "
+                   "directory or hub id, or a UNet2DModel directory (default: the built-in tiny-pixel)")
     g.add_argument("--samples", type=int, default=2, help="images per cell kept for the report's sample grids")
     g.add_argument("--group-by", default="artist",
                    help="the artist of the training mimics' cells: a metadata field, or 'folder' (sub-folders of CLEAN)")
@@ -96,6 +101,7 @@ def settings_from_args(args: argparse.Namespace):
         **mimic_configs_from_args(args))
     return StudySettings(grid=grid, protect=protect, evaluation=evaluation, upscaler=args.upscaler,
                          upscaler_steps=args.upscaler_steps, diffpure_steps=args.diffpure_steps, samples=args.samples,
+                         gridpure_iterations=args.gridpure_iterations, pixel_model=args.pixel_model,
                          actors=args.actors)
 
 

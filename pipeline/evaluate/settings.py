@@ -54,6 +54,9 @@ class EvalSettings:
             raise TypeError(f"model must be a ModelSpec, got {type(self.model).__name__}")
         if len(self.model.model_ids) > 1:
             raise ValueError(f"--model {self.model.model}: evaluation mimics one model, not an ensemble")
+        if "textual_inversion" in self.scenarios and self.model.family in ("sd3", "flux"):
+            raise ValueError(f"--model {self.model.model} is an {self.model.family.upper()} model: textual inversion "
+                             "(a T5 token) is not implemented for it; pass --scenario sdedit,inpaint,lora")
 
     @property
     def inpaint_spec(self) -> ModelSpec:

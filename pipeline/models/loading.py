@@ -1,4 +1,4 @@
-"""Load the parts of a Stable Diffusion model: VAE, UNet, text encoder(s), tokenizer(s), scheduler.
+"""Load the parts of a latent diffusion model: VAE, denoiser (UNet or transformer), text encoder(s), tokenizer(s), scheduler.
 
 `ModelSpec(model, revision, device, dtype, low_memory)` says which model to load and how; it is
 validated when built (once, from the CLI or a config file), travels as an object to every Ray actor
@@ -25,9 +25,16 @@ Model families (the pipeline class named in ``model_index.json``):
   SDXL's VAE overflows in fp16 (its config says ``force_upcast``): with ``dtype=fp16`` it is kept
   in fp32 (latents are cast to the UNet's dtype), or pass a directory whose ``vae/`` is an
   fp16-safe VAE such as ``madebyollin/sdxl-vae-fp16-fix`` (``force_upcast: false``).
-Prediction types (``scheduler.config.prediction_type``): ``epsilon``, ``v_prediction`` (SD 2.x
-768, many fine-tunes) and ``sample``; `prediction_target` below is the one place that says what
-the UNet is trained to output.
+- SD3 / SD3.5 (``StableDiffusion3Pipeline``) and FLUX.1 (``FluxPipeline``): rectified-flow models
+  (flow-matching scheduler, velocity target v = eps - z0), a transformer denoiser (held in
+  `DiffusionModels.unet`: "the denoiser"), a 16-channel VAE with ``shift_factor``; text from CLIP-L and
+  CLIP-G with projections and T5 (SD3), or CLIP-L's pooled output and T5 (FLUX; latents packed 2 x 2, a
+  guidance embedding). The T5 encoder is the large part: ``low_memory`` keeps every text encoder on the
+  CPU (prompts are encoded once and cached); in fp16 their VAE stays fp32 when its config says
+  ``force_upcast``; ``--dtype bf16`` is what their transformers are trained in.
+Prediction types (`models.diffusion.prediction_kind`): ``epsilon``, ``v_prediction`` (SD 2.x
+768, many fine-tunes), ``sample``, and flow matching; `prediction_target` is the one place that
+says what the denoiser is trained to output.
 """
 
 from __future__ import annotations
@@ -41,7 +48,11 @@ import torch
 
 from pipeline.models.builtin.build import BUILTIN_MODELS, builtin_model_path
 from pipeline.models.diffusion import (
+    TIMESTEP_SAMPLING,
+    denoiser_family,
     encode_text,
+    latent_shift,
+    prediction_kind,
     prediction_target,
     sdxl_time_ids,
     text_parts,
@@ -76,6 +87,21 @@ def is_sdxl_class(class_name: str) -> bool:
     return class_name.startswith("StableDiffusionXL")
 
 
+def family_of_class(class_name: str) -> str:
+    """"sd", "sdxl", "sd3" or "flux": the model family a pipeline class belongs to."""
+    if is_sdxl_class(class_name):
+        return "sdxl"
+    if class_name.startswith("StableDiffusion3"):
+        return "sd3"
+    if class_name.startswith("Flux"):
+        return "flux"
+    return "sd"
+
+
+def is_flow_class(class_name: str) -> bool:
+    return family_of_class(class_name) in ("sd3", "flux")
+
+
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what to do instead."""
 
@@ -105,6 +131,8 @@ class DiffusionModels:
 
     For SDXL, `text_encoder_2`/`tokenizer_2` hold the second (OpenCLIP bigG) encoder; the VAE may
     be in float32 while the rest is fp16 (see the module doc): `encode` paths cast to `vae.dtype`.
+    For SD3 and FLUX, `unet` holds the transformer (the denoiser) and the text encoders are numbered
+    as in their pipelines (SD3: CLIP-L, CLIP-G, T5 in `text_encoder_3`; FLUX: CLIP-L, T5).
     """
 
     model_id: str
@@ -118,6 +146,8 @@ class DiffusionModels:
     dtype: torch.dtype
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object | None = None
+    text_encoder_3: torch.nn.Module | None = None
+    tokenizer_3: object | None = None
     pipeline_class: str = "StableDiffusionPipeline"
     revision: str | None = None
     _prompt_cache: dict = field(default_factory=dict, repr=False)
@@ -127,13 +157,33 @@ class DiffusionModels:
         return is_sdxl_class(self.pipeline_class)
 
     @property
+    def family(self) -> str:
+        """"sd", "sdxl", "sd3" or "flux" (from model_index.json's pipeline class)."""
+        return family_of_class(self.pipeline_class)
+
+    @property
+    def is_flow(self) -> bool:
+        return self.family in ("sd3", "flux")
+
+    @property
     def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
+        """epsilon, v_prediction, sample, or flow_matching (models.diffusion.prediction_kind)."""
+        return prediction_kind(self.scheduler)
+
+    @property
+    def timestep_weighting(self) -> str:
+        """How the denoiser's own training draws t (models.diffusion.TIMESTEP_SAMPLING)."""
+        return TIMESTEP_SAMPLING[denoiser_family(self.unet)]
 
     @property
     def latent_scale(self) -> float:
-        """s in z = s * E(x); 0.18215 for SD 1.x/2.x, 0.13025 for SDXL (the VAE's own config)."""
+        """s in z = s * (E(x) - shift); 0.18215 for SD 1.x/2.x, 0.13025 for SDXL (the VAE's own config)."""
         return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_shift(self) -> float:
+        """shift in z = s * (E(x) - shift): SD3's 0.0609, FLUX.1's 0.1159; 0 for the SD families."""
+        return latent_shift(self.vae)
 
     @property
     def latent_channels(self) -> int:
@@ -145,12 +195,20 @@ class DiffusionModels:
 
     @property
     def training_side(self) -> int:
-        """The side of the square the model was trained at: UNet sample_size x VAE factor (512 for SD 1.5)."""
+        """The side of the square the model was trained at: denoiser sample_size x VAE factor (512 for SD 1.5,
+        1024 for SD3); FLUX's transformer has no sample_size: its VAE's (1024 for FLUX.1)."""
+        if self.family == "flux":
+            return int(self.vae.config.sample_size)
         return int(self.unet.config.sample_size) * self.vae_factor
 
     @property
     def pixel_multiple(self) -> int:
-        """Image sides must be a multiple of this: VAE downsampling x UNet downsampling."""
+        """Image sides must be a multiple of this: VAE downsampling x the denoiser's (UNet levels, SD3's patch,
+        FLUX's 2 x 2 packing)."""
+        if self.family == "sd3":
+            return self.vae_factor * int(self.unet.config.patch_size)
+        if self.family == "flux":
+            return self.vae_factor * 2
         unet_down = 2 ** (len(self.unet.config.block_out_channels) - 1)
         return self.vae_factor * unet_down
 
@@ -187,7 +245,10 @@ class DiffusionModels:
         return torch.stack([hidden for hidden, _ in self._cached(prompts)])
 
     def added_conditioning(self, prompts: list[str], height: int, width: int) -> dict | None:
-        """SDXL's `added_cond_kwargs` (pooled text embedding, time ids) at an image size; None for SD."""
+        """SDXL's `added_cond_kwargs` (pooled text embedding, time ids) at an image size; the pooled
+        projections of SD3 and FLUX ({"pooled_projections": ...}, models.diffusion.denoise); None for SD."""
+        if self.is_flow:
+            return {"pooled_projections": torch.stack([p for _, p in self._cached(prompts)])}
         if not self.is_sdxl:
             return None
         pooled = torch.stack([p for _, p in self._cached(prompts)])
@@ -255,6 +316,17 @@ class ModelSpec:
     @property
     def is_builtin(self) -> bool:
         return self.model in BUILTIN_MODELS
+
+    @property
+    def family(self) -> str:
+        """"sd", "sdxl", "sd3" or "flux" of a single built-in or local model, read from its config or
+        model_index.json without loading it; "sd" for a hub id (its own loading tells the truth)."""
+        if self.is_builtin:
+            from pipeline.models.builtin.build import CONFIGS
+
+            return CONFIGS[self.model].get("family", "sd")
+        local = Path(self.model).expanduser()
+        return family_of_class(pipeline_class_name(str(local))) if local.is_dir() else "sd"
 
     @property
     def model_ids(self) -> list[str]:
@@ -348,7 +420,7 @@ def load_models(
     revision: str | None = None,
     low_memory: bool = False,
 ) -> DiffusionModels:
-    """Load a Stable Diffusion (1.x, 2.x or XL) model's parts, frozen, on `device` in `dtype`.
+    """Load a Stable Diffusion (1.x, 2.x, XL, 3.x) or FLUX.1 model's parts, frozen, on `device` in `dtype`.
 
     `model_id` may be a `ModelSpec`, which then says everything (`load_models(spec)` is
     `spec.load()`; the other arguments must be left out).
@@ -377,6 +449,10 @@ def load_models(
     text_encoder_2 = tokenizer_2 = None
     try:
         class_name = pipeline_class_name(path, revision, is_local)
+        if is_flow_class(class_name):
+            parts = _load_flow_parts(path, class_name, kwargs, revision)
+            return assemble_models(model_id, path, class_name, device=device, dtype=dtype, revision=revision,
+                                   low_memory=low_memory, **parts)
         sdxl = is_sdxl_class(class_name)
         if sdxl and not (not is_local or (Path(path) / "text_encoder").is_dir()):
             raise ModelLoadError(f"{model_id}: an SDXL model without text_encoder/ (a refiner?) is not supported; "
@@ -407,15 +483,55 @@ def load_models(
                            text_encoder_2, tokenizer_2, revision=revision, low_memory=low_memory)
 
 
+def _load_flow_parts(path: str, class_name: str, kwargs: dict, revision: str | None) -> dict:
+    """The parts of an SD3 or FLUX diffusers directory or hub id, by their pipelines' folder names."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+    )
+    from transformers import (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    sd3 = family_of_class(class_name) == "sd3"
+    parts = dict(
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
+        unet=(SD3Transformer2DModel if sd3 else FluxTransformer2DModel).from_pretrained(
+            path, subfolder="transformer", **kwargs),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
+        text_encoder=(CLIPTextModelWithProjection if sd3 else CLIPTextModel).from_pretrained(
+            path, subfolder="text_encoder", **kwargs),
+    )
+    t5_index = 3 if sd3 else 2
+    if sd3:
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=revision)
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kwargs)
+    parts[f"tokenizer_{t5_index}"] = T5TokenizerFast.from_pretrained(path, subfolder=f"tokenizer_{t5_index}",
+                                                                      revision=revision)
+    parts[f"text_encoder_{t5_index}"] = T5EncoderModel.from_pretrained(path, subfolder=f"text_encoder_{t5_index}",
+                                                                       **kwargs)
+    return parts
+
+
 def assemble_models(model_id, path, class_name, vae, unet, text_encoder, tokenizer, scheduler, device, dtype,
-                    text_encoder_2=None, tokenizer_2=None, revision=None, low_memory=False) -> DiffusionModels:
+                    text_encoder_2=None, tokenizer_2=None, revision=None, low_memory=False,
+                    text_encoder_3=None, tokenizer_3=None) -> DiffusionModels:
     """Frozen `DiffusionModels` from loaded parts (also used on the meta device by the memory model)."""
-    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and is_sdxl_class(class_name):
+    if (dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+            and (is_sdxl_class(class_name) or is_flow_class(class_name))):
         vae = vae.float()  # SDXL's VAE overflows in fp16 (NaN latents); an fp16-fix VAE says force_upcast false
     if low_memory:
         vae.enable_gradient_checkpointing()  # works in eval mode whenever grad is enabled
         text_encoder = text_encoder.float()
         text_encoder_2 = text_encoder_2.float() if text_encoder_2 is not None else None
+        text_encoder_3 = text_encoder_3.float() if text_encoder_3 is not None else None
     text_device = "cpu" if low_memory and device.type != "meta" else device
     return DiffusionModels(
         model_id=model_id,
@@ -429,6 +545,8 @@ def assemble_models(model_id, path, class_name, vae, unet, text_encoder, tokeniz
         dtype=dtype,
         text_encoder_2=None if text_encoder_2 is None else _freeze(text_encoder_2).to(text_device),
         tokenizer_2=tokenizer_2,
+        text_encoder_3=None if text_encoder_3 is None else _freeze(text_encoder_3).to(text_device),
+        tokenizer_3=tokenizer_3,
         pipeline_class=class_name,
         revision=revision,
     )

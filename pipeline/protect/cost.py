@@ -50,6 +50,7 @@ def meta_copy(models):
 
     return dataclasses.replace(models, vae=empty(models.vae), unet=empty(models.unet),
                                text_encoder=empty(models.text_encoder), text_encoder_2=empty(models.text_encoder_2),
+                               text_encoder_3=empty(models.text_encoder_3),
                                scheduler=copy.deepcopy(models.scheduler),  # diffusers moves its tables to the input's device
                                device=torch.device("meta"), _prompt_cache={})
 
@@ -82,20 +83,18 @@ def step_cost(protector, height: int, width: int) -> StepCost:
 
         latent = (1, meta.latent_channels, working[0] // meta.vae_factor, working[1] // meta.vae_factor)
         dtype = meta.dtype
+        cond, added = meta_conditioning(meta)
         inputs = StepInputs(
-            cond=torch.zeros(1, 77, meta.unet.config.cross_attention_dim, device="meta", dtype=dtype),
-            t=torch.tensor([500], device="meta"),
+            cond=cond,
+            t=torch.tensor([500.0 if meta.is_flow else 500], device="meta"),
             noise=torch.zeros(latent, device="meta", dtype=dtype),
             target_latent=torch.zeros(latent, device="meta", dtype=dtype),
-            added_cond=None if not meta.is_sdxl else {
-                "text_embeds": torch.zeros(1, meta.unet.config.projection_class_embeddings_input_dim
-                                           - 6 * meta.unet.config.addition_time_embed_dim, device="meta", dtype=dtype),
-                "time_ids": torch.zeros(1, 6, device="meta", dtype=dtype)},
+            added_cond=added,
         )
         leaf = torch.zeros(1, 3, height if through else working[0], width if through else working[1],
                            device="meta", requires_grad=True)
         counter = FlopCounterMode(display=False)
-        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with counter, fused_attention_on_meta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             x = leaf * 1.0  # not a leaf: the flop counter's hooks refuse autograd.grad on leaves
             seen = torch.nn.functional.interpolate(x, size=working, mode="bilinear", antialias=True) if through else x
             d = protector.method.direction(meta, seen, inputs)
@@ -104,6 +103,59 @@ def step_cost(protector, height: int, width: int) -> StepCost:
         flops += counter.get_total_flops()
         saved = max(saved, sum(storages.values()))
     return StepCost(flops=float(flops), saved_bytes=saved, image_bytes=full_size_bytes(height, width, through))
+
+
+class fused_attention_on_meta:
+    """Count attention on the meta device as a fused kernel saves it (q, k, v, output, log-sum-exp), not as the
+    math path does (the whole softmax matrix, heads x tokens^2).
+
+    On the meta device `scaled_dot_product_attention` has no fused kernel and falls back to the math path, while
+    a real step uses one (flash / memory-efficient on CUDA, flash on CPU): counted the math way, FLUX's 4608 tokens
+    at 1024^2 cost 1 GB per layer that no real step keeps. Inside this context an unmasked, dropout-free call on
+    meta tensors goes to `aten._scaled_dot_product_flash_attention_for_cpu`, whose meta kernel saves what the fused
+    kernels save; every other call is left alone.
+    """
+
+    def __enter__(self):
+        import torch.nn.functional as F
+
+        self.original = original = F.scaled_dot_product_attention
+
+        def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            if query.device.type != "meta" or attn_mask is not None or dropout_p or enable_gqa:
+                return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                scale=scale, enable_gqa=enable_gqa)
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, 0.0, is_causal, scale=scale)[0]
+
+        F.scaled_dot_product_attention = sdpa
+        return self
+
+    def __exit__(self, *exc):
+        import torch.nn.functional as F
+
+        F.scaled_dot_product_attention = self.original
+
+
+def meta_conditioning(meta) -> tuple[torch.Tensor, dict | None]:
+    """(c, added conditioning) of one prompt, as zeros of the right shapes on the meta device, for any family:
+    SD 77 CLIP tokens; SDXL + pooled and time ids; SD3 77 CLIP + T5 tokens and pooled projections; FLUX T5 tokens."""
+    from pipeline.models.diffusion import t5_sequence_length
+
+    config, dtype = meta.unet.config, meta.dtype
+
+    def zeros(*shape):
+        return torch.zeros(*shape, device="meta", dtype=dtype)
+
+    if meta.is_flow:
+        t5_tokenizer = meta.tokenizer_3 if meta.family == "sd3" else meta.tokenizer_2
+        tokens = t5_sequence_length(t5_tokenizer, meta.family) + (77 if meta.family == "sd3" else 0)
+        return zeros(1, tokens, config.joint_attention_dim), {"pooled_projections": zeros(1, config.pooled_projection_dim)}
+    cond = zeros(1, 77, config.cross_attention_dim)
+    if not meta.is_sdxl:
+        return cond, None
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return cond, {"text_embeds": zeros(1, pooled), "time_ids": zeros(1, 6)}
 
 
 def full_size_bytes(height: int, width: int, through: bool) -> int:

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.io.images import resize_perturbation, resize_pixels, to_tensor
+from pipeline.models.diffusion import sample_timesteps
 from pipeline.models.loading import DiffusionModels
 from pipeline.protect.eot import EOTSampler, parse_eot
 from pipeline.protect.methods import METHODS, StepInputs, encode, make_method
@@ -337,10 +338,10 @@ class Protector:
             x_seen = seen_by_models(x_adv, working)
             directions = []
             for models, cond, added, latent_shape, target in fixed:  # draws: model by model, t then noise
-                n_timesteps = models.scheduler.config.num_train_timesteps
-                inputs = StepInputs(
+                inputs = StepInputs(  # t as the model's own training draws it (U{0..T-1}; logit-normal for SD3)
                     cond=cond,
-                    t=torch.cat([torch.randint(0, n_timesteps, (1,), generator=g) for g in gens]).to(device),
+                    t=torch.cat([sample_timesteps(models.scheduler, 1, g, models.timestep_weighting)
+                                 for g in gens]).to(device),
                     noise=torch.stack([torch.randn(latent_shape, generator=g) for g in gens]).to(device, models.dtype),
                     target_latent=target,
                     added_cond=added,

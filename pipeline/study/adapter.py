@@ -72,6 +72,11 @@ def build_mimic(scenario: str, ev):
     raise ValueError(f"unknown scenario {scenario!r}")
 
 
+def mimic_vae(model):
+    """The VAE a mimic encodes its images with (a model-side attack adapts it: study/purify/cat.py)."""
+    return model.pipe.vae
+
+
 def is_training(scenario: str) -> bool:
     return scenario in mimic.TRAINING_SCENARIOS
 

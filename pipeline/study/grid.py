@@ -23,7 +23,8 @@ EOT_SUFFIX = "+eot"
 DEFAULT_METHODS = ("sds-", "photoguard", "mist")
 DEFAULT_EPS = (4.0, 8.0, 16.0)
 DEFAULT_PURIFICATIONS = ("none", "jpeg:75", "resize:2", "noise:0.05", "blur:1", "quantize:4", "tvm:0.05",
-                         "diffpure:0.1", "impress:50", "noisy_upscale:0.1")
+                         "diffpure:0.1", "impress:50", "noisy_upscale:0.1",
+                         "gridpure:0.01", "pdmpure:0.1", "cat:100")  # the adaptive attacks of issue 22
 DEFAULT_SCENARIOS = ("sdedit",)
 
 
@@ -101,6 +102,9 @@ class StudyGrid:
         if not units:
             raise ValueError("a study needs at least one purification (e.g. none)")
         object.__setattr__(self, "purifications", tuple(u.spec for u in units))  # normalised: "jpeg:75"
+        slugs = [slug(p.replace(":", "-")) for p in self.purifications]
+        if len(set(slugs)) != len(slugs):  # e.g. cat:100:advdm and cat:100:advdm- would share their files
+            raise ValueError(f"purifications {self.purifications} would share file names ({slugs}): drop one")
         for name in ("methods", "eps", "scenarios"):
             values = getattr(self, name)
             if len(set(values)) != len(values):

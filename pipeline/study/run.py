@@ -4,7 +4,9 @@
                  (itself resumable: committed shards are skipped)
     2. purify    every source set (clean and each protection) under every purification, the same
                  seed for the clean and protected copy of an image; CPU purifications as Ray
-                 tasks, model-based ones (diffpure, impress, noisy_upscale) in an actor pool
+                 tasks, model-based ones (diffpure, gridpure, pdmpure, impress, noisy_upscale) in an
+                 actor pool; a model-side attack (cat) first trains its adapters there, once per
+                 spec (OUTPUT/adapters/), and leaves the images as they are
     3. mimic     every cell (source x purification x scenario) in a pool of CellWorker actors, the
                  clean (baseline) cells first: a protected cell's damage is its gap to them
     4. report    OUTPUT/report.html from the table
@@ -49,7 +51,9 @@ class StudySettings:
     evaluation: EvalSettings  # mimic configs, metric backbones; its model is `protect.model`
     upscaler: str | None = None  # noisy_upscale: a diffusers x4 upscaler (None: the built-in random one)
     upscaler_steps: int = 20
-    diffpure_steps: int = 20
+    diffpure_steps: int = 20  # DDIM steps over the schedule: diffpure, gridpure, pdmpure
+    gridpure_iterations: int = 20
+    pixel_model: str | None = None  # pdmpure: a diffusers DDPMPipeline / UNet2DModel (None: the built-in tiny-pixel)
     samples: int = 2  # images per cell kept for the report's sample grids
     actors: int | None = None  # cell and model-purification actors (default: one per GPU, else CPUs / 2)
 
@@ -67,7 +71,9 @@ class StudySettings:
 
     def purify_context(self) -> PurifyContext:
         return PurifyContext(model=self.model.model, upscaler=self.upscaler, device=self.model.device, dtype=self.model.dtype,
-                             upscaler_steps=self.upscaler_steps, diffpure_steps=self.diffpure_steps)
+                             upscaler_steps=self.upscaler_steps, diffpure_steps=self.diffpure_steps,
+                             gridpure_iterations=self.gridpure_iterations, pixel_model=self.pixel_model,
+                             attack=self.protect.config, attack_eps=max(self.grid.eps))
 
     def record(self) -> dict:
         out = asdict(self)
@@ -133,7 +139,8 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
             if source in sources:
                 log(f"protect: {source.method} eps={source.eps:g} -> {store.protected_uri(source)}")
                 adapter.protect(settings, source, store.protected_uri(source), log=log)
-        # 2. purify the sets the pending cells need
+        # 2. train the adapters of model-side attacks the pending cells need, then purify the sets they need
+        _adapt(settings, store, {c.purification for c in pending}, log)
         encoded_refs = {}
         for source in sources | {CLEAN}:
             uri = settings.clean if source.is_clean else store.protected_uri(source)
@@ -201,6 +208,24 @@ def _purify(settings: StudySettings, todo: list, encoded_refs: dict, log) -> int
     for r in results:
         log(f"purified {r['source']} with {r['purification']}: {r['images']} images, {r['seconds']:.1f} s")
     return len(results)
+
+
+def _adapt(settings: StudySettings, store: StudyStore, purifications: set[str], log) -> None:
+    """Train and commit the adapters of every model-side attack in `purifications` not committed yet (one actor)."""
+    import ray
+
+    todo = sorted(p for p in purifications if parse_purification(p).adapts_model
+                  and not store.exists(store.adapter_path(p)))
+    if not todo:
+        return
+    _, options, threads = worker_options(settings)
+    actor = ray.remote(PurifyActor).options(**options).remote(settings, threads)
+    try:
+        for purification in todo:
+            r = ray.get(actor.adapt.remote(purification))
+            log(f"adapted the mimic's encoder for {r['purification']}: {r['tensors']} tensors, {r['seconds']:.1f} s")
+    finally:
+        ray.kill(actor)
 
 
 def _baselines(store: StudyStore, wanted: set) -> dict:

@@ -2,6 +2,7 @@
 
     OUTPUT/protected/<source>/                 `protect` outputs, one per (method, eps)
     OUTPUT/purified/<purification>/<source>.tar  purified images (<key>.png members)
+    OUTPUT/adapters/<purification>.safetensors  a model-side attack's trained adapters (cat), one per spec
     OUTPUT/tables/robustness/<cell>.parquet    one file per cell: its rows and its commit marker
     OUTPUT/samples/study/<scenario>/<cell>/<key>.in.png / .out.png   what the report's grids show
     OUTPUT/study.json                          the settings of the last run (no credentials)
@@ -44,6 +45,9 @@ class StudyStore:
 
     def purified_path(self, source: Source, purification: str) -> str:
         return f"{self.root}/purified/{purified_id(source, purification)}.tar"
+
+    def adapter_path(self, purification: str) -> str:
+        return f"{self.root}/adapters/{slug(purification.replace(':', '-'))}.safetensors"
 
     def cell_path(self, cell: Cell) -> str:
         return f"{self.root}/{TABLE_DIR}/{cell.id}.parquet"
@@ -93,6 +97,19 @@ class StudyStore:
 
     def read_purified(self, source: Source, purification: str) -> dict[str, np.ndarray]:
         return unpack_pngs(self.read(self.purified_path(source, purification)))
+
+    def write_adapter(self, purification: str, tensors: dict, metadata: dict[str, str]) -> None:
+        """A model-side attack's adapters (safetensors), whole or not at all: their presence marks them trained."""
+        from safetensors.torch import save
+
+        self.write_atomic(self.adapter_path(purification), save(tensors, metadata=metadata))
+
+    def read_adapter(self, purification: str) -> dict | None:
+        """The adapters `write_adapter` committed for `purification`, or None when there are none yet."""
+        from safetensors.torch import load
+
+        path = self.adapter_path(purification)
+        return load(self.read(path)) if self.exists(path) else None
 
     def write_cell(self, cell: Cell, rows: list[dict]) -> None:
         """The cell's rows as one Parquet file: written under a temporary name, then moved (the commit)."""

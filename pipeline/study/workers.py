@@ -3,12 +3,16 @@
 - `purify_set`: one source set under one purification -> OUTPUT/purified/<p>/<source>.tar.
   CPU purifications run as plain Ray tasks; model-based ones in `PurifyActor`s, which load the
   model (or the upscaler) once.
+- `adapt_model`: a model-side attack's adapters (cat), trained once per spec in a `PurifyActor`
+  -> OUTPUT/adapters/<p>.safetensors.
 - `CellWorker`: one cell = a scenario's mimic on one purified set, measured against the clean
-  originals -> OUTPUT/tables/robustness/<cell>.parquet. Mimics are loaded once per actor.
+  originals -> OUTPUT/tables/robustness/<cell>.parquet. Mimics are loaded once per actor; a cell
+  of a model-side attack runs its mimic with the attack's adapters in the mimic's VAE.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -46,6 +50,16 @@ def purify_set(settings, source: Source, purification: str, encoded: dict, conte
             "seconds": time.perf_counter() - start}
 
 
+def adapt_model(settings, purification: str, context: PurifyContext | None = None) -> dict:
+    """Train a model-side attack's adapters (the unit's `adaptation`) and commit them; returns counts and seconds."""
+    start = time.perf_counter()
+    unit = parse_purification(purification)
+    context = context or settings.purify_context()
+    tensors = unit.adaptation(context, seed=settings.seed)
+    StudyStore(settings.output, settings.s3).write_adapter(purification, tensors, unit.metadata(context))
+    return {"purification": purification, "tensors": len(tensors), "seconds": time.perf_counter() - start}
+
+
 class PurifyActor:
     """Ray actor for model-based purifications: the context (models) is loaded once."""
 
@@ -59,6 +73,9 @@ class PurifyActor:
 
     def run(self, source: Source, purification: str, encoded: dict) -> dict:
         return purify_set(self.settings, source, purification, encoded, self.context)
+
+    def adapt(self, purification: str) -> dict:
+        return adapt_model(self.settings, purification, self.context)
 
 
 class CellWorker:
@@ -102,6 +119,41 @@ class CellWorker:
         metas = [adapter.sample_meta(clean[k][1]) for k in keys]
         prompts = [clean[k][2] or self.ev.prompt for k in keys]  # the sample's own prompt (io/metadata.py)
         mimic = self.mimic(cell.scenario)
+        unit = parse_purification(cell.purification)
+        with self.adapted(mimic, unit):
+            results, samples = self.measure(cell, mimic, keys, images, originals, metas, prompts)
+        for key in keys[: self.s.samples]:
+            self.store.write_sample(cell, key, "in", purified[key])
+            if key in samples:
+                self.store.write_sample(cell, key, "out", samples[key])
+        cell_seconds = time.perf_counter() - start
+        rows = []
+        for setting, metric, value, n, seconds in results:
+            value = float(value)
+            base = value if cell.source.is_clean else (baseline or {}).get((setting, metric))
+            rows.append({
+                "method": cell.source.method, "eps": float(cell.source.eps), "purification": cell.purification,
+                "purification_name": unit.name, "strength": unit.param, "scenario": cell.scenario,
+                "setting": setting, "metric": metric, "value": value, "n_images": int(n),
+                "calibrated": adapter.calibrated(self.metrics, metric, self.ev.model), "seconds": float(seconds),
+                "cell_seconds": cell_seconds, "baseline": base,
+                "damage": 0.0 if cell.source.is_clean else damage(metric, value, base),
+            })
+        self.store.write_cell(cell, rows)  # the commit: the cell is done once this file exists
+        return {"cell": cell.id, "rows": len(rows), "images": len(keys), "seconds": time.perf_counter() - start}
+
+    def adapted(self, mimic, unit):
+        """The mimic's VAE with a model-side attack's committed adapters while the cell runs (else nothing)."""
+        if not unit.adapts_model:
+            return contextlib.nullcontext()
+        tensors = self.store.read_adapter(unit.spec)
+        if tensors is None:
+            raise RuntimeError(f"the adapters of {unit.spec} are missing under {self.store.output}/adapters/ "
+                               "(run_study trains them before the cells)")
+        return unit.adapted(adapter.mimic_vae(mimic), tensors)
+
+    def measure(self, cell: Cell, mimic, keys, images, originals, metas, prompts) -> tuple[list, dict]:
+        """The cell's mimic on its images: ([(setting, metric, value, n, seconds)], {key: sample output})."""
         results = []  # (setting, metric, value, n, seconds)
         samples: dict[str, np.ndarray] = {}
         if adapter.is_training(cell.scenario):
@@ -134,23 +186,4 @@ class CellWorker:
             if outputs:
                 last = outputs[-1]  # the strongest setting: what the sample grids show
                 samples = dict(zip(last.keys, last.images))
-        for key in keys[: self.s.samples]:
-            self.store.write_sample(cell, key, "in", purified[key])
-            if key in samples:
-                self.store.write_sample(cell, key, "out", samples[key])
-        cell_seconds = time.perf_counter() - start
-        unit = parse_purification(cell.purification)
-        rows = []
-        for setting, metric, value, n, seconds in results:
-            value = float(value)
-            base = value if cell.source.is_clean else (baseline or {}).get((setting, metric))
-            rows.append({
-                "method": cell.source.method, "eps": float(cell.source.eps), "purification": cell.purification,
-                "purification_name": unit.name, "strength": unit.param, "scenario": cell.scenario,
-                "setting": setting, "metric": metric, "value": value, "n_images": int(n),
-                "calibrated": adapter.calibrated(self.metrics, metric, self.ev.model), "seconds": float(seconds),
-                "cell_seconds": cell_seconds, "baseline": base,
-                "damage": 0.0 if cell.source.is_clean else damage(metric, value, base),
-            })
-        self.store.write_cell(cell, rows)  # the commit: the cell is done once this file exists
-        return {"cell": cell.id, "rows": len(rows), "images": len(keys), "seconds": time.perf_counter() - start}
+        return results, samples

@@ -7,8 +7,8 @@ is kept, never squashed). The metrics compare outputs with references prepared t
 (`metrics/mimicry.py`). Outputs are uint8 arrays at that size.
 
 Pipelines are plain diffusers pipelines loaded from the model's directory (``models.path``),
-safety checker off, progress bars off; an SDXL model (its model_index.json names an SDXL pipeline)
-gets the SDXL pipeline of the same kind. The diffusers pipelines follow the scheduler's
+safety checker off, progress bars off; an SDXL, SD3 or FLUX model (its model_index.json names the
+pipeline) gets that family's pipeline of the same kind (`PIPELINE_CLASSES`). The diffusers pipelines follow the scheduler's
 ``prediction_type`` (eps or v) themselves; what we write by hand uses models.prediction_target
 and models.predicted_original.
 """
@@ -22,10 +22,17 @@ import torch
 from PIL import Image
 
 from pipeline.io.images import center_crop_resize
-from pipeline.models.diffusion import encode_text, sdxl_time_ids, text_parts
+from pipeline.models.diffusion import (
+    FLUX_GUIDANCE,
+    denoiser_family,
+    encode_text,
+    sdxl_time_ids,
+    t5_sequence_length,
+    text_parts,
+)
 from pipeline.models.loading import (
     ModelSpec,
-    is_sdxl_class,
+    family_of_class,
     pipeline_class_name,
     pretrained_source,
     resolve_device,
@@ -56,8 +63,51 @@ def generators(seed: int, keys: list[str], device: torch.device) -> list[torch.G
     return [torch.Generator(device=gen_device).manual_seed(mimic_seed(seed, k)) for k in keys]
 
 
+# the diffusers pipeline class of each family and kind (None: the family has no such pipeline)
+PIPELINE_CLASSES = {
+    "sd": {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+           "inpaint": "StableDiffusionInpaintPipeline"},
+    "sdxl": {"text2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
+             "inpaint": "StableDiffusionXLInpaintPipeline"},
+    "sd3": {"text2img": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline",
+            "inpaint": "StableDiffusion3InpaintPipeline"},
+    "flux": {"text2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},
+}
+
+
+def denoiser(pipe):
+    """The pipeline's denoiser: its UNet, or the transformer of an SD3 / FLUX pipeline."""
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
+def is_flow_pipeline(pipe) -> bool:
+    return denoiser_family(denoiser(pipe)) != "unet"
+
+
 def native_resolution(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    """The side the model was trained at: denoiser sample_size x VAE factor; FLUX's transformer has none: its VAE's."""
+    sample_size = getattr(denoiser(pipe).config, "sample_size", None)
+    if sample_size is None:
+        return int(pipe.vae.config.sample_size)
+    return int(sample_size) * int(pipe.vae_scale_factor)
+
+
+def pipeline_guidance(pipe, guidance_scale: float) -> float:
+    """The guidance_scale to give `pipe`: `guidance_scale` (classifier-free guidance), except for a FLUX model with a
+    guidance embedding (FLUX.1-dev), which has no classifier-free guidance: its guidance_scale is an input the
+    transformer was distilled at, used at its default (FLUX_GUIDANCE, 3.5) as a mimic would."""
+    net = denoiser(pipe)
+    if denoiser_family(net) == "flux" and net.config.guidance_embeds:
+        return FLUX_GUIDANCE
+    return guidance_scale
+
+
+def flow_pipeline_kwargs(pipe) -> dict:
+    """What a flow pipeline call needs to condition as `text_conditioning` does: T5's sequence length."""
+    if not is_flow_pipeline(pipe):
+        return {}
+    t5 = pipe.tokenizer_3 if getattr(pipe, "tokenizer_3", None) is not None else pipe.tokenizer_2
+    return {"max_sequence_length": t5_sequence_length(t5, denoiser_family(denoiser(pipe)))}
 
 
 def mimic_view(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -91,36 +141,30 @@ def load_pipeline(kind: str, model: "str | ModelSpec", device="auto", dtype="aut
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     model_path, source = pretrained_source(model)
-    if is_sdxl_model(model_path, source.get("revision")):
-        classes = {
-            "text2img": diffusers.StableDiffusionXLPipeline,
-            "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
-            "inpaint": diffusers.StableDiffusionXLInpaintPipeline,
-        }  # their VAE is upcast to fp32 for decoding when its config says force_upcast
-        pipe = classes[kind].from_pretrained(model_path, dtype=dtype, add_watermarker=False, **source)
+    family = model_family(model_path, source.get("revision"))
+    cls = getattr(diffusers, PIPELINE_CLASSES[family][kind])
+    if family == "sdxl":  # their VAE is upcast to fp32 for decoding when its config says force_upcast
+        pipe = cls.from_pretrained(model_path, dtype=dtype, add_watermarker=False, **source)
+    elif family in ("sd3", "flux"):
+        pipe = cls.from_pretrained(model_path, dtype=dtype, **source)
     else:
-        classes = {
-            "text2img": diffusers.StableDiffusionPipeline,
-            "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-            "inpaint": diffusers.StableDiffusionInpaintPipeline,
-        }
-        pipe = classes[kind].from_pretrained(
+        pipe = cls.from_pretrained(
             model_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **source
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def is_sdxl_model(model_path: str, revision: str | None = None) -> bool:
-    """Whether the model at `model_path` (directory or hub id) is an SDXL model."""
+def model_family(model_path: str, revision: str | None = None) -> str:
+    """"sd", "sdxl", "sd3" or "flux": the family of the model at `model_path` (directory or hub id)."""
     from pathlib import Path
 
     local = Path(model_path).expanduser()
     try:
-        return is_sdxl_class(pipeline_class_name(str(local) if local.is_dir() else model_path, revision,
-                                                 is_local=local.is_dir()))
+        return family_of_class(pipeline_class_name(str(local) if local.is_dir() else model_path, revision,
+                                                   is_local=local.is_dir()))
     except Exception:  # unreachable hub: from_pretrained will say so with the real error
-        return False
+        return "sd"
 
 
 def is_sdxl_pipeline(pipe) -> bool:
@@ -130,10 +174,14 @@ def is_sdxl_pipeline(pipe) -> bool:
 def text_conditioning(pipe, prompts: list[str], height: int, width: int) -> tuple[torch.Tensor, dict | None]:
     """(c, added_cond_kwargs) for `prompts` in the UNet's dtype, as the pipeline conditions its UNet (no guidance).
 
-    `pipe`: a diffusers pipeline or anything with its parts (tokenizer(s), text encoder(s), unet).
+    `pipe`: a diffusers pipeline or anything with its parts (tokenizer(s), text encoder(s), unet or transformer).
+    Flow models (SD3, FLUX): added = {"pooled_projections": ...} (models.diffusion.denoise).
     """
     embeds, pooled = encode_text(text_parts(pipe), prompts)
-    dtype, device = pipe.unet.dtype, pipe.unet.device
+    net = denoiser(pipe)
+    dtype, device = net.dtype, net.device
+    if denoiser_family(net) != "unet":
+        return embeds.to(dtype), {"pooled_projections": pooled.to(dtype)}
     if pooled is None:
         return embeds.to(dtype), None
     return embeds.to(dtype), {"text_embeds": pooled.to(dtype),

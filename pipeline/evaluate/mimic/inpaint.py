@@ -21,9 +21,12 @@ from PIL import Image
 
 from pipeline.evaluate.mimic.common import (
     MimicOutput,
+    flow_pipeline_kwargs,
     generators,
+    is_flow_pipeline,
     load_pipeline,
     native_resolution,
+    pipeline_guidance,
     to_pil,
     to_uint8,
 )
@@ -60,7 +63,8 @@ class Inpaint:
     def __init__(self, model: "str | ModelSpec", config: InpaintConfig | None = None, device="auto", dtype="auto"):
         self.config = config or InpaintConfig()
         self.pipe = load_pipeline("inpaint", model, device, dtype)
-        if self.pipe.unet.config.in_channels != 9:
+        # SD3 and FLUX inpaint with their base transformer (StableDiffusion3InpaintPipeline, FluxInpaintPipeline)
+        if not is_flow_pipeline(self.pipe) and self.pipe.unet.config.in_channels != 9:
             raise ValueError(
                 f"{getattr(model, 'model', model)} is not an inpainting model (its UNet takes {self.pipe.unet.config.in_channels} "
                 "channels, inpainting needs 9); pass an inpainting model, e.g. tiny-inpaint"
@@ -114,8 +118,9 @@ class Inpaint:
             width=size,
             strength=cfg.strength,
             num_inference_steps=cfg.steps,
-            guidance_scale=cfg.guidance_scale,
+            guidance_scale=pipeline_guidance(self.pipe, cfg.guidance_scale),
             generator=generators(cfg.seed, keys, self.device),
             output_type="np",
+            **flow_pipeline_kwargs(self.pipe),
         ).images
         return to_uint8(out)

@@ -18,6 +18,10 @@ The adapters are saved with the pipeline class's own ``save_lora_weights`` (Stab
 or StableDiffusionXLPipeline; a ``pytorch_lora_weights.safetensors`` file, diffusers key names) and
 generation loads them back with ``load_lora_weights``, the path any user of the saved file would take.
 
+Flow models (SD3, FLUX): the adapters go on the transformer's attention projections (the same four
+names, as diffusers' train_dreambooth_lora_{sd3,flux}.py default to), trained on the velocity loss
+(training.py), saved as ``transformer_lora_layers`` by StableDiffusion3Pipeline / FluxPipeline.
+
 Defaults are small so that a group trains in seconds on the built-in ``tiny`` model. Real use
 (SD 1.5, 512 px; FastProtect's main evaluation): rank 4-16, about 500-1000 steps at lr 1e-4,
 batch 1-4, 50 inference steps.
@@ -33,7 +37,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pipeline.evaluate.mimic.common import MimicOutput, load_pipeline, native_resolution
+from pipeline.evaluate.mimic.common import (
+    MimicOutput,
+    denoiser,
+    is_flow_pipeline,
+    load_pipeline,
+    native_resolution,
+)
 from pipeline.evaluate.mimic.training import (
     MimicTrainingConfig,
     encode_latents,
@@ -69,10 +79,14 @@ class Lora:
 
         self.config = config or LoraConfig()
         self.pipe = load_pipeline("text2img", model, device, dtype)
-        self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        if is_flow_pipeline(self.pipe):  # trained and sampled with its own flow-matching scheduler
+            self.train_scheduler = self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
+        else:
+            self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+            self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         self.resolution = self.config.resolution or native_resolution(self.pipe)
-        for part in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)):
+        for part in (denoiser(self.pipe), self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None),
+                     getattr(self.pipe, "text_encoder_3", None)):
             if part is not None:
                 part.requires_grad_(False)
 
@@ -86,7 +100,7 @@ class Lora:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        cfg, unet = self.config, self.pipe.unet
+        cfg, unet = self.config, denoiser(self.pipe)  # the UNet, or a flow model's transformer
         adapter = "mimic_train"
         unet.add_adapter(
             peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
@@ -95,20 +109,25 @@ class Lora:
         )
         # Text-encoder adapters go on copies of the encoders (dropped after training), so the pipeline's own
         # encoders stay the base model's for the next group; the copies are what the saved file describes.
+        # Flow models (SD3, FLUX): transformer adapters only, as diffusers' DreamBooth-LoRA scripts default to.
+        flow = is_flow_pipeline(self.pipe)
+        text_lora = bool(cfg.text_encoder_rank) and not flow
         encoders = {"text_encoder": self.pipe.text_encoder, "text_encoder_2": getattr(self.pipe, "text_encoder_2", None)}
-        if cfg.text_encoder_rank:
+        if text_lora:
             encoders = {name: None if enc is None else peft.inject_adapter_in_model(
                 peft.LoraConfig(r=cfg.text_encoder_rank, lora_alpha=cfg.text_encoder_rank,
                                 init_lora_weights="gaussian", target_modules=list(TEXT_LORA_TARGETS)),
                 copy.deepcopy(enc), adapter_name=adapter) for name, enc in encoders.items()}
         try:
-            trained = [unet] + [enc for enc in encoders.values() if enc is not None and cfg.text_encoder_rank]
+            trained = [unet] + [enc for enc in encoders.values() if enc is not None and text_lora]
             params = [p for module in trained for p in module.parameters() if p.requires_grad]
             for p in params:
                 p.data = p.data.float()  # trainable weights in fp32 whatever the model's dtype
             parts = SimpleNamespace(unet=unet, text_encoder=encoders["text_encoder"], tokenizer=self.pipe.tokenizer,
                                     text_encoder_2=encoders["text_encoder_2"],
-                                    tokenizer_2=getattr(self.pipe, "tokenizer_2", None), scheduler=self.train_scheduler)
+                                    tokenizer_2=getattr(self.pipe, "tokenizer_2", None),
+                                    text_encoder_3=getattr(self.pipe, "text_encoder_3", None),
+                                    tokenizer_3=getattr(self.pipe, "tokenizer_3", None), scheduler=self.train_scheduler)
             latents = encode_latents(self.pipe, images, self.resolution)
             prompt = cfg.train_template.format(token=cfg.token)
 
@@ -119,11 +138,12 @@ class Lora:
                 module.train()
             train_denoiser(parts, latents, prompts, params, steps=cfg.steps,
                            learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
-                           seed=group_seed(cfg.seed, group), text_grad=bool(cfg.text_encoder_rank),
+                           seed=group_seed(cfg.seed, group), text_grad=text_lora,
                            resolution=self.resolution)
             unet.eval()
-            layers = {"unet_lora_layers": get_peft_model_state_dict(unet, adapter_name=adapter)}
-            if cfg.text_encoder_rank:
+            layers_name = "transformer_lora_layers" if flow else "unet_lora_layers"
+            layers = {layers_name: get_peft_model_state_dict(unet, adapter_name=adapter)}
+            if text_lora:
                 for name, enc in encoders.items():
                     if enc is not None:
                         layers[f"{name}_lora_layers"] = get_peft_model_state_dict(enc, adapter_name=adapter)

@@ -10,6 +10,12 @@ Two ways of denoising, as in the Diff-Protect reference evaluation:
 - ``ddim``: diffusers' `StableDiffusionImg2ImgPipeline` with a `DDIMScheduler` and
   ``ddim_steps`` steps over the full schedule (strength s runs round(s * ddim_steps) of them).
 
+Flow models (SD3, FLUX) are edited the same two ways, the rectified-flow way (models.diffusion):
+``one_step`` noises to z_s = (1 - s) z_0 + s eps (t = s T) and predicts z0_hat = z_s - s v_hat; the
+multi-step edit is their own img2img pipeline (`StableDiffusion3Img2ImgPipeline`, `FluxImg2ImgPipeline`)
+with its flow-matching Euler scheduler, labelled ``euler<steps>``. FLUX is given its distilled guidance
+(common.pipeline_guidance).
+
 The noise of each image comes from a seed derived from (seed, key), so a protected image and
 its clean original are edited with the very same noise: differences come from the inputs only.
 
@@ -27,15 +33,25 @@ import torch
 
 from pipeline.evaluate.mimic.common import (
     MimicOutput,
+    denoiser,
+    flow_pipeline_kwargs,
     generators,
+    is_flow_pipeline,
     load_pipeline,
     native_resolution,
+    pipeline_guidance,
     text_conditioning,
     to_model_tensor,
     to_pil,
     to_uint8,
 )
-from pipeline.models.diffusion import predicted_original
+from pipeline.models.diffusion import (
+    denoise,
+    latent_shift,
+    noise_latents,
+    predicted_original,
+    vae_latents,
+)
 from pipeline.models.loading import ModelSpec
 
 SDEDIT_MODES = ("one_step", "ddim")
@@ -59,11 +75,12 @@ class SDEditConfig:
         if any(not 0 < s <= 1 for s in self.strengths):
             raise ValueError(f"SDEdit strengths must be in (0, 1], got {self.strengths}")
 
-    def settings(self) -> list[tuple[str, float, str]]:
-        """(mode, strength, setting label) for every edit this config runs."""
+    def settings(self, sampler: str = "ddim") -> list[tuple[str, float, str]]:
+        """(mode, strength, setting label) for every edit this config runs (`sampler`: the multi-step edit's
+        scheduler, "ddim", or "euler" for flow models)."""
         out = []
         for mode in self.modes:
-            tag = "one_step" if mode == "one_step" else f"ddim{self.ddim_steps}"
+            tag = "one_step" if mode == "one_step" else f"{sampler}{self.ddim_steps}"
             out += [(mode, s, f"{tag}/s={s:g}") for s in self.strengths]
         return out
 
@@ -78,7 +95,9 @@ class SDEdit:
 
         self.config = config or SDEditConfig()
         self.pipe = load_pipeline("img2img", model, device, dtype)
-        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.flow = is_flow_pipeline(self.pipe)
+        if not self.flow:  # a flow model keeps its own flow-matching (Euler) scheduler
+            self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         self.resolution = self.config.resolution or native_resolution(self.pipe)
 
     @property
@@ -90,7 +109,7 @@ class SDEdit:
         """Every configured edit of `images` (one `MimicOutput` per mode and strength)."""
         prompts = [p or self.config.prompt for p in (prompts or [None] * len(images))]
         outputs = []
-        for mode, strength, label in self.config.settings():
+        for mode, strength, label in self.config.settings("euler" if self.flow else "ddim"):
             start = time.perf_counter()
             edited: list[np.ndarray] = []
             bs = self.config.batch_size
@@ -104,29 +123,29 @@ class SDEdit:
     @torch.no_grad()
     def one_step(self, images, keys, prompts, strength: float) -> list[np.ndarray]:
         pipe, cfg = self.pipe, self.config
-        dtype = pipe.unet.dtype
-        scale = pipe.vae.config.scaling_factor
+        net = denoiser(pipe)
+        dtype = net.dtype
         vae_dtype = torch.float32 if (dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
-                                      and hasattr(pipe, "text_encoder_2")) else dtype  # SDXL's VAE in fp16
+                                      and (hasattr(pipe, "text_encoder_2") or self.flow)) else dtype  # SDXL's VAE in fp16
         pipe.vae.to(vae_dtype)
         x = to_model_tensor(images, self.resolution).to(self.device, vae_dtype)
-        z0 = (pipe.vae.encode(x).latent_dist.mean * scale).to(dtype)
+        z0 = vae_latents(pipe.vae, x).to(dtype)
         n_train = pipe.scheduler.config.num_train_timesteps
-        t = int(round(strength * (n_train - 1)))
+        t = strength * n_train if self.flow else int(round(strength * (n_train - 1)))  # flow: s = t / T = strength
         gens = generators(cfg.seed, keys, self.device)
         eps = torch.stack([torch.randn(z0.shape[1:], generator=g, device=g.device, dtype=dtype) for g in gens])
-        alpha = pipe.scheduler.alphas_cumprod[t].to(self.device, torch.float32)
-        z_t = (alpha.sqrt() * z0.float() + (1 - alpha).sqrt() * eps.to(self.device).float()).to(dtype)
-        timesteps = torch.full((len(images),), t, device=self.device, dtype=torch.long)
+        timesteps = torch.full((len(images),), t, device=self.device, dtype=torch.float32 if self.flow else torch.long)
+        z_t = noise_latents(pipe.scheduler, z0, eps.to(self.device), timesteps)
         size = self.resolution
         cond, added = text_conditioning(pipe, prompts, size, size)
-        out = pipe.unet(z_t, timesteps, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        out = denoise(net, z_t, timesteps, cond, added)
         if cfg.guidance_scale > 1:
             uncond, added_u = text_conditioning(pipe, [""] * len(images), size, size)
-            out_u = pipe.unet(z_t, timesteps, encoder_hidden_states=uncond, added_cond_kwargs=added_u).sample
-            out = out_u + cfg.guidance_scale * (out - out_u)  # linear in the output: eps or v alike
+            out_u = denoise(net, z_t, timesteps, uncond, added_u)
+            out = out_u + cfg.guidance_scale * (out - out_u)  # linear in the output: eps, v or flow velocity alike
         z0_hat = predicted_original(pipe.scheduler, z_t, out, timesteps)
-        x0_hat = pipe.vae.decode((z0_hat / scale).to(vae_dtype)).sample
+        latents = z0_hat / pipe.vae.config.scaling_factor + latent_shift(pipe.vae)
+        x0_hat = pipe.vae.decode(latents.to(vae_dtype)).sample
         return to_uint8(x0_hat)
 
     @torch.no_grad()
@@ -138,8 +157,11 @@ class SDEdit:
             image=to_pil(images, self.resolution),
             strength=strength,
             num_inference_steps=steps,
-            guidance_scale=cfg.guidance_scale,
+            guidance_scale=pipeline_guidance(self.pipe, cfg.guidance_scale),
             generator=generators(cfg.seed, keys, self.device),
             output_type="np",
+            **flow_pipeline_kwargs(self.pipe),
+            # flow img2img pipelines default to their own size (FLUX: 1024), not the input's
+            **({"height": self.resolution, "width": self.resolution} if self.flow else {}),
         ).images
         return to_uint8(out)

@@ -29,7 +29,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from pipeline.evaluate.mimic.common import MimicOutput, load_pipeline, native_resolution
+from pipeline.evaluate.mimic.common import (
+    MimicOutput,
+    is_flow_pipeline,
+    load_pipeline,
+    native_resolution,
+)
 from pipeline.evaluate.mimic.training import (
     MimicTrainingConfig,
     encode_latents,
@@ -78,6 +83,9 @@ class TextualInversion:
         self.config = config or TextualInversionConfig()
         self.source = pretrained_source(model)  # (path or hub id, revision kwargs)
         self.pipe = load_pipeline("text2img", model, device, dtype)
+        if is_flow_pipeline(self.pipe):
+            raise ValueError(f"{getattr(model, 'model', model)}: textual inversion of SD3 / FLUX models (a T5 token) is "
+                             "not implemented; use --scenario lora (the way FLUX styles are copied) or sdedit")
         self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         self.resolution = self.config.resolution or native_resolution(self.pipe)

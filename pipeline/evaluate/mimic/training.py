@@ -6,7 +6,10 @@ Both personalise a frozen model on a group's images with the standard latent-dif
 
 with y_t the scheduler's prediction target (models.prediction_target: eps, or
 v = sqrt(a_t) eps - sqrt(1 - a_t) z for v-prediction models). For SDXL, c is both text encoders'
-penultimate hidden states, plus the pooled embedding and the size time ids.
+penultimate hidden states, plus the pooled embedding and the size time ids. For flow models (SD3, FLUX)
+the same loss is the rectified-flow one, z_t = (1 - s) z + s eps, y_t = eps - z, t drawn as diffusers'
+train_dreambooth_lora_{sd3,flux}.py draw it, c their prompt embeddings and pooled projections, FLUX's
+latents packed and its guidance embedding given (models.diffusion.denoise): the FLUX DreamBooth-LoRA recipe.
 
 and differ only in what is trainable (one token embedding, or LoRA matrices in the UNet's
 attention projections) and in the conditioning c (a prompt holding the learned token).
@@ -23,12 +26,20 @@ import numpy as np
 import torch
 
 from pipeline.evaluate.mimic.common import (
+    flow_pipeline_kwargs,
     generators,
+    pipeline_guidance,
     text_conditioning,
     to_model_tensor,
     to_uint8,
 )
-from pipeline.models.diffusion import denoising_loss
+from pipeline.models.diffusion import (
+    TIMESTEP_SAMPLING,
+    denoiser_family,
+    denoising_loss,
+    sample_timesteps,
+    vae_latents,
+)
 from pipeline.seeds import key_seed
 
 
@@ -48,12 +59,12 @@ class MimicTrainingConfig:
 
 @torch.no_grad()
 def encode_latents(pipe, images: list[np.ndarray], resolution: int) -> torch.Tensor:
-    """z = s * E(x) for each image (the encoder's mean), on the pipeline's device."""
+    """z = s * (E(x) - shift) for each image (the encoder's mean: models.diffusion.vae_latents), on the pipeline's device."""
     vae = pipe.vae
     if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and hasattr(pipe, "text_encoder_2"):
         vae.to(torch.float32)  # SDXL's VAE overflows in fp16
     x = to_model_tensor(images, resolution).to(pipe.device, vae.dtype)
-    return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).float()
+    return vae_latents(vae, x).float()
 
 
 def train_denoiser(
@@ -71,8 +82,8 @@ def train_denoiser(
 ) -> list[float]:
     """Minimise the denoising loss over `params` for `steps` steps; returns the loss of each step.
 
-    `parts` holds ``unet``, ``text_encoder``, ``tokenizer`` and a training ``scheduler`` (DDPM),
-    and for SDXL ``text_encoder_2`` and ``tokenizer_2``; `resolution` is the images' size (SDXL time ids).
+    `parts` holds ``unet`` (or a flow model's ``transformer``), ``text_encoder``, ``tokenizer`` and a training
+    ``scheduler`` (DDPM, or the flow model's own), and the further text encoders and tokenizers (SDXL, SD3, FLUX); `resolution` is the images' size (SDXL time ids).
     Trainable weights stay fp32; on CUDA the forward pass runs under bf16 autocast.
     `prompts(rng, n)` gives the n prompts of a batch; `text_grad` keeps the text encoder in the
     graph (textual inversion trains an input embedding of it). `after_step` runs after each
@@ -83,20 +94,21 @@ def train_denoiser(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     rng = random.Random(seed)
     sched = parts.scheduler
-    n_train = sched.config.num_train_timesteps
-    device = parts.unet.device
+    net = parts.transformer if getattr(parts, "transformer", None) is not None else parts.unet
+    weighting = TIMESTEP_SAMPLING[denoiser_family(net)]
+    device = net.device
     autocast = device.type == "cuda"
     losses = []
     for _ in range(steps):
         idx = torch.randint(len(latents), (min(batch_size, len(latents)),), generator=gen)
         z = latents[idx]
         noise = torch.randn(z.shape, generator=gen).to(z.device)
-        t = torch.randint(0, n_train, (len(z),), generator=gen).to(z.device)
+        t = sample_timesteps(sched, len(z), gen, weighting).to(z.device)
         batch_prompts = prompts(rng, len(z))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             with torch.set_grad_enabled(text_grad):
                 cond, added = text_conditioning(parts, batch_prompts, resolution, resolution)
-            loss = denoising_loss(parts.unet, sched, z, noise, t, cond, added)  # models/diffusion.py
+            loss = denoising_loss(net, sched, z, noise, t, cond, added)  # models/diffusion.py
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -117,11 +129,12 @@ def generate(pipe, prompt: str, n: int, seed: int, tag: str, steps: int, guidanc
         out = pipe(
             prompt=[prompt] * len(chunk),
             num_inference_steps=steps,
-            guidance_scale=guidance_scale,
+            guidance_scale=pipeline_guidance(pipe, guidance_scale),
             height=resolution,
             width=resolution,
             generator=generators(seed, chunk, pipe.device),
             output_type="np",
+            **flow_pipeline_kwargs(pipe),
         ).images
         images += to_uint8(out)
     return images

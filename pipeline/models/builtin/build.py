@@ -228,6 +228,76 @@ CONFIGS["sdxl-arch"] = dict(  # stabilityai/stable-diffusion-xl-base-1.0, random
     init_dtype=torch.float16,  # 3.5 B parameters: initialise in fp16 (7 GB), never in fp32 (14 GB)
 )
 
+# --------------------------------------------------------------------------- flow matching (issue 21)
+# `family="sd3"` / `"flux"`: rectified-flow models. A 16-channel VAE whose latents are z = s (E(x) - shift)
+# (`scaling_factor`, `shift_factor`), a transformer denoiser trained on the velocity v = eps - z0, a
+# FlowMatchEulerDiscreteScheduler (`scheduler=` fields), and text encoders as the real ones:
+#   sd3    CLIP-L and CLIP-G with projections (`text`, `text_2`) + T5 (`t5`): c = [pad(CLIP states); T5 states],
+#          pooled = both projections: joint_attention_dim = t5.d_model >= text.hidden + text_2.hidden,
+#          pooled_projection_dim = text.projection + text_2.projection
+#   flux   CLIP-L (`text`, pooled output) + T5 (`t5`): joint_attention_dim = t5.d_model,
+#          pooled_projection_dim = text.hidden; latents packed 2 x 2 (in_channels = 4 x 16); guidance embedding
+# The tiny ones take their VAE from tiny's trained one, widened to 16 channels and fine-tuned (flow_training.py).
+
+_TINY_FLOW_VAE = dict(CONFIGS["tiny"]["vae"], latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+_TINY_T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                relative_attention_num_buckets=8, relative_attention_max_distance=32)
+_T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               feed_forward_proj="gated-gelu")  # google/t5-v1_1-xxl, the encoder of SD3 and FLUX.1
+_FLOW_VAE = dict(_SD_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+CONFIGS["tiny-sd3"] = dict(
+    family="sd3",
+    seed=2,
+    vae=dict(_TINY_FLOW_VAE, scaling_factor=1.5305, shift_factor=0.0609),  # SD3's; calibrated in training
+    transformer=dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3,
+                     attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+                     caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=16),
+    text=_clip_text(32, 64, layers=2, heads=4, projection=32, act="quick_gelu"),
+    text_2=_clip_text(32, 64, layers=2, heads=4, projection=32, act="gelu"),
+    t5=_TINY_T5,
+    scheduler=dict(num_train_timesteps=1000, shift=3.0),  # stabilityai/stable-diffusion-3-medium's
+    dtype=torch.float32,
+)
+CONFIGS["tiny-flux"] = dict(
+    family="flux",
+    seed=3,
+    vae=dict(_TINY_FLOW_VAE, scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1's; calibrated in training
+    transformer=dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                     num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+                     axes_dims_rope=(4, 6, 6)),
+    text=_clip_text(32, 64, layers=2, heads=4, projection=32, act="quick_gelu"),
+    t5=_TINY_T5,
+    scheduler=dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                   base_image_seq_len=256, max_image_seq_len=4096),  # black-forest-labs/FLUX.1-dev's
+    dtype=torch.float32,
+)
+CONFIGS["sd35-arch"] = dict(  # stabilityai/stable-diffusion-3.5-large, random weights (meta device: never built)
+    family="sd3",
+    vae=dict(_FLOW_VAE, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609),
+    transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                     attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                     caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm"),
+    text=_clip_text(768, 3072, layers=12, heads=12, projection=768, act="quick_gelu", vocab=49408),  # CLIP ViT-L/14
+    text_2=_clip_text(1280, 5120, layers=32, heads=20, projection=1280, act="gelu", vocab=49408),  # OpenCLIP bigG/14
+    t5=_T5_XXL,
+    scheduler=dict(num_train_timesteps=1000, shift=3.0),
+    dtype=torch.bfloat16,
+    init_dtype=torch.bfloat16,
+)
+CONFIGS["flux-arch"] = dict(  # black-forest-labs/FLUX.1-dev, random weights (meta device: never built)
+    family="flux",
+    vae=dict(_FLOW_VAE, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159),
+    transformer=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                     axes_dims_rope=(16, 56, 56)),
+    text=_clip_text(768, 3072, layers=12, heads=12, projection=768, act="quick_gelu", vocab=49408),
+    t5=_T5_XXL,
+    scheduler=CONFIGS["tiny-flux"]["scheduler"],
+    dtype=torch.bfloat16,
+    init_dtype=torch.bfloat16,
+)
+FLOW_FAMILIES = ("sd3", "flux")
+
 BUILTIN_MODELS = tuple(CONFIGS)
 
 
@@ -262,6 +332,37 @@ def build_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+T5_WORDS = ("a", "an", "of", "photo", "painting", "artwork", "anime", "picture", "landscape", "portrait", "style",
+            "in", "the", "by", "sks")
+
+
+def build_t5_tokenizer(max_length: int = 32):
+    """A small SentencePiece-style (unigram) T5 tokenizer built here (no download): every ASCII letter,
+    digit and punctuation mark is a piece (with and without the word-start mark), plus the words our
+    prompts use; anything else is <unk>. `max_length` is its model_max_length (T5 tokens per prompt)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0}
+    for word in T5_WORDS:
+        pieces["\u2581" + word] = -2.0
+    pieces["\u2581"] = -3.0
+    chars = string.ascii_letters + string.digits + string.punctuation
+    for c in chars:
+        pieces.setdefault(c, -5.0)
+    for c in chars:
+        pieces.setdefault("\u2581" + c, -5.5)
+    tok = Tokenizer(models.Unigram(list(pieces.items()), unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
 # --------------------------------------------------------------------------- trained weights
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -284,6 +385,12 @@ STYLE_WEIGHTS_NAME = "tiny-style-v1.safetensors"
 STYLE_WEIGHTS_RECIPE = ("python -m pipeline.models.builtin.style_training --out A --vae-steps 1000 --unet-steps 3000 "
                         "--eval-every 750 --pool 4096 --threads 1",)
 STYLE_WEIGHTS_SHA256 = "f50570d499ee63ba03859ee4a75aa735fa05fad7fb63c06c813d112a886d4691"
+# ``tiny-sd3``, ``tiny-flux`` (issue 21): made by `python -m pipeline.models.builtin.flow_training` (seed 0, one core);
+# the file holds their transformers, text encoders and fine-tuned VAE layers; the rest of their VAE is tiny's
+FLOW_WEIGHTS_NAME = "tiny-flow-v1.safetensors"
+FLOW_WEIGHTS_RECIPE = ("python -m pipeline.models.builtin.flow_training --out A --vae-steps 400 --vae-lr 1e-3 --steps 1500 "
+                       "--threads 1",)
+FLOW_WEIGHTS_SHA256 = "edea7f21caf857cc2339a337bc743acd2331d315e9c5fbb205671fce2e1ff52c"
 # which built-ins take trained weights: the prefix of their UNet in the weights file, and that file
 TRAINED_UNETS = {"tiny": "unet.tiny.", "tiny-inpaint": "unet.tiny-inpaint.", "tiny-style": "unet.tiny-style."}
 
@@ -336,6 +443,43 @@ def load_trained_weights(pipe, name: str, path: Path | None = None) -> None:
     pipe.vae.register_to_config(scaling_factor=scale)
 
 
+FLOW_BUILTINS = ("tiny-sd3", "tiny-flux")
+
+
+def load_flow_weights(pipe, name: str, path: Path | None = None) -> None:
+    """Put the shipped weights of flow built-in `name` into `pipe` (sha256 checked): tiny's trained VAE widened
+    to 16 channels (flow_training.widen_vae), then the file's fine-tuned VAE layers, latent shift and scale,
+    transformer and text encoders."""
+    from safetensors import safe_open
+
+    from pipeline.models.builtin.flow_training import widen_vae
+
+    path = path or WEIGHTS_DIR / FLOW_WEIGHTS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall mimicshield, or rebuild it with "
+                                "`python -m pipeline.models.builtin.flow_training --out DIR`")
+    if path == WEIGHTS_DIR / FLOW_WEIGHTS_NAME and sha256(path) != FLOW_WEIGHTS_SHA256:
+        raise ValueError(f"{path} does not match its recorded sha256 {FLOW_WEIGHTS_SHA256} (corrupt or replaced)")
+    tiny = build_pipeline("tiny")
+    load_trained_vae(tiny)
+    widen_vae(tiny.vae, pipe.vae, CONFIGS[name]["seed"])
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k[len(name) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")}
+        meta = f.metadata()
+
+    def part(prefix):
+        return {k[len(prefix):]: v.float() if v.is_floating_point() else v
+                for k, v in tensors.items() if k.startswith(prefix)}
+
+    pipe.vae.load_state_dict({**pipe.vae.state_dict(), **part("vae.")})
+    pipe.transformer.load_state_dict(part("transformer."))
+    for module in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, module, None) is not None:
+            getattr(pipe, module).load_state_dict(part(module + "."), strict=False)  # position_ids may be a buffer
+    pipe.vae.register_to_config(shift_factor=float(meta[f"{name}.shift_factor"]),
+                                scaling_factor=float(meta[f"{name}.scaling_factor"]))
+
+
 # --------------------------------------------------------------------------- build + save
 
 
@@ -385,6 +529,8 @@ def build_pipeline(name: str):
     )
 
     cfg = CONFIGS[name]
+    if cfg.get("family") in FLOW_FAMILIES:
+        return build_flow_pipeline(name)
     tokenizer = build_tokenizer()
     torch.manual_seed(cfg.get("seed", SEED))
     with _default_dtype(cfg.get("init_dtype", torch.float32)):
@@ -419,6 +565,49 @@ def build_pipeline(name: str):
     return pipe if cfg["dtype"] == torch.float32 else pipe.to(dtype=cfg["dtype"])
 
 
+
+
+def _t5_encoder(t5: dict, tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(**{"vocab_size": len(tokenizer), **t5}, dropout_rate=0.0, is_encoder_decoder=False,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return T5EncoderModel(config)
+
+
+def build_flow_pipeline(name: str):
+    """A flow-matching built-in (`family` sd3 or flux): StableDiffusion3Pipeline or FluxPipeline, seeded, untrained."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    cfg = CONFIGS[name]
+    tokenizer, t5_tokenizer = build_tokenizer(), build_t5_tokenizer()
+    torch.manual_seed(cfg.get("seed", SEED))
+    with _default_dtype(cfg.get("init_dtype", torch.float32)):
+        vae = AutoencoderKL(**cfg["vae"])
+        t5 = _t5_encoder(cfg["t5"], t5_tokenizer)
+        if cfg["family"] == "sd3":
+            transformer = SD3Transformer2DModel(**cfg["transformer"])
+            clip_l = _text_encoder(cfg["text"], tokenizer, with_projection=True)
+            clip_g = _text_encoder(cfg["text_2"], tokenizer, with_projection=True)
+        else:
+            transformer = FluxTransformer2DModel(**cfg["transformer"])
+            clip_l = _text_encoder(cfg["text"], tokenizer)
+    scheduler = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
+    if cfg["family"] == "sd3":
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l,
+                                        tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=build_tokenizer(),
+                                        text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    else:
+        pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=t5,
+                            tokenizer_2=t5_tokenizer, transformer=transformer)
+    return pipe if cfg["dtype"] == torch.float32 else pipe.to(dtype=cfg["dtype"])
 
 
 def _sample_crops(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -516,10 +705,14 @@ def _build_pipeline(name: str):
     - tiny-v: tiny's trained VAE and latent scale, its v-prediction UNet trained here on those latents;
     - tiny-xl(-inpaint): a VAE of its own (seed 1, random, scale calibrated; SDXL's VAE differs from
       SD's too, so transfer between tiny and tiny-xl measures another encoder), UNet trained here;
+    - tiny-sd3, tiny-flux: tiny's VAE widened to 16 channels with the shipped fine-tuned layers, and the
+      shipped transformer and text encoders (`load_flow_weights`);
     - the *-arch models: random weights.
     """
     pipe = build_pipeline(name)
-    if name in TRAINED_UNETS:
+    if name in FLOW_BUILTINS:
+        load_flow_weights(pipe, name)
+    elif name in TRAINED_UNETS:
         load_trained_weights(pipe, name)
     elif name == "tiny-v":
         load_trained_vae(pipe)

@@ -92,7 +92,8 @@ def config_fingerprint(models: DiffusionModels) -> str:
 @torch.no_grad()
 def encoder_signature(models: DiffusionModels) -> torch.Tensor:
     """P x 2 float64: mean and std of each VAE-encoder (and quant_conv) parameter, in order."""
-    params = list(models.vae.encoder.parameters()) + list(getattr(models.vae, "quant_conv", torch.nn.Identity()).parameters())
+    quant_conv = getattr(models.vae, "quant_conv", None) or torch.nn.Identity()  # None in SD3 / FLUX VAEs
+    params = list(models.vae.encoder.parameters()) + list(quant_conv.parameters())
     rows = [torch.stack([p.float().mean(), p.float().std() if p.numel() > 1 else p.float().abs().mean()]) for p in params]
     return torch.stack(rows).double().cpu()
 

@@ -125,7 +125,7 @@ class FastProtector:
         return out
 
 
-DEFAULT_BANK_BUILTINS = ("tiny", "tiny-style")  # trained on first use (train.ensure_default_bank)
+DEFAULT_BANK_BUILTINS = ("tiny", "tiny-style", "tiny-sd3", "tiny-flux")  # trained on first use (train.ensure_default_bank)
 
 
 def build_default_bank(models: DiffusionModels) -> None:

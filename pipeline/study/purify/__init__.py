@@ -1,7 +1,8 @@
 """Purifications: what an attacker does to a protected image before mimicking it.
 
 One small unit per purification (a module each, its docstring naming the source and the
-parameter). A purification is named by a spec ``NAME`` or ``NAME:PARAM``::
+parameter). A purification is named by a spec ``NAME``, ``NAME:PARAM`` or, for one that takes an
+option (cat's protection method), ``NAME:PARAM:OPTION``::
 
     none             the image as it is
     jpeg:75          JPEG at quality 75 (Pillow)                       lower Q: stronger
@@ -13,12 +14,20 @@ parameter). A purification is named by a spec ``NAME`` or ``NAME:PARAM``::
     diffpure:0.1     noise the latent to t = 0.1 T, denoise (DDIM)     larger: stronger
     impress:50       IMPRESS consistency optimisation, 50 steps        more: stronger
     noisy_upscale:0.1  noise, down x4, diffusers x4 upscaler           larger: stronger
+    gridpure:0.01    GrIDPure: diffpure on overlapping grids, iterated  larger: stronger
+    pdmpure:0.1      SDEdit with a pixel-space DDPM to t = 0.1 T        larger: stronger
+    cat:100          CAT: 100 steps of LoRA in the VAE encoder         more: stronger
+    cat:100:sds-     ... trained on the attacker's own sds- perturbations
 
 Every purification maps uint8 H x W x 3 images to uint8 images of the same size, and is
 deterministic given (seed, key): the protected and the clean copy of an image get the same
-noise. `parse_purification("jpeg:75")` gives the unit; `purify(images, keys, seed, context)`
+noise. `parse_purification("jpeg:75")` gives the unit; `apply(images, keys, seed, context)`
 runs it. Model-based ones (``needs_model``) use a `PurifyContext` (the mimic's model, the
 upscaler) loaded once per Ray actor; the others run in plain Ray tasks.
+
+A *model-side* attack (``adapts_model``: `cat`) leaves the image as it is and adapts the mimic's
+model instead: `adaptation(context, seed)` trains it once per study (tensors, committed to
+OUTPUT/adapters/), and `adapted(vae, tensors)` applies it while a cell's mimic runs (cat.py).
 """
 
 from __future__ import annotations
@@ -43,6 +52,9 @@ REGISTRY: dict[str, tuple[str, float | None]] = {
     "diffpure": ("diffpure", 0.1),
     "impress": ("impress", 50.0),
     "noisy_upscale": ("noisy_upscale", 0.1),
+    "gridpure": ("gridpure", 0.01),
+    "pdmpure": ("pdmpure", 0.1),
+    "cat": ("cat", 100.0),
 }
 
 
@@ -55,7 +67,11 @@ class PurifyContext:
     device: str = "auto"
     dtype: str = "auto"
     upscaler_steps: int = 20  # denoising steps of the upscaler
-    diffpure_steps: int = 20  # DDIM steps over the full schedule for diffpure
+    diffpure_steps: int = 20  # DDIM steps over the full schedule for diffpure, gridpure and pdmpure
+    gridpure_iterations: int = 20  # GrIDPure's purification iterations (its paper's 20)
+    pixel_model: str | None = None  # pdmpure: a diffusers DDPMPipeline / UNet2DModel directory; None: tiny-pixel
+    attack: object | None = None  # cat: the study's ProtectConfig (steps, step size, seed); None: ProtectConfig()
+    attack_eps: float = 16.0  # cat: the budget the attacker protects its own images with (the study's largest)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def get(self, name: str, build):
@@ -69,18 +85,23 @@ class Purification:
 
     name: str = ""
     needs_model = False  # True: run in an actor pool with a PurifyContext
+    adapts_model = False  # True: a model-side attack (the image is unchanged; the mimic's model is adapted)
     stronger = "larger"  # which way of the parameter is a stronger purification ("larger"/"smaller")
+    option_default: str | None = None  # a unit taking NAME:PARAM:OPTION names its default option here
 
-    def __init__(self, param: float | None):
+    def __init__(self, param: float | None, option: str | None = None):
         self.param = param
+        self.option = option if option is not None else self.option_default
         self.check()
 
     def check(self) -> None:
-        """Raise ValueError on an out-of-range parameter."""
+        """Raise ValueError on an out-of-range parameter (or option)."""
 
     @property
     def spec(self) -> str:
-        return self.name if self.param is None else f"{self.name}:{self.param:g}"
+        """The normalised spec: the parameter as %g, the option only when it is not the default."""
+        text = self.name if self.param is None else f"{self.name}:{self.param:g}"
+        return text if self.option == self.option_default else f"{text}:{self.option}"
 
     def apply(self, images: list[np.ndarray], keys: list[str], seed: int = 0,
               context: PurifyContext | None = None) -> list[np.ndarray]:
@@ -89,11 +110,25 @@ class Purification:
     def one(self, rgb: np.ndarray, seed: int, context: PurifyContext | None) -> np.ndarray:
         raise NotImplementedError
 
+    # a model-side attack (adapts_model) also defines these three
+    def adaptation(self, context: PurifyContext, seed: int = 0) -> dict:
+        """Train the adaptation once (deterministic in seed): name -> tensor."""
+        raise NotImplementedError
+
+    def adapted(self, vae, tensors: dict):
+        """A context manager: `vae` carries the adaptation while it is open."""
+        raise NotImplementedError
+
+    def metadata(self, context: PurifyContext) -> dict[str, str]:
+        """Strings recorded beside the adaptation's tensors."""
+        return {"spec": self.spec}
+
 
 def parse_purification(spec: str) -> Purification:
-    """`NAME` or `NAME:PARAM` -> the purification unit (ValueError with the choices otherwise)."""
+    """`NAME`, `NAME:PARAM` or `NAME:PARAM:OPTION` -> the purification unit (ValueError with the choices otherwise)."""
     text = spec.strip()
-    name, _, value = text.partition(":")
+    name, _, rest = text.partition(":")
+    value, _, option = rest.partition(":")
     name = name.strip().lower()
     if name not in REGISTRY:
         raise ValueError(f"unknown purification {spec!r}; choose from {', '.join(REGISTRY)} (e.g. jpeg:75)")
@@ -110,7 +145,10 @@ def parse_purification(spec: str) -> Purification:
     else:
         param = default
     unit = importlib.import_module(f"{__name__}.{module}").UNIT
-    return unit(param)
+    option = option.strip() or None
+    if option is not None and unit.option_default is None:
+        raise ValueError(f"purification {name!r} takes no option after its parameter, got {spec!r}")
+    return unit(param, option)
 
 
 def parse_purifications(text: str | list[str] | tuple[str, ...]) -> list[Purification]:

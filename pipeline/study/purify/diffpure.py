@@ -48,6 +48,22 @@ def back(out: np.ndarray, rgb: np.ndarray) -> np.ndarray:
     return resize_image(np.asarray(img), (h, w))
 
 
+def denoise(pipe, images, strength: float, steps: int, seeds: list[int], output_type: str = "np"):
+    """DiffPure on images of one size: noise each latent to t = strength x 1000, DDIM back (empty prompt, no
+    guidance) with `steps` steps over the full schedule (at least one is run), image i seeded by seeds[i].
+
+    `images`: PIL images (encoded by the pipeline), or scaled latents s E(x) (N x C x h x w) taken as they
+    are; `output_type` "np" gives N x H x W x 3 floats in [0, 1], "latent" the denoised latents.
+    The one img2img call of diffpure and gridpure."""
+    import torch
+
+    steps = max(steps, math.ceil(1 / strength))
+    device = "cpu" if pipe.device.type == "mps" else pipe.device
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    return pipe(prompt=[""] * len(images), image=images, strength=strength, num_inference_steps=steps,
+                guidance_scale=1.0, generator=gens, output_type=output_type).images
+
+
 class DiffPure(Purification):
     name = "diffpure"
     needs_model = True
@@ -57,13 +73,8 @@ class DiffPure(Purification):
             raise ValueError(f"diffpure:T needs T in (0, 1] (a fraction of the 1000 timesteps), got {self.param:g}")
 
     def one(self, rgb, seed, context):
-        import torch
-
         pipe = img2img(context)
-        steps = max(context.diffpure_steps, math.ceil(1 / self.param))
-        gen = torch.Generator(device="cpu" if pipe.device.type == "mps" else pipe.device).manual_seed(seed)
-        out = pipe(prompt="", image=fit(rgb, pipe.vae_scale_factor * 2), strength=self.param,
-                   num_inference_steps=steps, guidance_scale=1.0, generator=gen, output_type="np").images[0]
+        out = denoise(pipe, [fit(rgb, pipe.vae_scale_factor * 2)], self.param, context.diffpure_steps, [seed])[0]
         return back(out, rgb)
 
 
