@@ -1,6 +1,7 @@
 """What the built-in `tiny` has learned, on photos it never saw (not a test).
 
-On ``models.builtin.training.HELD_OUT`` at 64 x 64 (each photo's centre square + random crops):
+On ``models.builtin.training.HELD_OUT`` at 64 x 64 (each photo's centre square + random crops), and for
+the VAE also on ``UNFAMILIAR`` photos from outside scikit-image (matplotlib's portrait and product shot):
 
 - VAE reconstruction E -> D through the posterior mean: PSNR / SSIM, per photo and overall, next to
   bicubic upsampling of an 8x area-downsampled copy (3 numbers per 8 x 8 block, where the VAE keeps 4:
@@ -9,6 +10,7 @@ On ``models.builtin.training.HELD_OUT`` at 64 x 64 (each photo's centre square +
   0.1 / 0.3 / 0.5: PSNR / SSIM of the mimic's output against its input (does the mimic follow it?).
 
     python benchmarks/bench_builtin_tiny.py            # writes benchmarks/results/builtin_tiny.json
+    python benchmarks/bench_builtin_tiny.py --model tiny-style --vae-only   # results/builtin_tiny_style.json
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def vae_figures(vae, crops_per_photo: int) -> dict:
     from pipeline.models.builtin import training as bt
 
     out = {}
-    for names in [(n,) for n in bt.HELD_OUT] + [bt.HELD_OUT]:
+    unfamiliar = tuple(bt.UNFAMILIAR)
+    for names in [(n,) for n in bt.HELD_OUT] + [bt.HELD_OUT] + [(n,) for n in unfamiliar] + [unfamiliar]:
         x = bt.held_out_images(64, crops_per_photo, names=names)
         bicubic = F.interpolate(F.interpolate(x, scale_factor=1 / 8, mode="area"), size=64, mode="bicubic").clamp(0, 1)
         out["+".join(names)] = {"images": len(x), **bt.evaluate_vae(vae, x),
@@ -61,11 +64,7 @@ def sdedit_figures(strengths, ddim_steps: int, images: int) -> dict:
 def main(argv=None) -> dict:
     import torch
 
-    from pipeline.models.builtin.build import (
-        BUILTIN_VERSION,
-        WEIGHTS_NAME,
-        WEIGHTS_SHA256,
-    )
+    from pipeline.models.builtin.build import BUILTIN_VERSION, weights_file
     from pipeline.models.loading import load_models
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -73,20 +72,23 @@ def main(argv=None) -> dict:
     p.add_argument("--sdedit-images", type=int, default=4)
     p.add_argument("--ddim-steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "builtin_tiny.json")
+    p.add_argument("--model", default="tiny", choices=("tiny", "tiny-style"), help="the trained built-in")
+    p.add_argument("--vae-only", action="store_true", help="only the VAE figures")
+    p.add_argument("--out", type=Path, default=None, help="default results/builtin_<model>.json")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     start = time.time()
-    models = load_models("tiny", device="cpu", dtype="fp32")
+    models = load_models(a.model, device="cpu", dtype="fp32")
     result = {
-        "weights": WEIGHTS_NAME, "sha256": WEIGHTS_SHA256, "builtin_version": BUILTIN_VERSION,
+        "model": a.model, **dict(zip(("weights", "sha256"), weights_file(a.model))), "builtin_version": BUILTIN_VERSION,
         "vae": vae_figures(models.vae, a.crops),
-        "sdedit_clean": sdedit_figures((0.1, 0.3, 0.5), a.ddim_steps, a.sdedit_images),
+        "sdedit_clean": None if a.vae_only else sdedit_figures((0.1, 0.3, 0.5), a.ddim_steps, a.sdedit_images),
         "ddim_steps": a.ddim_steps, "seconds": round(time.time() - start, 1),
         "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    a.out = a.out or HERE / "results" / f"builtin_{a.model.replace('-', '_')}.json"
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -40,14 +40,23 @@ SEED = 0
 TRAIN_PHOTOS = ("astronaut", "coffee", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina",
                 "colorwheel", "camera", "coins", "moon", "brick", "grass", "gravel", "clock", "cell")
 HELD_OUT = ("rocket", "motorcycle")  # whole photos kept out of training, for evaluation only
+# Photos from outside scikit-image (matplotlib's bundled sample data): no built-in ever saw their kind of
+# content (a portrait, a product shot); the VAE's "unfamiliar photo" figure (bench_builtin_tiny.py).
+UNFAMILIAR = {"grace_hopper": "grace_hopper.jpg", "minduka": "Minduka_Present_Blue_Pack.png"}
 CAPTIONS = {name: f"a photo of {name}" for name in TRAIN_PHOTOS + HELD_OUT}
 
 
 def load_photo(name: str) -> np.ndarray:
-    """One bundled photo as H x W x 3 uint8."""
+    """One bundled photo as H x W x 3 uint8 (scikit-image's, or matplotlib's for the UNFAMILIAR names)."""
     from skimage import data
 
-    img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    if name in UNFAMILIAR:
+        import matplotlib.cbook
+        from PIL import Image
+
+        img = np.asarray(Image.open(matplotlib.cbook.get_sample_data(UNFAMILIAR[name])).convert("RGB"))
+    else:
+        img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
     img = img[..., :3] if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2)
     if img.dtype != np.uint8:
         img = (255 * (img.astype(np.float64) / img.max())).astype(np.uint8)
