@@ -289,10 +289,16 @@ def add_mimic_options(parser: argparse.ArgumentParser, resolution_flag: str = "-
                    help="inpainting model (default: tiny-inpaint for tiny, SD 1.5 inpainting for SD 1.5, else --model)")
     g.add_argument("--masks", type=names, default=("meta", "center", "random"), help="inpaint mask modes")
     g.add_argument("--inpaint-steps", type=int, default=100, help="inpainting steps")
-    g = parser.add_argument_group("training mimics (textual inversion, LoRA)")
+    g = parser.add_argument_group("training mimics (textual inversion, LoRA, DreamBooth)")
     g.add_argument("--ti-steps", type=int, default=50, help="textual inversion steps (real use: 2000-3000)")
     g.add_argument("--lora-steps", type=int, default=50, help="LoRA steps (real use: 500-1000)")
     g.add_argument("--lora-rank", type=int, default=4, help="LoRA rank")
+    g.add_argument("--dreambooth-steps", type=int, default=50, help="DreamBooth steps (real use: about 1000)")
+    g.add_argument("--dreambooth-lr", type=float, default=3e-4,
+                   help="DreamBooth learning rate (default 3e-4 for the tiny built-ins; SD 1.5: 5e-7 to 5e-6)")
+    g.add_argument("--prior-loss-weight", type=float, default=1.0, help="DreamBooth's lambda (default 1)")
+    g.add_argument("--class-prompt", default="a painting",
+                   help="DreamBooth's class prompt: its images, drawn by the frozen model, keep the prior")
     g.add_argument("--num-images", type=int, default=4, help="images generated per group and source")
     g.add_argument("--inference-steps", type=int, default=25, help="generation steps")
     g.add_argument("--save-images", action="store_true",
@@ -314,6 +320,7 @@ def add_mimic_options(parser: argparse.ArgumentParser, resolution_flag: str = "-
 def mimic_configs_from_args(args: argparse.Namespace) -> dict:
     """EvalSettings' mimic and metric configs from `add_mimic_options`' options (and --seed, --prompt, --device)."""
     from pipeline.evaluate.mimic import (
+        DreamBoothConfig,
         InpaintConfig,
         LoraConfig,
         SDEditConfig,
@@ -330,6 +337,9 @@ def mimic_configs_from_args(args: argparse.Namespace) -> dict:
                                                  inference_steps=args.inference_steps, **common),
         lora=LoraConfig(rank=args.lora_rank, steps=args.lora_steps, num_images=args.num_images,
                         inference_steps=args.inference_steps, **common),
+        dreambooth=DreamBoothConfig(steps=args.dreambooth_steps, learning_rate=args.dreambooth_lr,
+                                    prior_loss_weight=args.prior_loss_weight, class_prompt=args.class_prompt,
+                                    num_images=args.num_images, inference_steps=args.inference_steps, **common),
         metrics=MetricConfig(lpips_weights=args.lpips_weights, clip_model=args.clip_model,
                              fid_weights=args.fid_weights, fid_min_images=args.fid_min_images, device=args.device,
                              style_weights=args.style_weights, style_references=args.style_references),

@@ -31,7 +31,7 @@ from pipeline.study.store import TABLE_DIR, StudyStore
 
 _STYLE_FIRST = ("style_accuracy", "style_distance", "clip_i2i_ref")
 HEADLINES = {"sdedit": ("psnr_ref",), "inpaint": ("psnr_ref",), "textual_inversion": _STYLE_FIRST,
-             "lora": _STYLE_FIRST}  # per scenario, in order of preference: the first the table has
+             "lora": _STYLE_FIRST, "dreambooth": _STYLE_FIRST}  # per scenario, in order of preference: the first the table has
 
 
 def headline_metrics(df: pd.DataFrame) -> dict[str, str]:
