@@ -108,3 +108,15 @@ def test_protect_command_protects_each_group_in_one_task(ray_local, tmp_path, ph
             np.testing.assert_array_equal(written - clean, np.clip(clean + quantize(expected[i], EPS), 0, 255) - clean)
     params = json.loads(pq.read_table(out / "tables" / "runs").to_pylist()[0]["config"])
     assert "aspl" in json.dumps(params)
+
+
+def test_the_resume_fingerprint_has_the_group_and_surrogate_for_aspl_only():
+    from pipeline.batch.settings import RunSettings
+
+    def fingerprint(method, **kwargs):
+        return RunSettings("in", "out", config=ProtectConfig(method=method, **kwargs), group_by="folder").fingerprint(gpus=0)
+
+    aspl = fingerprint("aspl")
+    assert aspl["group_by"] == "folder" and aspl["aspl.surrogate"] == "full" and aspl["aspl.pgd_steps"] == 6
+    assert fingerprint("aspl", aspl={"surrogate": "lora"}) != aspl  # the LoRA surrogate writes other bytes
+    assert not any(k.startswith("aspl.") or k == "group_by" for k in fingerprint("sds-"))  # older outputs resume
