@@ -45,7 +45,8 @@ def write_folder(photos: dict[str, np.ndarray], folder: Path) -> str:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    for key, rgb in photos.items():
+    for key, rgb in photos.items():  # a key may hold folders (artist/0)
+        (folder / f"{key}.png").parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rgb).save(folder / f"{key}.png")
     return str(folder)
 

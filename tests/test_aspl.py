@@ -106,8 +106,8 @@ def test_protect_command_protects_each_group_in_one_task(ray_local, tmp_path, ph
             written = np.asarray(Image.open(out / f"{key}.png").convert("RGB")).astype(int)
             assert np.abs(written - clean).max() <= EPS
             np.testing.assert_array_equal(written - clean, np.clip(clean + quantize(expected[i], EPS), 0, 255) - clean)
-    params = json.loads(pq.read_table(out / "tables" / "runs").to_pylist()[0]["config"])
-    assert "aspl" in json.dumps(params)
+    config = json.loads(pq.read_table(out / "tables" / "runs").to_pylist()[0]["config"])
+    assert config["group_by"] == "folder" and config["protect"]["aspl"]["surrogate"] == "full"
 
 
 def test_the_resume_fingerprint_has_the_group_and_surrogate_for_aspl_only():

@@ -487,7 +487,7 @@ def _write_run_row(s: RunSettings, plan: Plan, run: RunRecord, started, seconds:
     """The run's row in OUTPUT/tables/runs/ (`quiet`: the storage already failed; its one line says so)."""
     config = run.config_json(
         batch_size=s.batch_size, actors=s.actors, max_pixels=s.max_pixels, chunk_size=s.chunk_size,
-        on_bad_shard=s.on_bad_shard, overwrite=s.overwrite, jpeg_as=s.jpeg_as,
+        on_bad_shard=s.on_bad_shard, overwrite=s.overwrite, jpeg_as=s.jpeg_as, group_by=s.group_by,
         s3=s.s3.public() if (is_s3(s.input) or is_s3(s.output)) else None,
     )
     row = {
