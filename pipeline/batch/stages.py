@@ -48,8 +48,8 @@ from pipeline.io.samples import MEMBER_FIELDS
 from pipeline.io.storage import to_uri
 from pipeline.metrics.lpips import build_lpips, lpips_distance
 from pipeline.protect import build_protector
-from pipeline.protect.engine import FASTPROTECT_METHODS, GROUP_METHODS
 from pipeline.protect.encoded import decode, finish, quantize
+from pipeline.protect.engine import FASTPROTECT_METHODS, GROUP_METHODS
 
 # what the Decoder passes on: the sample's metadata and members, and the decoded image
 DECODED_SCHEMA = pa.schema(

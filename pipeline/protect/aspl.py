@@ -154,7 +154,7 @@ class ASPLProtector(Protector):
         the order they come in: the pipeline's groups arrive in any order)."""
         keys = keys or [str(i) for i in range(len(images))]
         order = sorted(range(len(images)), key=lambda i: keys[i])
-        pick = lambda values: None if values is None else [values[i] for i in order]  # noqa: E731
+        pick = lambda values: None if values is None else [values[i] for i in order]
         out = super().protect(pick(images), pick(keys), pick(prompts), pick(starts))
         result = [None] * len(images)
         for j, i in enumerate(order):

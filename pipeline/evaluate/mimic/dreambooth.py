@@ -68,7 +68,7 @@ class DreamBooth:
 
     scenario = "dreambooth"
 
-    def __init__(self, model: "str | ModelSpec", config: DreamBoothConfig | None = None, device="auto", dtype="fp32"):
+    def __init__(self, model: str | ModelSpec, config: DreamBoothConfig | None = None, device="auto", dtype="fp32"):
         from diffusers import DDIMScheduler, DDPMScheduler
 
         self.config = config or DreamBoothConfig()
