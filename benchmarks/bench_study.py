@@ -4,6 +4,7 @@
     python benchmarks/bench_study.py scaling   # the mimic phase with 1, 2, 4 Ray workers (Cluster simulation)
     python benchmarks/bench_study.py table     # protection retained, default grid (+ sds-+eot), held-out photos
     python benchmarks/bench_study.py eot       # photoguard vs photoguard+eot at eps 16 under jpeg/resize/noise
+    python benchmarks/bench_study.py style     # a reduced grid with aspl and dreambooth on the style world's held-out artists
 
 Held-out photos: crops of scikit-image's bundled photos the tiny model never saw in training
 (`pipeline.models.builtin.training.HELD_OUT`: rocket, motorcycle), at 64 x 64.
@@ -44,7 +45,8 @@ def write_folder(photos: dict[str, np.ndarray], folder: Path) -> str:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    for key, rgb in photos.items():
+    for key, rgb in photos.items():  # a key may hold folders (artist/0)
+        (folder / f"{key}.png").parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rgb).save(folder / f"{key}.png")
     return str(folder)
 
@@ -182,13 +184,56 @@ def bench_eot(args) -> dict:
             "protect_seconds": runs}
 
 
+def bench_style(args) -> dict:
+    """One study per held-out artist of the style world (tiny-style; a training mimic learns one artist per
+    study): protections x eps 16 x purifications (with the adaptive attacks) x mimics (dreambooth, sdedit)."""
+    from pipeline.cli import main
+    from pipeline.models.builtin.styles import HELD_OUT_STYLES, artist_images
+    from pipeline.study.report import adaptive_summary, read_table, retained
+
+    methods, purifications = args.methods.split(","), args.purifications.split(",")
+    out = {"artists": {}, "methods": methods, "purifications": purifications, "images": args.images,
+           "protect_steps": args.steps}
+    for i, style in enumerate(HELD_OUT_STYLES[: args.artists]):
+        images = {f"{style.name}/{j}": im for j, im in enumerate(artist_images(style, args.images, 64, seed=900 + i))}
+        clean = write_folder(images, ROOT / "out" / f"bench-study-style-clean-{i}")
+        output = str(ROOT / "out" / f"bench-study-style-{i}")
+        t = time.perf_counter()
+        main(["study", clean, output, "--model", "tiny-style", "--device", "cpu", "--methods", ",".join(methods),
+              "--eps", "16", "--purifications", ",".join(purifications), "--scenarios", "dreambooth,sdedit",
+              "--group-by", "folder", "--style-references", "builtin", "--steps", str(args.steps), "--step-size", "2",
+              "--ddim-steps", "20", "--dreambooth-steps", "60", "--num-images", "4", "--no-progress"])
+        seconds = time.perf_counter() - t
+        df = read_table(output)
+        r = retained(df)
+        cells = df.groupby(["method", "eps", "purification", "scenario"])["cell_seconds"].first()
+        base = df[(df["method"] == "none") & (df["purification"] == "none") & (df["scenario"] == "dreambooth")
+                  & (df["metric"] == "style_accuracy")]["value"]
+        out["artists"][style.name] = {
+            "study_seconds": round(seconds, 1), "cells": int(len(cells)),
+            "cell_seconds_by_scenario": cells.groupby(level="scenario").mean().round(2).to_dict(),
+            "clean_dreambooth_style_accuracy": None if base.empty else round(float(base.mean()), 3),
+            "retained": {f"{sc}: {m}": {p: (None if np.isnan(v) else round(float(v), 3))
+                                        for p, v in zip(g["purification"], g["retained"])}
+                         for (sc, m), g in r.groupby(["scenario", "method"])},
+            "damage_none": {f"{sc}: {m}": round(float(d), 3) for sc, m, d in
+                            r[r["purification"] == "none"][["scenario", "method", "damage"]].itertuples(index=False)},
+            "adaptive": adaptive_summary(df),
+        }
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("part", choices=["cells", "scaling", "table", "eot"])
+    p.add_argument("part", choices=["cells", "scaling", "table", "eot", "style"])
+    p.add_argument("--artists", type=int, default=2, help="style: held-out artists (one study each)")
+    p.add_argument("--methods", default="sds-,photoguard,aspl", help="style: protections")
+    p.add_argument("--purifications", default="none,jpeg:75,gridpure:0.01,pdmpure:0.1", help="style: purifications")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--steps", type=int, default=20, help="PGD steps per protection")
     args = p.parse_args(argv)
-    result = {"cells": bench_cells, "scaling": bench_scaling, "table": bench_table, "eot": bench_eot}[args.part](args)
+    result = {"cells": bench_cells, "scaling": bench_scaling, "table": bench_table, "eot": bench_eot,
+              "style": bench_style}[args.part](args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"study_{args.part}.json"
     path.write_text(json.dumps(result, indent=1))

@@ -145,8 +145,8 @@ def test_cli_refuses_unknown_scenario(capsys, tmp_path):
     for folder in (prot, clean):  # real folders: the path checks come first
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "a.png").write_bytes(png_bytes(np.zeros((16, 16, 3), np.uint8)))
-    assert main(["evaluate", prot, "--clean", clean, "--output", out, "--scenario", "sdedit,dreambooth"]) == 2
-    assert "unknown scenario(s) ['dreambooth']" in capsys.readouterr().err
+    assert main(["evaluate", prot, "--clean", clean, "--output", out, "--scenario", "sdedit,nope"]) == 2
+    assert "unknown scenario(s) ['nope']" in capsys.readouterr().err
     # a model that cannot be loaded stops the run on the driver, with a clear message
     assert main(["evaluate", prot, "--clean", clean, "--output", out, "--model", "/no/such/model"]) == 2
     assert "unknown model '/no/such/model'" in capsys.readouterr().err

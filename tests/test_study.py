@@ -34,7 +34,7 @@ def test_grid_cells_are_unique_and_baselines_first():
 
 @pytest.mark.parametrize("kwargs,reason", [
     (dict(methods=("nope",)), "unknown method"), (dict(purifications=("blur:-1",)), "sigma"),
-    (dict(scenarios=("dreambooth",)), "unknown scenario"), (dict(eps=(0,)), "eps"), (dict(eps=(4, 4)), "twice"),
+    (dict(scenarios=("nope",)), "unknown scenario"), (dict(eps=(0,)), "eps"), (dict(eps=(4, 4)), "twice"),
 ])
 def test_grid_refuses_bad_input(kwargs, reason):
     with pytest.raises(ValueError, match=reason):
@@ -71,6 +71,28 @@ def test_study_verdict_says_which_protection_survives_which_purification():
            "+4 unpurified)" in text
     assert "advdm eps=8: NO VERDICT: the protection does no damage to the mimic even unpurified" in text
     assert text.splitlines()[-1].startswith("  (uncalibrated")
+
+
+def test_study_says_which_protection_survives_each_adaptive_attack():
+    """The adaptive attacks (cat, gridpure, pdmpure, diffpure) get one sentence each, per mimic, aspl and
+    dreambooth included; the other purifications only their per-protection lines."""
+    from pipeline.study.report import adaptive_summary, format_survival
+
+    df = robustness_rows({("aspl", "none"): 0.5, ("aspl", "gridpure:0.01"): 0.45, ("aspl", "cat:100"): 0.05,
+                          ("sds-", "none"): 0.5, ("sds-", "gridpure:0.01"): 0.2, ("sds-", "cat:100"): 0.4,
+                          ("sds-", "jpeg:75"): 0.5, ("aspl", "pdmpure:0.1"): 0.1})
+    df = df.assign(scenario="dreambooth", metric="style_accuracy")
+    lines = adaptive_summary(df)
+    assert lines == ["against cat:100 (dreambooth mimic): survives sds- eps=8; removed aspl eps=8",
+                     "against gridpure:0.01 (dreambooth mimic): survives aspl eps=8; weakened sds- eps=8",
+                     "against pdmpure:0.1 (dreambooth mimic): removed aspl eps=8"]
+    assert format_survival(df).splitlines()[0] == f"  {lines[0]}"
+
+
+def test_default_grid_has_anti_dreambooth_and_its_mimic():
+    grid = StudyGrid()
+    assert "aspl" in grid.methods and "dreambooth" in grid.scenarios
+    assert {"gridpure", "pdmpure", "cat"} <= {p.split(":")[0] for p in grid.purifications}
 
 
 def test_study_heatmap_writes_each_cells_value():

@@ -13,6 +13,15 @@ The driver never holds image bytes: its memory and traffic grow with the number 
 small row each), not with their size, so one head node can drive many GPU nodes. Rows must arrive
 in input order (`preserve_order`) for the driver to know when a unit is complete; outputs are small,
 so the ordering costs a little buffering, not throughput.
+
+A group method (``aspl``) protects a group's images together: the protection stage is then
+``groupby("group").map_groups(ProtectActor)`` with the same actor pool, one actor task per group (the group's
+rows whole in one batch; io/metadata.protection_group names the group: ``--group-by``, else the JSON
+``group``/``artist`` field, else the sample alone). Groups cross units, so rows come back grouped, not in input
+order: the driver holds the small result rows of the run (no image bytes) and commits units in input order
+after the last group; a shard's samples are written part by part. Resume is per unit as always: a rerun
+protects the samples of the units not yet committed, so a group split by an interruption is protected again
+from those samples only.
 """
 
 from __future__ import annotations
@@ -232,11 +241,14 @@ def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord, sha
     # protection actors (it fuses task -> actor stages with equal resources): decoding stays off the
     # actors' critical path
     cpu = {"batch_format": "pyarrow", "batch_size": s.cpu_batch_size(), "num_cpus": 1, "memory": task_memory(s)}
-    ds = ds.map_batches(Decoder(UnitIndex(plan.kind, pending), s.max_pixels), **cpu)
+    ds = ds.map_batches(Decoder(UnitIndex(plan.kind, pending), s.max_pixels, s.group_by), **cpu)
     spec = s.model.on("cuda") if (s.model.device == "auto" and share.gpu) else s.model
-    ds = ds.map_batches(ProtectActor, fn_constructor_kwargs={"model": spec, "config": s.config, "threads": share.threads,
-                                                             "max_memory_gb": s.max_memory_gb},
-                        batch_format="pyarrow", batch_size=s.batch_size, **share.pool_options())
+    actor = {"fn_constructor_kwargs": {"model": spec, "config": s.config, "threads": share.threads,
+                                       "max_memory_gb": s.max_memory_gb}, "batch_format": "pyarrow"}
+    if s.grouped:  # aspl: one actor task per group, the group whole (rows come back grouped: the driver reorders)
+        ds = ds.groupby("group").map_groups(ProtectActor, **actor, **share.pool_options())
+    else:
+        ds = ds.map_batches(ProtectActor, batch_size=s.batch_size, **actor, **share.pool_options())
     ds = ds.map_batches(Encoder(s.config.eps, s.max_pixels, s.config.fastprotect.lpips_weights, s.jpeg_as), **cpu)
     writer = Writer(plan.kind, plan.out_fs, plan.out_root, {u.id: u.output for u in pending}, run.sample_params(),
                     run.run_id, plan.in_root, fault=os.environ.get(FAULT_ENV))
@@ -328,6 +340,11 @@ class _Receiver:
             extra = {**measured, **more}
             res.metrics.append(self.run.metric_row(row["key"], row["source"], row["output"], fmt, extra))
             self.note(extra)
+
+    def input_order(self, row: dict) -> tuple:
+        """A grouped run's row order: by unit in input order, then staging part (a shard's parts stay whole),
+        then key (a bad shard's row, key null, first in its unit)."""
+        return self.order[row["unit"]], row["part"] or "", row["key"] is not None, row["key"] or ""
 
     def note(self, measured: dict) -> None:
         for warning in (measured.get("warnings") or "").split("; "):  # as the Encoder joins them
@@ -428,11 +445,17 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
             watchdog = Watchdog(s.stall_timeout, log=log)
             try:
                 with watchdog:
+                    held = []  # grouped runs: every row, then in input order (groups end in any unit)
                     for batch in batches:
                         driver_bytes += batch.nbytes
                         for row in batch.to_pylist():
-                            receiver.add(row)
+                            if s.grouped:
+                                held.append(row)
+                            else:
+                                receiver.add(row)
                             watchdog.tick()
+                    for row in sorted(held, key=receiver.input_order):
+                        receiver.add(row)
                 receiver.commit_through(len(pending))  # the last unit, and trailing empty ones
             except KeyboardInterrupt:
                 if watchdog.fired:  # --stall-timeout: end the run; committed units stay (a rerun resumes)
@@ -464,7 +487,7 @@ def _write_run_row(s: RunSettings, plan: Plan, run: RunRecord, started, seconds:
     """The run's row in OUTPUT/tables/runs/ (`quiet`: the storage already failed; its one line says so)."""
     config = run.config_json(
         batch_size=s.batch_size, actors=s.actors, max_pixels=s.max_pixels, chunk_size=s.chunk_size,
-        on_bad_shard=s.on_bad_shard, overwrite=s.overwrite, jpeg_as=s.jpeg_as,
+        on_bad_shard=s.on_bad_shard, overwrite=s.overwrite, jpeg_as=s.jpeg_as, group_by=s.group_by,
         s3=s.s3.public() if (is_s3(s.input) or is_s3(s.output)) else None,
     )
     row = {

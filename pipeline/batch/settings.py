@@ -21,7 +21,7 @@ from pipeline.io.images import DEFAULT_MAX_PIXELS
 from pipeline.io.storage import S3Options
 from pipeline.models.loading import DTYPES, ModelSpec, resolve_dtype
 from pipeline.protect import ProtectConfig, check_ensemble_method
-from pipeline.protect.engine import FASTPROTECT_METHODS
+from pipeline.protect.engine import FASTPROTECT_METHODS, GROUP_METHODS
 
 # fields that do not change what a unit's outputs hold: how the work is spread, reported and resumed
 NOT_IN_FINGERPRINT = {
@@ -75,6 +75,7 @@ class RunSettings:
     stall_timeout: float | None = None  # end the run (exit 4) after this many seconds without a finished sample
     max_memory_gb: float | None = None  # memory one protection step may use (None: what the device has free)
     follow_external_links: bool = False  # folder INPUT: follow symbolic links that lead out of it
+    group_by: str | None = None  # aspl's group: a JSON field or "folder" (None: JSON group, else artist; else alone)
 
     def __post_init__(self):
         if not isinstance(self.config, ProtectConfig):
@@ -100,6 +101,13 @@ class RunSettings:
         if self.stall_timeout is not None and not self.stall_timeout > 0:
             raise ValueError(f"--stall-timeout must be > 0 seconds, got {self.stall_timeout!r}")
         self.s3 = S3Options.of(self.s3)
+        if self.group_by is not None and not str(self.group_by).strip():
+            raise ValueError("--group-by must name a JSON field or be 'folder'")
+
+    @property
+    def grouped(self) -> bool:
+        """Does the protection stage receive whole groups (a group method: aspl)?"""
+        return self.config.method in GROUP_METHODS
 
     def uses_gpu(self, gpus: int) -> bool:
         """Do the protection actors run on GPUs, on a cluster with `gpus` GPUs? (cluster/pool.py's rule)"""
@@ -119,8 +127,11 @@ class RunSettings:
         accelerator = torch.device(kind)
         model = _fields(self.model, NOT_IN_FINGERPRINT["ModelSpec"])
         model.update(device=accelerator.type, dtype=dtype_name(resolve_dtype(self.model.dtype, accelerator)))
-        return {**_flat(_fields(self.config, NOT_IN_FINGERPRINT["ProtectConfig"])), **model,
-                **_fields(self, NOT_IN_FINGERPRINT["RunSettings"]), **FIXED_POLICIES}
+        out = {**_flat(_fields(self.config, NOT_IN_FINGERPRINT["ProtectConfig"])), **model,
+               **_fields(self, NOT_IN_FINGERPRINT["RunSettings"]), **FIXED_POLICIES}
+        if not self.grouped:  # what only a group method reads cannot change another method's outputs
+            out = {k: v for k, v in out.items() if not k.startswith("aspl.") and k != "group_by"}
+        return out
 
     def cpu_batch_size(self) -> int:
         """Rows per decode / encode task: a few protection batches (task overhead amortised)."""

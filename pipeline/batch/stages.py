@@ -42,14 +42,14 @@ from pipeline.batch.commit import (
 from pipeline.cluster.faults import fault_point
 from pipeline.io.files import write_atomic
 from pipeline.io.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageError
-from pipeline.io.metadata import sample_meta
+from pipeline.io.metadata import protection_group, sample_meta
 from pipeline.io.paths import name_problem
 from pipeline.io.samples import MEMBER_FIELDS
 from pipeline.io.storage import to_uri
 from pipeline.metrics.lpips import build_lpips, lpips_distance
 from pipeline.protect import build_protector
-from pipeline.protect.engine import FASTPROTECT_METHODS
 from pipeline.protect.encoded import decode, finish, quantize
+from pipeline.protect.engine import FASTPROTECT_METHODS, GROUP_METHODS
 
 # what the Decoder passes on: the sample's metadata and members, and the decoded image
 DECODED_SCHEMA = pa.schema(
@@ -71,6 +71,7 @@ DECODED_SCHEMA = pa.schema(
         ("bits", pa.int64()),
         ("jpeg_qtables", pa.string()),  # JSON {index: 64 values} of a JPEG source, or null
         ("jpeg_subsampling", pa.int64()),
+        ("group", pa.string()),  # what a group method (aspl) protects together (io/metadata.protection_group)
     ]
 )
 # what the ProtectActor adds
@@ -136,12 +137,14 @@ class Decoder:
 
     unit_of: object  # shards.UnitIndex: input path -> unit id
     max_pixels: int = DEFAULT_MAX_PIXELS
+    group_by: str | None = None  # RunSettings.group_by (used by group methods only)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for row in batch.to_pylist():
             image = row.pop("image")
-            row.update(unit=self.unit_of(row["source"]), more_images=row.get("more_images") or [])
+            row.update(unit=self.unit_of(row["source"]), more_images=row.get("more_images") or [],
+                       group=protection_group(row["key"] or "", sample_meta(row.get("meta")), self.group_by))
             if row.get("stage"):  # refused by the reader: unreadable shard, unsafe name, link, duplicate key
                 out.append(row)
                 continue
@@ -166,6 +169,9 @@ class Decoder:
 class ProtectActor:
     """Callable class for `map_batches(compute=ActorPoolStrategy(...))`: loads the model once.
 
+    For a group method (aspl) the driver calls it through `groupby("group").map_groups(...)`: each call is
+    then one group, whole, and the protector protects the batch's images together (batch/driver.py).
+
     Only tensor work happens here: pixels in, quantised perturbations out; the other columns pass
     through as Arrow buffers, untouched. Images of any mix of sizes can share a batch: the engine
     groups them by working size internally.
@@ -180,7 +186,8 @@ class ProtectActor:
             torch.set_num_threads(int(threads))
         members = model.load_all()  # a ModelSpec, already on this actor's device; A,B: an ensemble
         self.protector = build_protector(members, config)
-        self.memory = None if config.method in FASTPROTECT_METHODS else MemoryGate(self.protector, max_memory_gb)
+        gated = config.method not in FASTPROTECT_METHODS + GROUP_METHODS  # aspl also trains a surrogate: not counted
+        self.memory = MemoryGate(self.protector, max_memory_gb) if gated else None
         models = members[0]
         self.device = str(models.device)
 

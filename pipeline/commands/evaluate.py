@@ -16,7 +16,7 @@ from pipeline.models.loading import DEFAULT_MODEL, ModelSpec
 
 
 def add_parser(sub) -> None:
-    from pipeline.evaluate.mimic import SCENARIOS
+    from pipeline.evaluate.mimic import DEFAULT_SCENARIOS, SCENARIOS
 
     p = sub.add_parser(
         "evaluate",
@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("protected", help="protected samples (folder, shards, s3://...)")
     p.add_argument("--clean", required=True, help="the clean originals, with the same keys")
     p.add_argument("--output", required=True, help="output folder or s3:// prefix")
-    p.add_argument("--scenario", type=names, default=SCENARIOS, help=f"comma-separated: {','.join(SCENARIOS)}")
+    p.add_argument("--scenario", type=names, default=DEFAULT_SCENARIOS,
+                   help=f"comma-separated: {','.join(SCENARIOS)} (dreambooth fine-tunes a copy of the UNet per group)")
     i = p.add_argument_group("inputs")
     i.add_argument("--group-by", default="artist", help="what groups samples (artists) for the training mimics: a "
                    "metadata field, or 'folder' (a folder INPUT's sub-folders: art/<artist>/...)")

@@ -17,7 +17,7 @@ from pipeline.batch.settings import RunSettings
 from pipeline.io.storage import S3Options, S3Retry
 from pipeline.models.loading import DEFAULT_MODEL, DTYPES, ModelSpec
 from pipeline.protect import ALL_METHODS, ProtectConfig
-from pipeline.protect.engine import FastProtectOptions
+from pipeline.protect.engine import ASPLOptions, FastProtectOptions
 
 
 def floats(text) -> tuple[float, ...]:
@@ -89,6 +89,12 @@ def add_protection_options(parser: argparse.ArgumentParser) -> None:
                    "(default: the model's default bank; built on the fly for tiny)")
     g.add_argument("--lpips-weights", default=None, help="fastprotect: torchvision AlexNet weights for a "
                    "calibrated LPIPS strength map (default: random, seeded, uncalibrated)")
+    g.add_argument("--aspl-surrogate-steps", type=int, default=3,
+                   help="aspl: surrogate fine-tuning steps per round (default 3, Anti-DreamBooth's)")
+    g.add_argument("--aspl-pgd-steps", type=int, default=6, help="aspl: PGD steps per round; rounds = steps / this "
+                   "(default 6: --steps 300 is the paper's 50 rounds)")
+    g.add_argument("--aspl-lr", type=float, default=None, help="aspl: surrogate learning rate (default 5e-7 for "
+                   "the full UNet, 1e-4 for the LoRA surrogate of --low-memory)")
     m = parser.add_argument_group("model and device")
     m.add_argument(
         "--model",
@@ -104,7 +110,8 @@ def add_protection_options(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: fp16 on GPU)")
     m.add_argument("--batch-size", type=int, default=4, help="images per protection batch (default 4)")
     m.add_argument("--low-memory", action="store_true",
-                   help="less GPU memory, same result: checkpoint the VAE encoder, keep the text encoder on CPU")
+                   help="less GPU memory, same result: checkpoint the VAE encoder, keep the text encoder on CPU; "
+                        "with aspl also a LoRA surrogate instead of a full UNet copy (another result)")
 
 
 def model_from_args(args: argparse.Namespace) -> ModelSpec:
@@ -128,6 +135,20 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
         eot=getattr(args, "eot", ""),
         eot_samples=getattr(args, "eot_samples", 1),
         fastprotect=FastProtectOptions(bank=getattr(args, "bank", None), lpips_weights=getattr(args, "lpips_weights", None)),
+        aspl=aspl_from_args(args),
+    )
+
+
+def aspl_from_args(args: argparse.Namespace) -> ASPLOptions:
+    lora = bool(getattr(args, "low_memory", False))
+    lr = getattr(args, "aspl_lr", None)
+    defaults = ASPLOptions()
+    return ASPLOptions(
+        surrogate="lora" if lora else "full",
+        surrogate_steps=getattr(args, "aspl_surrogate_steps", defaults.surrogate_steps),
+        pgd_steps=getattr(args, "aspl_pgd_steps", defaults.pgd_steps),
+        learning_rate=lr if (lr and not lora) else defaults.learning_rate,
+        lora_learning_rate=lr if (lr and lora) else defaults.lora_learning_rate,
     )
 
 
@@ -244,6 +265,7 @@ def run_settings_from_args(args: argparse.Namespace, s3: dict | None = None) -> 
         on_bad_shard=args.on_bad_shard,
         overwrite=bool(args.overwrite), jpeg_as=args.jpeg_as,
         follow_external_links=bool(getattr(args, "follow_external_links", False)),
+        group_by=getattr(args, "group_by", None),
     )
 
 
@@ -267,10 +289,16 @@ def add_mimic_options(parser: argparse.ArgumentParser, resolution_flag: str = "-
                    help="inpainting model (default: tiny-inpaint for tiny, SD 1.5 inpainting for SD 1.5, else --model)")
     g.add_argument("--masks", type=names, default=("meta", "center", "random"), help="inpaint mask modes")
     g.add_argument("--inpaint-steps", type=int, default=100, help="inpainting steps")
-    g = parser.add_argument_group("training mimics (textual inversion, LoRA)")
+    g = parser.add_argument_group("training mimics (textual inversion, LoRA, DreamBooth)")
     g.add_argument("--ti-steps", type=int, default=50, help="textual inversion steps (real use: 2000-3000)")
     g.add_argument("--lora-steps", type=int, default=50, help="LoRA steps (real use: 500-1000)")
     g.add_argument("--lora-rank", type=int, default=4, help="LoRA rank")
+    g.add_argument("--dreambooth-steps", type=int, default=50, help="DreamBooth steps (real use: about 1000)")
+    g.add_argument("--dreambooth-lr", type=float, default=3e-4,
+                   help="DreamBooth learning rate (default 3e-4 for the tiny built-ins; SD 1.5: 5e-7 to 5e-6)")
+    g.add_argument("--prior-loss-weight", type=float, default=1.0, help="DreamBooth's lambda (default 1)")
+    g.add_argument("--class-prompt", default="a painting",
+                   help="DreamBooth's class prompt: its images, drawn by the frozen model, keep the prior")
     g.add_argument("--num-images", type=int, default=4, help="images generated per group and source")
     g.add_argument("--inference-steps", type=int, default=25, help="generation steps")
     g.add_argument("--save-images", action="store_true",
@@ -292,6 +320,7 @@ def add_mimic_options(parser: argparse.ArgumentParser, resolution_flag: str = "-
 def mimic_configs_from_args(args: argparse.Namespace) -> dict:
     """EvalSettings' mimic and metric configs from `add_mimic_options`' options (and --seed, --prompt, --device)."""
     from pipeline.evaluate.mimic import (
+        DreamBoothConfig,
         InpaintConfig,
         LoraConfig,
         SDEditConfig,
@@ -308,6 +337,9 @@ def mimic_configs_from_args(args: argparse.Namespace) -> dict:
                                                  inference_steps=args.inference_steps, **common),
         lora=LoraConfig(rank=args.lora_rank, steps=args.lora_steps, num_images=args.num_images,
                         inference_steps=args.inference_steps, **common),
+        dreambooth=DreamBoothConfig(steps=args.dreambooth_steps, learning_rate=args.dreambooth_lr,
+                                    prior_loss_weight=args.prior_loss_weight, class_prompt=args.class_prompt,
+                                    num_images=args.num_images, inference_steps=args.inference_steps, **common),
         metrics=MetricConfig(lpips_weights=args.lpips_weights, clip_model=args.clip_model,
                              fid_weights=args.fid_weights, fid_min_images=args.fid_min_images, device=args.device,
                              style_weights=args.style_weights, style_references=args.style_references),

@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--config", default=None, help="YAML or JSON file with any of these options (input, output, "
                    "method, eps, model, s3: {endpoint_url, region}, ...); command-line options win")
     add_protection_options(p)
+    p.add_argument("--group-by", default=None, help="aspl: what makes a group protected together: a JSON field, or "
+                   "'folder' (a folder INPUT's sub-folders: art/<artist>/...); default the JSON group, else artist "
+                   "field; a sample with none is protected alone. One actor task per group")
     add_run_options(p)
     lead_with(p, "Protect every image under INPUT (folder, shards, s3://) and write it under OUTPUT.",
               ("--model", "--method", "--eps", "--device"),

@@ -43,6 +43,7 @@ from pipeline.cluster.logs import quiet_data_context
 from pipeline.cluster.session import ensure_ray
 from pipeline.evaluate.mimic import (
     TRAINING_SCENARIOS,
+    DreamBooth,
     Inpaint,
     Lora,
     SDEdit,
@@ -331,7 +332,7 @@ def evaluate_pairs(pairs, settings: EvalSettings, opts: dict):
 
 
 class GroupTrainer:
-    """Ray actor: textual inversion and LoRA, trained per group on protected and on clean images."""
+    """Ray actor: textual inversion, LoRA and DreamBooth, trained per group on protected and on clean images."""
 
     def __init__(self, settings: EvalSettings, style_references: dict[str, list[bytes]] | None = None):
         self.s = settings
@@ -345,6 +346,8 @@ class GroupTrainer:
             self.mimics["textual_inversion"] = TextualInversion(settings.model, settings.textual_inversion, device)
         if "lora" in settings.scenarios:
             self.mimics["lora"] = Lora(settings.model, settings.lora, device)
+        if "dreambooth" in settings.scenarios:
+            self.mimics["dreambooth"] = DreamBooth(settings.model, settings.dreambooth, device)
         self.samples = SampleWriter(settings.output, settings.s3, 1)
         self.clean_cache: dict[tuple, object] = {}  # (scenario, group) -> clean-trained output
 

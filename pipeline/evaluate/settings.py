@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from pipeline.evaluate.mimic import (
+    DEFAULT_SCENARIOS,
     SCENARIOS,
+    DreamBoothConfig,
     InpaintConfig,
     LoraConfig,
     SDEditConfig,
@@ -21,7 +23,7 @@ class EvalSettings:
     protected: str
     clean: str
     output: str
-    scenarios: tuple[str, ...] = SCENARIOS
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
     group_by: str = "artist"
     model: ModelSpec = field(default_factory=ModelSpec)  # the mimic model: id, revision, device, dtype
     inpaint_model: str | None = None  # None: the model's inpainting twin (tiny -> tiny-inpaint, SD 1.5 -> its inpainting)
@@ -33,6 +35,7 @@ class EvalSettings:
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     metrics: MetricConfig = field(default_factory=MetricConfig)
     save_images: bool = False  # write the training mimics' generated images (OUTPUT/generated/)
     samples_per_group: int = 4  # sample grids written per (scenario, group) by each actor

@@ -45,3 +45,16 @@ def sample_group(key: str, meta: dict | None, group_by: str) -> str | None:
         return key.split("/", 1)[0] if "/" in key else None
     value = (meta or {}).get(group_by)
     return None if value in (None, "") else str(value)
+
+
+GROUP_FIELDS = ("group", "artist")  # JSON fields that name a sample's group when no --group-by is given
+
+
+def protection_group(key: str, meta: dict | None, group_by: str | None = None) -> str:
+    """The group a group method (aspl) protects a sample with: `sample_group` by `group_by`, or without one
+    its JSON ``group``, else ``artist``; a sample with none is a group of its own (named by its key)."""
+    for field in (group_by,) if group_by else GROUP_FIELDS:
+        group = sample_group(key, meta, field)
+        if group is not None:
+            return f"group:{group}"
+    return f"key:{key}"

@@ -2,7 +2,8 @@
 
 `build_protector(models, config)` is the one way to get a protector for a method name:
 gradient methods (methods.py) run through the PGD engine (engine.py); `fastprotect` and
-`fastprotect+pgd` (pre-trained perturbations, pipeline/protect/fastprotect/) offer the same interface.
+`fastprotect+pgd` (pre-trained perturbations, pipeline/protect/fastprotect/) and `aspl` (a group's images
+together against a fine-tuned surrogate, aspl.py) offer the same interface.
 
 `models` may be a list of loaded models (an ensemble, ``--model A,B``): gradient methods then
 sum the per-model directions (engine.py). FastProtect refuses an ensemble: a bank is trained
@@ -19,6 +20,7 @@ from pipeline.models.loading import DiffusionModels
 from pipeline.protect.engine import (
     ALL_METHODS,
     FASTPROTECT_METHODS,
+    GROUP_METHODS,
     ProtectConfig,
     Protector,
 )
@@ -27,6 +29,9 @@ from pipeline.protect.fastprotect.infer import build_fastprotector
 
 def check_ensemble_method(method: str, n_models: int) -> None:
     """FastProtect banks belong to one model: refuse an ensemble with a message saying what to do."""
+    if n_models > 1 and method in GROUP_METHODS:
+        raise ValueError(f"--method {method} cannot protect against an ensemble of {n_models} models: its surrogate "
+                         "is a fine-tuned copy of one model. Give one --model")
     if n_models > 1 and method in FASTPROTECT_METHODS:
         raise ValueError(
             f"--method {method} cannot protect against an ensemble of {n_models} models: a FastProtect bank "
@@ -49,8 +54,12 @@ def build_protector(models: DiffusionModels | Sequence[DiffusionModels], config:
             models = models[0]
     if config.method in FASTPROTECT_METHODS:
         return build_fastprotector(models, config)
+    if config.method in GROUP_METHODS:
+        from pipeline.protect.aspl import ASPLProtector
+
+        return ASPLProtector(models, config)
     return Protector(models, config)
 
 
-__all__ = ["ALL_METHODS", "FASTPROTECT_METHODS", "ProtectConfig", "Protector", "build_protector",
+__all__ = ["ALL_METHODS", "FASTPROTECT_METHODS", "GROUP_METHODS", "ProtectConfig", "Protector", "build_protector",
            "check_ensemble_method"]

@@ -60,7 +60,8 @@ from pipeline.seeds import key_seed
 
 DEFAULT_PROMPT = "a photo"
 FASTPROTECT_METHODS = ("fastprotect", "fastprotect+pgd")  # pipeline.protect.fastprotect.infer
-ALL_METHODS = tuple(METHODS) + FASTPROTECT_METHODS
+GROUP_METHODS = ("aspl",)  # protect a group's images together (pipeline.protect.aspl; the pipeline batches groups)
+ALL_METHODS = tuple(METHODS) + FASTPROTECT_METHODS + GROUP_METHODS
 
 
 @dataclass
@@ -78,6 +79,30 @@ class FastProtectOptions:
                 raise TypeError(f"{name} must be a path (str), got {type(value).__name__}")
         if not isinstance(self.adaptive_strength, bool):
             raise TypeError("adaptive_strength must be True or False")
+
+
+@dataclass
+class ASPLOptions:
+    """What only `aspl` uses (protect/aspl.py). Defaults: Anti-DreamBooth's script (attack_with_aspl.sh):
+    3 surrogate steps and 6 PGD steps per round (50 rounds = ``--steps 300``), lr 5e-7 for a full UNet;
+    the LoRA surrogate (``--low-memory``) at rank 4 and lr 1e-4, as LoRA DreamBooth trains."""
+
+    surrogate: str = "full"  # "full" (a trainable copy of the UNet) or "lora" (adapters on it: --low-memory)
+    surrogate_steps: int = 3  # K_f: surrogate fine-tuning steps per round (max_f_train_steps)
+    pgd_steps: int = 6  # K_adv: PGD steps per round (max_adv_train_steps); rounds = ceil(steps / pgd_steps)
+    learning_rate: float = 5e-7  # the full surrogate's
+    lora_learning_rate: float = 1e-4
+    lora_rank: int = 4
+    batch_size: int = 4  # images per surrogate training step (drawn from the group)
+
+    def __post_init__(self):
+        if self.surrogate not in ("full", "lora"):
+            raise ValueError(f"aspl surrogate must be 'full' or 'lora', got {self.surrogate!r}")
+        for name in ("surrogate_steps", "pgd_steps", "lora_rank", "batch_size"):
+            if int(getattr(self, name)) < (0 if name == "surrogate_steps" else 1):
+                raise ValueError(f"aspl {name} must be >= {0 if name == 'surrogate_steps' else 1}")
+        if not (self.learning_rate > 0 and self.lora_learning_rate > 0):
+            raise ValueError("aspl learning rates must be > 0")
 
 
 @dataclass
@@ -102,9 +127,14 @@ class ProtectConfig:
     eot: str = ""  # expectation over transformation, e.g. "jpeg:50-95,resize:0.5-1" (eot.py); "" = off
     eot_samples: int = 1  # K transforms averaged per PGD step when `eot` is set
     fastprotect: FastProtectOptions = field(default_factory=FastProtectOptions)
+    aspl: ASPLOptions = field(default_factory=ASPLOptions)
 
     def __post_init__(self):
         self.resolution = str(self.resolution)
+        if isinstance(self.aspl, dict):  # from a config file or asdict()
+            self.aspl = ASPLOptions(**self.aspl)
+        if not isinstance(self.aspl, ASPLOptions):
+            raise TypeError(f"aspl must be ASPLOptions, got {type(self.aspl).__name__}")
         if isinstance(self.fastprotect, dict):  # from a config file or asdict()
             self.fastprotect = FastProtectOptions(**self.fastprotect)
         if not isinstance(self.fastprotect, FastProtectOptions):
@@ -224,6 +254,8 @@ class Protector:
         ensemble = Protector(load_ensemble("tiny,tiny-v"), config)      # see the module doc
     """
 
+    pgd_method: str | None = None  # a subclass's PGD objective when it is not config.method (aspl: advdm's loss)
+
     def __init__(self, models: DiffusionModels | Sequence[DiffusionModels], config: ProtectConfig):
         self.members: list[DiffusionModels] = [models] if isinstance(models, DiffusionModels) else list(models)
         if not self.members:
@@ -232,7 +264,7 @@ class Protector:
             raise ValueError("the models of an ensemble must be on one device")
         self.models = self.members[0]  # the model of a single-model protector
         self.config = config
-        self.method = make_method(config.method, config.mist_weight, config.sdst_rate)
+        self.method = make_method(self.pgd_method or config.method, config.mist_weight, config.sdst_rate)
         self._target = load_target(config.target)
         self._target_latents: dict[tuple[int, int, int], torch.Tensor] = {}
 
@@ -298,6 +330,22 @@ class Protector:
                 out[i] = d.permute(1, 2, 0).numpy()
         return out  # type: ignore[return-value]
 
+    def start_point(self, x: torch.Tensor, keys: list[str], start: torch.Tensor | None = None):
+        """(per-key generators, x on the device, the PGD start x_0): `start` (pixel units) if given, else
+        x + U(-eps, eps) (init random, drawn first from each key's generator) or x (init zero)."""
+        cfg, device = self.config, self.models.device
+        gens = [torch.Generator().manual_seed(key_seed(cfg.seed, k)) for k in keys]
+        x_clean = x.to(device)
+        if start is not None:
+            start = start.to(device).float().clamp(-cfg.eps, cfg.eps) / 255.0
+            x_adv = (x_clean + start).clamp(0, 1)
+        elif cfg.init == "random":
+            start = torch.stack([torch.rand(x.shape[1:], generator=g) for g in gens]) * 2 - 1
+            x_adv = (x_clean + cfg.eps / 255.0 * start.to(device)).clamp(0, 1)
+        else:
+            x_adv = x_clean.clone()
+        return gens, x_clean, x_adv
+
     def protect_tensor(
         self, x: torch.Tensor, keys: list[str], prompts: list[str], start: torch.Tensor | None = None,
         working: tuple[int, int] | None = None,
@@ -310,16 +358,7 @@ class Protector:
         cfg = self.config
         device = self.models.device
         eps, alpha = cfg.eps / 255.0, cfg.step_size / 255.0
-        gens = [torch.Generator().manual_seed(key_seed(cfg.seed, k)) for k in keys]
-        x_clean = x.to(device)
-        if start is not None:
-            start = start.to(device).float().clamp(-cfg.eps, cfg.eps) / 255.0
-            x_adv = (x_clean + start).clamp(0, 1)
-        elif cfg.init == "random":
-            start = torch.stack([torch.rand(x.shape[1:], generator=g) for g in gens]) * 2 - 1
-            x_adv = (x_clean + eps * start.to(device)).clamp(0, 1)
-        else:
-            x_adv = x_clean.clone()
+        gens, x_clean, x_adv = self.start_point(x, keys, start)
         height, width = working or x.shape[2:]
         fixed = []  # per model: (models, cond, added_cond, latent shape, target latent)
         for m, models in enumerate(self.members):

@@ -94,18 +94,20 @@ def encode(models: DiffusionModels, x01: torch.Tensor) -> torch.Tensor:
     return vae_latents(models.vae, x).to(models.dtype)
 
 
-def predict(models: DiffusionModels, z: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-    """f_theta(z_t, t, c) with z_t = sqrt(a_t) z + sqrt(1 - a_t) eps (eps_theta, or v_theta)."""
+def predict(models: DiffusionModels, z: torch.Tensor, inputs: StepInputs, net=None) -> torch.Tensor:
+    """f_theta(z_t, t, c) with z_t = sqrt(a_t) z + sqrt(1 - a_t) eps (eps_theta, or v_theta).
+
+    `net`: another denoiser of the same family in place of the model's own (ASPL's surrogate, aspl.py)."""
     z_t = noise_latents(models.scheduler, z, inputs.noise.to(z.dtype), inputs.t)
-    return denoise(models.unet, z_t, inputs.t, inputs.cond, inputs.added_cond)
+    return denoise(models.unet if net is None else net, z_t, inputs.t, inputs.cond, inputs.added_cond)
 
 
 predict_noise = predict  # the name for epsilon models
 
 
-def semantic_loss(models: DiffusionModels, z: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-    """L_sem per sample: mean over elements of (f_theta(z_t, t, c) - y_t)^2, y_t = eps or v."""
-    err = predict(models, z, inputs).float() - models.prediction_target(z, inputs.noise, inputs.t).float()
+def semantic_loss(models: DiffusionModels, z: torch.Tensor, inputs: StepInputs, net=None) -> torch.Tensor:
+    """L_sem per sample: mean over elements of (f_theta(z_t, t, c) - y_t)^2, y_t = eps or v (`net`: as `predict`)."""
+    err = predict(models, z, inputs, net).float() - models.prediction_target(z, inputs.noise, inputs.t).float()
     return err.pow(2).flatten(1).mean(1)
 
 

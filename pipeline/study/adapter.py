@@ -69,6 +69,8 @@ def build_mimic(scenario: str, ev):
         return mimic.TextualInversion(ev.model, ev.textual_inversion, ev.model.device)
     if scenario == "lora":
         return mimic.Lora(ev.model, ev.lora, ev.model.device)
+    if scenario == "dreambooth":
+        return mimic.DreamBooth(ev.model, ev.dreambooth, ev.model.device)
     raise ValueError(f"unknown scenario {scenario!r}")
 
 

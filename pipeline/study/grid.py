@@ -20,12 +20,12 @@ from pipeline.protect import ALL_METHODS
 from pipeline.study.purify import parse_purifications
 
 EOT_SUFFIX = "+eot"
-DEFAULT_METHODS = ("sds-", "photoguard", "mist")
+DEFAULT_METHODS = ("sds-", "photoguard", "mist", "aspl")  # aspl: Anti-DreamBooth, protects each artist's set
 DEFAULT_EPS = (4.0, 8.0, 16.0)
 DEFAULT_PURIFICATIONS = ("none", "jpeg:75", "resize:2", "noise:0.05", "blur:1", "quantize:4", "tvm:0.05",
                          "diffpure:0.1", "impress:50", "noisy_upscale:0.1",
                          "gridpure:0.01", "pdmpure:0.1", "cat:100")  # the adaptive attacks of issue 22
-DEFAULT_SCENARIOS = ("sdedit",)
+DEFAULT_SCENARIOS = ("sdedit", "dreambooth")  # dreambooth: the mimic aspl is made against (issue 22)
 
 
 def slug(text: str) -> str:

@@ -31,7 +31,7 @@ from pipeline.study.store import TABLE_DIR, StudyStore
 
 _STYLE_FIRST = ("style_accuracy", "style_distance", "clip_i2i_ref")
 HEADLINES = {"sdedit": ("psnr_ref",), "inpaint": ("psnr_ref",), "textual_inversion": _STYLE_FIRST,
-             "lora": _STYLE_FIRST}  # per scenario, in order of preference: the first the table has
+             "lora": _STYLE_FIRST, "dreambooth": _STYLE_FIRST}  # per scenario, in order of preference: the first the table has
 
 
 def headline_metrics(df: pd.DataFrame) -> dict[str, str]:
@@ -121,10 +121,33 @@ def survival(df: pd.DataFrame) -> list[dict]:
     return sorted(out, key=lambda v: (v["scenario"], v["purification"], v["method"], v["eps"]))
 
 
+# the attacks aimed at encoder protections (issue 22) and DiffPure, their ancestor: named in the summary
+ADAPTIVE_ATTACKS = ("diffpure", "gridpure", "pdmpure", "cat")
+
+
+def adaptive_summary(df: pd.DataFrame) -> list[str]:
+    """One plain sentence per (scenario, adaptive attack) in the table: which protections survive it, which it
+    weakens, which it removes (`survival`'s verdicts, protections as "method eps")."""
+    by: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for v in survival(df):
+        if v["purification"].split(":", 1)[0] not in ADAPTIVE_ATTACKS:
+            continue
+        slot = by.setdefault((v["scenario"], v["purification"]), {})
+        slot.setdefault(v["verdict"] or "no verdict", []).append(label(v["method"], v["eps"]))
+    lines = []
+    for (scenario, attack), verdicts in sorted(by.items()):
+        parts = [f"{word} {', '.join(verdicts[word])}" for word in ("survives", "weakened", "removed", "no verdict")
+                 if verdicts.get(word)]
+        lines.append(f"against {attack} ({scenario} mimic): " + "; ".join(parts))
+    return lines
+
+
 def format_survival(df: pd.DataFrame) -> str:
     """The study's verdict in words, one line per scenario, purification and protection (what `study` prints)."""
     lines = [f"  {v['scenario']}, {v['purification']}: {label(v['method'], v['eps'])}: "
              f"{(v['verdict'] or 'no verdict').upper()}: {v['words']}" for v in survival(df)]
+    if lines:  # the adaptive attacks first, in one sentence each
+        lines = [f"  {line}" for line in adaptive_summary(df)] + lines
     if not lines:
         return "  no protected cell with a purification to judge"
     if not df.empty and not bool(df["calibrated"].all()):
@@ -142,7 +165,10 @@ def _survival_html(df: pd.DataFrame) -> str:
         f"<li><b style='color:{colour[v['verdict']]}'>{html.escape((v['verdict'] or 'no verdict').upper())}</b> "
         f"&mdash; {html.escape(label(v['method'], v['eps']))} after {html.escape(v['purification'])} against "
         f"{html.escape(v['scenario'])}: {html.escape(v['words'])}</li>" for v in rows)
-    return (f"<section id='verdict'><h2>Verdict: does the protection survive?</h2><ul class='verdict'>{items}</ul>"
+    adaptive = "".join(f"<li>{html.escape(line)}</li>" for line in adaptive_summary(df))
+    adaptive = f"<h3>The adaptive attacks</h3><ul>{adaptive}</ul>" if adaptive else ""
+    return (f"<section id='verdict'><h2>Verdict: does the protection survive?</h2>{adaptive}"
+            f"<ul class='verdict'>{items}</ul>"
             f"<p class='note'>{html.escape(SURVIVAL_RULE)}</p></section>")
 
 

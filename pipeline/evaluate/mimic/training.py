@@ -1,4 +1,4 @@
-"""The denoising objective shared by the training mimics (textual inversion, LoRA), and generation.
+"""The denoising objective shared by the training mimics (textual inversion, LoRA, DreamBooth), and generation.
 
 Both personalise a frozen model on a group's images with the standard latent-diffusion loss
 
@@ -11,8 +11,9 @@ the same loss is the rectified-flow one, z_t = (1 - s) z + s eps, y_t = eps - z,
 train_dreambooth_lora_{sd3,flux}.py draw it, c their prompt embeddings and pooled projections, FLUX's
 latents packed and its guidance embedding given (models.diffusion.denoise): the FLUX DreamBooth-LoRA recipe.
 
-and differ only in what is trainable (one token embedding, or LoRA matrices in the UNet's
-attention projections) and in the conditioning c (a prompt holding the learned token).
+and differ only in what is trainable (one token embedding, LoRA matrices in the UNet's
+attention projections, or the whole UNet) and in the conditioning c (a prompt holding the learned token);
+DreamBooth adds its prior-preservation term (`prior`).
 Latents z = s * E(x) are encoded once per group (the VAE is frozen).
 """
 
@@ -79,6 +80,7 @@ def train_denoiser(
     text_grad: bool = False,
     after_step: Callable[[], None] | None = None,
     resolution: int = 512,
+    prior: tuple[torch.Tensor, str, float] | None = None,
 ) -> list[float]:
     """Minimise the denoising loss over `params` for `steps` steps; returns the loss of each step.
 
@@ -88,6 +90,8 @@ def train_denoiser(
     `prompts(rng, n)` gives the n prompts of a batch; `text_grad` keeps the text encoder in the
     graph (textual inversion trains an input embedding of it). `after_step` runs after each
     optimiser step (textual inversion restores the embedding rows it must not change).
+    `prior` = (class latents, class prompt, lambda): DreamBooth's prior preservation, each step adds
+    lambda times the same loss on a batch of the class images under the class prompt (dreambooth.py).
     """
     params = list(params)
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -109,6 +113,14 @@ def train_denoiser(
             with torch.set_grad_enabled(text_grad):
                 cond, added = text_conditioning(parts, batch_prompts, resolution, resolution)
             loss = denoising_loss(net, sched, z, noise, t, cond, added)  # models/diffusion.py
+            if prior is not None:  # + lambda * L(class images, class prompt)
+                class_latents, class_prompt, weight = prior
+                z_pr = class_latents[torch.randint(len(class_latents), (len(z),), generator=gen)]
+                noise_pr = torch.randn(z_pr.shape, generator=gen).to(z_pr.device)
+                t_pr = sample_timesteps(sched, len(z_pr), gen, weighting).to(z_pr.device)
+                with torch.no_grad():
+                    cond_pr, added_pr = text_conditioning(parts, [class_prompt] * len(z_pr), resolution, resolution)
+                loss = loss + weight * denoising_loss(net, sched, z_pr, noise_pr, t_pr, cond_pr, added_pr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
