@@ -5,11 +5,13 @@ scikit-image's bundled photos (several sizes, one deliberately corrupt sample), 
 with the built-in `tiny` model through a local Ray (20 PGD steps of 2 by default, so it takes about a
 minute on 2 CPUs), prints the summary, copies the protected shards and tables out of the
 loopback bucket into a local folder, and ends with the path of a before/after contact sheet
-(`before-after.png`: clean, protected, perturbation amplified). With --evaluate (about twice the
-time) it ends instead with a small evaluation:
+(`before-after.png`: clean, protected, perturbation amplified). With --evaluate (about 160 s on 2
+CPUs in all) it ends instead with a small evaluation:
 SDEdit (DDIM, strength 0.3) of the protected and the clean images by the same
 built-in model, its table, and `report.html`, whose sample grids show the mimic of each clean
-image next to the mimic of its protected copy.
+image next to the mimic of its protected copy; and style mimicry (`evaluate_style`): two artists of
+the built-in style world, protected with `tiny-style`, learned by textual inversion from the clean and
+from the protected images, with the style score and `style-evaluation/report.html`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def add_parser(sub) -> None:
         "64-96 px, one corrupt sample), protect them with the built-in tiny model through local Ray "
         "(20 steps by default), print the summary, copy the outputs to --out-dir and write "
         "OUT_DIR/before-after.png (clean, protected, perturbation amplified), its path printed last; --evaluate "
-        "adds a small SDEdit evaluation and OUT_DIR/evaluation/report.html, printed last instead.",
+        "adds a small SDEdit evaluation and a style-mimicry one (textual inversion on two style-world artists), with "
+        "OUT_DIR/style-evaluation/report.html and OUT_DIR/evaluation/report.html, printed last instead.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--out-dir", default="mimicshield-demo", help="local copy of the outputs (default ./mimicshield-demo)")
@@ -53,8 +56,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     e = p.add_argument_group("evaluation")
     e.add_argument("--evaluate", action="store_true",
-                   help="end with a small SDEdit evaluation (protected vs clean) and its report.html (about twice "
-                   "the demo's time: 165 s instead of 66 s on one CPU core)")
+                   help="end with a small SDEdit evaluation and a style-mimicry one (textual inversion), protected vs "
+                   "clean, and their report.html files (about 160 s in all on 2 CPUs)")
     e.add_argument("--eval-ddim-steps", type=int, default=20, help="DDIM steps of the evaluation's SDEdit (default 20)")
     lead_with(p, "The main job end to end on sample photos, with nothing but the install.",
               ("--out-dir", "--steps", "--evaluate"), "mimicshield demo --evaluate")
