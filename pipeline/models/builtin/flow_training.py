@@ -37,8 +37,9 @@ from pipeline.models.builtin.training import (
     TRAIN_PHOTOS,
     PhotoCrops,
     VAETraining,
-    _lr_factor,
+    captioned_batch,
     evaluate_vae,
+    fit,
     held_out_images,
     train_vae,
 )
@@ -126,34 +127,16 @@ def train_transformer(pipe, cfg: FlowTraining, log=None, seed: int = SEED) -> li
     plain, empty = len(prompts) - 2, len(prompts) - 1
     gen = torch.Generator().manual_seed(seed + 5)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup, True, 0.01))
-    transformer.train()
-    curve, running = [], 0.0
-    for step in range(1, cfg.steps + 1):
-        idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen)
-        z = latents[idx]
-        flip = torch.rand(cfg.batch, generator=gen) < 0.5
-        z = torch.where(flip[:, None, None, None], z.flip(-1), z)
-        cap = caption[idx].clone()
-        u = torch.rand(cfg.batch, generator=gen)
-        cap[u < cfg.plain_prompt_prob + cfg.uncond_prob] = plain
-        cap[u < cfg.uncond_prob] = empty
+
+    def loss_at(step):
+        _, _, z, cap = captioned_batch(latents, caption, cfg, gen, plain, empty)
         noise = torch.randn(z.shape, generator=gen)
         t = sample_timesteps(scheduler, cfg.batch, gen, weighting)
-        loss = denoising_loss(transformer, scheduler, z, noise, t, cond[cap], {"pooled_projections": pooled[cap]})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        running += loss.item()
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            point = {"stage": "transformer", "step": step, "loss": round(running / cfg.log_every, 5)}
-            running = 0.0
-            curve.append(point)
-            if log:
-                log(point)
+        return denoising_loss(transformer, scheduler, z, noise, t, cond[cap], {"pooled_projections": pooled[cap]})
+
+    transformer.train()
+    curve = fit(transformer, loss_at, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, every=cfg.log_every,
+                stage="transformer", lr_min=0.01 * cfg.lr, log=log)
     transformer.eval()
     return curve
 

@@ -28,14 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.builtin.build import WEIGHTS_DIR, cached_pipeline_dir, models_cache_dir, sha256
+from pipeline.models.builtin.build import (
+    WEIGHTS_DIR,
+    cached_pipeline_dir,
+    models_cache_dir,
+    sha256,
+)
 from pipeline.models.diffusion import prediction_target
 
 NAME = "tiny-pixel"
@@ -103,44 +107,30 @@ def denoising_psnr(unet, scheduler, images: torch.Tensor, timesteps=EVAL_TIMESTE
 
 def train_pixel(unet, cfg: PixelTraining, log=None, seed: int = SEED) -> list[dict]:
     """Train `unet` in place on recoloured crops of the training photos (DDPM's loss); returns the curve."""
-    from pipeline.models.builtin.training import TRAIN_PHOTOS, PhotoCrops, _lr_factor, held_out_images
+    from pipeline.models.builtin.training import (
+        TRAIN_PHOTOS,
+        PhotoCrops,
+        fit,
+        held_out_images,
+    )
 
     torch.manual_seed(seed)
     data = PhotoCrops(TRAIN_PHOTOS, seed, colour=True)
     held_out = held_out_images(64)
     scheduler = build_scheduler()
     gen = torch.Generator().manual_seed(seed + 7)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    floor = cfg.lr_min / cfg.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup, True, floor))
-    averaged = torch.optim.swa_utils.AveragedModel(
-        unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
-    curve, start, running = [], time.time(), 0.0
-    unet.train()
-    for step in range(1, cfg.steps + 1):
+
+    def loss_at(step):
         x0 = data.sample(cfg.batch, cfg.crop)[0] * 2 - 1
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=gen)
         pred = unet(scheduler.add_noise(x0, noise, t), t).sample  # Algorithm 1: || eps - eps_theta(x_t, t) ||^2
-        loss = F.mse_loss(pred, prediction_target(scheduler, x0, noise, t))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if averaged is not None:
-            averaged.update_parameters(unet)
-        running += loss.item()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            shipped = unet if averaged is None else averaged.module
-            point = {"stage": "pixel", "step": step, "seconds": round(time.time() - start, 1),
-                     "loss": round(running / min(step, cfg.eval_every), 5), **denoising_psnr(shipped, scheduler, held_out)}
-            running = 0.0
-            curve.append(point)
-            if log:
-                log(point)
-    if averaged is not None:
-        unet.load_state_dict(averaged.module.state_dict())
+        return F.mse_loss(pred, prediction_target(scheduler, x0, noise, t))
+
+    unet.train()
+    curve = fit(unet, loss_at, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, every=cfg.eval_every, stage="pixel",
+                lr_min=cfg.lr_min, ema=cfg.ema, evaluate=lambda shipped: denoising_psnr(shipped, scheduler, held_out),
+                log=log)
     unet.eval()
     return curve
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +43,8 @@ from pipeline.models.builtin.training import (
     TRAIN_PHOTOS,
     PhotoCrops,
     VAETraining,
-    _lr_factor,
     evaluate_vae,
+    fit,
     train_vae,
 )
 from pipeline.models.diffusion import denoising_loss, encode_text
@@ -128,13 +127,9 @@ def train_style_unet(unet, text_encoder, tokenizer, scheduler, pool: StylePool, 
     gen = torch.Generator().manual_seed(seed + 5)
     rng = random.Random(seed + 6)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW([{"params": unet.parameters(), "lr": cfg.lr},
-                             {"params": text_encoder.parameters(), "lr": cfg.text_lr}], weight_decay=0.0)
-    floor = cfg.lr_min / cfg.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup, True, floor))
-    curve, start, running = [], time.time(), 0.0
-    for step in range(1, cfg.steps + 1):
-        unet.train()
+
+    def loss_at(step):
+        unet.train()  # (prompted_style_accuracy leaves both in eval mode)
         text_encoder.train()
         idx = torch.randint(0, len(pool.latents), (cfg.batch,), generator=gen)
         z = pool.latents[idx]
@@ -145,22 +140,15 @@ def train_style_unet(unet, text_encoder, tokenizer, scheduler, pool: StylePool, 
         cond = encode_text([(tokenizer, text_encoder)], prompts)[0]
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=gen)
-        loss = denoising_loss(unet, scheduler, z, noise, t, cond)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
-        opt.step()
-        sched.step()
-        running += loss.item()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            point = {"stage": "style-unet", "step": step, "seconds": round(time.time() - start, 1),
-                     "loss": round(running / cfg.eval_every, 5)}
-            running = 0.0
-            if vae is not None:
-                point["prompted_style_accuracy"] = prompted_style_accuracy(vae, unet, text_encoder, tokenizer)
-            curve.append(point)
-            if log:
-                log(point)
+        return denoising_loss(unet, scheduler, z, noise, t, cond)
+
+    def evaluate(_):
+        return {} if vae is None else {"prompted_style_accuracy": prompted_style_accuracy(vae, unet, text_encoder,
+                                                                                          tokenizer)}
+
+    groups = [{"params": unet.parameters(), "lr": cfg.lr}, {"params": text_encoder.parameters(), "lr": cfg.text_lr}]
+    curve = fit(unet, loss_at, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, every=cfg.eval_every,
+                stage="style-unet", lr_min=cfg.lr_min, param_groups=groups, evaluate=evaluate, log=log)
     unet.eval()
     text_encoder.eval()
     return curve

@@ -164,6 +164,53 @@ def _lr_factor(step: int, steps: int, warmup: int, decay: bool = False, floor: f
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def fit(model, loss_at, *, steps: int, lr: float, warmup: int, every: int, stage: str, decay: bool = True,
+        lr_min: float = 0.0, param_groups: list[dict] | None = None, ema: float = 0.0, evaluate=None,
+        log=None, checkpoint=None) -> list[dict]:
+    """The loop every built-in trains with, `model` in place; returns the curve.
+
+    Each step: ``loss = loss_at(step)``, AdamW (no weight decay) on `model`'s parameters (or `param_groups`,
+    each with its own lr), gradients clipped to norm 1, the learning rate warmed up linearly over `warmup`
+    steps, then constant or (decay) a cosine down to `lr_min` (`_lr_factor`). With `ema` > 0 the exponential
+    moving average of the weights is what is evaluated, checkpointed and, at the end, left in `model`.
+    Every `every` steps and at the last, a curve point {stage, step, seconds, loss (the mean since the last
+    point), lr, **evaluate(shipped model)} goes to `log` and `checkpoint(step, shipped model)`.
+    """
+    groups = param_groups or [{"params": list(model.parameters()), "lr": lr}]
+    groups = [{**g, "params": list(g["params"])} for g in groups]
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup, decay, lr_min / lr))
+    # the average of the last ~1/(1-ema) steps' weights: smoother than the last iterate
+    averaged = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema))
+                if ema else None)
+    curve, start, running, since = [], time.time(), 0.0, 0
+    for step in range(1, steps + 1):
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
+        running, since = running + loss.item(), since + 1
+        if step % every == 0 or step == steps:
+            shipped = model if averaged is None else averaged.module
+            point = {"stage": stage, "step": step, "seconds": round(time.time() - start, 1),
+                     "loss": round(running / since, 5), "lr": round(sched.get_last_lr()[0], 6),
+                     **(evaluate(shipped) if evaluate else {})}
+            running, since = 0.0, 0
+            curve.append(point)
+            if log:
+                log(point)
+            if checkpoint:
+                checkpoint(step, shipped)
+    if averaged is not None:
+        model.load_state_dict(averaged.module.state_dict())
+    return curve
+
+
 def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED, stage: str = "vae",
               data=None, evaluations: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Train `vae` in place on TRAIN_PHOTOS crops (or `data`: anything with PhotoCrops' `sample(n, size)`);
@@ -171,41 +218,23 @@ def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED
     torch.manual_seed(seed)
     data = data or PhotoCrops(TRAIN_PHOTOS, seed, colour=cfg.colour)
     held_out = held_out_images(64)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    floor = cfg.lr_min / cfg.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup, cfg.decay, floor))
-    # the average of the last ~1/(1-ema) steps' weights: smoother than the last iterate
-    averaged = (torch.optim.swa_utils.AveragedModel(vae, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
-                if cfg.ema else None)
-    curve, start = [], time.time()
-    vae.train()
-    for step in range(1, cfg.steps + 1):
+
+    def loss_at(step):
         x = data.sample(cfg.batch, cfg.crop)[0] * 2 - 1
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         # |x - D(z)|_1 + |x - D(z)|_2^2 + beta KL, on [-1, 1] images
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if averaged is not None:
-            averaged.update_parameters(vae)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            shipped = vae if averaged is None else averaged.module
-            point = {"stage": stage, "step": step, "seconds": round(time.time() - start, 1),
-                     "loss": round(loss.item(), 5), "lr": round(sched.get_last_lr()[0], 6),
-                     **evaluate_vae(shipped, held_out)}
-            for name, images in (evaluations or {}).items():
-                point.update({f"{name}_{k}": v for k, v in evaluate_vae(shipped, images).items()})
-            curve.append(point)
-            if log:
-                log(point)
-            if checkpoint:
-                checkpoint(step, shipped)
-    if averaged is not None:
-        vae.load_state_dict(averaged.module.state_dict())
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
+
+    def evaluate(shipped):
+        point = evaluate_vae(shipped, held_out)
+        for name, images in (evaluations or {}).items():
+            point.update({f"{name}_{k}": v for k, v in evaluate_vae(shipped, images).items()})
+        return point
+
+    vae.train()
+    curve = fit(vae, loss_at, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, every=cfg.eval_every, stage=stage,
+                decay=cfg.decay, lr_min=cfg.lr_min, ema=cfg.ema, evaluate=evaluate, log=log, checkpoint=checkpoint)
     vae.eval()
     return curve
 
@@ -285,6 +314,21 @@ class UNetTraining:  # the shipped weights used: 800 steps (UNet), 500 (inpainti
     lr_min: float = 1e-5
 
 
+def captioned_batch(latents, caption, cfg, gen: torch.Generator, plain: int, empty: int):
+    """(idx, flip, z, cap): `cfg.batch` latents drawn with replacement, half flipped left-right, their caption
+    indices with a share `cfg.plain_prompt_prob` replaced by `plain` ("a photo") and `cfg.uncond_prob` by
+    `empty` ("", for classifier-free guidance). The draws come from `gen` in this order (the shipped weights'
+    recipe depends on it)."""
+    idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen)
+    flip = torch.rand(cfg.batch, generator=gen) < 0.5
+    z = torch.where(flip[:, None, None, None], latents[idx].flip(-1), latents[idx])
+    cap = caption[idx].clone()
+    u = torch.rand(cfg.batch, generator=gen)
+    cap[u < cfg.plain_prompt_prob + cfg.uncond_prob] = plain
+    cap[u < cfg.uncond_prob] = empty
+    return idx, flip, z, cap
+
+
 def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: UNetTraining,
                log=None, seed: int = SEED) -> list[dict]:
     """Train `unet` in place to denoise `pool`'s latents conditioned on caption embeddings.
@@ -297,20 +341,9 @@ def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: 
     embeddings = encode_prompts(tokenizer, text_encoder, prompts)
     plain, empty = len(prompts) - 2, len(prompts) - 1
     inpaint = unet.config.in_channels == 9
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    floor = cfg.lr_min / cfg.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup, cfg.decay, floor))
-    curve, start, running = [], time.time(), 0.0
-    unet.train()
-    for step in range(1, cfg.steps + 1):
-        idx = torch.randint(0, len(pool.latents), (cfg.batch,), generator=gen)
-        z = pool.latents[idx]
-        flip = torch.rand(cfg.batch, generator=gen) < 0.5
-        z = torch.where(flip[:, None, None, None], z.flip(-1), z)
-        cap = pool.caption[idx].clone()
-        u = torch.rand(cfg.batch, generator=gen)
-        cap[u < cfg.plain_prompt_prob + cfg.uncond_prob] = plain
-        cap[u < cfg.uncond_prob] = empty
+
+    def loss_at(step):
+        idx, flip, z, cap = captioned_batch(pool.latents, pool.caption, cfg, gen, plain, empty)
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=gen)
         extra = None
@@ -319,20 +352,11 @@ def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: 
             m = torch.where(flip[:, None, None, None], m.flip(-1), m)
             zm = torch.where(flip[:, None, None, None], zm.flip(-1), zm)
             extra = torch.cat([m, zm], dim=1)
-        loss = denoising_loss(unet, scheduler, z, noise, t, embeddings[cap], extra_input=extra)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        running += loss.item()
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            point = {"stage": "unet-inpaint" if inpaint else "unet", "step": step,
-                     "seconds": round(time.time() - start, 1), "loss": round(running / cfg.log_every, 5)}
-            running = 0.0
-            curve.append(point)
-            if log:
-                log(point)
+        return denoising_loss(unet, scheduler, z, noise, t, embeddings[cap], extra_input=extra)
+
+    unet.train()
+    curve = fit(unet, loss_at, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, every=cfg.log_every,
+                stage="unet-inpaint" if inpaint else "unet", decay=cfg.decay, lr_min=cfg.lr_min, log=log)
     unet.eval()
     return curve
 
