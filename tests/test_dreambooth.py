@@ -7,6 +7,7 @@ tests/test_style_mimicry.py); the benchmark figures (benchmarks/README.md) use h
 
 from __future__ import annotations
 
+import json
 import tempfile
 
 import numpy as np
@@ -42,3 +43,28 @@ def test_dreambooth_learns_a_held_out_artist_and_keeps_the_base_clean():
     for n, p in mimic.base.named_parameters():  # every group trained its own copy
         assert torch.equal(p, base[n]) and not p.requires_grad, n
     assert mimic.pipe.unet is mimic.base
+
+
+def test_evaluate_keeps_a_dreambooth_unet_that_loads(tmp_path):
+    """The fine-tuned UNet is kept under OUTPUT/mimics/ with its config.json, so `from_pretrained` loads it."""
+    import pyarrow as pa
+    from diffusers import UNet2DConditionModel
+
+    from pipeline.evaluate.run import GroupTrainer, annotate
+    from pipeline.evaluate.settings import EvalSettings
+    from pipeline.io.sample_data import png_bytes
+    from pipeline.models.loading import ModelSpec
+
+    images = artist_images(ARTISTS[0], 2, 64, seed=504)
+    meta = json.dumps({"artist": "A", "mimicshield": {"method": "sds-", "eps": 8, "run_id": "r1"}})
+    batch = pa.Table.from_pylist([{"key": f"k{i}", "p_image": png_bytes(im), "c_image": png_bytes(im),
+                                   "p_meta": meta, "c_meta": json.dumps({"artist": "A"})}
+                                  for i, im in enumerate(images)])
+    config = DreamBoothConfig(steps=1, num_images=1, inference_steps=2, num_class_images=1)
+    settings = EvalSettings(protected="prot", clean="clean", output=str(tmp_path), scenarios=("dreambooth",),
+                            model=ModelSpec("tiny-style", device="cpu"), dreambooth=config)
+    GroupTrainer(settings)(annotate(batch, settings))
+    for source in ("protected", "clean"):
+        folder = tmp_path / "mimics/dreambooth/r1/a" / source  # the group, slugged
+        assert (folder / "config.json").exists(), sorted(folder.iterdir())
+        assert isinstance(UNet2DConditionModel.from_pretrained(str(folder)), UNet2DConditionModel)

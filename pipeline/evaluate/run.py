@@ -14,7 +14,8 @@
     rows -> OUTPUT/tables/mimicry_metrics/<evaluation id>.parquet (schemas/mimicry_metrics.json)
     settings -> OUTPUT/evaluations/<evaluation id>.json (every option, no credentials)
     sample grids -> OUTPUT/samples/<scenario>/<group>/<key>.png + .json (what the report shows)
-    trained mimics -> OUTPUT/mimics/<scenario>/<run>/<group>/<protected|clean>/ (safetensors)
+    trained mimics -> OUTPUT/mimics/<scenario>/<run>/<group>/<protected|clean>/ (safetensors; DreamBooth's
+                      UNet with its config.json, a directory `from_pretrained` loads)
 
 OUTPUT may be local or s3://. Every metric row is computed twice where it makes sense: for the
 protected inputs (method and eps from the samples' ``mimicshield`` metadata) and for the clean
@@ -32,6 +33,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -399,8 +401,10 @@ class GroupTrainer:
                     self.clean_cache[cache_key] = out
                 dest = f"{root}/mimics/{scenario}/{r0['run']}/{mimic_slug(group)}/{source}"
                 fs.create_dir(dest, recursive=True)
-                with open(weights, "rb") as f, fs.open_output_stream(f"{dest}/{weights.name}") as g:
-                    g.write(f.read())
+                for file in sorted(Path(weights).parent.iterdir()):  # the weights and their config (DreamBooth)
+                    if file.is_file():
+                        with open(file, "rb") as f, fs.open_output_stream(f"{dest}/{file.name}") as g:
+                            g.write(f.read())
         # CLIP score against the prompt with the group's name in place of the learned token
         prompt = mimic.config.prompt_template.format(token=group)
         rows = []
