@@ -120,3 +120,25 @@ def test_the_resume_fingerprint_has_the_group_and_surrogate_for_aspl_only():
     assert aspl["group_by"] == "folder" and aspl["aspl.surrogate"] == "full" and aspl["aspl.pgd_steps"] == 6
     assert fingerprint("aspl", aspl={"surrogate": "lora"}) != aspl  # the LoRA surrogate writes other bytes
     assert not any(k.startswith("aspl.") or k == "group_by" for k in fingerprint("sds-"))  # older outputs resume
+
+
+def test_the_cost_counts_the_surrogate_memory_and_each_rounds_training(tiny_models, photos_small):
+    """The memory gate adds the surrogate's weights, gradients, AdamW moments and snapshot (20 bytes per trainable
+    parameter, counted from the UNet as peft's adapters are) to advdm's step; the estimate adds one measured
+    surrogate round per round after the first."""
+    from pipeline.protect.cost import MemoryGate, estimate
+
+    full = build_protector(tiny_models, ProtectConfig(**{**CONFIG, "steps": 30}))
+    lora = build_protector(tiny_models, ProtectConfig(**{**CONFIG, "aspl": {"surrogate": "lora"}}))
+    advdm = build_protector(tiny_models, ProtectConfig(**{**CONFIG, "method": "advdm"}))
+    assert full.resident_bytes() == 20 * sum(p.numel() for p in tiny_models.unet.parameters())
+    counted = lora.resident_bytes()  # (before the adapters are in: they replace the projections)
+    with Surrogate(tiny_models, "lora", 4) as theta:
+        assert counted == 20 * sum(p.numel() for p in theta.params)
+    assert advdm.resident_bytes() == 0 and advdm.rounds(30) == 1 and full.rounds(30) == 5
+    extra = MemoryGate(full).peak_bytes(64, 64) - MemoryGate(advdm).peak_bytes(64, 64)
+    assert extra == full.resident_bytes()
+
+    guess = estimate(full, 64, 64)
+    assert guess.seconds_per_round > 0
+    assert guess.seconds_per_image >= 30 * guess.seconds_per_step + 4 * guess.seconds_per_round

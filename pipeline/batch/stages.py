@@ -49,7 +49,7 @@ from pipeline.io.storage import to_uri
 from pipeline.metrics.lpips import build_lpips, lpips_distance
 from pipeline.protect import build_protector
 from pipeline.protect.encoded import decode, finish, quantize
-from pipeline.protect.engine import FASTPROTECT_METHODS, GROUP_METHODS
+from pipeline.protect.engine import FASTPROTECT_METHODS
 
 # what the Decoder passes on: the sample's metadata and members, and the decoded image
 DECODED_SCHEMA = pa.schema(
@@ -186,7 +186,7 @@ class ProtectActor:
             torch.set_num_threads(int(threads))
         members = model.load_all()  # a ModelSpec, already on this actor's device; A,B: an ensemble
         self.protector = build_protector(members, config)
-        gated = config.method not in FASTPROTECT_METHODS + GROUP_METHODS  # aspl also trains a surrogate: not counted
+        gated = config.method not in FASTPROTECT_METHODS  # (aspl's surrogate is counted: Protector.resident_bytes)
         self.memory = MemoryGate(self.protector, max_memory_gb) if gated else None
         models = members[0]
         self.device = str(models.device)

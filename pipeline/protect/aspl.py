@@ -149,6 +149,23 @@ class ASPLProtector(Protector):
             raise ValueError("aspl protects against one model (its surrogate is a fine-tuned copy of it); "
                              "give one --model")
 
+    def rounds(self, steps: int) -> int:
+        return math.ceil(steps / self.config.aspl.pgd_steps)
+
+    def resident_bytes(self) -> int:
+        """The surrogate's trainable weights in fp32, their gradients, AdamW's two moments and the round's
+        snapshot: 5 x 4 bytes per trainable parameter (a full UNet copy, or the LoRA adapters). The surrogate's
+        own training step (a batch of `batch_size` latents) is not counted: the gate refuses only what surely
+        cannot fit."""
+        opts = self.config.aspl
+        if opts.surrogate == "full":
+            trainable = sum(p.numel() for p in self.models.unet.parameters())
+        else:  # rank r on each target projection: r x (in + out)
+            trainable = sum(opts.lora_rank * (m.in_features + m.out_features)
+                            for name, m in self.models.unet.named_modules()
+                            if isinstance(m, torch.nn.Linear) and name.endswith(LORA_TARGETS))
+        return 20 * trainable
+
     def protect(self, images, keys=None, prompts=None, starts=None):
         """As `Protector.protect`, the images taken as one group, in key order (the result does not depend on
         the order they come in: the pipeline's groups arrive in any order)."""
@@ -173,7 +190,7 @@ class ASPLProtector(Protector):
         lr = opts.learning_rate if opts.surrogate == "full" else opts.lora_learning_rate
         with torch.no_grad():
             clean_latents = encode(models, seen_by_models(x_clean, working)).float()
-        rounds = math.ceil(cfg.steps / opts.pgd_steps)
+        rounds = self.rounds(cfg.steps)
         done = 0
         with Surrogate(models, opts.surrogate, opts.lora_rank) as theta:
             for _ in range(rounds):

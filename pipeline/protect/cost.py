@@ -6,12 +6,14 @@
   `direction` (so the count follows the method: photoguard has no UNet, sds- no UNet backward), plus,
   for `auto`, the resize of the full-size image.
 - `Estimate`: seconds per image = steps x (one *measured* step at a reference size) x FLOPs(working) /
-  FLOPs(reference). The reference is the working size itself when it is no larger than the model's
+  FLOPs(reference), plus, for a method that pays a fixed cost per round of steps (aspl trains its surrogate
+  each round: `Protector.rounds`), one more measured round per round after the first, scaled alike. The reference is the working size itself when it is no larger than the model's
   training area (at least 256^2), so `auto` is measured, not modelled; larger working sizes (native on a poster) are
   extrapolated by FLOPs, which on this 2-core CPU is within a factor of two (benchmarks/README.md).
 - `MemoryGate`: an image whose step needs more memory than the limit (``--max-memory``, else what the
   device has free) becomes an error row naming --resolution, before any allocation, instead of an actor
-  killed by the OOM killer.
+  killed by the OOM killer. What a method holds for the whole run besides (aspl's surrogate and its
+  optimiser: `Protector.resident_bytes`) is added to every step.
 """
 
 from __future__ import annotations
@@ -193,7 +195,7 @@ class MemoryGate:
         key = (working, through)
         if key not in self._saved:
             self._saved[key] = step_cost(self.protector, height, width).saved_bytes
-        return self._saved[key] * SAFETY + full_size_bytes(height, width, through)
+        return self._saved[key] * SAFETY + full_size_bytes(height, width, through) + self.protector.resident_bytes()
 
     def refusal(self, height: int, width: int) -> str | None:
         """None when the image's step fits, else the error row's reason."""
@@ -214,6 +216,7 @@ class Estimate:
     size: tuple[int, int]  # the image (h, w)
     working: tuple[int, int]
     seconds_per_step: float
+    seconds_per_round: float = 0.0  # aspl: one surrogate training (each round after the first, besides its steps)
 
 
 def estimate(protector, height: int, width: int) -> Estimate:
@@ -239,8 +242,13 @@ def estimate(protector, height: int, width: int) -> Estimate:
     overhead = max(one - per_step_ref, 0.0)
     scale = step_cost(protector, height, width).flops / max(step_cost(protector, *ref).flops, 1.0)
     per_step = per_step_ref * scale
-    return Estimate(seconds_per_image=overhead + per_step * protector.config.steps, size=(height, width),
-                    working=working, seconds_per_step=per_step)
+    steps = protector.config.steps
+    per_round = 0.0
+    if protector.rounds(steps) > 1:  # aspl: the overhead holds one round's surrogate training; time one more
+        in_round = next(n for n in range(1, steps) if protector.rounds(n + 1) > protector.rounds(n))
+        per_round = max(seconds(in_round + 1) - seconds(in_round) - per_step_ref, 0.0) * scale
+    return Estimate(seconds_per_image=overhead + per_step * steps + per_round * (protector.rounds(steps) - 1),
+                    size=(height, width), working=working, seconds_per_step=per_step, seconds_per_round=per_round)
 
 
 def reference_size(working: tuple[int, int], side: int, multiple: int) -> tuple[int, int]:

@@ -282,6 +282,16 @@ class Protector:
         """The side of the training area `auto` works at (an ensemble's largest: no member sees less)."""
         return max(m.training_side for m in self.members)
 
+    def rounds(self, steps: int) -> int:
+        """How often a protection of `steps` PGD steps pays a fixed cost beside its steps (aspl: one surrogate
+        training per round); 1 for plain PGD. The cost estimate (protect/cost.py) times one such round."""
+        return 1
+
+    def resident_bytes(self) -> int:
+        """Memory the protection holds for its whole run beside the models and one PGD step (aspl: the
+        surrogate's trainable weights and optimiser state); the memory gate adds it to every step."""
+        return 0
+
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """Where this protector works on an image of height x width (see the module doc)."""
         return working_size(height, width, self.config.resolution, self.pixel_multiple, self.training_side)
