@@ -59,7 +59,8 @@ def main() -> None:
 
     ModelSpec("tiny").check()  # build the tiny model once, before any node starts
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=2) for _ in range(args.workers)]
+    for _ in range(args.workers):
+        cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     head_id = ray.get_runtime_context().get_node_id()

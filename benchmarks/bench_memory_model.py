@@ -26,13 +26,13 @@ import time
 import torch
 
 from pipeline.models.loading import load_models
+from pipeline.protect import ProtectConfig, build_protector
 from pipeline.protect.memory import (
     meta_models,
     module_bytes,
     saved_bytes_of_step,
     text_bytes,
 )
-from pipeline.protect import ProtectConfig, build_protector
 
 
 def main() -> None:

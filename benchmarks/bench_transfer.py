@@ -76,7 +76,8 @@ def apply(images, deltas) -> list[np.ndarray]:
     return [np.clip(np.round(im.astype(np.float64) + d), 0, 255).astype(np.uint8) for im, d in zip(images, deltas)]
 
 
-def latents(models, images) -> "torch.Tensor":
+def latents(models, images):
+    """The models' latents s E(x) of uint8 images (a torch tensor)."""
     import torch
 
     from pipeline.protect.methods import encode

@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from ray_cluster import LocalRayCluster, processes_with
 
 from pipeline.io.sample_data import photo_samples, shard_bytes
-
-from ray_cluster import LocalRayCluster, processes_with
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 EPS = 8

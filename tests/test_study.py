@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import boto3
-import pyarrow.parquet as pq
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 

@@ -50,8 +50,8 @@ def test_style_score_ranks_each_styles_own_renders_first():
 
 def test_photos_are_not_any_style_and_the_spread_is_the_unit():
     """A photo is far from every style (distance several spreads); a style's own references are about 1."""
-    from pipeline.models.builtin.training import load_photo
     from pipeline.io.images import center_crop_resize
+    from pipeline.models.builtin.training import load_photo
 
     held = StyleJudge(StyleDescriptor(), reference_styles("builtin"), 64)
     refs = reference_styles("builtin")

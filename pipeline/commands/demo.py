@@ -119,11 +119,10 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.batch.driver import run_protect
     from pipeline.batch.settings import RunSettings
+    from pipeline.io.paths import PathArg, PathError, check_paths
     from pipeline.io.storage import S3Options
     from pipeline.models.loading import ModelSpec
     from pipeline.protect import ProtectConfig
-
-    from pipeline.io.paths import PathArg, PathError, check_paths
 
     try:
         check_paths([], PathArg("--out-dir", args.out_dir))  # before the server and Ray start

@@ -40,8 +40,8 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.batch.progress import CountProgress
-from pipeline.cluster.pool import actor_share
 from pipeline.cluster.logs import quiet_data_context
+from pipeline.cluster.pool import actor_share
 from pipeline.cluster.session import ensure_ray
 from pipeline.evaluate.mimic import (
     TRAINING_SCENARIOS,
@@ -56,8 +56,8 @@ from pipeline.evaluate.mimic.textual_inversion import placeholder_token
 from pipeline.evaluate.settings import EvalSettings
 from pipeline.io.images import ImageError, center_crop_resize, decode_image
 from pipeline.io.metadata import sample_group, sample_meta
-from pipeline.io.samples import read_samples
 from pipeline.io.paths import PathArg, check_paths
+from pipeline.io.samples import read_samples
 from pipeline.io.storage import InputError, split_uri, to_uri
 from pipeline.io.tables import write_table
 from pipeline.metrics.mimicry import Metrics

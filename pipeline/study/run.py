@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pipeline.batch.progress import CountProgress
 from pipeline.batch.settings import RunSettings
 from pipeline.cluster.faults import fault_point
-from pipeline.cluster.pool import actor_share
 from pipeline.cluster.logs import quiet_data_context
+from pipeline.cluster.pool import actor_share
 from pipeline.cluster.session import ensure_ray
 from pipeline.evaluate.settings import EvalSettings
 from pipeline.io.paths import PathArg, check_paths
