@@ -32,17 +32,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE.parent))
+
+from results_writer import machine_lines, write_results  # noqa: E402
 
 METHODS = ("advdm", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst-", "fastprotect")
 ENCODER_ONLY = ("photoguard", "sds+", "sds-", "sdst-")  # no gradient through the UNet
@@ -204,9 +203,7 @@ def markdown(result: dict, args) -> str:
         f"- mimic: SDEdit, DDIM {args.ddim_steps} steps, strength {args.strength:g}, guidance 1, same noise for every input",
         f"- mimic damage = the mimic's output against the clean image; LPIPS "
         f"{'calibrated' if result['lpips_calibrated'] else 'with a seeded random AlexNet trunk (uncalibrated: a relative measure only)'}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads or 'default'}, "
-        f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
-        f"- {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        *machine_lines(args.threads),
         "",
         "| method | eps | mimic PSNR dB | mimic SSIM | mimic LPIPS | pair PSNR dB | pair SSIM | latent L2 | input PSNR dB | roughness | s/step |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -237,11 +234,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = run(args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"args": vars(args), **result}, indent=1) + "\n")
-    text = markdown(result, args)
-    (RESULTS / f"{args.name}.md").write_text(text)
-    print(text)
+    write_results(args.name, {"args": vars(args), **result}, markdown(result, args))
 
 
 if __name__ == "__main__":

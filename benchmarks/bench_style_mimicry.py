@@ -29,20 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE.parent))
 
 from bench_efficacy import apply, uniform_noise  # noqa: E402  (the same noise and rounding as the SDEdit figures)
+from results_writer import machine_lines, write_results  # noqa: E402
 
 METHODS = ("advdm", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst-", "fastprotect")
 MODEL = "tiny-style"
@@ -155,9 +153,7 @@ def markdown(result: dict, args) -> str:
         f"{args.ti_steps} steps, lr {args.ti_lr:g}; {args.generate} images generated per cell, 25 DDIM steps, guidance 7.5",
         "- style score: random conv Gram + palette descriptor (metrics/style.py; uncalibrated: a relative measure only)",
         "- seconds per cell (train + generate): " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds_per_cell"].items()),
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}, "
-        f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
-        f"- {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        *machine_lines(args.threads),
         "",
         "| mimic | method | eps | style accuracy | style distance |",
         "|---|---|---|---|---|",
@@ -188,11 +184,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = run(args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"args": vars(args), **result}, indent=1) + "\n")
-    text = markdown(result, args)
-    (RESULTS / f"{args.name}.md").write_text(text)
-    print(text)
+    write_results(args.name, {"args": vars(args), **result}, markdown(result, args))
 
 
 if __name__ == "__main__":
