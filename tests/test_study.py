@@ -95,6 +95,17 @@ def test_default_grid_has_anti_dreambooth_and_its_mimic():
     assert {"gridpure", "pdmpure", "cat"} <= {p.split(":")[0] for p in grid.purifications}
 
 
+def test_the_plan_line_counts_the_cells_and_names_the_mimics_that_train():
+    from pipeline.study.run import plan_line
+
+    grid = StudyGrid(methods=("sds-", "aspl"), eps=(8.0, 16.0), purifications=("none", "jpeg:75", "blur:1"),
+                     scenarios=("sdedit", "dreambooth"))
+    line = plan_line(grid)
+    assert line.startswith("study: 30 cells = 5 image sets") and "dreambooth train a model per cell" in line
+    assert "train" not in plan_line(StudyGrid(methods=("sds-",), eps=(8.0,), purifications=("none",),
+                                              scenarios=("sdedit",)))
+
+
 def test_study_heatmap_writes_each_cells_value():
     from pipeline.study.report import heatmap_figure, retained_matrix
 

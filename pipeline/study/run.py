@@ -27,6 +27,7 @@ from pipeline.cluster.faults import fault_point
 from pipeline.cluster.logs import quiet_data_context
 from pipeline.cluster.pool import actor_share
 from pipeline.cluster.session import ensure_ray
+from pipeline.evaluate.mimic import TRAINING_SCENARIOS
 from pipeline.evaluate.settings import EvalSettings
 from pipeline.io.paths import PathArg, check_paths
 from pipeline.study import adapter
@@ -108,6 +109,17 @@ def worker_options(settings: StudySettings) -> tuple[int, dict, int | None]:
     return share.size, share.actor_options(), share.threads
 
 
+def plan_line(grid: StudyGrid) -> str:
+    """What the study will compute, said before it starts; a grid with training mimics also says what they cost."""
+    line = (f"study: {len(grid.cells())} cells = {len(grid.sources)} image sets (clean + {len(grid.methods)} methods x "
+            f"{len(grid.eps)} eps) x {len(grid.purifications)} purifications x {len(grid.scenarios)} mimics")
+    training = [s for s in grid.scenarios if s in TRAINING_SCENARIOS]
+    if training:
+        line += (f"; {', '.join(training)} train a model per cell (with the built-in models on a CPU about 5-40 s "
+                 f"a cell; with SD 1.5 minutes on a GPU): --scenarios sdedit for a quick study")
+    return line
+
+
 def run_study(settings: StudySettings, log=print) -> StudySummary:
     import ray
 
@@ -124,6 +136,7 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
     store.write(f"{store.root}/study.json", json.dumps(settings.record(), indent=1, default=str).encode())
 
     cells = grid.cells()
+    log(plan_line(grid))
     done = store.done_cells(cells)
     if done:
         log(f"resuming: {len(done)} of {len(cells)} cells already done in {settings.output}")
