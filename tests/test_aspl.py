@@ -67,6 +67,16 @@ def test_a_group_is_protected_together_whatever_its_order(tiny_models, photos_sm
     assert not np.array_equal(quantize(full[0], EPS), quantize(fewer[0], EPS))
 
 
+def test_chunking_the_group_changes_nothing_but_memory(tiny_models, photos_small):
+    """The PGD steps and encodes run `chunk_size` images at a time: one at a time gives the group's result
+    (up to float rounding in batched kernels)."""
+    config = ProtectConfig(**{**CONFIG, "steps": 6})
+    whole, single = build_protector(tiny_models, config), build_protector(tiny_models, config)
+    whole.chunk_size, single.chunk_size = len(photos_small), 1
+    for a, b in zip(whole.protect(photos_small, KEYS), single.protect(photos_small, KEYS)):
+        assert np.mean(quantize(a, EPS) == quantize(b, EPS)) > 0.99
+
+
 def test_lora_surrogate_trains_adapters_and_leaves_the_unet_clean(tiny_models, photos_small):
     unet = tiny_models.unet
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}

@@ -31,7 +31,8 @@ DreamBooth trains, instead of a full trainable copy of the UNet: memory of the a
 
 A group is what one call to `protect` receives (the pipeline batches one group per actor task:
 batch/driver.py). Within it, images are protected together per working size (with ``--resolution N`` all share
-one). Randomness: the start and each PGD draw come from each key's generator (as every method's), the
+one); the PGD steps and encodes run `chunk_size` images at a time, so an artist's set of hundreds of images
+needs the memory of a few (the surrogate trains on `batch_size` of them per step anyway). Randomness: the start and each PGD draw come from each key's generator (as every method's), the
 surrogate's training draws from the group's (the seed and the sorted keys), so a group's result does not depend
 on the order of its images.
 """
@@ -142,6 +143,7 @@ class ASPLProtector(Protector):
     """`Protector` interface; `protect(images, keys)` treats all its images as one group (module doc)."""
 
     pgd_method = "advdm"  # the PGD step ascends L_cond, advdm's loss, at the surrogate theta'
+    chunk_size = 4  # images per PGD step and per encode: a step's memory is that of 4 images whatever the group's size
 
     def __init__(self, models, config):
         super().__init__(models, config)
@@ -188,8 +190,9 @@ class ASPLProtector(Protector):
         latent_shape = (models.latent_channels, height // models.vae_factor, width // models.vae_factor)
         cond, added = models.encode_prompts(prompts), models.added_conditioning(prompts, height, width)
         lr = opts.learning_rate if opts.surrogate == "full" else opts.lora_learning_rate
-        with torch.no_grad():
-            clean_latents = encode(models, seen_by_models(x_clean, working)).float()
+        rows = torch.arange(len(x_clean), device=device)
+        chunks = [slice(i, i + self.chunk_size) for i in range(0, len(x_adv), self.chunk_size)]
+        clean_latents = self.encode_chunks(x_clean, chunks, working)
         rounds = self.rounds(cfg.steps)
         done = 0
         with Surrogate(models, opts.surrogate, opts.lora_rank) as theta:
@@ -197,26 +200,38 @@ class ASPLProtector(Protector):
                 saved = theta.snapshot()  # theta' <- theta, then K_f steps on the clean set
                 fine_tune(theta, clean_latents, cond, added, opts.surrogate_steps, lr, opts.batch_size, group)
                 for _ in range(min(opts.pgd_steps, cfg.steps - done)):  # K_adv PGD steps against theta'
-                    x_adv.requires_grad_(True)
-                    inputs = StepInputs(
-                        cond=cond,
-                        t=torch.cat([sample_timesteps(models.scheduler, 1, g, models.timestep_weighting)
-                                     for g in gens]).to(device),
-                        noise=torch.stack([torch.randn(latent_shape, generator=g) for g in gens]).to(device, models.dtype),
-                        added_cond=added,
-                    )
-                    with autocast(device):
-                        loss = semantic_loss(models, encode(models, seen_by_models(x_adv, working)), inputs, theta.net)
-                    (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-                    with torch.no_grad():  # ascend L_cond
-                        x_adv = x_adv + alpha * grad.sign()
-                        x_adv = torch.min(torch.max(x_adv, x_clean - eps), x_clean + eps).clamp(0, 1)
+                    # chunk by chunk: each image's step depends on its own loss only (theta' is fixed here), and
+                    # each draws t and eps from its own generator, so chunking changes nothing but the memory
+                    x_adv = torch.cat([self.pgd_step(theta.net, x_adv[c], x_clean[c], gens[c], cond[c],
+                                                     take(added, rows[c]), alpha, eps, latent_shape, working)
+                                       for c in chunks])
                     done += 1
                 theta.restore(saved)  # theta: K_f steps on the perturbed set, as the mimic would train
-                with torch.no_grad():
-                    adv_latents = encode(models, seen_by_models(x_adv, working)).float()
+                adv_latents = self.encode_chunks(x_adv, chunks, working)
                 fine_tune(theta, adv_latents, cond, added, opts.surrogate_steps, lr, opts.batch_size, group)
         return ((x_adv.detach() - x_clean) * 255.0).float().cpu()
+
+    def encode_chunks(self, x: torch.Tensor, chunks: list[slice], working) -> torch.Tensor:
+        """z = s E(R(x)) of the group, `chunk_size` images at a time, in fp32."""
+        with torch.no_grad():
+            return torch.cat([encode(self.models, seen_by_models(x[c], working)).float() for c in chunks])
+
+    def pgd_step(self, net, x_adv, x_clean, gens, cond, added, alpha, eps, latent_shape, working) -> torch.Tensor:
+        """x' <- Proj_eps(x' + alpha sign(grad_x' L_cond(theta', x'))) for a chunk of the group's images."""
+        models, device = self.models, self.models.device
+        x_adv = x_adv.detach().requires_grad_(True)
+        inputs = StepInputs(
+            cond=cond,
+            t=torch.cat([sample_timesteps(models.scheduler, 1, g, models.timestep_weighting) for g in gens]).to(device),
+            noise=torch.stack([torch.randn(latent_shape, generator=g) for g in gens]).to(device, models.dtype),
+            added_cond=added,
+        )
+        with autocast(device):
+            loss = semantic_loss(models, encode(models, seen_by_models(x_adv, working)), inputs, net)
+        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        with torch.no_grad():  # ascend L_cond
+            x_adv = x_adv + alpha * grad.sign()
+            return torch.min(torch.max(x_adv, x_clean - eps), x_clean + eps).clamp(0, 1)
 
 
 def mimic_loss(models: DiffusionModels, x01: torch.Tensor, prompts: list[str], steps: int, learning_rate: float,
