@@ -89,6 +89,21 @@ def test_study_says_which_protection_survives_each_adaptive_attack():
     assert format_survival(df).splitlines()[0] == f"  {lines[0]}"
 
 
+def test_no_verdict_on_an_accuracy_damage_of_one_generated_image():
+    """Style accuracy moves in steps of one generated image: a protection whose unpurified damage is one image
+    of the 16 behind it gets no verdict; two images do."""
+    from pipeline.study.report import adaptive_summary, survival
+
+    df = robustness_rows({("sds-", "none"): 1 / 16, ("sds-", "cat:100"): 0.0,
+                          ("aspl", "none"): 2 / 16, ("aspl", "cat:100"): 0.0})
+    df = df.assign(scenario="lora", metric="style_accuracy", n_images=16)
+    words = {v["method"]: (v["verdict"], v["words"]) for v in survival(df)}
+    assert words["sds-"] == (None, "its unpurified damage (style_accuracy +0.0625) is one generated image of 16 or "
+                                   "less: too few to judge")
+    assert words["aspl"][0] == "removed"
+    assert adaptive_summary(df) == ["against cat:100 (lora mimic): removed aspl eps=8; no verdict sds- eps=8"]
+
+
 def test_default_grid_has_anti_dreambooth_and_its_mimic():
     grid = StudyGrid()
     assert "aspl" in grid.methods and "dreambooth" in grid.scenarios

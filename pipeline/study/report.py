@@ -94,7 +94,18 @@ def retained_matrix(df: pd.DataFrame, scenario: str, purifications: list[str] | 
 SURVIVAL = (0.75, 0.25)
 SURVIVAL_RULE = ("survives: after the purification the protection still does at least 75% of the damage to the mimic "
                  "it does unpurified; weakened: 25-75%; removed: less than 25%. No verdict where the protection does "
-                 "no damage even unpurified.")
+                 "no damage even unpurified, or (an accuracy) no more than one generated image's worth.")
+COUNTED_METRICS = ("style_accuracy",)  # a share of generated images: one image is its resolution
+
+
+def images_behind(df: pd.DataFrame) -> dict[tuple, int]:
+    """(method, eps, scenario) -> how many generated images the unpurified headline accuracy averages over
+    (summed over groups); only for COUNTED_METRICS and tables that record n_images."""
+    if "n_images" not in df.columns:
+        return {}
+    rows = df[(df["purification"] == "none") & df["metric"].isin(COUNTED_METRICS) & (df["method"] != "none")
+              & (df["metric"] == df["scenario"].map(headline_metrics(df)))]
+    return {k: int(v) for k, v in rows.groupby(["method", "eps", "scenario"])["n_images"].sum().items()}
 
 
 def survival(df: pd.DataFrame) -> list[dict]:
@@ -105,13 +116,18 @@ def survival(df: pd.DataFrame) -> list[dict]:
     unpurified = r[r["purification"] == "none"].set_index(["method", "eps", "scenario"])["damage"]
     out = []
     chosen = headline_metrics(df)
+    counted = images_behind(df)
     for row in r[r["purification"] != "none"].itertuples(index=False):
         base = unpurified.get((row.method, row.eps, row.scenario), math.nan)
         metric = chosen.get(row.scenario, "")
+        n = counted.get((row.method, row.eps, row.scenario))
         v = {"scenario": row.scenario, "method": row.method, "eps": row.eps, "purification": row.purification,
              "retained": row.retained, "damage": row.damage, "unpurified": base, "verdict": None}
         if not base > 1e-9 or math.isnan(row.retained):
             v["words"] = f"the protection does no damage to the mimic even unpurified ({metric} {base:+.3g})"
+        elif n and base <= 1 / n + 1e-9:
+            v["words"] = (f"its unpurified damage ({metric} {base:+.3g}) is one generated image of {n} or less: "
+                          "too few to judge")
         else:
             v["verdict"] = ("survives" if row.retained >= SURVIVAL[0] else "weakened" if row.retained >= SURVIVAL[1]
                             else "removed")
