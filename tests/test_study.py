@@ -89,9 +89,9 @@ def test_study_says_which_protection_survives_each_adaptive_attack():
     assert format_survival(df).splitlines()[0] == f"  {lines[0]}"
 
 
-def test_no_verdict_on_an_accuracy_damage_of_one_generated_image():
+def test_no_verdict_on_a_damage_too_small_to_judge():
     """Style accuracy moves in steps of one generated image: a protection whose unpurified damage is one image
-    of the 16 behind it gets no verdict; two images do."""
+    of the 16 behind it gets no verdict; two images do. An SDEdit damage under 0.1 dB gets none either."""
     from pipeline.study.report import adaptive_summary, survival
 
     df = robustness_rows({("sds-", "none"): 1 / 16, ("sds-", "cat:100"): 0.0,
@@ -102,6 +102,9 @@ def test_no_verdict_on_an_accuracy_damage_of_one_generated_image():
                                    "less: too few to judge")
     assert words["aspl"][0] == "removed"
     assert adaptive_summary(df) == ["against cat:100 (lora mimic): removed aspl eps=8; no verdict sds- eps=8"]
+    sdedit = robustness_rows({("mist", "none"): 0.05, ("mist", "jpeg:75"): -0.2})  # under 0.1 dB: invisible
+    assert [v["verdict"] for v in survival(sdedit)] == [None]
+    assert "under 0.1 dB: too small to judge" in survival(sdedit)[0]["words"]
 
 
 def test_default_grid_has_anti_dreambooth_and_its_mimic():

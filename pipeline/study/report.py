@@ -94,8 +94,10 @@ def retained_matrix(df: pd.DataFrame, scenario: str, purifications: list[str] | 
 SURVIVAL = (0.75, 0.25)
 SURVIVAL_RULE = ("survives: after the purification the protection still does at least 75% of the damage to the mimic "
                  "it does unpurified; weakened: 25-75%; removed: less than 25%. No verdict where the protection does "
-                 "no damage even unpurified, or (an accuracy) no more than one generated image's worth.")
+                 "no damage even unpurified, or too little to judge: under 0.1 dB of PSNR, or (an accuracy) one "
+                 "generated image's worth or less.")
 COUNTED_METRICS = ("style_accuracy",)  # a share of generated images: one image is its resolution
+MIN_DAMAGE = {"psnr_ref": 0.1}  # dB: a smaller change of the mimic's PSNR is invisible (and a ratio of noise)
 
 
 def images_behind(df: pd.DataFrame) -> dict[tuple, int]:
@@ -125,6 +127,9 @@ def survival(df: pd.DataFrame) -> list[dict]:
              "retained": row.retained, "damage": row.damage, "unpurified": base, "verdict": None}
         if not base > 1e-9 or math.isnan(row.retained):
             v["words"] = f"the protection does no damage to the mimic even unpurified ({metric} {base:+.3g})"
+        elif base < MIN_DAMAGE.get(metric, 0.0):
+            v["words"] = (f"its unpurified damage ({metric} {base:+.3g}) is under {MIN_DAMAGE[metric]:g} dB: too small "
+                          "to judge")
         elif n and base <= 1 / n + 1e-9:
             v["words"] = (f"its unpurified damage ({metric} {base:+.3g}) is one generated image of {n} or less: "
                           "too few to judge")
