@@ -15,6 +15,10 @@ Streams in use:
     "purify:<spec>"    a purification's noise, per image (study/purify/); gridpure derives one seed per
                        iteration and grid from it (stream "gridpure", key "<iteration>/<grid>")
     "purify:cat"       CAT's attacker, once per study (key: the spec): its images, batches, adapters' init
+    "aspl"             ASPL's surrogate, per group (key: the sorted keys): its batches and LoRA init
+
+Library code that draws from torch's *global* generator (peft's LoRA init) runs inside
+`seeded_global_rng(seed)`, so its draw depends on the seed, not on what ran before in the process.
 
 The result fits torch's and numpy's generators (63 bits).
 """
@@ -22,6 +26,7 @@ The result fits torch's and numpy's generators (63 bits).
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 
 
 def key_seed(seed: int, key: str, stream: str = "") -> int:
@@ -29,3 +34,14 @@ def key_seed(seed: int, key: str, stream: str = "") -> int:
     text = f"{stream}:{int(seed)}:{key}" if stream else f"{int(seed)}:{key}"
     digest = hashlib.sha256(text.encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@contextmanager
+def seeded_global_rng(seed: int):
+    """Torch's global generator (and the current CUDA device's) seeded with `seed` for the block, restored after."""
+    import torch
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

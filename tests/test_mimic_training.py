@@ -77,6 +77,20 @@ def test_lora_trains_saves_safetensors_and_loads_back(group, tmp_path):
     assert np.abs(after - before).max() > 1e-3
 
 
+def test_a_groups_lora_does_not_depend_on_what_ran_before(group, tmp_path):
+    """The adapters' initial weights come from the group's seed, not from torch's global generator (peft's init
+    draws from it): a group trained after other work in the process gets the same file as one trained first."""
+    from safetensors.torch import load_file
+
+    lora = Lora(model_path("tiny"), LoraConfig(rank=2, steps=2, num_images=1, inference_steps=2), device="cpu")
+    first = load_file(str(lora.train(group, "Artist A", tmp_path / "first")))
+    torch.rand(1000)  # other work moves the global generator
+    again = load_file(str(lora.train(group, "Artist A", tmp_path / "again")))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    other = load_file(str(lora.train(group, "Artist B", tmp_path / "other")))
+    assert not all(torch.equal(first[k], other[k]) for k in first)  # another group: another seed
+
+
 # --------------------------------------------------------------------------- training really trains
 
 

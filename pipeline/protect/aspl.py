@@ -49,7 +49,7 @@ from pipeline.models.diffusion import denoising_loss, sample_timesteps
 from pipeline.models.loading import DiffusionModels
 from pipeline.protect.engine import Protector, seen_by_models
 from pipeline.protect.methods import StepInputs, encode, semantic_loss
-from pipeline.seeds import key_seed
+from pipeline.seeds import key_seed, seeded_global_rng
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections (as the LoRA mimic's)
 ADAPTER = "aspl_surrogate"
@@ -74,7 +74,7 @@ class Surrogate:
     Use as a context manager: the adapters are removed from the shared UNet on exit.
     """
 
-    def __init__(self, models: DiffusionModels, kind: str, rank: int):
+    def __init__(self, models: DiffusionModels, kind: str, rank: int, seed: int = 0):
         self.models, self.kind = models, kind
         if kind == "full":
             self.net = copy.deepcopy(models.unet).float()
@@ -83,8 +83,9 @@ class Surrogate:
             import peft
 
             self.net = models.unet
-            self.net.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                                 target_modules=list(LORA_TARGETS)), adapter_name=ADAPTER)
+            with seeded_global_rng(seed):  # peft's init of A draws from the global generator
+                self.net.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                                     target_modules=list(LORA_TARGETS)), adapter_name=ADAPTER)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         for p in self.params:
             p.data = p.data.float()  # trainable weights in fp32 whatever the model's dtype
@@ -195,7 +196,7 @@ class ASPLProtector(Protector):
         clean_latents = self.encode_chunks(x_clean, chunks, working)
         rounds = self.rounds(cfg.steps)
         done = 0
-        with Surrogate(models, opts.surrogate, opts.lora_rank) as theta:
+        with Surrogate(models, opts.surrogate, opts.lora_rank, group.initial_seed()) as theta:
             for _ in range(rounds):
                 saved = theta.snapshot()  # theta' <- theta, then K_f steps on the clean set
                 fine_tune(theta, clean_latents, cond, added, opts.surrogate_steps, lr, opts.batch_size, group)

@@ -52,6 +52,7 @@ from pipeline.evaluate.mimic.training import (
     train_denoiser,
 )
 from pipeline.models.loading import ModelSpec
+from pipeline.seeds import seeded_global_rng
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP attention
@@ -102,22 +103,20 @@ class Lora:
 
         cfg, unet = self.config, denoiser(self.pipe)  # the UNet, or a flow model's transformer
         adapter = "mimic_train"
-        unet.add_adapter(
-            peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
-                            target_modules=list(cfg.targets)),
-            adapter_name=adapter,
-        )
         # Text-encoder adapters go on copies of the encoders (dropped after training), so the pipeline's own
         # encoders stay the base model's for the next group; the copies are what the saved file describes.
         # Flow models (SD3, FLUX): transformer adapters only, as diffusers' DreamBooth-LoRA scripts default to.
         flow = is_flow_pipeline(self.pipe)
         text_lora = bool(cfg.text_encoder_rank) and not flow
         encoders = {"text_encoder": self.pipe.text_encoder, "text_encoder_2": getattr(self.pipe, "text_encoder_2", None)}
-        if text_lora:
-            encoders = {name: None if enc is None else peft.inject_adapter_in_model(
-                peft.LoraConfig(r=cfg.text_encoder_rank, lora_alpha=cfg.text_encoder_rank,
-                                init_lora_weights="gaussian", target_modules=list(TEXT_LORA_TARGETS)),
-                copy.deepcopy(enc), adapter_name=adapter) for name, enc in encoders.items()}
+        with seeded_global_rng(group_seed(cfg.seed, group)):  # peft's init of A draws from the global generator
+            unet.add_adapter(peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
+                                             target_modules=list(cfg.targets)), adapter_name=adapter)
+            if text_lora:
+                encoders = {name: None if enc is None else peft.inject_adapter_in_model(
+                    peft.LoraConfig(r=cfg.text_encoder_rank, lora_alpha=cfg.text_encoder_rank,
+                                    init_lora_weights="gaussian", target_modules=list(TEXT_LORA_TARGETS)),
+                    copy.deepcopy(enc), adapter_name=adapter) for name, enc in encoders.items()}
         try:
             trained = [unet] + [enc for enc in encoders.values() if enc is not None and text_lora]
             params = [p for module in trained for p in module.parameters() if p.requires_grad]

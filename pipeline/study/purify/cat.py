@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from pipeline.protect import ALL_METHODS, FASTPROTECT_METHODS
-from pipeline.seeds import key_seed
+from pipeline.seeds import key_seed, seeded_global_rng
 from pipeline.study.purify import Purification
 from pipeline.study.purify.impress import vae_models
 
@@ -138,8 +138,7 @@ class CAT(Purification):
         perturbed = [np.clip(x + np.rint(d), 0, 255).astype(np.uint8) for x, d in zip(clean, deltas)]
         with torch.no_grad():
             target = posterior_mean(vae, clean)
-        with torch.random.fork_rng(devices=[]):  # the adapters' initial A: seeded, the global stream untouched
-            torch.manual_seed(stream_seed)
+        with seeded_global_rng(stream_seed):  # the adapters' initial A
             vae.add_adapter(lora_config(vae, cfg.rank), adapter_name=ADAPTER)
         try:
             params = [p for p in vae.parameters() if p.requires_grad]
