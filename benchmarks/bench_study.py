@@ -4,7 +4,8 @@
     python benchmarks/bench_study.py scaling   # the mimic phase with 1, 2, 4 Ray workers (Cluster simulation)
     python benchmarks/bench_study.py table     # protection retained, default grid (+ sds-+eot), held-out photos
     python benchmarks/bench_study.py eot       # photoguard vs photoguard+eot at eps 16 under jpeg/resize/noise
-    python benchmarks/bench_study.py style     # a reduced grid with aspl and dreambooth on the style world's held-out artists
+    python benchmarks/bench_study.py style --artist 0   # issue 22's grid on one held-out artist of the style world
+    python benchmarks/bench_study.py style-table        # pool the artists' studies: study_style.json and .md
 
 Held-out photos: crops of scikit-image's bundled photos the tiny model never saw in training
 (`pipeline.models.builtin.training.HELD_OUT`: rocket, motorcycle), at 64 x 64.
@@ -28,6 +29,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results_writer import machine_lines, write_results  # noqa: E402
 
 
 def held_out_photos(n: int, size: int = 64) -> dict[str, np.ndarray]:
@@ -184,59 +188,162 @@ def bench_eot(args) -> dict:
             "protect_seconds": runs}
 
 
+STYLE_METHODS = "sds-,sdst-,photoguard,mist,fastprotect,aspl,sds-+eot"
+STYLE_PURIFICATIONS = "none,jpeg:75,diffpure:0.1,gridpure:0.01,pdmpure:0.1,cat:100"  # no noisy_upscale: its built-in upscaler is random
+
+
+def style_output(i: int) -> Path:
+    return ROOT / "out" / f"bench-study-style-{i}"
+
+
 def bench_style(args) -> dict:
     """One study per held-out artist of the style world (tiny-style; a training mimic learns one artist per
-    study): protections x eps 16 x purifications (with the adaptive attacks) x mimics (dreambooth, sdedit)."""
+    study): protections x eps x purifications (with the adaptive attacks) x mimics (lora, dreambooth, sdedit).
+
+    `--artist I` runs the I-th held-out artist only (one process per core); `style-table` pools them."""
     from pipeline.cli import main
     from pipeline.models.builtin.styles import HELD_OUT_STYLES, artist_images
-    from pipeline.study.report import adaptive_summary, read_table, retained
 
-    methods, purifications = args.methods.split(","), args.purifications.split(",")
-    out = {"artists": {}, "methods": methods, "purifications": purifications, "images": args.images,
-           "protect_steps": args.steps}
-    for i, style in enumerate(HELD_OUT_STYLES[: args.artists]):
-        images = {f"{style.name}/{j}": im for j, im in enumerate(artist_images(style, args.images, 64, seed=900 + i))}
+    indices = [args.artist] if args.artist is not None else range(args.artists)
+    out = {}
+    for i in indices:
+        style = HELD_OUT_STYLES[i]
+        # seed 100 + i: the same images as bench_style_mimicry.py's tables
+        images = {f"{style.name}/{j}": im for j, im in enumerate(artist_images(style, args.images, 64, seed=100 + i))}
         clean = write_folder(images, ROOT / "out" / f"bench-study-style-clean-{i}")
-        output = str(ROOT / "out" / f"bench-study-style-{i}")
         t = time.perf_counter()
-        main(["study", clean, output, "--model", "tiny-style", "--device", "cpu", "--methods", ",".join(methods),
-              "--eps", "16", "--purifications", ",".join(purifications), "--scenarios", "dreambooth,sdedit",
-              "--group-by", "folder", "--style-references", "builtin", "--steps", str(args.steps), "--step-size", "2",
-              "--ddim-steps", "20", "--dreambooth-steps", "60", "--num-images", "4", "--no-progress"])
-        seconds = time.perf_counter() - t
-        df = read_table(output)
-        r = retained(df)
-        cells = df.groupby(["method", "eps", "purification", "scenario"])["cell_seconds"].first()
-        base = df[(df["method"] == "none") & (df["purification"] == "none") & (df["scenario"] == "dreambooth")
-                  & (df["metric"] == "style_accuracy")]["value"]
-        out["artists"][style.name] = {
-            "study_seconds": round(seconds, 1), "cells": int(len(cells)),
-            "cell_seconds_by_scenario": cells.groupby(level="scenario").mean().round(2).to_dict(),
-            "clean_dreambooth_style_accuracy": None if base.empty else round(float(base.mean()), 3),
-            "retained": {f"{sc}: {m}": {p: (None if np.isnan(v) else round(float(v), 3))
-                                        for p, v in zip(g["purification"], g["retained"])}
-                         for (sc, m), g in r.groupby(["scenario", "method"])},
-            "damage_none": {f"{sc}: {m}": round(float(d), 3) for sc, m, d in
-                            r[r["purification"] == "none"][["scenario", "method", "damage"]].itertuples(index=False)},
-            "adaptive": adaptive_summary(df),
-        }
+        main(["study", clean, str(style_output(i)), "--model", "tiny-style", "--device", "cpu",
+              "--methods", args.methods, "--eps", args.eps, "--purifications", args.purifications,
+              "--scenarios", args.scenarios, "--group-by", "folder", "--style-references", "builtin",
+              "--steps", str(args.steps), "--step-size", "2", "--ddim-steps", "20",
+              "--lora-steps", str(args.lora_steps), "--lora-lr", "3e-3",
+              "--dreambooth-steps", str(args.dreambooth_steps), "--num-images", str(args.num_images),
+              "--actors", "1", "--no-progress"])
+        out[style.name] = {"study_seconds": round(time.perf_counter() - t, 1)}
     return out
+
+
+def bench_style_table(args) -> dict:
+    """Pool the artists' studies (`style --artist I`): per mimic, the headline damage averaged over artists and
+    the share of it each purification leaves (`retained`), the mimic's own score, and seconds per cell."""
+    import pandas as pd
+
+    from pipeline.study.report import adaptive_summary, read_table, retained, survival
+
+    frames = {}
+    for i in range(args.artists):
+        if style_output(i).exists():
+            frames[i] = read_table(str(style_output(i)))
+    df = pd.concat(frames.values(), ignore_index=True)
+    r = retained(df)  # damage averaged over the artists first, then the ratio
+    verdicts = {(v["scenario"], v["method"], v["eps"], v["purification"]): v["verdict"] for v in survival(df)}
+    purifications = args.purifications.split(",")
+    rows = {}
+    for (scenario, method, eps), g in r.groupby(["scenario", "method", "eps"]):
+        by = dict(zip(g["purification"], zip(g["damage"], g["retained"])))
+        rows.setdefault(scenario, {})[f"{method} eps={eps:g}"] = {
+            p: {"damage": round(float(by[p][0]), 3),
+                "retained": None if np.isnan(by[p][1]) else round(float(by[p][1]), 3),
+                "verdict": verdicts.get((scenario, method, eps, p))}
+            for p in purifications if p in by}
+    # the mimic's own headline score: trained on clean (baseline) and on protected (value) images, per purification
+    heads = {"sdedit": "psnr_ref", "lora": "style_accuracy", "dreambooth": "style_accuracy"}
+    scores = {}
+    for scenario, metric in heads.items():
+        m = df[(df["scenario"] == scenario) & (df["metric"] == metric) & (df["method"] != "none")]
+        if m.empty:
+            continue
+        clean = m.groupby("purification")["baseline"].mean()
+        protected = {f"{method} eps={eps:g}": {p: round(float(v), 3)
+                                               for p, v in g.groupby("purification")["value"].mean().items()}
+                     for (method, eps), g in m.groupby(["method", "eps"])}
+        scores[scenario] = {"metric": metric, "clean": {p: round(float(clean[p]), 3) for p in purifications
+                                                        if p in clean}, "protected": protected}
+    cells = df.groupby(["method", "eps", "purification", "scenario"])["cell_seconds"].first()
+    import pyarrow.parquet as pq
+
+    protect = {}  # seconds of each protection run (8 images, one core), averaged over the artists
+    for i in frames:
+        for run in sorted((style_output(i) / "protected").iterdir()):
+            records = pq.read_table(run / "tables" / "runs").to_pylist()
+            seconds = sum(x["seconds"] for x in records if x["status"] == "completed" and x["units_done"])
+            protect.setdefault(run.name, []).append(seconds)
+    from pipeline.models.builtin.styles import HELD_OUT_STYLES
+
+    return {"artists": [HELD_OUT_STYLES[i].name for i in frames], "retained": rows, "scores": scores,
+            "cell_seconds_median": cells.groupby(level="scenario").median().round(2).to_dict(),
+            "protect_seconds": {k: round(float(np.mean(v)), 1) for k, v in protect.items()},
+            "cells": len(cells), "adaptive": adaptive_summary(df)}
+
+
+def style_markdown(result: dict, args) -> str:
+    """The pooled style table as markdown: one block per mimic, rows protection x eps, columns purifications."""
+    purifications = args.purifications.split(",")
+    names = {"lora": "LoRA (style accuracy)", "dreambooth": "DreamBooth (style accuracy)", "sdedit": "SDEdit (PSNR to the clean image, dB)"}
+    lines = [f"# Adaptive attacks on the style world: {', '.join(result['artists'])} (tiny-style, CPU)", "",
+             (f"Command: `python benchmarks/bench_study.py style --artist I` (one process per artist, each pinned to "
+             f"one core), then `style-table`. {args.images} images per artist at 64 px; protection {args.steps} PGD steps "
+             f"of 2; LoRA {args.lora_steps} steps at lr 3e-3 with text-encoder adapters; DreamBooth "
+             f"{args.dreambooth_steps} steps; {args.num_images} generated images per cell; SDEdit DDIM 20."), "",
+             ("Each cell: the mimic's score trained on the protected-then-purified images, and in brackets the share of "
+             "the unpurified protection's damage that is left after the purification (damage = clean-trained score "
+             "minus protected-trained score, both purified the same way, averaged over the artists), shown only "
+             "where the study gives a verdict (none where the unpurified damage is under 0.1 dB, or one generated "
+             "image of the 16 or less). "
+             "The `clean` row is the mimic trained on the clean images, purified the same way."), ""]
+    for scenario in ("lora", "dreambooth", "sdedit"):
+        score = result["scores"].get(scenario)
+        if not score:
+            continue
+        lines += [f"## {names[scenario]}", "", "| trained on | " + " | ".join(purifications) + " |",
+                  "|---" * (len(purifications) + 1) + "|",
+                  "| clean | " + " | ".join(f"{score['clean'].get(p, float('nan')):.2f}" for p in purifications) + " |"]
+        for row, values in score["protected"].items():
+            kept = result["retained"].get(scenario, {}).get(row, {})
+            cells = []
+            for p in purifications:
+                v = values.get(p)
+                k, verdict = kept.get(p, {}).get("retained"), kept.get(p, {}).get("verdict")
+                cells.append("-" if v is None else f"{v:.2f}" + (f" ({k:.0%})" if verdict else ""))
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines += [""]
+    lines += ["## Seconds per cell (median, one core)", "",
+              *(f"- {k}: {v:g} s" for k, v in result["cell_seconds_median"].items()), "",
+              "Protection runs (8 images, through the pipeline, model load included): "
+              + ", ".join(f"{k} {v:g} s" for k, v in result["protect_seconds"].items()), "",
+              "## Verdicts (the study report's sentences, pooled over the artists)", "",
+              *(f"- {line}" for line in result["adaptive"]), "", "## Machine", "", *machine_lines(1), ""]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("part", choices=["cells", "scaling", "table", "eot", "style"])
-    p.add_argument("--artists", type=int, default=2, help="style: held-out artists (one study each)")
-    p.add_argument("--methods", default="sds-,photoguard,aspl", help="style: protections")
-    p.add_argument("--purifications", default="none,jpeg:75,gridpure:0.01,pdmpure:0.1", help="style: purifications")
-    p.add_argument("--images", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20, help="PGD steps per protection")
+    p.add_argument("part", choices=["cells", "scaling", "table", "eot", "style", "style-table"])
+    p.add_argument("--images", type=int, default=None, help="images (default 4; style: 8 per artist)")
+    p.add_argument("--steps", type=int, default=None, help="PGD steps per protection (default 20; style: 16)")
+    g = p.add_argument_group("style, style-table")
+    g.add_argument("--artists", type=int, default=2, help="held-out artists (one study each)")
+    g.add_argument("--artist", type=int, default=None, help="style: run only this held-out artist (0-based)")
+    g.add_argument("--methods", default=STYLE_METHODS, help="protections")
+    g.add_argument("--eps", default="8,16", help="budgets")
+    g.add_argument("--purifications", default=STYLE_PURIFICATIONS, help="purifications")
+    g.add_argument("--scenarios", default="lora,dreambooth,sdedit", help="mimics")
+    g.add_argument("--lora-steps", type=int, default=300)
+    g.add_argument("--dreambooth-steps", type=int, default=60)
+    g.add_argument("--num-images", type=int, default=8, help="generated images per cell")
     args = p.parse_args(argv)
+    style = args.part.startswith("style")
+    args.images = args.images or (8 if style else 4)
+    args.steps = args.steps or (16 if style else 20)
     result = {"cells": bench_cells, "scaling": bench_scaling, "table": bench_table, "eot": bench_eot,
-              "style": bench_style}[args.part](args)
+              "style": bench_style, "style-table": bench_style_table}[args.part](args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"study_{args.part}.json"
-    path.write_text(json.dumps(result, indent=1))
+    name = {"style": f"study_style_{args.artist}" if args.artist is not None else "study_style_runs",
+            "style-table": "study_style"}.get(args.part, f"study_{args.part}")
+    if args.part == "style-table":
+        write_results(name, result, style_markdown(result, args))
+        return 0
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
 
