@@ -26,7 +26,6 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -34,7 +33,6 @@ from pipeline.evaluate.mimic.common import (
     MimicOutput,
     denoiser,
     is_flow_pipeline,
-    load_pipeline,
     native_resolution,
 )
 from pipeline.evaluate.mimic.training import (
@@ -42,7 +40,9 @@ from pipeline.evaluate.mimic.training import (
     encode_latents,
     generate,
     group_seed,
+    load_training_pipeline,
     train_denoiser,
+    training_parts,
 )
 from pipeline.models.loading import ModelSpec
 
@@ -69,22 +69,11 @@ class DreamBooth:
     scenario = "dreambooth"
 
     def __init__(self, model: str | ModelSpec, config: DreamBoothConfig | None = None, device="auto", dtype="fp32"):
-        from diffusers import DDIMScheduler, DDPMScheduler
-
         self.config = config or DreamBoothConfig()
-        self.pipe = load_pipeline("text2img", model, device, dtype)
-        if is_flow_pipeline(self.pipe):  # trained and sampled with its own flow-matching scheduler
-            self.train_scheduler = self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
-        else:
-            self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-            self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe, self.train_scheduler = load_training_pipeline(model, device, dtype)
         self.resolution = self.config.resolution or native_resolution(self.pipe)
         self.slot = "transformer" if is_flow_pipeline(self.pipe) else "unet"
         self.base = denoiser(self.pipe)
-        for part in (self.base, self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None),
-                     getattr(self.pipe, "text_encoder_3", None)):
-            if part is not None:
-                part.requires_grad_(False)
         self._class_latents = None
 
     @property
@@ -106,13 +95,7 @@ class DreamBooth:
         prior = (self.class_latents(), cfg.class_prompt, cfg.prior_loss_weight) if cfg.prior_loss_weight > 0 else None
         net = copy.deepcopy(self.base).float()  # the group's own copy: the base stays clean
         net.requires_grad_(True)
-        parts = SimpleNamespace(**{self.slot: net}, text_encoder=self.pipe.text_encoder, tokenizer=self.pipe.tokenizer,
-                                text_encoder_2=getattr(self.pipe, "text_encoder_2", None),
-                                tokenizer_2=getattr(self.pipe, "tokenizer_2", None),
-                                text_encoder_3=getattr(self.pipe, "text_encoder_3", None),
-                                tokenizer_3=getattr(self.pipe, "tokenizer_3", None), scheduler=self.train_scheduler)
-        if self.slot == "transformer":
-            parts.unet = None
+        parts = training_parts(self.pipe, net, self.train_scheduler)
         latents = encode_latents(self.pipe, images, self.resolution)
         prompt = cfg.train_template.format(token=cfg.token)
         net.train()

@@ -33,7 +33,6 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -41,7 +40,6 @@ from pipeline.evaluate.mimic.common import (
     MimicOutput,
     denoiser,
     is_flow_pipeline,
-    load_pipeline,
     native_resolution,
 )
 from pipeline.evaluate.mimic.training import (
@@ -49,7 +47,9 @@ from pipeline.evaluate.mimic.training import (
     encode_latents,
     generate,
     group_seed,
+    load_training_pipeline,
     train_denoiser,
+    training_parts,
 )
 from pipeline.models.loading import ModelSpec
 from pipeline.seeds import seeded_global_rng
@@ -76,20 +76,9 @@ class Lora:
     scenario = "lora"
 
     def __init__(self, model: "str | ModelSpec", config: LoraConfig | None = None, device="auto", dtype="fp32"):
-        from diffusers import DDIMScheduler, DDPMScheduler
-
         self.config = config or LoraConfig()
-        self.pipe = load_pipeline("text2img", model, device, dtype)
-        if is_flow_pipeline(self.pipe):  # trained and sampled with its own flow-matching scheduler
-            self.train_scheduler = self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
-        else:
-            self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-            self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe, self.train_scheduler = load_training_pipeline(model, device, dtype)
         self.resolution = self.config.resolution or native_resolution(self.pipe)
-        for part in (denoiser(self.pipe), self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None),
-                     getattr(self.pipe, "text_encoder_3", None)):
-            if part is not None:
-                part.requires_grad_(False)
 
     @property
     def setting(self) -> str:
@@ -122,11 +111,7 @@ class Lora:
             params = [p for module in trained for p in module.parameters() if p.requires_grad]
             for p in params:
                 p.data = p.data.float()  # trainable weights in fp32 whatever the model's dtype
-            parts = SimpleNamespace(unet=unet, text_encoder=encoders["text_encoder"], tokenizer=self.pipe.tokenizer,
-                                    text_encoder_2=encoders["text_encoder_2"],
-                                    tokenizer_2=getattr(self.pipe, "tokenizer_2", None),
-                                    text_encoder_3=getattr(self.pipe, "text_encoder_3", None),
-                                    tokenizer_3=getattr(self.pipe, "tokenizer_3", None), scheduler=self.train_scheduler)
+            parts = training_parts(self.pipe, unet, self.train_scheduler, **encoders)
             latents = encode_latents(self.pipe, images, self.resolution)
             prompt = cfg.train_template.format(token=cfg.token)
 

@@ -24,7 +24,6 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -41,6 +40,7 @@ from pipeline.evaluate.mimic.training import (
     generate,
     group_seed,
     train_denoiser,
+    training_parts,
 )
 from pipeline.models.loading import ModelSpec, pretrained_source
 
@@ -142,9 +142,9 @@ class TextualInversion:
 
         self.pipe.unet.requires_grad_(False)
         (tokenizer, encoder), *second = pairs
-        parts = SimpleNamespace(unet=self.pipe.unet, text_encoder=encoder, tokenizer=tokenizer,
-                                text_encoder_2=second[0][1] if second else None,
-                                tokenizer_2=second[0][0] if second else None, scheduler=self.train_scheduler)
+        parts = training_parts(self.pipe, self.pipe.unet, self.train_scheduler, text_encoder=encoder,
+                               tokenizer=tokenizer, text_encoder_2=second[0][1] if second else None,
+                               tokenizer_2=second[0][0] if second else None)
         latents = encode_latents(self.pipe, images, self.resolution)
         templates = [t.format(token=token) for t in cfg.train_templates]
         train_denoiser(

@@ -22,13 +22,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from pipeline.evaluate.mimic.common import (
+    denoiser,
     flow_pipeline_kwargs,
     generators,
+    is_flow_pipeline,
+    load_pipeline,
     pipeline_guidance,
     text_conditioning,
     to_model_tensor,
@@ -56,6 +60,33 @@ class MimicTrainingConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     resolution: int | None = None
+
+
+def load_training_pipeline(model, device, dtype):
+    """(pipe, train_scheduler): the text2img pipeline a fine-tuning mimic (LoRA, DreamBooth) trains and samples
+    with, every part frozen (the mimic unfreezes what it trains), and the scheduler it trains with: DDPM's,
+    sampling with DDIM, or a flow model's own flow-matching scheduler for both."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    pipe = load_pipeline("text2img", model, device, dtype)
+    if is_flow_pipeline(pipe):
+        train_scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    else:
+        train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    for part in (denoiser(pipe), pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                 getattr(pipe, "text_encoder_3", None)):
+        if part is not None:
+            part.requires_grad_(False)
+    return pipe, train_scheduler
+
+
+def training_parts(pipe, net, scheduler, **replaced) -> SimpleNamespace:
+    """What `train_denoiser` reads: the denoiser being trained (`net`), the training scheduler, and the pipeline's
+    tokenizers and text encoders, any of them `replaced` (LoRA's adapted copies, textual inversion's pair)."""
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+    return SimpleNamespace(unet=net, scheduler=scheduler,
+                           **{n: replaced[n] if n in replaced else getattr(pipe, n, None) for n in names})
 
 
 @torch.no_grad()
