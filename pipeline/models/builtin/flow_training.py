@@ -39,7 +39,6 @@ from pipeline.models.builtin.training import (
     VAETraining,
     captioned_batch,
     evaluate_vae,
-    fit,
     held_out_images,
     train_vae,
 )
@@ -52,6 +51,7 @@ from pipeline.models.diffusion import (
     text_parts,
     vae_latents,
 )
+from pipeline.models.fitting import fit
 
 TRAINABLE_VAE = ("encoder.conv_norm_out.", "encoder.conv_out.", "decoder.conv_in.")
 
@@ -135,8 +135,9 @@ def train_transformer(pipe, cfg: FlowTraining, log=None, seed: int = SEED) -> li
         return denoising_loss(transformer, scheduler, z, noise, t, cond[cap], {"pooled_projections": pooled[cap]})
 
     transformer.train()
-    curve = fit(transformer, loss_at, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, every=cfg.log_every,
-                stage="transformer", lr_min=0.01 * cfg.lr, log=log)
+    curve = fit(transformer.parameters(), loss_at, model=transformer, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                decay=True, max_grad_norm=1.0, every=cfg.log_every, stage="transformer", lr_min=0.01 * cfg.lr,
+                log=log).curve
     transformer.eval()
     return curve
 

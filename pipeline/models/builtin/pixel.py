@@ -110,9 +110,9 @@ def train_pixel(unet, cfg: PixelTraining, log=None, seed: int = SEED) -> list[di
     from pipeline.models.builtin.training import (
         TRAIN_PHOTOS,
         PhotoCrops,
-        fit,
         held_out_images,
     )
+    from pipeline.models.fitting import fit
 
     torch.manual_seed(seed)
     data = PhotoCrops(TRAIN_PHOTOS, seed, colour=True)
@@ -128,9 +128,9 @@ def train_pixel(unet, cfg: PixelTraining, log=None, seed: int = SEED) -> list[di
         return F.mse_loss(pred, prediction_target(scheduler, x0, noise, t))
 
     unet.train()
-    curve = fit(unet, loss_at, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, every=cfg.eval_every, stage="pixel",
-                lr_min=cfg.lr_min, ema=cfg.ema, evaluate=lambda shipped: denoising_psnr(shipped, scheduler, held_out),
-                log=log)
+    curve = fit(unet.parameters(), loss_at, model=unet, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, decay=True,
+                max_grad_norm=1.0, every=cfg.eval_every, stage="pixel", lr_min=cfg.lr_min, ema=cfg.ema,
+                evaluate=lambda shipped: denoising_psnr(shipped, scheduler, held_out), log=log).curve
     unet.eval()
     return curve
 

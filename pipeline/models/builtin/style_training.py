@@ -44,10 +44,10 @@ from pipeline.models.builtin.training import (
     PhotoCrops,
     VAETraining,
     evaluate_vae,
-    fit,
     train_vae,
 )
 from pipeline.models.diffusion import denoising_loss, encode_text
+from pipeline.models.fitting import fit
 
 STYLE_TEMPLATES = ("a painting in the style of {style}", "an artwork in the style of {style}",
                    "a painting of {content} in the style of {style}", "a picture by {style}")
@@ -147,8 +147,9 @@ def train_style_unet(unet, text_encoder, tokenizer, scheduler, pool: StylePool, 
                                                                                           tokenizer)}
 
     groups = [{"params": unet.parameters(), "lr": cfg.lr}, {"params": text_encoder.parameters(), "lr": cfg.text_lr}]
-    curve = fit(unet, loss_at, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, every=cfg.eval_every,
-                stage="style-unet", lr_min=cfg.lr_min, param_groups=groups, evaluate=evaluate, log=log)
+    curve = fit(groups, loss_at, model=unet, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, decay=True,
+                max_grad_norm=1.0, every=cfg.eval_every, stage="style-unet", lr_min=cfg.lr_min, evaluate=evaluate,
+                log=log).curve
     unet.eval()
     text_encoder.eval()
     return curve

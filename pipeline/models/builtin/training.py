@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from pipeline.io.images import to_tensor
 from pipeline.models.builtin import build as bm
 from pipeline.models.diffusion import denoising_loss, encode_text
+from pipeline.models.fitting import fit
 
 SEED = 0
 
@@ -156,61 +155,6 @@ class VAETraining:  # the shipped weights used: steps 6000, decay, ema 0.999 (bu
     colour: bool = False  # recolour the crops (PhotoCrops): smooth colour areas are what a VAE of few colour photos misses
 
 
-def _lr_factor(step: int, steps: int, warmup: int, decay: bool = False, floor: float = 0.0) -> float:
-    """Linear warm-up, then constant, or (decay) a cosine from 1 down to `floor` at the last step."""
-    if step < warmup or not decay:
-        return min(1.0, (step + 1) / warmup)
-    progress = (step - warmup) / max(1, steps - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def fit(model, loss_at, *, steps: int, lr: float, warmup: int, every: int, stage: str, decay: bool = True,
-        lr_min: float = 0.0, param_groups: list[dict] | None = None, ema: float = 0.0, evaluate=None,
-        log=None, checkpoint=None) -> list[dict]:
-    """The loop every built-in trains with, `model` in place; returns the curve.
-
-    Each step: ``loss = loss_at(step)``, AdamW (no weight decay) on `model`'s parameters (or `param_groups`,
-    each with its own lr), gradients clipped to norm 1, the learning rate warmed up linearly over `warmup`
-    steps, then constant or (decay) a cosine down to `lr_min` (`_lr_factor`). With `ema` > 0 the exponential
-    moving average of the weights is what is evaluated, checkpointed and, at the end, left in `model`.
-    Every `every` steps and at the last, a curve point {stage, step, seconds, loss (the mean since the last
-    point), lr, **evaluate(shipped model)} goes to `log` and `checkpoint(step, shipped model)`.
-    """
-    groups = param_groups or [{"params": list(model.parameters()), "lr": lr}]
-    groups = [{**g, "params": list(g["params"])} for g in groups]
-    params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup, decay, lr_min / lr))
-    # the average of the last ~1/(1-ema) steps' weights: smoother than the last iterate
-    averaged = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema))
-                if ema else None)
-    curve, start, running, since = [], time.time(), 0.0, 0
-    for step in range(1, steps + 1):
-        loss = loss_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if averaged is not None:
-            averaged.update_parameters(model)
-        running, since = running + loss.item(), since + 1
-        if step % every == 0 or step == steps:
-            shipped = model if averaged is None else averaged.module
-            point = {"stage": stage, "step": step, "seconds": round(time.time() - start, 1),
-                     "loss": round(running / since, 5), "lr": round(sched.get_last_lr()[0], 6),
-                     **(evaluate(shipped) if evaluate else {})}
-            running, since = 0.0, 0
-            curve.append(point)
-            if log:
-                log(point)
-            if checkpoint:
-                checkpoint(step, shipped)
-    if averaged is not None:
-        model.load_state_dict(averaged.module.state_dict())
-    return curve
-
-
 def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED, stage: str = "vae",
               data=None, evaluations: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Train `vae` in place on TRAIN_PHOTOS crops (or `data`: anything with PhotoCrops' `sample(n, size)`);
@@ -233,8 +177,9 @@ def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED
         return point
 
     vae.train()
-    curve = fit(vae, loss_at, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, every=cfg.eval_every, stage=stage,
-                decay=cfg.decay, lr_min=cfg.lr_min, ema=cfg.ema, evaluate=evaluate, log=log, checkpoint=checkpoint)
+    curve = fit(vae.parameters(), loss_at, model=vae, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                max_grad_norm=1.0, every=cfg.eval_every, stage=stage, decay=cfg.decay, lr_min=cfg.lr_min, ema=cfg.ema,
+                evaluate=evaluate, log=log, checkpoint=checkpoint).curve
     vae.eval()
     return curve
 
@@ -355,8 +300,9 @@ def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: 
         return denoising_loss(unet, scheduler, z, noise, t, embeddings[cap], extra_input=extra)
 
     unet.train()
-    curve = fit(unet, loss_at, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, every=cfg.log_every,
-                stage="unet-inpaint" if inpaint else "unet", decay=cfg.decay, lr_min=cfg.lr_min, log=log)
+    curve = fit(unet.parameters(), loss_at, model=unet, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                max_grad_norm=1.0, every=cfg.log_every, stage="unet-inpaint" if inpaint else "unet", decay=cfg.decay,
+                lr_min=cfg.lr_min, log=log).curve
     unet.eval()
     return curve
 
