@@ -185,6 +185,8 @@ def extension_for(image: DecodedImage) -> str:
 #
 # One convention each, named by purpose:
 #   to_tensor / to_uint8     uint8 H x W x 3  <->  float 1 x 3 x H x W in [0, 1]  (rounded, clipped back)
+#   to_batch / from_batch    a list of them   <->  float N x 3 x H x W in [0, 1], or in [-1, 1] (`signed`:
+#                            what the diffusion models' VAEs take and give)
 #   resize_pixels            images fed to a model at another size: bilinear, antialiased (torch), as the
 #                            protection engine, FastProtect and the built-in training see them
 #   resize_perturbation      perturbations mapped back to the image: bilinear, no antialiasing (a convex
@@ -198,16 +200,39 @@ def extension_for(image: DecodedImage) -> str:
 
 def to_tensor(rgb: np.ndarray, device=None):
     """uint8 H x W x 3 -> float32 1 x 3 x H x W in [0, 1] (a copy: decoded arrays are read-only)."""
+    return to_batch([rgb], device=device)
+
+
+def to_batch(images: list[np.ndarray], signed: bool = False, device=None):
+    """Equally sized uint8 H x W x 3 arrays -> float32 N x 3 x H x W in [0, 1], or (`signed`) in [-1, 1]
+    as x / 127.5 - 1, the range the VAEs encode (a copy: decoded arrays are read-only)."""
     import torch
 
-    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255)
+    stacked = np.stack([np.asarray(img, dtype=np.uint8) for img in images])
+    if signed:
+        x = torch.from_numpy(stacked.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+    else:
+        x = torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div(255)
     return x if device is None else x.to(device)
 
 
 def to_uint8(x) -> np.ndarray:
     """float 1 x 3 x H x W (or 3 x H x W) in [0, 1] -> uint8 H x W x 3, rounded and clipped."""
-    x = x[0] if x.dim() == 4 else x
-    return x.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return from_batch(x if x.dim() == 4 else x[None])[0]
+
+
+def from_batch(x, signed: bool = False) -> list[np.ndarray]:
+    """float N x 3 x H x W in [0, 1] (or [-1, 1]: `signed`), or N x H x W x 3 numpy in [0, 1] (a diffusers
+    pipeline's ``output_type="np"``) -> uint8 H x W x 3 arrays, clipped and rounded (half to even)."""
+    import torch
+
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x).permute(0, 3, 1, 2)
+    x = x.detach().float()
+    if signed:
+        x = (x.clamp(-1, 1) + 1) / 2
+    x = x.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return list(x)
 
 
 def resize_pixels(x, size: tuple[int, int]):

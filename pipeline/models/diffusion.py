@@ -234,6 +234,35 @@ def _encode_text_flow(parts, prompts) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- the denoiser call
 
 
+def added_conditioning(pooled: torch.Tensor | None, family: str, height: int, width: int) -> dict | None:
+    """The denoiser's conditioning beside c, from `encode_text`'s pooled embedding (`family`: denoiser_family's):
+
+        SD 1.x / 2.x   None
+        SDXL           {"text_embeds": pooled, "time_ids": sdxl_time_ids(height, width)}  (UNet's added_cond_kwargs)
+        SD3, FLUX      {"pooled_projections": pooled}                                     (`denoise` passes it on)
+    """
+    if family != "unet":
+        return {"pooled_projections": pooled}
+    if pooled is None:
+        return None
+    return {"text_embeds": pooled, "time_ids": sdxl_time_ids(height, width, len(pooled), pooled.device, pooled.dtype)}
+
+
+def text_conditioning(model, prompts: list[str], height: int, width: int) -> tuple[torch.Tensor, dict | None]:
+    """(c, added) for `prompts` in the denoiser's dtype and on its device, as the diffusers pipelines condition
+    their denoiser (no guidance): the one builder of the denoiser's text conditioning.
+
+    `model`: a diffusers pipeline, or anything holding its parts (tokenizer(s), text encoder(s), and `unet` or
+    `transformer`): the mimics' training parts, a built-in being trained. `DiffusionModels` caches per prompt
+    and assembles the same two pieces (`encode_text`, `added_conditioning`).
+    """
+    net = model.transformer if getattr(model, "transformer", None) is not None else model.unet
+    embeds, pooled = encode_text(text_parts(model), prompts)
+    embeds = embeds.to(net.device, net.dtype)
+    pooled = None if pooled is None else pooled.to(net.device, net.dtype)
+    return embeds, added_conditioning(pooled, denoiser_family(net), height, width)
+
+
 def denoiser_family(denoiser) -> str:
     """"unet", "sd3" or "flux": which call and noising rule a denoiser takes (module doc)."""
     return {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(type(denoiser).__name__, "unet")

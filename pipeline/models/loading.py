@@ -49,12 +49,12 @@ import torch
 from pipeline.models.builtin.build import BUILTIN_MODELS, builtin_model_path
 from pipeline.models.diffusion import (
     TIMESTEP_SAMPLING,
+    added_conditioning,
     denoiser_family,
     encode_text,
     latent_shift,
     prediction_kind,
     prediction_target,
-    sdxl_time_ids,
     text_parts,
 )
 from pipeline.models.hub import alternatives, hub_problem
@@ -247,13 +247,8 @@ class DiffusionModels:
     def added_conditioning(self, prompts: list[str], height: int, width: int) -> dict | None:
         """SDXL's `added_cond_kwargs` (pooled text embedding, time ids) at an image size; the pooled
         projections of SD3 and FLUX ({"pooled_projections": ...}, models.diffusion.denoise); None for SD."""
-        if self.is_flow:
-            return {"pooled_projections": torch.stack([p for _, p in self._cached(prompts)])}
-        if not self.is_sdxl:
-            return None
-        pooled = torch.stack([p for _, p in self._cached(prompts)])
-        return {"text_embeds": pooled,
-                "time_ids": sdxl_time_ids(height, width, len(prompts), self.device, self.dtype)}
+        pooled = None if self.family == "sd" else torch.stack([p for _, p in self._cached(prompts)])
+        return added_conditioning(pooled, denoiser_family(self.unet), height, width)
 
 
 def _freeze(module: torch.nn.Module) -> torch.nn.Module:

@@ -21,14 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.io.images import center_crop_resize
+from pipeline.io.images import center_crop_resize, from_batch, to_batch
 from pipeline.models.diffusion import (
     FLUX_GUIDANCE,
     denoiser_family,
-    encode_text,
-    sdxl_time_ids,
     t5_sequence_length,
-    text_parts,
 )
 from pipeline.models.loading import (
     ModelSpec,
@@ -120,16 +117,26 @@ def to_pil(images: list[np.ndarray], size: int) -> list[Image.Image]:
 
 
 def to_model_tensor(images: list[np.ndarray], size: int) -> torch.Tensor:
-    """A batch in [-1, 1], N x 3 x size x size, float32 on CPU."""
-    arr = np.stack([mimic_view(img, size) for img in images]).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    """A batch as the mimic's VAE takes it: each image's mimic view, N x 3 x size x size in [-1, 1], float32 on CPU."""
+    return to_batch([mimic_view(img, size) for img in images], signed=True)
 
 
 def to_uint8(images) -> list[np.ndarray]:
     """diffusers `output_type="np"` (N x H x W x 3 in [0, 1]) or a tensor in [-1, 1] -> uint8 arrays."""
-    if isinstance(images, torch.Tensor):
-        images = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
-    return [np.round(np.clip(img, 0, 1) * 255).astype(np.uint8) for img in images]
+    return from_batch(images, signed=isinstance(images, torch.Tensor))
+
+
+def pipeline_family(pipe) -> str:
+    """"sd", "sdxl", "sd3" or "flux": the family of a loaded pipeline, from its class (models.loading.family_of_class)."""
+    return family_of_class(type(pipe).__name__)
+
+
+def vae_dtype(pipe, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the pipeline's VAE should encode in: float32 where an fp16 VAE overflows (SDXL's, SD3's and FLUX's
+    configs say force_upcast, as their pipelines do), else `dtype`."""
+    upcast = (dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
+              and pipeline_family(pipe) != "sd")
+    return torch.float32 if upcast else dtype
 
 
 def load_pipeline(kind: str, model: "str | ModelSpec", device="auto", dtype="auto"):
@@ -167,22 +174,3 @@ def model_family(model_path: str, revision: str | None = None) -> str:
         return "sd"
 
 
-def is_sdxl_pipeline(pipe) -> bool:
-    return hasattr(pipe, "text_encoder_2")
-
-
-def text_conditioning(pipe, prompts: list[str], height: int, width: int) -> tuple[torch.Tensor, dict | None]:
-    """(c, added_cond_kwargs) for `prompts` in the UNet's dtype, as the pipeline conditions its UNet (no guidance).
-
-    `pipe`: a diffusers pipeline or anything with its parts (tokenizer(s), text encoder(s), unet or transformer).
-    Flow models (SD3, FLUX): added = {"pooled_projections": ...} (models.diffusion.denoise).
-    """
-    embeds, pooled = encode_text(text_parts(pipe), prompts)
-    net = denoiser(pipe)
-    dtype, device = net.dtype, net.device
-    if denoiser_family(net) != "unet":
-        return embeds.to(dtype), {"pooled_projections": pooled.to(dtype)}
-    if pooled is None:
-        return embeds.to(dtype), None
-    return embeds.to(dtype), {"text_embeds": pooled.to(dtype),
-                              "time_ids": sdxl_time_ids(height, width, len(prompts), device, dtype)}

@@ -40,16 +40,17 @@ from pipeline.evaluate.mimic.common import (
     load_pipeline,
     native_resolution,
     pipeline_guidance,
-    text_conditioning,
     to_model_tensor,
     to_pil,
     to_uint8,
+    vae_dtype,
 )
 from pipeline.models.diffusion import (
     denoise,
     latent_shift,
     noise_latents,
     predicted_original,
+    text_conditioning,
     vae_latents,
 )
 from pipeline.models.loading import ModelSpec
@@ -125,10 +126,9 @@ class SDEdit:
         pipe, cfg = self.pipe, self.config
         net = denoiser(pipe)
         dtype = net.dtype
-        vae_dtype = torch.float32 if (dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
-                                      and (hasattr(pipe, "text_encoder_2") or self.flow)) else dtype  # SDXL's VAE in fp16
-        pipe.vae.to(vae_dtype)
-        x = to_model_tensor(images, self.resolution).to(self.device, vae_dtype)
+        encode_dtype = vae_dtype(pipe, dtype)
+        pipe.vae.to(encode_dtype)
+        x = to_model_tensor(images, self.resolution).to(self.device, encode_dtype)
         z0 = vae_latents(pipe.vae, x).to(dtype)
         n_train = pipe.scheduler.config.num_train_timesteps
         t = strength * n_train if self.flow else int(round(strength * (n_train - 1)))  # flow: s = t / T = strength
@@ -145,7 +145,7 @@ class SDEdit:
             out = out_u + cfg.guidance_scale * (out - out_u)  # linear in the output: eps, v or flow velocity alike
         z0_hat = predicted_original(pipe.scheduler, z_t, out, timesteps)
         latents = z0_hat / pipe.vae.config.scaling_factor + latent_shift(pipe.vae)
-        x0_hat = pipe.vae.decode(latents.to(vae_dtype)).sample
+        x0_hat = pipe.vae.decode(latents.to(encode_dtype)).sample
         return to_uint8(x0_hat)
 
     @torch.no_grad()

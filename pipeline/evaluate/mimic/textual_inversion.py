@@ -33,6 +33,7 @@ from pipeline.evaluate.mimic.common import (
     is_flow_pipeline,
     load_pipeline,
     native_resolution,
+    pipeline_family,
 )
 from pipeline.evaluate.mimic.training import (
     MimicTrainingConfig,
@@ -96,7 +97,7 @@ class TextualInversion:
 
     @property
     def is_sdxl(self) -> bool:
-        return hasattr(self.pipe, "text_encoder_2")
+        return pipeline_family(self.pipe) == "sdxl"
 
     def _fresh_text_models(self, dtype: torch.dtype) -> list[tuple[object, torch.nn.Module]]:
         """The base model's (tokenizer, text encoder) pairs, untouched by earlier groups (two for SDXL)."""

@@ -34,15 +34,16 @@ from pipeline.evaluate.mimic.common import (
     is_flow_pipeline,
     load_pipeline,
     pipeline_guidance,
-    text_conditioning,
     to_model_tensor,
     to_uint8,
+    vae_dtype,
 )
 from pipeline.models.diffusion import (
     TIMESTEP_SAMPLING,
     denoiser_family,
     denoising_loss,
     sample_timesteps,
+    text_conditioning,
     vae_latents,
 )
 from pipeline.seeds import key_seed
@@ -92,9 +93,7 @@ def training_parts(pipe, net, scheduler, **replaced) -> SimpleNamespace:
 @torch.no_grad()
 def encode_latents(pipe, images: list[np.ndarray], resolution: int) -> torch.Tensor:
     """z = s * (E(x) - shift) for each image (the encoder's mean: models.diffusion.vae_latents), on the pipeline's device."""
-    vae = pipe.vae
-    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and hasattr(pipe, "text_encoder_2"):
-        vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+    vae = pipe.vae.to(vae_dtype(pipe, pipe.vae.dtype))  # SDXL's, SD3's and FLUX's VAEs overflow in fp16
     x = to_model_tensor(images, resolution).to(pipe.device, vae.dtype)
     return vae_latents(vae, x).float()
 

@@ -43,12 +43,7 @@ from pathlib import Path
 import torch
 
 from pipeline.io.files import cache_root
-from pipeline.models.diffusion import (
-    denoising_loss,
-    encode_text,
-    sdxl_time_ids,
-    text_parts,
-)
+from pipeline.models.diffusion import denoising_loss, text_conditioning
 
 BUILTIN_VERSION = "v5"  # bump when a config below changes, so caches are rebuilt
 SEED = 0
@@ -631,11 +626,8 @@ def _sample_crops(n: int, size: int, generator: torch.Generator) -> torch.Tensor
 
 def _tiny_conditioning(pipe, batch: int, size: int) -> tuple[torch.Tensor, dict | None]:
     """(c, added_cond_kwargs) for "a photo": SD's last hidden state, or SDXL's two encoders + time ids."""
-    embeds, pooled = encode_text(text_parts(pipe), ["a photo"])
-    if pooled is None:
-        return embeds.expand(batch, -1, -1), None
-    added = {"text_embeds": pooled.expand(batch, -1), "time_ids": sdxl_time_ids(size, size, batch)}
-    return embeds.expand(batch, -1, -1), added
+    embeds, added = text_conditioning(pipe, ["a photo"], size, size)
+    return embeds.expand(batch, -1, -1), None if added is None else {k: v.expand(batch, -1) for k, v in added.items()}
 
 
 def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64, calibrate: bool = True) -> None:

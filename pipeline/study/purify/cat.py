@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from pipeline.io.images import from_batch
 from pipeline.protect import ALL_METHODS, FASTPROTECT_METHODS
 from pipeline.seeds import key_seed, seeded_global_rng
 from pipeline.study.purify import Purification
@@ -78,7 +79,7 @@ def attacker_images(n: int, size: int, seed: int) -> list[np.ndarray]:
     from pipeline.models.builtin.training import TRAIN_PHOTOS, PhotoCrops
 
     crops = PhotoCrops(TRAIN_PHOTOS, seed=seed, colour=True).sample(n, size)[0]
-    return [np.round(c.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for c in crops]
+    return from_batch(crops)
 
 
 def posterior_mean(vae, images: list[np.ndarray]) -> torch.Tensor:
