@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io.files import write_atomic
-from pipeline.io.html import figure_png, img, label, page, pyplot
+from pipeline.io.html import figure_png, img, label, page, pyplot, verdict_items
 from pipeline.io.storage import split_uri, to_uri
 from pipeline.io.tables import load_schema
 
@@ -171,11 +171,7 @@ def _verdict_html(df: pd.DataFrame) -> str:
     rows = verdicts(df)
     if not rows:
         return "<section id='verdict'><h2>Verdict</h2><p>No protected/clean mimic pairs to judge.</p></section>"
-    colour = {"protected": "#1a7f37", "weak": "#b35900", "not protected": "#b42318", None: "#555"}
-    items = "".join(
-        f"<li><b style='color:{colour[v['verdict']]}'>{html.escape((v['verdict'] or 'no verdict').upper())}</b> "
-        f"&mdash; {html.escape(label(v['method'], float(v['eps'])))} against "
-        f"{html.escape(v['scenario'])}: {html.escape(v['words'])}</li>" for v in rows)
+    items = verdict_items(rows)
     return (f"<section id='verdict'><h2>Verdict</h2><ul class='verdict'>{items}</ul><p class='note'>"
             f"{html.escape(VERDICT_RULE)} No equal-budget noise baseline in this run, so protection is compared "
             "with the clean images only.</p></section>")

@@ -29,6 +29,20 @@ def label(method: str, eps: float) -> str:
     return method if isinstance(eps, float) and math.isnan(eps) else f"{method} eps={eps:g}"
 
 
+# the colour of each verdict word, in the evaluation's and the study's reports
+VERDICT_COLOURS = {"protected": "#1a7f37", "survives": "#1a7f37", "weak": "#b35900", "weakened": "#b35900",
+                   "not protected": "#b42318", "removed": "#b42318", None: "#555"}
+
+
+def verdict_items(rows: list[dict], what: str = "") -> str:
+    """<li> per verdict row: the verdict in its colour, then "<method eps> <what> against <scenario>: <words>";
+    `what` is inserted as given (the study's "after <purification>")."""
+    return "".join(
+        f"<li><b style='color:{VERDICT_COLOURS[v['verdict']]}'>{html.escape((v['verdict'] or 'no verdict').upper())}"
+        f"</b> &mdash; {html.escape(label(v['method'], float(v['eps'])))}{what.format(**v)} against "
+        f"{html.escape(v['scenario'])}: {html.escape(v['words'])}</li>" for v in rows)
+
+
 def img(data: bytes, alt: str, cls: str = "") -> str:
     """An <img> with the PNG `data` embedded."""
     klass = f' class="{cls}"' if cls else ""

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from pipeline.io.html import figure_png, img, label, page, pyplot
+from pipeline.io.html import figure_png, img, label, page, pyplot, verdict_items
 from pipeline.io.tables import load_schema
 from pipeline.study.grid import Cell, Source, slug
 from pipeline.study.store import TABLE_DIR, StudyStore
@@ -181,11 +181,7 @@ def _survival_html(df: pd.DataFrame) -> str:
     rows = survival(df)
     if not rows:
         return ""
-    colour = {"survives": "#1a7f37", "weakened": "#b35900", "removed": "#b42318", None: "#555"}
-    items = "".join(
-        f"<li><b style='color:{colour[v['verdict']]}'>{html.escape((v['verdict'] or 'no verdict').upper())}</b> "
-        f"&mdash; {html.escape(label(v['method'], v['eps']))} after {html.escape(v['purification'])} against "
-        f"{html.escape(v['scenario'])}: {html.escape(v['words'])}</li>" for v in rows)
+    items = verdict_items([{**v, "purification": html.escape(v["purification"])} for v in rows], " after {purification}")
     adaptive = "".join(f"<li>{html.escape(line)}</li>" for line in adaptive_summary(df))
     adaptive = f"<h3>The adaptive attacks</h3><ul>{adaptive}</ul>" if adaptive else ""
     return (f"<section id='verdict'><h2>Verdict: does the protection survive?</h2>{adaptive}"
