@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.docs import HelpFormatter
+from pipeline.commands.help import HelpFormatter
 from pipeline.commands.options import (
     add_cluster_options,
     add_mimic_options,
