@@ -3,7 +3,7 @@
 Submit it to a running cluster (the driver runs on the head node and connects to it):
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/evaluate.py --config jobs/configs/evaluate.yaml
+        python jobs/evaluate.py --config jobs/configs/evaluate-example.yaml
 
 The config (YAML or JSON) holds `mimicshield evaluate` options by name: ``protected``,
 ``clean``, ``output`` and e.g. ``scenario: [sdedit, lora]``, ``group_by: artist``,
@@ -51,13 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     known, rest = parser.parse_known_args(argv)
     from pipeline.cli import build_parser
 
-    argv_eval = ["evaluate", *(config_args(known.config) if known.config else []), *rest]
+    # the evaluation writes its report itself, through the run's own S3 options (--endpoint-url, ...)
+    argv_eval = ["evaluate", *(config_args(known.config) if known.config else []), *rest,
+                 *(["--no-report"] if known.no_report else [])]
     args = build_parser().parse_args(argv_eval)
-    status = int(args.func(args) or 0)
-    if status == 0 and not known.no_report:
-        report_args = build_parser().parse_args(["report", args.output])
-        status = int(report_args.func(report_args) or 0)
-    return status
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

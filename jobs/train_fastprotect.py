@@ -39,11 +39,8 @@ def write_bytes(uri: str, data: bytes, s3: dict | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     import ray
 
-    from pipeline.commands.train_fastprotect import (
-        add_training_options,
-        model_from_args,
-        train_config_from_args,
-    )
+    from pipeline.commands.options import model_from_args
+    from pipeline.commands.train_fastprotect import add_training_options, train_config_from_args
     from pipeline.models.loading import ModelLoadError
     from pipeline.protect.fastprotect.bank import default_bank_path
     from pipeline.protect.fastprotect.train import load_training_images

@@ -154,3 +154,18 @@ def test_unknown_scenarios_are_refused_with_the_choices():
         EvalSettings(protected="p", clean="c", output="o", scenarios=("sdedit", "nope"))
     assert str(err.value) == f"unknown scenario(s) ['nope']; choose from {', '.join(SCENARIOS)}"
     assert EvalSettings(protected="p", clean="c", output="o", scenarios=("lora",)).scenarios == ("lora",)
+
+
+def test_evaluate_takes_the_s3_options_of_protect_into_its_settings():
+    from pipeline.cli import build_parser
+    from pipeline.commands.evaluate import settings_from_args
+    from pipeline.io.storage import S3Options, S3Retry
+
+    def settings(*argv):
+        return settings_from_args(build_parser().parse_args(["evaluate", "s3://b/prot/", "--clean", "s3://b/clean/",
+                                                             "--output", "s3://b/eval/", *argv]))
+
+    given = settings("--endpoint-url", "http://127.0.0.1:9000", "--region", "eu-west-1", "--s3-max-attempts", "3")
+    assert given.s3 == S3Options(endpoint_url="http://127.0.0.1:9000", region="eu-west-1",
+                                 retry=S3Retry(max_attempts=3))
+    assert settings().s3 == S3Options()  # none given: the AWS environment, 10 attempts

@@ -125,6 +125,18 @@ def test_s3_credentials_refused(s3_server, s3_bucket, photos, capsys, monkeypatc
     assert "wrong-secret" not in line
 
 
+def test_evaluate_reaches_s3_through_its_endpoint_option(s3_server, photos, capsys, monkeypatch):
+    """evaluate's --endpoint-url is the endpoint its S3 requests go to, over AWS_ENDPOINT_URL (as for protect)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    args = ["evaluate", str(photos), "--clean", str(photos), "--output", "s3://no-such-bucket-here/eval/",
+            "--model", "tiny", "--device", "cpu"]
+    assert main([*args, "--endpoint-url", s3_server["endpoint_url"], "--region", "us-east-1"]) == 2
+    assert one_error_line(capsys) == ("mimicshield: error: --output s3://no-such-bucket-here/eval/: bucket "
+                                      "no-such-bucket-here does not exist")  # the moto server's answer
+    assert main(args) == 2
+    assert "cannot reach S3" in one_error_line(capsys)  # without the option: the environment's endpoint
+
+
 def test_demo_out_dir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "demo").write_text("x")
     assert main(["demo", "--out-dir", str(tmp_path / "demo")]) == 2

@@ -34,6 +34,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -298,7 +299,7 @@ class _Receiver:
         self.position = 0  # index in `pending` of the next unit to commit
         self.open: dict[str, UnitResult] = {}
         self.failed: dict[str, str] = {}  # unit id -> why its shard could not be read
-        self.counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0, "shards_failed": 0}
+        self.counts = no_counts()
         self.warnings: Counter = Counter()  # warning text -> samples
         self.over_budget: list[float] = []  # written L-inf of outputs above the budget (lossy formats)
         self.reasons: Counter = Counter()  # error reason -> samples
@@ -408,31 +409,34 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     run = RunRecord(run_id=started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6], config=s.config,
                     model=s.model, version=versions()["mimicshield"])
-    check_paths([PathArg("INPUT", s.input)], PathArg("OUTPUT", s.output), s.s3, inside_ok=True)  # before Ray
-    if not (s.address or os.environ.get("RAY_ADDRESS")):
+    # 1. preflight, before Ray: every path, and the device when the actors run on this machine
+    address = s.address or os.environ.get("RAY_ADDRESS")  # a cluster's; None: a local Ray (step 4)
+    check_paths([PathArg("INPUT", s.input)], PathArg("OUTPUT", s.output), s.s3, inside_ok=True)
+    if not address:
         check_local_device(s.model.device)  # --device cuda without a GPU here: say so before Ray starts
-    if s.address or os.environ.get("RAY_ADDRESS"):  # the actors' hardware is the cluster's
-        gpus = int(ensure_ray(s.address, s.verbose).cluster_resources().get("GPU", 0))
-    else:
-        gpus = None  # this machine's
-    fingerprint = s.fingerprint(gpus)
+    # 2. the actors' hardware, which sets the device and dtype in the settings' fingerprint: a cluster's GPUs
+    #    (the cluster is joined here), else this machine's (no Ray needed yet)
+    cluster = ensure_ray(address, s.verbose) if address else None
+    fingerprint = s.fingerprint(int(cluster.cluster_resources().get("GPU", 0)) if cluster else None)
+    # 3. the plan: units, those already done (a resume only with the same settings), every model loadable
     plan = preflight(s, fingerprint)
     s.model.check()  # every model of an ensemble (--model A,B)
     pending = [u for u in plan.units if u.id not in plan.done]
-    if pending:  # the resource plan, on the live cluster: a pool that cannot run beside its tasks is refused here
-        ensure_ray(s.address, s.verbose)
-        share = actor_share(s.model.device, s.actors, task_memory=task_memory(s))
-        if share.note:
-            log(f"mimicshield: {share.note}")
-    warning = cost_warning(s, plan.kind, pending)  # a long local run says so before it starts (batch/estimate.py)
-    if warning:
-        log(warning)
-    if plan.done:
-        log(f"resuming: {len(plan.done)} of {len(plan.units)} units already done in {s.output}, skipping them")
+    # 4. the actor pool, on the live Ray (a local Ray starts here, and only when there is work: Ray is
+    #    joined or started once per run): a pool that cannot run beside its tasks is refused here
+    share = None
+    if pending:
+        if cluster is None:
+            ensure_ray(None, s.verbose)
+        share = pool_share(s, log)
+    # 5. before the work: what the run will cost and skip, and the temporary files of a killed run removed
+    announce(s, plan, pending, log)
     remove_stale_temps(plan.out_fs, plan.out_root)  # left by a run that was killed or ran out of space
-    counts = {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0, "shards_failed": 0}
-    device, failure, driver_bytes, receiver, assembled_on = "-", None, 0, None, []
-    storage_failed = False
+    # 6. protect the pending units, each committed in input order once whole; the run's row is written
+    #    whatever happens, naming its failure (`run_failure`: the one place errors are mapped)
+    receiver, device, driver_bytes, assembled_on = None, "-", 0, []
+    failure, storage_failed = None, False
+    watchdog = Watchdog(s.stall_timeout, log=log)
     try:
         if pending:
             if plan.kind == "shards":
@@ -440,46 +444,88 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
             ds, device = build_dataset(s, plan, pending, run, share)
             receiver = _Receiver(plan, run, pending, remote_assembler(assembled_on), s.progress,
                                  settings=s, fingerprint=fingerprint, log=log)
-            counts = receiver.counts
-            batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-            watchdog = Watchdog(s.stall_timeout, log=log)
-            try:
-                with watchdog:
-                    held = []  # grouped runs: every row, then in input order (groups end in any unit)
-                    for batch in batches:
-                        driver_bytes += batch.nbytes
-                        for row in batch.to_pylist():
-                            if s.grouped:
-                                held.append(row)
-                            else:
-                                receiver.add(row)
-                            watchdog.tick()
-                    for row in sorted(held, key=receiver.input_order):
-                        receiver.add(row)
-                receiver.commit_through(len(pending))  # the last unit, and trailing empty ones
-            except KeyboardInterrupt:
-                if watchdog.fired:  # --stall-timeout: end the run; committed units stay (a rerun resumes)
-                    raise Stalled(watchdog.fired) from None
-                raise
-            finally:
-                receiver.bar.close()
-                if hasattr(batches, "close"):
-                    batches.close()  # stops the streaming executor and its actors now, not at GC
+            driver_bytes = receive(ds, receiver, s.grouped, watchdog)
     except BaseException as err:
-        problem = storage_problem(err, s.output) if isinstance(err, Exception) else None
-        failure, storage_failed = problem or short_error(err), bool(problem)
-        if problem:  # disk full, permission, bucket gone: named as such, never blamed on the input
-            raise StorageError(problem) from None
-        raise
+        failure, raised = run_failure(err, watchdog, s.output)
+        storage_failed = isinstance(raised, StorageError)  # its one line says so: the runs row stays quiet
+        if raised is err:
+            raise
+        raise raised from None
     finally:
         seconds = time.perf_counter() - t0
+        counts = receiver.counts if receiver else no_counts()
         _write_run_row(s, plan, run, started, seconds, counts, failure, quiet=storage_failed)
+    # 7. the summary
     return RunSummary(run_id=run.run_id, input=s.input, output=s.output, kind=plan.kind, units_total=len(plan.units),
                       units_skipped=len(plan.done), seconds=seconds, device=device, driver_bytes=driver_bytes,
                       writer_nodes=dict(receiver.writer_nodes) if receiver else {},
                       assembler_nodes={n: assembled_on.count(n) for n in set(assembled_on)},
                       notes=[*([plan.links.summary()] if plan.links.summary() else []),
                              *(receiver.notes(s.config.eps) if receiver else [])], **counts)
+
+
+def no_counts() -> dict:
+    """A run's counts before any unit is committed (the runs table's columns)."""
+    return {"units_done": 0, "samples_in": 0, "samples_written": 0, "errors": 0, "shards_failed": 0}
+
+
+def pool_share(s: RunSettings, log=print) -> ActorShare:
+    """The protection actors' share of the live Ray cluster (cluster/pool.py's rule; its note logged)."""
+    share = actor_share(s.model.device, s.actors, task_memory=task_memory(s))
+    if share.note:
+        log(f"mimicshield: {share.note}")
+    return share
+
+
+def announce(s: RunSettings, plan: Plan, pending: list, log=print) -> None:
+    """What a run says before it works: a long local run says so (batch/estimate.py); a resume, what it skips."""
+    warning = cost_warning(s, plan.kind, pending)
+    if warning:
+        log(warning)
+    if plan.done:
+        log(f"resuming: {len(plan.done)} of {len(plan.units)} units already done in {s.output}, skipping them")
+
+
+def receive(ds, receiver: _Receiver, grouped: bool, watchdog: Watchdog) -> int:
+    """Stream the result rows of `ds` into `receiver` in input order, then commit the last units; returns the
+    Arrow bytes the driver received.
+
+    A run by samples gets its rows in input order (`preserve_order`) and hands each on as it comes, so units
+    commit one by one. A grouped run (aspl) gets them grouped, and a group may end in any unit: it holds
+    every row (small, no image bytes) and hands them on in input order after the last one. The watchdog
+    sees each row; the progress bar and the stream are closed on the way out, whatever happens.
+    """
+    batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    driver_bytes, held = 0, []
+    with ExitStack() as on_exit:  # last in, first out: the bar closes, then the stream
+        if hasattr(batches, "close"):
+            on_exit.callback(batches.close)  # stops the streaming executor and its actors now, not at GC
+        on_exit.callback(receiver.bar.close)
+        with watchdog:
+            for batch in batches:
+                driver_bytes += batch.nbytes
+                for row in batch.to_pylist():
+                    if grouped:
+                        held.append(row)
+                    else:
+                        receiver.add(row)
+                    watchdog.tick()
+            for row in sorted(held, key=receiver.input_order):
+                receiver.add(row)
+        receiver.commit_through(len(receiver.pending))  # the last unit, and trailing empty ones
+    return driver_bytes
+
+
+def run_failure(err: BaseException, watchdog: Watchdog, output: str) -> tuple[str, BaseException]:
+    """(the runs row's `failure`, the error the run ends with) for what stopped it: the watchdog's interrupt as
+    `Stalled` (--stall-timeout; committed units stay, a rerun resumes), a storage failure (disk full,
+    permission, bucket gone) as `StorageError`, named as such and never blamed on the input; else `err`."""
+    if isinstance(err, KeyboardInterrupt) and watchdog.fired:
+        err = Stalled(watchdog.fired)
+    problem = storage_problem(err, output) if isinstance(err, Exception) else None
+    if problem:
+        return problem, StorageError(problem)
+    return short_error(err), err
 
 
 def _write_run_row(s: RunSettings, plan: Plan, run: RunRecord, started, seconds: float, counts: dict, failure,

@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 
-from pipeline.commands.docs import HelpFormatter
+from pipeline.commands.help import HelpFormatter
 from pipeline.commands.options import lead_with
 
 BUCKET = "mimicshield-demo"

@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+from pipeline.commands.help import default_text
+
 REPO = Path(__file__).resolve().parents[2]
 CLI_PAGE = REPO / "docs" / "cli.md"
 TABLES_PAGE = REPO / "docs" / "tables.md"
@@ -53,56 +55,22 @@ def _paragraphs(text: str) -> list[str]:
     return out
 
 
-def _value(value) -> str:
-    """A default as one would type it on the command line."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return ",".join(_value(v) for v in value)
-    return str(value)
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """`--help` text: "(required)" on required options, "(default: sdedit,inpaint)" as a user types it, and
-    nothing where there is no default or the help already states it (never "(default: None)")."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        """Paragraphs wrapped; lines that start with two spaces (examples) kept as written."""
-        out = []
-        for line in text.splitlines():
-            out.append(indent + line if line.startswith("  ") else super()._fill_text(line, width, indent))
-        return "\n".join(out)
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.help is argparse.SUPPRESS or not action.option_strings or "default" in text:
-            return text
-        if action.required:
-            return f"{text} (required)"
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._VersionAction,
-                               argparse._HelpAction)) or action.default in (None, "", argparse.SUPPRESS):
-            return text
-        return f"{text} (default: {_value(action.default).replace('%', '%%')})"
-
-
 def _default(action: argparse.Action) -> str:
     if action.required:
         return "required"
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        return _value(bool(action.default))
+        return default_text(bool(action.default))
     if action.default is None or action.default is argparse.SUPPRESS:
         return ""
     if action.default == "":
         return '`""`'
-    return f"`{_value(action.default)}`"
+    return f"`{default_text(action.default)}`"
 
 
 def _help(action: argparse.Action, prog: str) -> str:
     text = action.help or ""
     if "%" in text:  # argparse's own expansion of %(default)s, %(prog)s, ...
-        params = {k: (_value(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(action).items()}
+        params = {k: (default_text(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(action).items()}
         params["prog"] = prog
         if params.get("choices") is not None:
             params["choices"] = ", ".join(map(str, action.choices))

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.docs import HelpFormatter
+from pipeline.commands.help import HelpFormatter
 from pipeline.commands.options import (
+    add_cluster_options,
     add_mimic_options,
+    add_model_options,
+    add_s3_options,
     lead_with,
     mimic_configs_from_args,
+    model_from_args,
     names,
     run_with_exit_codes,
+    s3_from_args,
 )
-from pipeline.models.loading import DEFAULT_MODEL, ModelSpec
 
 
 def add_parser(sub) -> None:
@@ -37,11 +41,9 @@ def add_parser(sub) -> None:
     i.add_argument("--group-by", default="artist", help="what groups samples (artists) for the training mimics: a "
                    "metadata field, or 'folder' (a folder INPUT's sub-folders: art/<artist>/...)")
     m = p.add_argument_group("model and device")
-    m.add_argument("--model", default=DEFAULT_MODEL,
-                   help="mimic model: hub id, local diffusers directory or built-in (tiny, sd15-arch, ...)")
-    m.add_argument("--revision", default=None, help="hub revision (commit, tag) of --model, for reproducibility")
-    m.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="SDEdit/inpaint weights dtype")
+    add_model_options(m, model_help="mimic model: hub id, local diffusers directory or built-in (tiny, sd15-arch, ...)",
+                      revision_help="hub revision (commit, tag) of --model, for reproducibility",
+                      device_help="auto, cpu, cuda, ...", dtype_help="SDEdit/inpaint weights dtype")
     i.add_argument("--method", default=None, help="protection method, when the samples' metadata lacks it")
     i.add_argument("--eps", type=float, default=None, help="protection budget (0-255), when the metadata lacks it")
     i.add_argument("--run", default=None, help="run name for the table (default: the protection run id)")
@@ -49,14 +51,15 @@ def add_parser(sub) -> None:
     m.add_argument("--seed", type=int, default=0, help="seed of every mimic (noise, masks, training)")
     add_mimic_options(p)
     g = p.add_argument_group("ray")
-    g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    g.add_argument("--actors", type=int, default=None, help="evaluation actors (default: one per GPU, else 1)")
+    add_cluster_options(g, address_help="Ray address (default: RAY_ADDRESS or a local Ray)",
+                        actors_help="evaluation actors (default: one per GPU, else 1)")
     g.add_argument("--batch-size", type=int, default=4, help="image pairs per per-image actor batch")
     g.add_argument("--samples-per-group", type=int, default=4, help="sample grids per scenario and group")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only in a terminal)")
     g.add_argument("--verbose", action="store_true", help="show Ray's own logs and operator progress bars")
     g.add_argument("--no-report", action="store_true", help="do not write OUTPUT/report.html (`mimicshield report "
                    "OUTPUT` writes it later)")
+    add_s3_options(p.add_argument_group("s3"))
     lead_with(p, "Mimic the protected images and their clean originals; say whether the protection holds.",
               ("--clean", "--output", "--model", "--scenario"),
               "mimicshield evaluate out/protected --clean photos/ --output out/eval --model tiny --scenario sdedit "
@@ -69,12 +72,11 @@ def settings_from_args(args: argparse.Namespace):
 
     return EvalSettings(
         protected=args.protected, clean=args.clean, output=args.output, scenarios=names(args.scenario),
-        group_by=args.group_by, inpaint_model=args.inpaint_model,
-        model=ModelSpec(args.model, revision=args.revision, device=args.device, dtype=args.dtype),
+        group_by=args.group_by, inpaint_model=args.inpaint_model, model=model_from_args(args),
         method=args.method, eps=args.eps, run=args.run, prompt=args.prompt, **mimic_configs_from_args(args),
         samples_per_group=args.samples_per_group, save_images=args.save_images, batch_size=args.batch_size,
-        actors=args.actors,
-        address=args.address, verbose=bool(getattr(args, "verbose", False)), progress=not args.no_progress,
+        actors=args.actors, address=args.address, s3=s3_from_args(args),
+        verbose=bool(getattr(args, "verbose", False)), progress=not args.no_progress,
     )
 
 

@@ -1,8 +1,11 @@
 """Options shared by the sub-commands, and the typed settings built from them (one place each).
 
-- `add_protection_options` / `config_from_args` / `model_from_args`: what protect and study accept about
-  protection and the model, into `ProtectConfig` and `ModelSpec`;
-- `add_run_options` / `run_settings_from_args`: the Ray run (cluster, actors, S3, resume), into `RunSettings`;
+- `add_protection_options` / `config_from_args`: what protect and study accept about protection, into
+  `ProtectConfig`;
+- `add_model_options` / `model_from_args`: the model (protect, study, evaluate), into `ModelSpec`;
+- `add_cluster_options`, `add_s3_options` / `s3_from_args`: the Ray cluster and actors, and how to reach S3
+  (into `S3Options`), for protect, study and evaluate;
+- `add_run_options` / `run_settings_from_args`: the protect run (those two, inputs, resume), into `RunSettings`;
 - `add_mimic_options` / `mimic_configs_from_args`: the mimics and metric backbones of evaluate and study;
 - `apply_config_file`: ``--config`` YAML/JSON files (the command line wins).
 
@@ -96,22 +99,31 @@ def add_protection_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--aspl-lr", type=float, default=None, help="aspl: surrogate learning rate (default 5e-7 for "
                    "the full UNet, 1e-4 for the LoRA surrogate of --low-memory)")
     m = parser.add_argument_group("model and device")
-    m.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"hub id or local diffusers directory (SD 1.x, 2.x incl. v-prediction, SDXL, SD3/3.5, FLUX.1), or a "
-        f"built-in: tiny, tiny-v, tiny-xl, tiny-sd3, tiny-flux, sd15-arch, sd21-arch, sd21-768-arch, sdxl-arch; "
-        f"A,B,... protects against all of them at once (an ensemble, families may mix; not with fastprotect) "
-        f"(default {DEFAULT_MODEL})",
-    )
-    m.add_argument("--revision", default=None, help="hub revision (commit, tag) for reproducibility; "
-                   "for an ensemble one per model, comma-separated (empty for the default)")
-    m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    m.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: fp16 on GPU)")
+    add_model_options(m)
     m.add_argument("--batch-size", type=int, default=4, help="images per protection batch (default 4)")
     m.add_argument("--low-memory", action="store_true",
                    help="less GPU memory, same result: checkpoint the VAE encoder, keep the text encoder on CPU; "
                         "with aspl also a LoRA surrogate instead of a full UNet copy (another result)")
+
+
+PROTECT_MODEL_HELP = (
+    f"hub id or local diffusers directory (SD 1.x, 2.x incl. v-prediction, SDXL, SD3/3.5, FLUX.1), or a "
+    f"built-in: tiny, tiny-v, tiny-xl, tiny-sd3, tiny-flux, sd15-arch, sd21-arch, sd21-768-arch, sdxl-arch; "
+    f"A,B,... protects against all of them at once (an ensemble, families may mix; not with fastprotect) "
+    f"(default {DEFAULT_MODEL})")
+
+
+def add_model_options(group, model_help: str = PROTECT_MODEL_HELP,
+                      revision_help: str = "hub revision (commit, tag) for reproducibility; for an ensemble one per "
+                                           "model, comma-separated (empty for the default)",
+                      device_help: str = "auto, cpu, cuda, cuda:1 ... (default auto)",
+                      dtype_help: str = "weights dtype (auto: fp16 on GPU)") -> None:
+    """--model, --revision, --device, --dtype into `group`: what `model_from_args` makes a `ModelSpec` of.
+    The help texts are the command's (protect's by default); names, defaults and choices are these."""
+    group.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    group.add_argument("--revision", default=None, help=revision_help)
+    group.add_argument("--device", default="auto", help=device_help)
+    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=dtype_help)
 
 
 def model_from_args(args: argparse.Namespace) -> ModelSpec:
@@ -156,14 +168,8 @@ def add_run_options(parser: argparse.ArgumentParser,
                     actors_help: str = "protection actors (default: one per GPU in the cluster, or 1 on CPU)") -> None:
     """Options of the Ray run itself (cluster, actors, S3 endpoint)."""
     r = parser.add_argument_group("run")
-    r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    r.add_argument("--actors", type=int, default=None, help=actors_help)
-    r.add_argument("--endpoint-url", default=None,
-                   help="S3 endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS_ENDPOINT_URL); "
-                   "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
-    r.add_argument("--region", default=None, help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
-    r.add_argument("--s3-max-attempts", type=int, default=10, help="tries of each S3 request, transient faults "
-                   "(503 SlowDown, resets, timeouts) retried with backoff (default 10)")
+    add_cluster_options(r, actors_help=actors_help)
+    add_s3_options(r)
     r.add_argument("--max-pixels", type=int, default=64_000_000,
                    help="refuse larger images before decoding (decompression bombs; default 64e6)")
     r.add_argument("--chunk-size", type=int, default=256, help="files per resumable unit for folder input (default 256)")
@@ -187,6 +193,23 @@ def add_run_options(parser: argparse.ArgumentParser,
                    "loops and links back into INPUT are never followed)")
     r.add_argument("--verbose", action="store_true", help="show Ray's own logs, warnings and progress bars "
                    "(kept off the terminal by default; always in /tmp/ray/session_latest/logs/)")
+
+
+def add_cluster_options(group, actors_help: str,
+                        address_help: str = "Ray cluster address (default: RAY_ADDRESS, else a local Ray)") -> None:
+    """--address and --actors into `group`: the settings' `address` and `actors`."""
+    group.add_argument("--address", default=None, help=address_help)
+    group.add_argument("--actors", type=int, default=None, help=actors_help)
+
+
+def add_s3_options(group) -> None:
+    """--endpoint-url, --region, --s3-max-attempts into `group`: what `s3_from_args` makes an `S3Options` of."""
+    group.add_argument("--endpoint-url", default=None,
+                       help="S3 endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS_ENDPOINT_URL); "
+                       "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    group.add_argument("--region", default=None, help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
+    group.add_argument("--s3-max-attempts", type=int, default=10, help="tries of each S3 request, transient faults "
+                       "(503 SlowDown, resets, timeouts) retried with backoff (default 10)")
 
 
 def load_config_file(path: str) -> dict:

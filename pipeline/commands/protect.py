@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.commands.docs import HelpFormatter
+from pipeline.commands.help import HelpFormatter
 from pipeline.commands.options import (
     add_protection_options,
     add_run_options,
@@ -46,9 +46,9 @@ def add_parser(sub) -> None:
 
 def parse_settings(argv: list[str]):
     """`RunSettings` for ``mimicshield protect ARGV`` (what `run` would use), without running anything."""
-    from pipeline.cli import build_parser
-
-    args = build_parser().parse_args(["protect", *argv])
+    parser = argparse.ArgumentParser(prog="mimicshield")  # this command alone (pipeline.cli holds them all)
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["protect", *argv])
     args._argv = list(argv)
     return run_settings_from_args(args)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from pipeline.commands.docs import HelpFormatter
+from pipeline.commands.help import HelpFormatter
 from pipeline.commands.options import (
     add_mimic_options,
     add_protection_options,

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from pipeline.commands.options import model_from_args  # the spec of the model the bank is trained for
 from pipeline.models.loading import DEFAULT_MODEL, DTYPES
 
 TRAIN_FIELDS = ("steps", "batch_size", "resolution", "groups", "eta", "feature_weight", "lr", "seed", "log_every")
@@ -60,13 +61,6 @@ def train_config_from_args(args: argparse.Namespace):
 
     base = TINY_DEFAULT if args.model == "tiny" else TrainConfig()
     return replace(base, **{k: v for k in TRAIN_FIELDS if (v := getattr(args, k, None)) is not None})
-
-
-def model_from_args(args: argparse.Namespace):
-    """The `ModelSpec` of the model the bank is trained for (the same spec `protect` builds)."""
-    from pipeline.models.loading import ModelSpec
-
-    return ModelSpec(model=args.model, revision=args.revision, device=args.device, dtype=args.dtype)
 
 
 def add_parser(sub) -> None:

@@ -63,6 +63,9 @@ def bank_cache_dir() -> Path:
     return cache_root() / "banks"
 
 
+DEFAULT_BANK_BUILTINS = ("tiny", "tiny-style", "tiny-sd3", "tiny-flux")  # trained on first use (train.ensure_default_bank)
+
+
 def default_bank_path(model_id: str) -> Path:
     """$MIMICSHIELD_CACHE/banks/<model>-default.safetensors (model id made file-name safe).
 

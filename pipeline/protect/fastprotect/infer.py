@@ -40,7 +40,7 @@ from pipeline.io.images import resize_perturbation, resize_pixels, to_tensor
 from pipeline.metrics.lpips import build_lpips as build
 from pipeline.models.loading import DiffusionModels
 from pipeline.protect.engine import ProtectConfig, Protector
-from pipeline.protect.fastprotect.bank import FastProtectBank, load_bank_for
+from pipeline.protect.fastprotect.bank import DEFAULT_BANK_BUILTINS, FastProtectBank, load_bank_for
 from pipeline.protect.fastprotect.features import latent_entropy, pooled_latent
 from pipeline.protect.fastprotect.kmeans import nearest_centroid
 from pipeline.protect.methods import encode
@@ -123,9 +123,6 @@ class FastProtector:
             full = resize_perturbation(d[None], (h, w))[0]
             out.append(full.clamp_(-eps, eps).permute(1, 2, 0).float().cpu().numpy())
         return out
-
-
-DEFAULT_BANK_BUILTINS = ("tiny", "tiny-style", "tiny-sd3", "tiny-flux")  # trained on first use (train.ensure_default_bank)
 
 
 def build_default_bank(models: DiffusionModels) -> None:

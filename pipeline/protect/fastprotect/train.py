@@ -46,6 +46,7 @@ from pipeline.io.samples import read_samples
 from pipeline.io.storage import list_images, parse_uri
 from pipeline.models.loading import DiffusionModels
 from pipeline.protect.fastprotect.bank import (
+    DEFAULT_BANK_BUILTINS,
     FastProtectBank,
     config_fingerprint,
     default_bank_path,
@@ -364,8 +365,6 @@ def ensure_default_bank(models: DiffusionModels) -> Path:
     trained on the fly: their path is returned as it is and loading it names the command to run.
     """
     path = default_bank_path(models.model_id)
-    from pipeline.protect.fastprotect.infer import DEFAULT_BANK_BUILTINS
-
     if models.model_id in DEFAULT_BANK_BUILTINS and not path.is_file():
         import sys
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from pipeline.io.images import to_tensor, to_uint8
-from pipeline.study.purify import Purification
+from pipeline.study.purify.base import Purification
 
 
 class GaussianBlur(Purification):

@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline.evaluate.mimic.common import load_pipeline
 from pipeline.io.images import resize_image
 from pipeline.models.loading import model_path
-from pipeline.study.purify import Purification
+from pipeline.study.purify.base import Purification
 
 
 def img2img(context):

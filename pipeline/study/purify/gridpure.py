@@ -36,7 +36,7 @@ import numpy as np
 
 from pipeline.evaluate.mimic.common import native_resolution
 from pipeline.seeds import key_seed
-from pipeline.study.purify import Purification
+from pipeline.study.purify.base import Purification
 from pipeline.study.purify.diffpure import back, denoise, fit, img2img
 
 GAMMA = 0.1  # weight of the previous iterate in the blend

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from pipeline.io.images import to_tensor, to_uint8
 from pipeline.models.loading import load_models
-from pipeline.study.purify import Purification
+from pipeline.study.purify.base import Purification
 
 ALPHA = 1.0  # weight of the proximity term
 LEARNING_RATE = 0.01

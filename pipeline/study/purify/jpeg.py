@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from pipeline.study.purify import Purification
+from pipeline.study.purify.base import Purification
 
 
 class JPEG(Purification):

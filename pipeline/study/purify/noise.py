@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.study.purify import Purification
+from pipeline.study.purify.base import Purification
 
 
 class GaussianNoise(Purification):

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.models.loading import resolve_device, resolve_dtype
-from pipeline.study.purify import Purification
+from pipeline.study.purify.base import Purification
 from pipeline.study.purify.builtin_upscaler import builtin_upscaler_path
 from pipeline.study.purify.diffpure import back
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.study.purify import Purification
+from pipeline.study.purify.base import Purification
 
 
 class NoPurification(Purification):

@@ -30,7 +30,7 @@ import numpy as np
 from pipeline.io.images import to_tensor, to_uint8
 from pipeline.models.diffusion import predicted_original
 from pipeline.models.loading import resolve_device, resolve_dtype
-from pipeline.study.purify import Purification
+from pipeline.study.purify.base import Purification
 
 
 def load_pixel_model(path: str | Path, device="auto", dtype="auto"):
