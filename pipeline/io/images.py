@@ -185,6 +185,7 @@ def extension_for(image: DecodedImage) -> str:
 #
 # One convention each, named by purpose:
 #   to_tensor / to_uint8     uint8 H x W x 3  <->  float 1 x 3 x H x W in [0, 1]  (rounded, clipped back)
+#   to_batch                 uint8 H x W x 3 images (one size)  ->  uint8 N x 3 x H x W, unscaled (0-255)
 #   resize_pixels            images fed to a model at another size: bilinear, antialiased (torch), as the
 #                            protection engine, FastProtect and the built-in training see them
 #   resize_perturbation      perturbations mapped back to the image: bilinear, no antialiasing (a convex
@@ -208,6 +209,16 @@ def to_uint8(x) -> np.ndarray:
     """float 1 x 3 x H x W (or 3 x H x W) in [0, 1] -> uint8 H x W x 3, rounded and clipped."""
     x = x[0] if x.dim() == 4 else x
     return x.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def to_batch(images: list[np.ndarray], device=None):
+    """uint8 H x W x 3 images of one size -> uint8 N x 3 x H x W, unscaled (the metrics' own scales: 0-255 for
+    PSNR/SSIM and FID/KID). One stacked copy, seen channels-first: its memory stays H x W x 3 per image (call
+    `.contiguous()` where a model's numbers were fixed on contiguous input)."""
+    import torch
+
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return x if device is None else x.to(device)
 
 
 def resize_pixels(x, size: tuple[int, int]):
