@@ -79,7 +79,7 @@ class Judge:
         import torch
 
         from pipeline.evaluate.mimic.sdedit import SDEdit, SDEditConfig
-        from pipeline.metrics.lpips import build_lpips
+        from pipeline.metrics.lpips import LPIPS
         from pipeline.models.builtin.build import builtin_model_path
         from pipeline.models.loading import load_models
 
@@ -87,7 +87,8 @@ class Judge:
         self.sdedit = SDEdit(str(builtin_model_path("tiny")),
                              SDEditConfig(strengths=(strength,), modes=("ddim",), ddim_steps=ddim_steps),
                              device="cpu", dtype="fp32")
-        self.lpips, self.lpips_calibrated = build_lpips(lpips_weights)
+        self.lpips = LPIPS(lpips_weights)
+        self.lpips_calibrated = self.lpips.calibrated
         self.torch = torch
 
     def mimic(self, images, keys) -> list[np.ndarray]:
@@ -102,13 +103,12 @@ class Judge:
 
     def damage(self, clean, edited, clean_edited) -> dict:
         """The mimic's output against the clean image, and against the mimic's output of the clean image."""
-        from pipeline.metrics.lpips import lpips_distance
         from pipeline.metrics.visibility import psnr, ssim
 
         return {
             "mimic_psnr": float(np.mean([psnr(c, e) for c, e in zip(clean, edited)])),
             "mimic_ssim": float(np.mean([ssim(c, e) for c, e in zip(clean, edited)])),
-            "mimic_lpips": float(np.mean([lpips_distance(self.lpips, c, e) for c, e in zip(clean, edited)])),
+            "mimic_lpips": self.lpips(list(edited), list(clean)),
             "pair_psnr": float(np.mean([min(psnr(c, e), 100.0) for c, e in zip(clean_edited, edited)])),
             "pair_ssim": float(np.mean([ssim(c, e) for c, e in zip(clean_edited, edited)])),
         }

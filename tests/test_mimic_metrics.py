@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from pipeline.evaluate.mimic.common import mimic_view
+from pipeline.metrics.base import measure
 from pipeline.metrics.mimicry import MetricConfig, Metrics
-from pipeline.metrics.visibility import PSNR_CAP
+from pipeline.metrics.visibility import PSNR, PSNR_CAP
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,12 @@ def noisy(img: np.ndarray, amount: int, seed: int = 0) -> np.ndarray:
     return np.clip(img.astype(np.int32) + rng.integers(-amount, amount + 1, img.shape), 0, 255).astype(np.uint8)
 
 
+def by_name(metrics) -> dict:
+    return {m.name: m for m in metrics}
+
+
 def test_identical_images_give_ssim_1_lpips_0_psnr_cap(metrics, images):
-    got = metrics.paired(images, [img.copy() for img in images], clip=True)
+    got = {m.name: value for m, value in measure(metrics.paired, images, references=[img.copy() for img in images])}
     assert got["psnr"] == PSNR_CAP
     assert got["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert got["lpips"] == 0.0
@@ -38,16 +43,17 @@ def test_lpips_of_a_real_difference_is_positive_and_grows(metrics, images):
     small = metrics.lpips(images, [noisy(i, 4) for i in images])
     large = metrics.lpips(images, [noisy(i, 64) for i in images])
     assert 0 < small < large
-    assert metrics.paired(images, [noisy(i, 64) for i in images])["psnr"] < 25
+    assert PSNR()(images, [noisy(i, 64) for i in images]) < 25
 
 
 def test_set_metrics_on_a_small_group(metrics, images):
-    out = metrics.set_metrics([noisy(i, 32) for i in images], images, prompt="a photo")
-    assert set(out) == {"kid", "fid", "clip_i2i", "clip_score"}  # fid because fid_min_images=2 here
+    out = {m.name: value for m, value in measure(metrics.sets, [noisy(i, 32) for i in images], references=images,
+                                                 prompts="a photo")}
+    assert set(out) == {"kid", "fid", "clip_i2i_ref", "clip_score"}  # fid because fid_min_images=2 here
     assert all(np.isfinite(v) for v in out.values())
     assert 0 <= out["clip_score"] <= 100
     # below fid_min_images only KID is computed: FID of a handful of images is meaningless
-    assert "fid" not in Metrics(MetricConfig(device="cpu")).fid_kid(images, images)
+    assert by_name(Metrics(MetricConfig(device="cpu")).sets)["fid"](images, images) is None
 
 
 def test_random_backbones_are_marked_uncalibrated(metrics):
@@ -66,13 +72,14 @@ def test_lpips_loads_alexnet_weights_from_a_path(tmp_path, images):
     save_file(state, str(tmp_path / "alexnet.safetensors"))
     m = Metrics(MetricConfig(device="cpu", lpips_weights=str(tmp_path / "alexnet.safetensors")))
     assert m.calibrated["lpips"]
-    assert torch.equal(m.lpips_net.net.slice1[0].weight, state["features.0.weight"])
+    assert torch.equal(m.lpips.net.net.slice1[0].weight, state["features.0.weight"])
     assert m.lpips(images[:1], images[:1]) == 0.0
 
 
 def test_kid_of_identical_sets_is_near_zero_and_far_from_a_different_set(metrics, images):
     """KID compares the two sets it is given: identical sets sit near 0 (its unbiased estimate is not exactly 0)."""
     group = images + [img[:, ::-1].copy() for img in images]  # 6 images: a smaller estimator bias than 3
-    same = metrics.fid_kid(group, [img.copy() for img in group])["kid"]
-    other = metrics.fid_kid([255 - img for img in group], group)["kid"]  # the random backbone's scale is small
+    kid = by_name(metrics.sets)["kid"]
+    same = kid(group, [img.copy() for img in group])
+    other = kid([255 - img for img in group], group)  # the random backbone's scale is small
     assert other > 0 and abs(same) < 0.2 * other, (same, other)

@@ -200,7 +200,7 @@ def test_a_long_run_is_announced_with_the_option_that_cuts_it(tmp_path, monkeypa
 def test_mimics_and_their_references_crop_the_centre_and_keep_the_aspect():
     from pipeline.evaluate.mimic.common import mimic_view, to_model_tensor
     from pipeline.io.images import center_crop_resize
-    from pipeline.metrics.mimicry import _same_size
+    from pipeline.metrics.base import same_size
 
     wide = np.zeros((60, 180, 3), np.uint8)  # thirds: red | green | blue
     wide[:, :60, 0] = wide[:, 60:120, 1] = wide[:, 120:, 2] = 255
@@ -215,7 +215,7 @@ def test_mimics_and_their_references_crop_the_centre_and_keep_the_aspect():
     square = np.asarray(Image.fromarray(wide[:, 60:120]).resize((64, 64)))
     assert np.array_equal(center_crop_resize(square, 64), square)
     # the metric compares a mimic output with the reference as the mimic saw it
-    _, (ref,) = _same_size([view], [wide])
+    _, (ref,) = same_size([view], [wide])
     assert np.array_equal(ref, view)
     # a mask is cropped like its image (nearest: still binary)
     mask = np.zeros((60, 180), np.uint8)

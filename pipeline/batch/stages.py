@@ -46,7 +46,7 @@ from pipeline.io.metadata import protection_group, sample_meta
 from pipeline.io.paths import name_problem
 from pipeline.io.samples import MEMBER_FIELDS
 from pipeline.io.storage import to_uri
-from pipeline.metrics.lpips import build_lpips, lpips_distance
+from pipeline.metrics.lpips import LPIPS
 from pipeline.protect import build_protector
 from pipeline.protect.encoded import decode, finish, quantize
 from pipeline.protect.engine import FASTPROTECT_METHODS
@@ -239,14 +239,13 @@ class ProtectActor:
 
 # ---------------------------------------------------------------- encode + write (CPU tasks)
 
-_LPIPS: dict = {}  # weights path -> LPIPS function, built once per worker process
+_LPIPS: dict[str, LPIPS] = {}  # weights path -> the LPIPS metric, its network built once per worker process
 
 
-def lpips_function(weights: str):
-    """LPIPS(clean, written) on CPU with calibrated AlexNet weights (cached per process)."""
+def lpips_metric(weights: str) -> LPIPS:
+    """LPIPS on CPU with calibrated AlexNet weights (cached per process)."""
     if weights not in _LPIPS:
-        net = build_lpips(weights, "cpu")[0]
-        _LPIPS[weights] = lambda clean, protected: lpips_distance(net, clean, protected)
+        _LPIPS[weights] = LPIPS(weights, "cpu")
     return _LPIPS[weights]
 
 
@@ -274,7 +273,7 @@ class Encoder:
     )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        lpips = lpips_function(self.lpips_weights) if self.lpips_weights else None
+        lpips = lpips_metric(self.lpips_weights) if self.lpips_weights else None
         out = []
         for row in batch.to_pylist():
             res = {k: row[k] for k in ("key", "source", "unit", "ext", "meta", "member_names", "member_data",

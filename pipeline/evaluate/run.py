@@ -60,8 +60,8 @@ from pipeline.io.paths import PathArg, check_paths
 from pipeline.io.samples import read_samples
 from pipeline.io.storage import InputError, split_uri, to_uri
 from pipeline.io.tables import write_table
+from pipeline.metrics.base import Metric, measure
 from pipeline.metrics.mimicry import Metrics
-from pipeline.metrics.style import StyleDescriptor, StyleJudge
 
 TABLE = "mimicry_metrics"
 GROUP_KEYS = ["run", "group", "scenario", "setting", "method", "eps", "metric", "calibrated"]
@@ -250,8 +250,8 @@ class PairEvaluator:
         for r, p, c in zip(recs, prot, clean):
             if p.shape != c.shape:
                 continue
-            for name, value in self.metrics.paired([p], [c]).items():
-                rows.append(self._row(r, "visibility", "inputs", name, value, 0.0, mimic=False))
+            for metric in self.metrics.visibility:
+                rows.append(self._row(r, "visibility", "inputs", metric.name, metric([p], [c]), 0.0, mimic=False))
         if not self.mimics:  # only training scenarios asked for: still show the inputs
             for r, p, c in zip(recs, prot, clean):
                 if c.shape == p.shape and self.samples.wants("visibility", r["group"]):
@@ -274,13 +274,14 @@ class PairEvaluator:
                 for j, key in enumerate(out_p.keys):
                     r, c_img = recs[index[key]], clean[index[key]]
                     a, b = out_p.images[j], out_c.images[j]
-                    for name, value in self.metrics.paired([a], [b], clip=True).items():
-                        rows.append(self._row(r, scenario, out_p.setting, f"{name}_pair", value, per_image_p))
-                    for name, value in self.metrics.paired([a], [c_img], clip=True).items():
-                        rows.append(self._row(r, scenario, out_p.setting, f"{name}_ref", value, per_image_p))
-                    for name, value in self.metrics.paired([b], [c_img], clip=True).items():
-                        rows.append(self._row(r, scenario, out_c.setting, f"{name}_ref", value, per_image_c,
-                                              baseline=True))
+                    for m in self.metrics.paired:
+                        rows.append(self._row(r, scenario, out_p.setting, f"{m.name}_pair", m([a], [b]), per_image_p))
+                    for m in self.metrics.paired:
+                        rows.append(self._row(r, scenario, out_p.setting, f"{m.name}_ref", m([a], [c_img]),
+                                              per_image_p))
+                    for m in self.metrics.paired:
+                        rows.append(self._row(r, scenario, out_c.setting, f"{m.name}_ref", m([b], [c_img]),
+                                              per_image_c, baseline=True))
             self._write_samples(scenario, recs, prot, clean, by_source)
         return rows
 
@@ -342,7 +343,7 @@ class GroupTrainer:
         self.builtin = settings.model.is_builtin
         self.mimics = {}
         self.style_references = style_references or {}  # group (or reference style) -> encoded images
-        self.judges: dict[int, StyleJudge] = {}  # per mimic resolution
+        self.style_metrics: dict[int, tuple[Metric, Metric]] = {}  # per mimic resolution
         device = settings.model.device
         if "textual_inversion" in settings.scenarios:
             self.mimics["textual_inversion"] = TextualInversion(settings.model, settings.textual_inversion, device)
@@ -356,15 +357,13 @@ class GroupTrainer:
     def _calibrated(self, metric: str) -> bool:
         return calibrated(self.metrics, metric, self.builtin)
 
-    def judge(self, resolution: int) -> StyleJudge | None:
-        """The style judge over every group's clean images and the reference styles, at the mimic's size."""
-        if not self.style_references:
-            return None
-        if resolution not in self.judges:
+    def style(self, resolution: int) -> tuple[Metric, Metric]:
+        """Style accuracy and distance among every group's clean images and the reference styles, at the mimic's
+        size."""
+        if resolution not in self.style_metrics:
             refs = {name: [_decode(b) for b in images] for name, images in self.style_references.items()}
-            descriptor = StyleDescriptor(self.s.metrics.style_weights, self.metrics.device)
-            self.judges[resolution] = StyleJudge(descriptor, refs, resolution)
-        return self.judges[resolution]
+            self.style_metrics[resolution] = self.metrics.style(refs, resolution)
+        return self.style_metrics[resolution]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         recs, prot, clean = [], [], []
@@ -416,26 +415,18 @@ class GroupTrainer:
                          "calibrated": self._calibrated(metric), "seconds": float(seconds)})
 
         gen_p, gen_c = outs["protected"].images, outs["clean"].images
-        for name, value in self.metrics.paired(gen_p, gen_c, clip=True).items():
-            row(f"{name}_pair", value, len(gen_p), outs["protected"].seconds)
-        judge = self.judge(mimic.resolution)
-        if judge is not None and group in judge.names:
+        for m in self.metrics.paired:
+            row(f"{m.name}_pair", m(gen_p, gen_c), len(gen_p), outs["protected"].seconds)
+        if group in self.style_references:  # the judge's candidates
             for source, gen in (("protected", gen_p), ("clean", gen_c)):
-                scores = judge.score(gen, group)
-                if len(judge.names) > 1:  # accuracy needs another style to confuse it with
-                    row("style_accuracy", np.mean(scores["style_match"]), len(gen), outs[source].seconds,
-                        baseline=source == "clean")
-                row("style_distance", np.mean(scores["style_distance"]), len(gen), outs[source].seconds,
-                    baseline=source == "clean")
+                for m, value in measure(self.style(mimic.resolution), gen, style=group):  # accuracy: 2+ candidates
+                    row(m.name, value, len(gen), outs[source].seconds, baseline=source == "clean")
         if self.s.save_images:
             for source in ("protected", "clean"):
                 save_generated(fs, root, scenario, r0, outs[source], mimic.config, source)
         for source, gen in (("protected", gen_p), ("clean", gen_c)):
-            sm = self.metrics.set_metrics(gen, clean, prompt=prompt)
-            for name, value in sm.items():
-                metric = "clip_i2i_ref" if name == "clip_i2i" else name
-                n = len(gen)
-                row(metric, value, n, outs[source].seconds, baseline=source == "clean")
+            for m, value in measure(self.metrics.sets, gen, references=clean, prompts=prompt):
+                row(m.name, value, len(gen), outs[source].seconds, baseline=source == "clean")
         n = min(4, len(clean), len(gen_c), len(gen_p))  # every row as long as the others: no empty cells
         self.samples.write(scenario, group, f"{r0['run']}-{r0['method']}-{r0['eps']:g}",
                            grid([clean[:n], gen_c[:n], gen_p[:n]]), {

@@ -185,8 +185,8 @@ def extension_for(image: DecodedImage) -> str:
 #
 # One convention each, named by purpose:
 #   to_tensor / to_uint8     uint8 H x W x 3  <->  float 1 x 3 x H x W in [0, 1]  (rounded, clipped back)
-#   to_batch / from_batch    a list of them   <->  float N x 3 x H x W in [0, 1], or in [-1, 1] (`signed`:
-#                            what the diffusion models' VAEs take and give)
+#   to_batch / from_batch    a list of them   <->  N x 3 x H x W: float in [0, 1] ("unit"), in [-1, 1] ("signed": what
+#                            the VAEs take and give), or uint8 unscaled ("uint8": the metrics' own 0-255 scales)
 #   resize_pixels            images fed to a model at another size: bilinear, antialiased (torch), as the
 #                            protection engine, FastProtect and the built-in training see them
 #   resize_perturbation      perturbations mapped back to the image: bilinear, no antialiasing (a convex
@@ -203,16 +203,25 @@ def to_tensor(rgb: np.ndarray, device=None):
     return to_batch([rgb], device=device)
 
 
-def to_batch(images: list[np.ndarray], signed: bool = False, device=None):
-    """Equally sized uint8 H x W x 3 arrays -> float32 N x 3 x H x W in [0, 1], or (`signed`) in [-1, 1]
-    as x / 127.5 - 1, the range the VAEs encode (a copy: decoded arrays are read-only)."""
+def to_batch(images: list[np.ndarray], scale: str = "unit", device=None):
+    """uint8 H x W x 3 images of one size -> N x 3 x H x W (a copy: decoded arrays are read-only), `scale`:
+
+        "unit"     float32 in [0, 1], x / 255
+        "signed"   float32 in [-1, 1], x / 127.5 - 1: the range the VAEs encode
+        "uint8"    uint8, unscaled (the metrics' own scales: 0-255 for PSNR/SSIM and FID/KID); a channels-first
+                   view of one stacked copy (call `.contiguous()` where a model's numbers were fixed on it)
+    """
     import torch
 
     stacked = np.stack([np.asarray(img, dtype=np.uint8) for img in images])
-    if signed:
+    if scale == "signed":
         x = torch.from_numpy(stacked.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
-    else:
+    elif scale == "unit":
         x = torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div(255)
+    elif scale == "uint8":
+        x = torch.from_numpy(stacked).permute(0, 3, 1, 2)
+    else:
+        raise ValueError(f"scale must be unit, signed or uint8, got {scale!r}")
     return x if device is None else x.to(device)
 
 

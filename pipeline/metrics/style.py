@@ -13,10 +13,11 @@ A style descriptor of an image is two unit-length blocks, concatenated (each wei
 
 Given reference images of several candidate styles (an evaluation's groups, or the built-in world's
 held-out artists), `StyleJudge` answers for each generated image "whose style is nearest?" (distance
-to each style's mean descriptor): the **style accuracy** of a set is the fraction attributed to the
-artist it should imitate (chance = 1 / number of candidates), and the **style distance** is the mean
-distance to that artist's mean descriptor in units of the artist's own spread (the mean distance of
-its reference images to their mean; about 1 means "as close as the artist's own images").
+to each style's mean descriptor): the **style accuracy** (`StyleAccuracy`) of a set is the fraction
+attributed to the artist it should imitate (chance = 1 / number of candidates), and the **style distance**
+(`StyleDistance`) is the mean distance to that artist's mean descriptor in units of the artist's own
+spread (the mean distance of its reference images to their mean; about 1 means "as close as the
+artist's own images"). Both are metrics (metrics/base.py) called as ``metric(images, style name)``.
 
 What it measures: colour use and local texture statistics (marks, strokes, grain). What it cannot:
 composition, subject matter, drawing skill, or anything a person calls style beyond those; with a
@@ -32,7 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.io.images import center_crop_resize
+from pipeline.io.images import center_crop_resize, to_batch
+from pipeline.metrics.base import STYLE, Metric
+from pipeline.seeds import seeded_global_rng
 
 RANDOM_SEED = 1234
 VGG_LAYERS = (1, 6, 11)  # relu1_1, relu2_1, relu3_1 in torchvision's vgg19().features
@@ -41,8 +44,7 @@ HIST_BINS = 6
 
 def _random_trunk() -> nn.Sequential:
     """VGG-19's first three blocks' shape, narrower, seeded (the stand-in without ``style_weights``)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
+    with seeded_global_rng(RANDOM_SEED):
         return nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),  # 0, 1
             nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),  # 2-4
@@ -71,7 +73,7 @@ class StyleDescriptor:
 
     @property
     def calibrated(self) -> bool:
-        return self.weights is not None
+        return bool(self.weights)
 
     @cached_property
     def trunk(self) -> nn.Sequential:
@@ -101,8 +103,7 @@ class StyleDescriptor:
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray], size: int) -> torch.Tensor:
         """Descriptors of `images`, each seen as its centre square at `size` px (as the mimics see them)."""
-        x = torch.from_numpy(np.stack([center_crop_resize(img, size) for img in images])).permute(0, 3, 1, 2)
-        x = x.float().to(self.device) / 255
+        x = to_batch([center_crop_resize(img, size) for img in images], "uint8").float().to(self.device) / 255
         if self.weights:  # ImageNet normalisation for VGG
             mean = torch.tensor([0.485, 0.456, 0.406], device=self.device)[None, :, None, None]
             std = torch.tensor([0.229, 0.224, 0.225], device=self.device)[None, :, None, None]
@@ -138,11 +139,39 @@ class StyleJudge:
 
     def score(self, images: list[np.ndarray], style: str) -> dict[str, list[float]]:
         """Per image: ``style_match`` (1 when `style` is the nearest candidate, else 0) and
-        ``style_distance`` (distance to `style`'s prototype over its spread)."""
+        ``style_distance`` (distance to `style`'s prototype over its spread); the metrics below average them."""
         d = self.distances(images)
         j = self.names.index(style)
         return {"style_match": (d.argmin(1) == j).float().tolist(),
                 "style_distance": (d[:, j] / self.spread[j]).tolist()}
+
+
+class StyleAccuracy(Metric):
+    """Fraction of the images whose nearest candidate style is `style` (chance: 1 / candidates); None with a
+    single candidate (nothing to confuse it with)."""
+
+    name, higher_is_better, compares = "style_accuracy", True, STYLE
+
+    def __init__(self, judge: StyleJudge):
+        self.judge, self.calibrated = judge, judge.descriptor.calibrated
+
+    def __call__(self, images: list[np.ndarray], style: str) -> float | None:
+        if len(self.judge.names) < 2:
+            return None
+        return float(np.mean(self.judge.score(images, style)["style_match"]))
+
+
+class StyleDistance(Metric):
+    """Mean distance of the images to `style`'s prototype, in units of the style's own spread (about 1: as close
+    as the artist's own images)."""
+
+    name, higher_is_better, compares = "style_distance", False, STYLE
+
+    def __init__(self, judge: StyleJudge):
+        self.judge, self.calibrated = judge, judge.descriptor.calibrated
+
+    def __call__(self, images: list[np.ndarray], style: str) -> float:
+        return float(np.mean(self.judge.score(images, style)["style_distance"]))
 
 
 def reference_styles(spec: str | None, s3=None, per_style: int = 16) -> dict[str, list[np.ndarray]]:

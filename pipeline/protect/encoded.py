@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -29,7 +28,10 @@ from pipeline.io.images import (
     extension_for,
     quantize_perturbation,
 )
-from pipeline.metrics.visibility import visibility_metrics
+from pipeline.metrics.base import Metric
+from pipeline.metrics.visibility import PSNR, SSIM, Linf
+
+VISIBILITY = (Linf(), PSNR(), SSIM())  # the written file against the clean image (and LPIPS with calibrated weights)
 
 
 @dataclass
@@ -62,7 +64,7 @@ def finish(
     eps: float,
     seconds: float | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
+    lpips: Metric | None = None,
     jpeg_as: str = "jpeg",
 ) -> ProtectResult:
     """Apply `delta` (pixel units, float or the int16 of `quantize`), encode, measure the written file.
@@ -82,9 +84,10 @@ def finish(
         res.data, res.error, res.stage = None, f"{type(err).__name__}: {err}", "encode"
         return res
     h, w = image.size
-    res.metrics = {**visibility_metrics(image.rgb, written), "seconds": seconds, "width": w, "height": h}
+    res.metrics = {m.name: m([written], [image.rgb]) for m in VISIBILITY}
+    res.metrics.update(seconds=seconds, width=w, height=h)
     if lpips is not None:
-        res.metrics["lpips"] = lpips(image.rgb, written)
+        res.metrics[lpips.name] = lpips([written], [image.rgb])
     if image.format == "JPEG":
         res.warnings.append("JPEG output: lossy compression weakens the protection (prefer PNG or WebP, or --jpeg-as png)")
     if res.metrics["linf"] > math.floor(eps + 1e-6):
@@ -102,13 +105,13 @@ def protect_encoded(
     datas: list[bytes],
     prompts: list[str | None] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
+    lpips: Metric | None = None,
     jpeg_as: str = "jpeg",
 ) -> list[ProtectResult]:
     """Decode, protect, re-encode and measure a batch; one result per input, in order.
 
-    `protector` is what `pipeline.protect.build_protector` returns. `lpips(clean, written)` adds an
-    ``lpips`` metric (pass one only with calibrated weights).
+    `protector` is what `pipeline.protect.build_protector` returns. `lpips` (a `pipeline.metrics.LPIPS`) adds an
+    ``lpips`` measurement (pass one only with calibrated weights).
     """
     results = [ProtectResult(key=k) for k in keys]
     prompts = prompts or [None] * len(keys)

@@ -20,12 +20,15 @@ import time
 import numpy as np
 
 from pipeline.io.metadata import sample_group
+from pipeline.metrics import METRICS
+from pipeline.metrics.base import measure
 from pipeline.study import adapter
 from pipeline.study.grid import Cell, Source
 from pipeline.study.purify import PurifyContext, parse_purification
 from pipeline.study.store import StudyStore
 
-SIMILARITIES = ("psnr", "ssim", "clip_i2i", "clip_score", "style_accuracy")  # higher = the mimic got closer
+# higher = the mimic got closer: psnr, ssim, clip_i2i, clip_score, style_accuracy
+SIMILARITIES = frozenset(m.name.removesuffix("_ref") for m in METRICS if m.higher_is_better)
 
 
 def damage(metric: str, value: float, baseline: float | None) -> float | None:
@@ -91,17 +94,16 @@ class CellWorker:
         self.metrics = adapter.metrics(self.ev)
         self.mimics: dict[str, object] = {}
         self.store = StudyStore(settings.output, settings.s3)
-        self.judges: dict[tuple, object] = {}
+        self.style_metrics: dict[tuple, tuple] = {}
 
-    def style_judge(self, artist: str, originals: list[np.ndarray], resolution: int):
-        """The style judge of the training cells: the artist's clean originals among --style-references."""
-        from pipeline.metrics.style import StyleDescriptor, StyleJudge, merge_references, reference_styles
+    def style(self, artist: str, originals: list[np.ndarray], resolution: int):
+        """Style accuracy and distance of the training cells: the artist's clean originals among --style-references."""
+        from pipeline.metrics.style import merge_references, reference_styles
 
-        if (artist, resolution) not in self.judges:
+        if (artist, resolution) not in self.style_metrics:
             refs = merge_references(reference_styles(self.ev.metrics.style_references, self.s.s3), {artist: originals})
-            descriptor = StyleDescriptor(self.ev.metrics.style_weights, self.metrics.device)
-            self.judges[(artist, resolution)] = StyleJudge(descriptor, refs, resolution)
-        return self.judges[(artist, resolution)]
+            self.style_metrics[(artist, resolution)] = self.metrics.style(refs, resolution)
+        return self.style_metrics[(artist, resolution)]
 
     def mimic(self, scenario: str):
         if scenario not in self.mimics:
@@ -164,16 +166,10 @@ class CellWorker:
                 out, _ = adapter.run_training(mimic, images, group, cell.source.id, tmp)
             prompt = adapter.prompt_template(mimic).format(token=group)
             refs = [originals[k] for k in keys]
-            for name, value in self.metrics.set_metrics(out.images, refs, prompt=prompt).items():
-                metric = "clip_i2i_ref" if name == "clip_i2i" else name
-                results.append((out.setting, metric, value, len(out.images), out.seconds))
-            judge = self.style_judge(group, refs[:16], mimic.resolution)
-            scores = judge.score(out.images, group)
-            if len(judge.names) > 1:
-                results.append((out.setting, "style_accuracy", np.mean(scores["style_match"]), len(out.images),
-                                out.seconds))
-            results.append((out.setting, "style_distance", np.mean(scores["style_distance"]), len(out.images),
-                            out.seconds))
+            for m, value in measure(self.metrics.sets, out.images, references=refs, prompts=prompt):
+                results.append((out.setting, m.name, value, len(out.images), out.seconds))
+            for m, value in measure(self.style(group, refs[:16], mimic.resolution), out.images, style=group):
+                results.append((out.setting, m.name, value, len(out.images), out.seconds))
             samples = {k: img for k, img in zip(keys, out.images)}
             if self.ev.save_images:
                 adapter.save_generated(self.store, cell, group, out, mimic)
@@ -181,8 +177,8 @@ class CellWorker:
             outputs = adapter.run_per_image(mimic, cell.scenario, images, keys, cell.source.id, prompts, metas)
             for out in outputs:
                 refs = [originals[k] for k in out.keys]
-                for name, value in self.metrics.paired(out.images, refs, clip=True).items():
-                    results.append((out.setting, f"{name}_ref", value, len(out.keys), out.seconds))
+                for m in self.metrics.paired:
+                    results.append((out.setting, f"{m.name}_ref", m(out.images, refs), len(out.keys), out.seconds))
             if outputs:
                 last = outputs[-1]  # the strongest setting: what the sample grids show
                 samples = dict(zip(last.keys, last.images))

@@ -118,7 +118,7 @@ def to_pil(images: list[np.ndarray], size: int) -> list[Image.Image]:
 
 def to_model_tensor(images: list[np.ndarray], size: int) -> torch.Tensor:
     """A batch as the mimic's VAE takes it: each image's mimic view, N x 3 x size x size in [-1, 1], float32 on CPU."""
-    return to_batch([mimic_view(img, size) for img in images], signed=True)
+    return to_batch([mimic_view(img, size) for img in images], "signed")
 
 
 def to_uint8(images) -> list[np.ndarray]:

@@ -16,9 +16,10 @@ For an image x (any H x W) and a bank trained at R x R with budget eta (bank.py)
    budget; no antialias, so small outputs keep the pattern's amplitude), in pixel units, and
    clamped to [-eps, eps].
 
-LPIPS: spatial LPIPS-alex from pipeline.metrics.lpips: the lpips package's own linear heads and an
-AlexNet trunk that cannot be downloaded here, so by default it is *random* (seeded, hence
-deterministic): the map is then uncalibrated, a proxy for visibility, not the LPIPS of the paper.
+LPIPS: spatial LPIPS-alex from pipeline.metrics.lpips (`lpips_of`, as the LPIPS metric computes it): the
+lpips package's own linear heads and an AlexNet trunk that cannot be downloaded here, so by default it is
+*random* (seeded, hence deterministic): the map is then uncalibrated, a proxy for visibility, not the
+LPIPS of the paper.
 Pass torchvision's AlexNet weights (`alexnet-owt-7be5be79.pth` or a safetensors copy) as
 ``config.fastprotect.lpips_weights`` (CLI: --lpips-weights) for the calibrated map.
 `config.fastprotect.adaptive_strength = False` skips step 5 (ablation).
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 from pipeline.io.images import resize_perturbation, resize_pixels, to_tensor
 from pipeline.metrics.lpips import build_lpips as build
+from pipeline.metrics.lpips import lpips_of
 from pipeline.models.loading import DiffusionModels
 from pipeline.protect.engine import ProtectConfig, Protector
 from pipeline.protect.fastprotect.bank import DEFAULT_BANK_BUILTINS, FastProtectBank, load_bank_for
@@ -97,7 +99,7 @@ class FastProtector:
         side = max(self.bank.resolution, LPIPS_MIN_SIDE)
         up = (lambda v: F.interpolate(v, size=(side, side), mode="bilinear", align_corners=False)) if side != x_r.shape[-1] else (lambda v: v)  # noqa: E731
         x_l = up(x_r.float())
-        m = self.lpips(x_l * 2 - 1, (x_l + up(d)).clamp(0, 1) * 2 - 1).float()  # B x 1 x side x side
+        m = lpips_of(self.lpips, x_l, (x_l + up(d)).clamp(0, 1)).float()  # B x 1 x side x side
         if side != x_r.shape[-1]:
             m = F.interpolate(m, size=x_r.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
         lo = m.amin(dim=(1, 2, 3), keepdim=True)
