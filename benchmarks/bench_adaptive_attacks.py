@@ -10,7 +10,7 @@
   clean latents; the seconds its training takes.
 - seconds per 64 x 64 image of diffpure:0.1, gridpure:0.01 and pdmpure:0.1 on tiny.
 
-Held-out photos: `pipeline.models.builtin.training.HELD_OUT` (rocket, motorcycle), never seen by tiny,
+Held-out photos: `pipeline.data.photos.HELD_OUT` (rocket, motorcycle), never seen by tiny,
 tiny-pixel or CAT's attacker (whose own images are crops of the training photos).
 """
 
@@ -39,13 +39,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def main(argv=None) -> None:
     import torch
 
-    from pipeline.models.builtin.pixel import builtin_pixel_path, denoising_psnr
-    from pipeline.models.builtin.training import held_out_images
+    from pipeline.data.photos import held_out_images
+    from pipeline.models.builtin.pixel import builtin_pixel_path
     from pipeline.protect import ProtectConfig, build_protector
     from pipeline.study.purify import PurifyContext, parse_purification
     from pipeline.study.purify.cat import posterior_mean
     from pipeline.study.purify.impress import vae_models
     from pipeline.study.purify.pdmpure import load_pixel_model
+    from pipeline.train.pixel import denoising_psnr
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--crops", type=int, default=3, help="random crops per held-out photo (besides its centre)")

@@ -29,9 +29,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 def main(argv=None) -> int:
     import torch
 
+    from pipeline.data.styles import HELD_OUT_STYLES, artist_images
     from pipeline.io.images import to_tensor
     from pipeline.models import load_models
-    from pipeline.models.builtin.styles import HELD_OUT_STYLES, artist_images
     from pipeline.protect import ProtectConfig, build_protector
     from pipeline.protect.aspl import mimic_loss
 

@@ -1,6 +1,6 @@
 """What the built-in `tiny` has learned, on photos it never saw (not a test).
 
-On ``models.builtin.training.HELD_OUT`` at 64 x 64 (each photo's centre square + random crops), and for
+On ``data.photos.HELD_OUT`` at 64 x 64 (each photo's centre square + random crops), and for
 the VAE also on ``UNFAMILIAR`` photos from outside scikit-image (matplotlib's portrait and product shot):
 
 - VAE reconstruction E -> D through the posterior mean: PSNR / SSIM, per photo and overall, next to
@@ -32,12 +32,13 @@ sys.path.insert(0, str(HERE.parent))
 def vae_figures(vae, crops_per_photo: int) -> dict:
     import torch.nn.functional as F
 
-    from pipeline.models.builtin import training as bt
+    from pipeline.data import photos
+    from pipeline.train import tiny as bt
 
     out = {}
-    unfamiliar = tuple(bt.UNFAMILIAR)
-    for names in [(n,) for n in bt.HELD_OUT] + [bt.HELD_OUT] + [(n,) for n in unfamiliar] + [unfamiliar]:
-        x = bt.held_out_images(64, crops_per_photo, names=names)
+    unfamiliar = tuple(photos.UNFAMILIAR)
+    for names in [(n,) for n in photos.HELD_OUT] + [photos.HELD_OUT] + [(n,) for n in unfamiliar] + [unfamiliar]:
+        x = photos.held_out_images(64, crops_per_photo, names=names)
         bicubic = F.interpolate(F.interpolate(x, scale_factor=1 / 8, mode="area"), size=64, mode="bicubic").clamp(0, 1)
         out["+".join(names)] = {"images": len(x), **bt.evaluate_vae(vae, x),
                                 "bicubic_8x_psnr": float(bt.psnr(bicubic, x).mean())}
@@ -45,12 +46,12 @@ def vae_figures(vae, crops_per_photo: int) -> dict:
 
 
 def sdedit_figures(strengths, ddim_steps: int, images: int) -> dict:
+    from pipeline.data import photos
     from pipeline.evaluate.mimic.sdedit import SDEdit, SDEditConfig
     from pipeline.metrics.visibility import psnr, ssim
-    from pipeline.models.builtin import training as bt
     from pipeline.models.builtin.build import builtin_model_path
 
-    x = bt.held_out_images(64, crops_per_photo=images // len(bt.HELD_OUT) - 1)
+    x = photos.held_out_images(64, crops_per_photo=images // len(photos.HELD_OUT) - 1)
     clean = [np.asarray((im.permute(1, 2, 0) * 255).round().byte()) for im in x]
     sdedit = SDEdit(str(builtin_model_path("tiny")),
                     SDEditConfig(strengths=tuple(strengths), modes=("ddim",), ddim_steps=ddim_steps),

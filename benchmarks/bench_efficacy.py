@@ -1,7 +1,7 @@
 """Does protection hurt a mimic? Every method vs uniform noise of the same budget (not a test).
 
-On the built-in ``tiny`` model (trained on scikit-image photos, pipeline/models/builtin/training.py),
-on photos it never saw (``models.builtin.training.HELD_OUT``), at 64 x 64:
+On the built-in ``tiny`` model (trained on scikit-image photos, pipeline/train/tiny.py),
+on photos it never saw (``data.photos.HELD_OUT``), at 64 x 64:
 
 - for each method (advdm, advdm-, photoguard, mist, sds+, sds-, sdst-, fastprotect) and each
   budget eps (default 4, 8, 16; [0, 255] units), protect the images (PGD `--steps` steps of
@@ -49,7 +49,7 @@ FULL_GRADIENT = ("advdm", "mist")
 
 
 def held_out_uint8(size: int, crops_per_photo: int) -> list[np.ndarray]:
-    from pipeline.models.builtin.training import held_out_images
+    from pipeline.data.photos import held_out_images
 
     x = held_out_images(size, crops_per_photo)
     return [np.asarray((im.permute(1, 2, 0) * 255).round().byte()) for im in x]
@@ -198,7 +198,7 @@ def markdown(result: dict, args) -> str:
         "# Protection efficacy on the trained `tiny` model (held-out photos, CPU)",
         "",
         f"- images: {len(held_out_uint8(args.resolution, args.crops))} at {args.resolution} px from the held-out photos "
-        f"({', '.join(__import__('pipeline.models.builtin.training', fromlist=['HELD_OUT']).HELD_OUT)}), never seen in training",
+        f"({', '.join(__import__('pipeline.data.photos', fromlist=['HELD_OUT']).HELD_OUT)}), never seen in training",
         f"- protection: {args.steps} PGD steps of {args.step_size:g} (0-255 units), seed {args.seed}; `noise` = uniform U(-eps, eps)",
         f"- mimic: SDEdit, DDIM {args.ddim_steps} steps, strength {args.strength:g}, guidance 1, same noise for every input",
         f"- mimic damage = the mimic's output against the clean image; LPIPS "

@@ -8,7 +8,7 @@
     python benchmarks/bench_study.py style-table        # pool the artists' studies: study_style.json and .md
 
 Held-out photos: crops of scikit-image's bundled photos the tiny model never saw in training
-(`pipeline.models.builtin.training.HELD_OUT`: rocket, motorcycle), at 64 x 64.
+(`pipeline.data.photos.HELD_OUT`: rocket, motorcycle), at 64 x 64.
 Results go to benchmarks/results/study_<part>.json (and the table study's report.html path).
 """
 
@@ -35,8 +35,8 @@ from results_writer import machine_lines, write_results  # noqa: E402
 
 
 def held_out_photos(n: int, size: int = 64) -> dict[str, np.ndarray]:
-    """n images at size x size from the photos tiny never saw in training (models.builtin.training.HELD_OUT)."""
-    from pipeline.models.builtin.training import HELD_OUT, held_out_images
+    """n images at size x size from the photos tiny never saw in training (data.photos.HELD_OUT)."""
+    from pipeline.data.photos import HELD_OUT, held_out_images
 
     per_photo = max(0, -(-n // len(HELD_OUT)) - 1)  # the centre square of each photo, then random crops
     x = held_out_images(size, per_photo)
@@ -202,7 +202,7 @@ def bench_style(args) -> dict:
 
     `--artist I` runs the I-th held-out artist only (one process per core); `style-table` pools them."""
     from pipeline.cli import main
-    from pipeline.models.builtin.styles import HELD_OUT_STYLES, artist_images
+    from pipeline.data.styles import HELD_OUT_STYLES, artist_images
 
     indices = [args.artist] if args.artist is not None else range(args.artists)
     out = {}
@@ -268,7 +268,7 @@ def bench_style_table(args) -> dict:
             records = pq.read_table(run / "tables" / "runs").to_pylist()
             seconds = sum(x["seconds"] for x in records if x["status"] == "completed" and x["units_done"])
             protect.setdefault(run.name, []).append(seconds)
-    from pipeline.models.builtin.styles import HELD_OUT_STYLES
+    from pipeline.data.styles import HELD_OUT_STYLES
 
     return {"artists": [HELD_OUT_STYLES[i].name for i in frames], "retained": rows, "scores": scores,
             "cell_seconds_median": cells.groupby(level="scenario").median().round(2).to_dict(),

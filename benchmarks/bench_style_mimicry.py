@@ -1,6 +1,6 @@
 """Does protection stop style mimicry by fine-tuning? LoRA and textual inversion on held-out artists (not a test).
 
-On the built-in ``tiny-style`` model (pipeline/models/builtin/style_training.py), for each of the style
+On the built-in ``tiny-style`` model (pipeline/train/style.py), for each of the style
 world's held-out artists (styles.HELD_OUT_STYLES, never seen in training), `--images` images of the
 artist at 64 px (the style on crops of photos no built-in trained on):
 
@@ -69,8 +69,8 @@ def judge_set(judge, images, artist) -> dict:
 def run(args) -> dict:
     import torch
 
+    from pipeline.data.styles import HELD_OUT_STYLES, artist_images
     from pipeline.metrics.style import StyleDescriptor, StyleJudge, reference_styles
-    from pipeline.models.builtin.styles import HELD_OUT_STYLES, artist_images
     from pipeline.models.loading import load_models
     from pipeline.protect import ProtectConfig, build_protector
 

@@ -133,7 +133,7 @@ def main() -> None:
                    | {m for e in args.ensembles.split(",") if e for m in e.split("+")})
     loaded = {n: load_models(n, device="cpu", dtype="fp32") for n in names}
     if args.held_out:
-        from pipeline.models.builtin.training import held_out_images
+        from pipeline.data.photos import held_out_images
 
         held = held_out_images(args.size, crops_per_photo=max(0, args.images // 2 - 1))
         images = [np.round(im.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for im in held]

@@ -1,6 +1,6 @@
 """The trained built-in `tiny`: its shipped weights, the script that made them, what it has learned.
 
-Figures are measured on photos held out of training (models.builtin.training.HELD_OUT), at 64 px.
+Figures are measured on photos held out of training (data.photos.HELD_OUT), at 64 px.
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data import photos
 from pipeline.models.builtin import build as bm
-from pipeline.models.builtin import training as bt
+from pipeline.train import tiny as bt
 
 # measured on the shipped weights (v4): 22.07 dB, SSIM 0.586 on these 10 held-out images (23.77 dB, 0.642 on
 # benchmarks/results/builtin_tiny.json's 18); v3 scored 18.49 dB here, a random VAE about 10 dB
@@ -19,16 +20,16 @@ MIN_VAE_SSIM = 0.53
 
 
 def test_held_out_photos_are_not_trained_on():
-    assert not set(bt.HELD_OUT) & set(bt.TRAIN_PHOTOS)
+    assert not set(photos.HELD_OUT) & set(photos.TRAIN_PHOTOS)
     # the photos the other tests use (tests/conftest.py) are training photos, not evaluation ones
-    assert {"astronaut", "coffee", "chelsea"} <= set(bt.TRAIN_PHOTOS)
-    for name in bt.TRAIN_PHOTOS + bt.HELD_OUT:  # bundled with scikit-image: no download
-        img = bt.load_photo(name)
+    assert {"astronaut", "coffee", "chelsea"} <= set(photos.TRAIN_PHOTOS)
+    for name in photos.TRAIN_PHOTOS + photos.HELD_OUT:  # bundled with scikit-image: no download
+        img = photos.load_photo(name)
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) >= 64
 
 
 def test_recoloured_crops_colour_grayscale_photos_and_permute_colour_ones():
-    for crop in bt.PhotoCrops(["camera"], seed=3, colour=True).sample(6, 32)[0]:
+    for crop in photos.PhotoCrops(["camera"], seed=3, colour=True).sample(6, 32)[0]:
         assert 0 <= float(crop.min()) and float(crop.max()) <= 1
         assert not (torch.equal(crop[0], crop[1]) and torch.equal(crop[1], crop[2]))  # no longer gray
         # a + (b - a) * gray: every channel is an affine map of the same gray values
@@ -36,8 +37,8 @@ def test_recoloured_crops_colour_grayscale_photos_and_permute_colour_ones():
         for c in varying[1:]:
             assert float(torch.corrcoef(torch.stack([varying[0], c]))[0, 1].abs()) > 0.999
     # a colour photo keeps its channels, in some order (the first crop is drawn alike with and without)
-    plain = bt.PhotoCrops(["coffee"], seed=3).sample(1, 32)[0][0]
-    recoloured = bt.PhotoCrops(["coffee"], seed=3, colour=True).sample(1, 32)[0][0]
+    plain = photos.PhotoCrops(["coffee"], seed=3).sample(1, 32)[0][0]
+    recoloured = photos.PhotoCrops(["coffee"], seed=3, colour=True).sample(1, 32)[0][0]
     assert sorted(float(c.sum()) for c in plain) == pytest.approx(sorted(float(c.sum()) for c in recoloured))
 
 
@@ -66,14 +67,14 @@ def test_tiny_and_tiny_inpaint_share_the_trained_vae_and_text_encoder(tiny_model
 
 def test_vae_reconstructs_held_out_photos(tiny_models):
     """PSNR of E -> D on held-out photos at 64 px (a random VAE scores about 10 dB)."""
-    figures = bt.evaluate_vae(tiny_models.vae, bt.held_out_images(64, crops_per_photo=4))
+    figures = bt.evaluate_vae(tiny_models.vae, photos.held_out_images(64, crops_per_photo=4))
     assert figures["psnr"] > MIN_VAE_PSNR and figures["ssim"] > MIN_VAE_SSIM
 
 
 def test_latent_scale_gives_unit_variance_latents(tiny_models):
     from pipeline.protect.methods import encode
 
-    z = encode(tiny_models, bt.held_out_images(64, crops_per_photo=8))
+    z = encode(tiny_models, photos.held_out_images(64, crops_per_photo=8))
     assert 0.6 < float(z.std()) < 1.6
 
 
@@ -82,7 +83,7 @@ def test_unet_denoises_better_than_predicting_zero(tiny_models):
     from pipeline.protect.methods import encode
 
     gen = torch.Generator().manual_seed(0)
-    z = encode(tiny_models, bt.held_out_images(64, crops_per_photo=8))
+    z = encode(tiny_models, photos.held_out_images(64, crops_per_photo=8))
     noise = torch.randn(z.shape, generator=gen)
     t = torch.randint(50, 600, (len(z),), generator=gen)
     z_t = tiny_models.scheduler.add_noise(z, noise, t)
@@ -96,7 +97,7 @@ def test_unet_is_conditioned_on_the_prompt(tiny_models):
     from pipeline.protect.methods import encode
 
     gen = torch.Generator().manual_seed(1)
-    z = encode(tiny_models, bt.held_out_images(64, crops_per_photo=1))
+    z = encode(tiny_models, photos.held_out_images(64, crops_per_photo=1))
     t = torch.full((len(z),), 700)
     z_t = tiny_models.scheduler.add_noise(z, torch.randn(z.shape, generator=gen), t)
     with torch.no_grad():
@@ -144,8 +145,8 @@ def test_tiny_style_weights_load_through_from_pretrained_and_paint_named_styles(
     import numpy as np
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from pipeline.data import styles as S
     from pipeline.metrics.style import StyleDescriptor, StyleJudge
-    from pipeline.models.builtin import styles as S
     from pipeline.models.loading import model_path
 
     weights = bm.WEIGHTS_DIR / bm.STYLE_WEIGHTS_NAME

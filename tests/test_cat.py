@@ -29,7 +29,7 @@ def train(spec: str, context, seed: int = 0) -> dict:
 @pytest.fixture(scope="module")
 def held_out() -> list[np.ndarray]:
     """Crops of the photos the tiny model and the attacker never trained on (rocket, motorcycle), 64 px."""
-    from pipeline.models.builtin.training import held_out_images
+    from pipeline.data.photos import held_out_images
 
     return [np.round(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for x in held_out_images(64, crops_per_photo=2)]
 

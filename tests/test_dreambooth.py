@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.styles import HELD_OUT_STYLES, artist_images
 from pipeline.evaluate.mimic import DreamBooth, DreamBoothConfig
 from pipeline.metrics.style import StyleDescriptor, StyleJudge, reference_styles
-from pipeline.models.builtin.styles import HELD_OUT_STYLES, artist_images
 
 pytestmark = pytest.mark.slow
 ARTISTS = HELD_OUT_STYLES[4:]

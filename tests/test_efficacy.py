@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.data.photos import held_out_images
 from pipeline.metrics.visibility import psnr
 from pipeline.models.builtin.build import builtin_model_path
-from pipeline.models.builtin.training import held_out_images
 from pipeline.protect import ProtectConfig, build_protector
 from pipeline.protect.methods import METHODS
 

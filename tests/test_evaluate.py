@@ -211,8 +211,8 @@ def test_folder_outputs_take_method_and_eps_from_the_protect_runs_table(tmp_path
 def test_training_mimics_write_style_rows_and_their_generated_images(tmp_path):
     """Style accuracy/distance rows for the clean and protected mimic; --save-images writes every generated
     image with the prompt and seed that made it, the clean and protected sets paired by index."""
+    from pipeline.data.styles import HELD_OUT_STYLES, artist_images
     from pipeline.evaluate.run import png
-    from pipeline.models.builtin.styles import HELD_OUT_STYLES, artist_images
 
     artist, other = HELD_OUT_STYLES[0], HELD_OUT_STYLES[1]
     clean = [png_bytes(img) for img in artist_images(artist, 2, 64, seed=3)]

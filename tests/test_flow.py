@@ -176,7 +176,8 @@ def test_flux_directory_loads_like_a_real_checkpoint(flow_models, tmp_path):
 
 
 def test_flow_vaes_reconstruct_held_out_photos_as_well_as_tinys(flow_models, tiny_models):
-    from pipeline.models.builtin.training import evaluate_vae, held_out_images
+    from pipeline.data.photos import held_out_images
+    from pipeline.train.tiny import evaluate_vae
 
     images = held_out_images(64, crops_per_photo=2)
     tiny = evaluate_vae(tiny_models.vae, images)["psnr"]
@@ -439,7 +440,7 @@ def test_flow_weights_match_their_recorded_sha256_and_a_replaced_file_is_refused
 def test_transformers_learned_the_velocity_and_the_prompt(name, flow_models):
     """|| v_theta - (eps - z) ||^2 on held-out latents is well under E||eps - z||^2 (what predicting 0 scores), and
     the output depends on the caption."""
-    from pipeline.models.builtin.training import held_out_images
+    from pipeline.data.photos import held_out_images
     from pipeline.models.diffusion import denoise
     from pipeline.protect.methods import encode
 
@@ -464,8 +465,8 @@ def test_flow_training_script_runs_and_its_weights_load(tmp_path):
     from safetensors import safe_open
 
     from pipeline.models.builtin import build as bm
-    from pipeline.models.builtin import flow_training as ft
-    from pipeline.models.builtin.training import VAETraining
+    from pipeline.train import flow as ft
+    from pipeline.train.tiny import VAETraining
 
     path = ft.train_flow_builtins(tmp_path, VAETraining(steps=2, batch=2, crop=32, eval_every=2, warmup=1),
                                   ft.FlowTraining(steps=2, batch=2, pool=8, log_every=1))

@@ -125,7 +125,7 @@ def test_gridpure_depends_more_on_the_noise_with_larger_t(photo, context):
 @pytest.fixture(scope="module")
 def held_out_photo() -> np.ndarray:
     """The centre of a photo neither the tiny models nor the pixel DDPM trained on (rocket), 64 x 64."""
-    from pipeline.models.builtin.training import held_out_images
+    from pipeline.data.photos import held_out_images
 
     return np.round(held_out_images(64, crops_per_photo=1)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.data import styles as S
 from pipeline.metrics.style import StyleDescriptor, StyleJudge, reference_styles
-from pipeline.models.builtin import styles as S
 
 
 def test_style_world_is_seeded_and_its_held_out_artists_are_new_combinations():
@@ -50,8 +50,8 @@ def test_style_score_ranks_each_styles_own_renders_first():
 
 def test_photos_are_not_any_style_and_the_spread_is_the_unit():
     """A photo is far from every style (distance several spreads); a style's own references are about 1."""
+    from pipeline.data.photos import load_photo
     from pipeline.io.images import center_crop_resize
-    from pipeline.models.builtin.training import load_photo
 
     held = StyleJudge(StyleDescriptor(), reference_styles("builtin"), 64)
     refs = reference_styles("builtin")

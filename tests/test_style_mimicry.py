@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.data.styles import HELD_OUT_STYLES, artist_images
 from pipeline.evaluate.mimic import Lora, LoraConfig, TextualInversion, TextualInversionConfig
 from pipeline.metrics.style import StyleDescriptor, StyleJudge, reference_styles
-from pipeline.models.builtin.styles import HELD_OUT_STYLES, artist_images
 
 pytestmark = pytest.mark.slow
 ARTISTS = HELD_OUT_STYLES[4:]  # not the benchmark's

@@ -20,13 +20,9 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
 
 
 def _photos() -> list[np.ndarray]:
-    from skimage import data
+    from pipeline.data.photos import load_photo
 
-    out = []
-    for name in PHOTOS:
-        img = getattr(data, name)()
-        out.append(img[..., :3] if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2))
-    return out
+    return [load_photo(name) for name in PHOTOS]
 
 
 def png_bytes(rgb: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -93,7 +89,7 @@ def shard_bytes(samples: list[dict]) -> bytes:
 
 def style_world_images(per_artist: int = 8, artists: int = 8, size: int = 64, seed: int = 0) -> dict[str, list[np.ndarray]]:
     """The built-in style world's first `artists` held-out artists: {artist name: `per_artist` images}."""
-    from pipeline.models.builtin.styles import HELD_OUT_STYLES, artist_images
+    from pipeline.data.styles import HELD_OUT_STYLES, artist_images
 
     return {style.name: artist_images(style, per_artist, size, seed=seed + 100 + a)
             for a, style in enumerate(HELD_OUT_STYLES[:artists])}

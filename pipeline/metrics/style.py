@@ -185,7 +185,7 @@ def reference_styles(spec: str | None, s3=None, per_style: int = 16) -> dict[str
     if not spec:
         return {}
     if spec == "builtin":
-        from pipeline.models.builtin.styles import HELD_OUT_STYLES, JUDGE_PHOTOS, artist_images
+        from pipeline.data.styles import HELD_OUT_STYLES, JUDGE_PHOTOS, artist_images
 
         return {s.name: artist_images(s, per_style, 64, seed=31, photos=JUDGE_PHOTOS) for s in HELD_OUT_STYLES}
     import posixpath

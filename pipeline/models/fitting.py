@@ -1,8 +1,9 @@
 """The one optimisation loop: everything in mimicshield that fine-tunes weights runs through `fit`.
 
 Its users: the built-in models' training (`pipeline/train/`, and `models/builtin/build.py` for the built-ins
-trained on first use), the training mimics (`evaluate/mimic/training.py`: textual inversion, LoRA, DreamBooth)
-and ASPL's surrogate (`protect/aspl.py`). They differ only in what they pass:
+trained on first use), the training mimics (`evaluate/mimic/training.py`: textual inversion, LoRA, DreamBooth),
+ASPL's surrogate (`protect/aspl.py`) and CAT's adapters (`study/purify/cat.py`). They differ only in what they
+pass:
 
     theta <- AdamW(theta, grad loss_at(step); lr * factor(step), weight_decay)
 
@@ -73,7 +74,8 @@ def fit(
     groups = [{**g, "params": list(g["params"])} for g in groups]
     trained = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup, decay, lr_min / lr))
+    floor = lr_min / lr if lr else 0.0  # (lr 0: a test's way of training nothing)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup, decay, floor))
     averaged = None
     if ema:  # the average of the last ~1/(1-ema) steps' weights: smoother than the last iterate
         swa = torch.optim.swa_utils

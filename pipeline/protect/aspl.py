@@ -46,6 +46,7 @@ import math
 import torch
 
 from pipeline.models.diffusion import denoising_loss, sample_timesteps
+from pipeline.models.fitting import fit
 from pipeline.models.loading import DiffusionModels
 from pipeline.protect.engine import Protector, seen_by_models
 from pipeline.protect.methods import StepInputs, encode, semantic_loss
@@ -118,26 +119,22 @@ def autocast(device: torch.device):
 
 def fine_tune(surrogate: Surrogate, latents: torch.Tensor, cond: torch.Tensor, added: dict | None, steps: int,
               learning_rate: float, batch_size: int, gen: torch.Generator) -> list[float]:
-    """K_f steps of theta <- theta - lr grad L_cond(theta, x) on the group's latents (AdamW, a fresh optimiser
-    each call as the reference's train_one_epoch); returns the losses."""
+    """K_f steps of theta <- theta - lr grad L_cond(theta, x) on the group's latents (`fit`: AdamW, weight decay
+    1e-2, a fresh optimiser each call as the reference's train_one_epoch); returns the losses."""
     if steps == 0:
         return []
     models = surrogate.models
-    opt = torch.optim.AdamW(surrogate.params, lr=learning_rate, weight_decay=1e-2)
-    losses = []
-    for _ in range(steps):
+
+    def loss_at(step):  # L_cond(theta, x) on a batch of the group
         idx = torch.randperm(len(latents), generator=gen)[:batch_size]
         z = latents[idx.to(latents.device)]
         noise = torch.randn(z.shape, generator=gen).to(z.device, z.dtype)
         t = sample_timesteps(models.scheduler, len(idx), gen, models.timestep_weighting).to(z.device)
         with autocast(z.device):
-            loss = denoising_loss(surrogate.net, models.scheduler, z, noise, t, cond[idx.to(cond.device)],
+            return denoising_loss(surrogate.net, models.scheduler, z, noise, t, cond[idx.to(cond.device)],
                                   take(added, idx.to(z.device)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+
+    return fit(surrogate.params, loss_at, steps=steps, lr=learning_rate, weight_decay=1e-2).losses
 
 
 class ASPLProtector(Protector):

@@ -23,24 +23,18 @@ Anti-DreamBooth's evaluation): 1000 steps at lr 5e-7 to 5e-6, batch 1-2, 200 cla
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.evaluate.mimic.common import (
-    MimicOutput,
-    denoiser,
-    is_flow_pipeline,
-    native_resolution,
-)
+from pipeline.evaluate.mimic.common import denoiser, is_flow_pipeline
 from pipeline.evaluate.mimic.training import (
     MimicTrainingConfig,
+    TrainingMimic,
     encode_latents,
     generate,
     group_seed,
-    load_training_pipeline,
     train_denoiser,
     training_parts,
 )
@@ -63,15 +57,14 @@ class DreamBoothConfig(MimicTrainingConfig):
             raise ValueError("dreambooth needs num_class_images >= 1, prior_loss_weight >= 0 and learning_rate > 0")
 
 
-class DreamBooth:
+class DreamBooth(TrainingMimic):
     """Trains one full copy of the UNet per group and generates with it; the base model is loaded once."""
 
     scenario = "dreambooth"
+    config_class = DreamBoothConfig
 
     def __init__(self, model: str | ModelSpec, config: DreamBoothConfig | None = None, device="auto", dtype="fp32"):
-        self.config = config or DreamBoothConfig()
-        self.pipe, self.train_scheduler = load_training_pipeline(model, device, dtype)
-        self.resolution = self.config.resolution or native_resolution(self.pipe)
+        super().__init__(model, config, device, dtype)
         self.slot = "transformer" if is_flow_pipeline(self.pipe) else "unet"
         self.base = denoiser(self.pipe)
         self._class_latents = None
@@ -117,16 +110,6 @@ class DreamBooth:
         cfg = self.config
         setattr(self.pipe, self.slot, net)
         try:
-            return generate(self.pipe, cfg.prompt_template.format(token=cfg.token), cfg.num_images, cfg.seed,
-                            f"{self.scenario}/{group}", cfg.inference_steps, cfg.guidance_scale, self.resolution)
+            return self.generate_for(cfg.prompt_template.format(token=cfg.token), group)
         finally:
             setattr(self.pipe, self.slot, self.base)
-
-    def run(self, images: list[np.ndarray], group: str, source: str, workdir: str | Path) -> tuple[MimicOutput, Path]:
-        """Train on `images`, save under `workdir`, generate; (outputs, UNet weights file)."""
-        start = time.perf_counter()
-        path = self.train(images, group, workdir)
-        generated = self.generate(path, group)
-        keys = [f"{group}/{i}" for i in range(len(generated))]
-        out = MimicOutput(self.scenario, self.setting, source, keys, generated, time.perf_counter() - start)
-        return out, path

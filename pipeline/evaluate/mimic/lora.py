@@ -30,28 +30,20 @@ batch 1-4, 50 inference steps.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.evaluate.mimic.common import (
-    MimicOutput,
-    denoiser,
-    is_flow_pipeline,
-    native_resolution,
-)
+from pipeline.evaluate.mimic.common import denoiser, is_flow_pipeline
 from pipeline.evaluate.mimic.training import (
     MimicTrainingConfig,
+    TrainingMimic,
     encode_latents,
-    generate,
     group_seed,
-    load_training_pipeline,
     train_denoiser,
     training_parts,
 )
-from pipeline.models.loading import ModelSpec
 from pipeline.seeds import seeded_global_rng
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -70,15 +62,11 @@ class LoraConfig(MimicTrainingConfig):
     caption_dropout: float = 0.3  # share of training prompts replaced by "" (the unconditional prompt)
 
 
-class Lora:
+class Lora(TrainingMimic):
     """Trains one LoRA per group and generates with it; the base model is loaded once."""
 
     scenario = "lora"
-
-    def __init__(self, model: "str | ModelSpec", config: LoraConfig | None = None, device="auto", dtype="fp32"):
-        self.config = config or LoraConfig()
-        self.pipe, self.train_scheduler = load_training_pipeline(model, device, dtype)
-        self.resolution = self.config.resolution or native_resolution(self.pipe)
+    config_class = LoraConfig
 
     @property
     def setting(self) -> str:
@@ -146,16 +134,6 @@ class Lora:
         lora_file = Path(lora_file)
         self.pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="mimic")
         try:
-            return generate(self.pipe, cfg.prompt_template.format(token=cfg.token), cfg.num_images, cfg.seed,
-                            f"{self.scenario}/{group}", cfg.inference_steps, cfg.guidance_scale, self.resolution)
+            return self.generate_for(cfg.prompt_template.format(token=cfg.token), group)
         finally:
             self.pipe.unload_lora_weights()
-
-    def run(self, images: list[np.ndarray], group: str, source: str, workdir: str | Path) -> tuple[MimicOutput, Path]:
-        """Train on `images`, save under `workdir`, generate; (outputs, LoRA file)."""
-        start = time.perf_counter()
-        path = self.train(images, group, workdir)
-        generated = self.generate(path, group)
-        keys = [f"{group}/{i}" for i in range(len(generated))]
-        out = MimicOutput(self.scenario, self.setting, source, keys, generated, time.perf_counter() - start)
-        return out, path

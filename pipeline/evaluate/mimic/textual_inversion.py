@@ -21,24 +21,17 @@ inference steps (diffusers' textual inversion example uses 3000 steps at lr 5e-4
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.evaluate.mimic.common import (
-    MimicOutput,
-    is_flow_pipeline,
-    load_pipeline,
-    native_resolution,
-    pipeline_family,
-)
+from pipeline.evaluate.mimic.common import is_flow_pipeline, pipeline_family
 from pipeline.evaluate.mimic.training import (
     MimicTrainingConfig,
+    TrainingMimic,
     encode_latents,
-    generate,
     group_seed,
     train_denoiser,
     training_parts,
@@ -73,23 +66,18 @@ def save_embedding(embedding: dict[str, torch.Tensor], path: str | Path) -> Path
     return path
 
 
-class TextualInversion:
+class TextualInversion(TrainingMimic):
     """Trains one token per group and generates from it; the base model is loaded once."""
 
     scenario = "textual_inversion"
+    config_class = TextualInversionConfig
 
     def __init__(self, model: "str | ModelSpec", config: TextualInversionConfig | None = None, device="auto", dtype="fp32"):
-        from diffusers import DDIMScheduler, DDPMScheduler
-
-        self.config = config or TextualInversionConfig()
         self.source = pretrained_source(model)  # (path or hub id, revision kwargs)
-        self.pipe = load_pipeline("text2img", model, device, dtype)
+        super().__init__(model, config, device, dtype)
         if is_flow_pipeline(self.pipe):
             raise ValueError(f"{getattr(model, 'model', model)}: textual inversion of SD3 / FLUX models (a T5 token) is "
                              "not implemented; use --scenario lora (the way FLUX styles are copied) or sdedit")
-        self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
-        self.resolution = self.config.resolution or native_resolution(self.pipe)
 
     @property
     def setting(self) -> str:
@@ -176,14 +164,8 @@ class TextualInversion:
                                              tokenizer=self.pipe.tokenizer_2)
         else:
             self.pipe.load_textual_inversion(str(embedding_path), token=token)
-        return generate(self.pipe, cfg.prompt_template.format(token=token), cfg.num_images, cfg.seed,
-                        f"{self.scenario}/{group}", cfg.inference_steps, cfg.guidance_scale, self.resolution)
+        return self.generate_for(cfg.prompt_template.format(token=token), group)
 
-    def run(self, images: list[np.ndarray], group: str, source: str, workdir: str | Path) -> tuple[MimicOutput, Path]:
-        """Train on `images`, save the embedding under `workdir`, generate; (outputs, embedding file)."""
-        start = time.perf_counter()
-        path = save_embedding(self.train(images, group), Path(workdir) / "learned_embeds.safetensors")
-        generated = self.generate(path, group)
-        keys = [f"{group}/{i}" for i in range(len(generated))]
-        out = MimicOutput(self.scenario, self.setting, source, keys, generated, time.perf_counter() - start)
-        return out, path
+    def trained_file(self, images: list[np.ndarray], group: str, workdir: str | Path) -> Path:
+        """Learn the group's token and save the embedding under `workdir`."""
+        return save_embedding(self.train(images, group), Path(workdir) / "learned_embeds.safetensors")

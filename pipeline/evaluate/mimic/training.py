@@ -15,24 +15,30 @@ and differ only in what is trainable (one token embedding, LoRA matrices in the 
 attention projections, or the whole UNet) and in the conditioning c (a prompt holding the learned token);
 DreamBooth adds its prior-preservation term (`prior`).
 Latents z = s * E(x) are encoded once per group (the VAE is frozen).
+`TrainingMimic` is what the three mimic classes share: the pipeline they train and sample with, generation,
+and `run` (train, save, generate).
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from pipeline.evaluate.mimic.common import (
+    MimicOutput,
     denoiser,
     flow_pipeline_kwargs,
     generators,
     is_flow_pipeline,
     load_pipeline,
+    native_resolution,
     pipeline_guidance,
     to_model_tensor,
     to_uint8,
@@ -46,6 +52,7 @@ from pipeline.models.diffusion import (
     text_conditioning,
     vae_latents,
 )
+from pipeline.models.fitting import fit
 from pipeline.seeds import key_seed
 
 
@@ -122,9 +129,8 @@ def train_denoiser(
     optimiser step (textual inversion restores the embedding rows it must not change).
     `prior` = (class latents, class prompt, lambda): DreamBooth's prior preservation, each step adds
     lambda times the same loss on a batch of the class images under the class prompt (dreambooth.py).
+    The optimiser steps are `models.fitting.fit`'s.
     """
-    params = list(params)
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     rng = random.Random(seed)
     sched = parts.scheduler
@@ -132,8 +138,8 @@ def train_denoiser(
     weighting = TIMESTEP_SAMPLING[denoiser_family(net)]
     device = net.device
     autocast = device.type == "cuda"
-    losses = []
-    for _ in range(steps):
+
+    def loss_at(step):
         idx = torch.randint(len(latents), (min(batch_size, len(latents)),), generator=gen)
         z = latents[idx]
         noise = torch.randn(z.shape, generator=gen).to(z.device)
@@ -151,13 +157,10 @@ def train_denoiser(
                 with torch.no_grad():
                     cond_pr, added_pr = text_conditioning(parts, [class_prompt] * len(z_pr), resolution, resolution)
                 loss = loss + weight * denoising_loss(net, sched, z_pr, noise_pr, t_pr, cond_pr, added_pr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if after_step is not None:
-            after_step()
-        losses.append(loss.item())
-    return losses
+        return loss
+
+    # plain AdamW: no weight decay, no clipping, a constant learning rate
+    return fit(params, loss_at, steps=steps, lr=learning_rate, after_step=after_step).losses
 
 
 @torch.no_grad()
@@ -185,3 +188,41 @@ def generate(pipe, prompt: str, n: int, seed: int, tag: str, steps: int, guidanc
 def group_seed(seed: int, group: str) -> int:
     """The training seed of a group: protected and clean training of one group use the same."""
     return key_seed(seed, group, "train")
+
+
+class TrainingMimic:
+    """The base of the training mimics (textual inversion, LoRA, DreamBooth): the model loaded once per mimic
+    (`load_training_pipeline`: every part frozen, the training scheduler beside the sampler), the resolution
+    the group's images are trained and generated at, and `run`.
+
+    A mimic names its `scenario` and `config_class` and implements `train(images, group, save_dir)` (returns
+    the file it saved) or `trained_file` (textual inversion), `generate(file, group)` and `setting`.
+    """
+
+    scenario = ""
+    config_class = MimicTrainingConfig
+
+    def __init__(self, model, config: MimicTrainingConfig | None = None, device="auto", dtype="fp32"):
+        self.config = config or self.config_class()
+        self.pipe, self.train_scheduler = load_training_pipeline(model, device, dtype)
+        self.resolution = self.config.resolution or native_resolution(self.pipe)
+
+    def trained_file(self, images: list[np.ndarray], group: str, workdir: str | Path) -> Path:
+        """Train on `images` and save what was learned under `workdir`; the file `generate` reads."""
+        return self.train(images, group, workdir)
+
+    def generate_for(self, prompt: str, group: str) -> list[np.ndarray]:
+        """The group's `num_images` images for `prompt` with the pipeline as it is now (image i seeded by
+        (seed, "<scenario>/<group>/i"))."""
+        cfg = self.config
+        return generate(self.pipe, prompt, cfg.num_images, cfg.seed, f"{self.scenario}/{group}", cfg.inference_steps,
+                        cfg.guidance_scale, self.resolution)
+
+    def run(self, images: list[np.ndarray], group: str, source: str, workdir: str | Path) -> tuple[MimicOutput, Path]:
+        """Train on `images`, save under `workdir`, generate; (outputs, the saved file)."""
+        start = time.perf_counter()
+        path = self.trained_file(images, group, workdir)
+        generated = self.generate(path, group)
+        keys = [f"{group}/{i}" for i in range(len(generated))]
+        out = MimicOutput(self.scenario, self.setting, source, keys, generated, time.perf_counter() - start)
+        return out, path

@@ -6,17 +6,17 @@ directory and from then on loaded through the very same `from_pretrained` path a
 checkpoint.
 
 - ``tiny``         an SD 1.x-shaped latent diffusion model small enough for CPU, *trained* on
-                   scikit-image's bundled photos by `pipeline.models.builtin.training` (weights in
+                   scikit-image's bundled photos by `pipeline.train.tiny` (weights in
                    ``pipeline/models/builtin/weights/``, sha256 checked on load): its VAE (1/8 downsampling,
                    4 latent channels, like SD's) reconstructs held-out photos, its latent scale is
                    calibrated (1/std of latents, as SD's 0.18215 is) and its UNet denoises those
                    latents conditioned on the text encoder (random, seeded, frozen; shipped too).
                    Small enough to measure whether a protection hurts a mimic; not a real model.
 - ``tiny-inpaint`` the same VAE and text encoder with a 9-channel UNet trained to inpaint.
-- ``tiny-style``   the style world's model (``styles.py``, trained by ``style_training.py``): tiny's VAE
-                   fine-tuned on painted renders too, a UNet and text encoder that paint 24 named styles
-                   ("a painting in the style of <name>"); what the LoRA and textual-inversion mimics learn
-                   a held-out artist on.
+- ``tiny-style``   the style world's model (``pipeline/data/styles.py``, trained by
+                   ``pipeline/train/style.py``): tiny's VAE fine-tuned on painted renders too, a UNet and
+                   text encoder that paint 24 named styles ("a painting in the style of <name>"); what the
+                   LoRA and textual-inversion mimics learn a held-out artist on.
 - ``sd15-arch``    the real SD 1.5 architecture with random weights (speed/memory benchmarks).
 - ``sd21-arch``    the real SD 2.1-base architecture with random weights.
 
@@ -42,8 +42,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data.photos import load_photo
 from pipeline.io.files import cache_root
+from pipeline.io.images import to_tensor
 from pipeline.models.diffusion import denoising_loss, text_conditioning
+from pipeline.models.fitting import fit
+from pipeline.seeds import seeded_global_rng
 
 BUILTIN_VERSION = "v5"  # bump when a config below changes, so caches are rebuilt
 SEED = 0
@@ -232,7 +236,7 @@ CONFIGS["sdxl-arch"] = dict(  # stabilityai/stable-diffusion-xl-base-1.0, random
 #          pooled_projection_dim = text.projection + text_2.projection
 #   flux   CLIP-L (`text`, pooled output) + T5 (`t5`): joint_attention_dim = t5.d_model,
 #          pooled_projection_dim = text.hidden; latents packed 2 x 2 (in_channels = 4 x 16); guidance embedding
-# The tiny ones take their VAE from tiny's trained one, widened to 16 channels and fine-tuned (flow_training.py).
+# The tiny ones take their VAE from tiny's trained one, widened to 16 channels and fine-tuned (pipeline/train/flow.py).
 
 _TINY_FLOW_VAE = dict(CONFIGS["tiny"]["vae"], latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
 _TINY_T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
@@ -361,29 +365,29 @@ def build_t5_tokenizer(max_length: int = 32):
 # --------------------------------------------------------------------------- trained weights
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-WEIGHTS_NAME = "tiny-v4.safetensors"  # made by `python -m pipeline.models.builtin.training` (seed 0)
+WEIGHTS_NAME = "tiny-v4.safetensors"  # made by `python -m pipeline.train.tiny` (seed 0)
 # the three commands that made it (curve: benchmarks/results/builtin_tiny_curve.jsonl): the VAE on 32 px
 # crops (cosine-decayed learning rate, EMA of its weights shipped: this alone was v3), a second VAE phase on
 # recoloured 64 px crops (what took held-out PSNR from 19.6 to 22+ dB), then the UNets on its frozen latents
 WEIGHTS_RECIPE = (
-    "python -m pipeline.models.builtin.training --out A --vae-steps 6000 --vae-lr 2e-3 --vae-decay --vae-ema 0.999 "
+    "python -m pipeline.train.tiny --out A --vae-steps 6000 --vae-lr 2e-3 --vae-decay --vae-ema 0.999 "
     "--vae-eval-every 250 --vae-only --threads 1",
-    "python -m pipeline.models.builtin.training --out A --vae-init A/vae-checkpoint.safetensors --vae-seed 1 "
+    "python -m pipeline.train.tiny --out A --vae-init A/vae-checkpoint.safetensors --vae-seed 1 "
     "--vae-steps 2000 --vae-lr 5e-4 --vae-decay --vae-ema 0.995 --vae-crop 64 --vae-batch 8 --vae-colour "
     "--vae-eval-every 100 --vae-only --threads 2",
-    "python -m pipeline.models.builtin.training --out A --vae-init A/vae-checkpoint.safetensors --vae-steps 0 "
+    "python -m pipeline.train.tiny --out A --vae-init A/vae-checkpoint.safetensors --vae-steps 0 "
     "--unet-steps 800 --inpaint-steps 500 --unet-batch 16 --pool 1024 --threads 2",
 )
 WEIGHTS_SHA256 = "729cb23e1a25cd32acd4352c758f3d2e4e2760a386934d9dcdc53623bad67a0f"
-# ``tiny-style`` (issue 20): made by `python -m pipeline.models.builtin.style_training` (seed 0, one core)
+# ``tiny-style`` (issue 20): made by `python -m pipeline.train.style` (seed 0, one core)
 STYLE_WEIGHTS_NAME = "tiny-style-v1.safetensors"
-STYLE_WEIGHTS_RECIPE = ("python -m pipeline.models.builtin.style_training --out A --vae-steps 1000 --unet-steps 3000 "
+STYLE_WEIGHTS_RECIPE = ("python -m pipeline.train.style --out A --vae-steps 1000 --unet-steps 3000 "
                         "--eval-every 750 --pool 4096 --threads 1",)
 STYLE_WEIGHTS_SHA256 = "f50570d499ee63ba03859ee4a75aa735fa05fad7fb63c06c813d112a886d4691"
-# ``tiny-sd3``, ``tiny-flux`` (issue 21): made by `python -m pipeline.models.builtin.flow_training` (seed 0, one core);
+# ``tiny-sd3``, ``tiny-flux`` (issue 21): made by `python -m pipeline.train.flow` (seed 0, one core);
 # the file holds their transformers, text encoders and fine-tuned VAE layers; the rest of their VAE is tiny's
 FLOW_WEIGHTS_NAME = "tiny-flow-v1.safetensors"
-FLOW_WEIGHTS_RECIPE = ("python -m pipeline.models.builtin.flow_training --out A --vae-steps 400 --vae-lr 1e-3 --steps 1500 "
+FLOW_WEIGHTS_RECIPE = ("python -m pipeline.train.flow --out A --vae-steps 400 --vae-lr 1e-3 --steps 1500 "
                        "--threads 1",)
 FLOW_WEIGHTS_SHA256 = "edea7f21caf857cc2339a337bc743acd2331d315e9c5fbb205671fce2e1ff52c"
 # which built-ins take trained weights: the prefix of their UNet in the weights file, and that file
@@ -420,9 +424,9 @@ def load_trained_weights(pipe, name: str, path: Path | None = None) -> None:
     file_name, expected = weights_file(name)
     path = path or WEIGHTS_DIR / file_name
     if not path.exists():
-        script = "style_training" if name == "tiny-style" else "training"
+        script = "style" if name == "tiny-style" else "tiny"
         raise FileNotFoundError(f"{path} is missing: reinstall mimicshield, or rebuild it with "
-                                f"`python -m pipeline.models.builtin.{script} --out DIR`")
+                                f"`python -m pipeline.train.{script} --out DIR`")
     if path == WEIGHTS_DIR / file_name and sha256(path) != expected:
         raise ValueError(f"{path} does not match its recorded sha256 {expected} (corrupt or replaced)")
     with safe_open(str(path), framework="pt") as f:
@@ -441,18 +445,50 @@ def load_trained_weights(pipe, name: str, path: Path | None = None) -> None:
 FLOW_BUILTINS = ("tiny-sd3", "tiny-flux")
 
 
+def _fold_1x1(conv_weight: torch.Tensor, conv_bias: torch.Tensor, q_weight: torch.Tensor, q_bias: torch.Tensor):
+    """The 1x1 conv q after `conv`, as one conv: W' = Q W, b' = Q b + q."""
+    q = q_weight[:, :, 0, 0]
+    return torch.einsum("oj,jchw->ochw", q, conv_weight), q @ conv_bias + q_bias
+
+
+@torch.no_grad()
+def widen_vae(tiny_vae, vae, seed: int) -> None:
+    """Put tiny's 4-channel VAE into the 16-channel `vae` of a flow built-in, in place: tiny's quant_conv folded
+    into the encoder's output conv and its post_quant_conv into the decoder's input conv (exact up to the border
+    pixels), the new encoder channels small and random (seeded), read by the decoder through zero weights
+    (pipeline/train/flow.py fine-tunes from there; `load_flow_weights` starts from it too)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v.clone() for k, v in tiny_vae.state_dict().items()
+             if not k.startswith(("quant_conv.", "post_quant_conv.", "encoder.conv_out.", "decoder.conv_in."))}
+    c_tiny, c = tiny_vae.config.latent_channels, vae.config.latent_channels
+    w, b = _fold_1x1(tiny_vae.encoder.conv_out.weight, tiny_vae.encoder.conv_out.bias,
+                     tiny_vae.quant_conv.weight, tiny_vae.quant_conv.bias)  # 2 c_tiny rows: mean, logvar
+    enc_w = torch.zeros(2 * c, *w.shape[1:])
+    enc_b = torch.zeros(2 * c)
+    enc_w[:c_tiny], enc_b[:c_tiny] = w[:c_tiny], b[:c_tiny]
+    enc_w[c_tiny:c] = 0.1 * w[:c_tiny].std() * torch.randn(c - c_tiny, *w.shape[1:], generator=gen)
+    enc_w[c : c + c_tiny], enc_b[c : c + c_tiny] = w[c_tiny:], b[c_tiny:]
+    enc_b[c + c_tiny :] = -6.0  # the new channels' posterior is narrow, as the trained ones' is
+    p, p_b = tiny_vae.post_quant_conv.weight[:, :, 0, 0], tiny_vae.post_quant_conv.bias
+    dec_w0, dec_b0 = tiny_vae.decoder.conv_in.weight, tiny_vae.decoder.conv_in.bias
+    dec_w = torch.zeros(dec_w0.shape[0], c, *dec_w0.shape[2:])
+    dec_w[:, :c_tiny] = torch.einsum("ojhw,ji->oihw", dec_w0, p)
+    dec_b = dec_b0 + torch.einsum("ojhw,j->o", dec_w0, p_b)  # exact away from the zero-padded border
+    state.update({"encoder.conv_out.weight": enc_w, "encoder.conv_out.bias": enc_b,
+                  "decoder.conv_in.weight": dec_w, "decoder.conv_in.bias": dec_b})
+    vae.load_state_dict(state)
+
+
 def load_flow_weights(pipe, name: str, path: Path | None = None) -> None:
     """Put the shipped weights of flow built-in `name` into `pipe` (sha256 checked): tiny's trained VAE widened
-    to 16 channels (flow_training.widen_vae), then the file's fine-tuned VAE layers, latent shift and scale,
+    to 16 channels (`widen_vae`), then the file's fine-tuned VAE layers, latent shift and scale,
     transformer and text encoders."""
     from safetensors import safe_open
-
-    from pipeline.models.builtin.flow_training import widen_vae
 
     path = path or WEIGHTS_DIR / FLOW_WEIGHTS_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: reinstall mimicshield, or rebuild it with "
-                                "`python -m pipeline.models.builtin.flow_training --out DIR`")
+                                "`python -m pipeline.train.flow --out DIR`")
     if path == WEIGHTS_DIR / FLOW_WEIGHTS_NAME and sha256(path) != FLOW_WEIGHTS_SHA256:
         raise ValueError(f"{path} does not match its recorded sha256 {FLOW_WEIGHTS_SHA256} (corrupt or replaced)")
     tiny = build_pipeline("tiny")
@@ -527,8 +563,7 @@ def build_pipeline(name: str):
     if cfg.get("family") in FLOW_FAMILIES:
         return build_flow_pipeline(name)
     tokenizer = build_tokenizer()
-    torch.manual_seed(cfg.get("seed", SEED))
-    with _default_dtype(cfg.get("init_dtype", torch.float32)):
+    with seeded_global_rng(cfg.get("seed", SEED)), _default_dtype(cfg.get("init_dtype", torch.float32)):
         vae = AutoencoderKL(**cfg["vae"])
         unet = UNet2DConditionModel(**cfg["unet"])
         text_encoder = _text_encoder(cfg["text"], tokenizer)
@@ -583,8 +618,7 @@ def build_flow_pipeline(name: str):
 
     cfg = CONFIGS[name]
     tokenizer, t5_tokenizer = build_tokenizer(), build_t5_tokenizer()
-    torch.manual_seed(cfg.get("seed", SEED))
-    with _default_dtype(cfg.get("init_dtype", torch.float32)):
+    with seeded_global_rng(cfg.get("seed", SEED)), _default_dtype(cfg.get("init_dtype", torch.float32)):
         vae = AutoencoderKL(**cfg["vae"])
         t5 = _t5_encoder(cfg["t5"], t5_tokenizer)
         if cfg["family"] == "sd3":
@@ -607,12 +641,10 @@ def build_flow_pipeline(name: str):
 
 def _sample_crops(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
     """n random square crops of scikit-image's bundled photos, resized to size x size, in [0, 1]."""
-    import numpy as np
     import torch.nn.functional as F
-    from skimage import data
 
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
-    pool = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1).float() / 255 for p in photos]
+    names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+    pool = [to_tensor(load_photo(name))[0] for name in names]
     crops = []
     for _ in range(n):
         img = pool[int(torch.randint(len(pool), (1,), generator=generator))]
@@ -647,9 +679,8 @@ def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64
             vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 4))
         cond, added = _tiny_conditioning(pipe, batch, size)
     scale = vae.config.scaling_factor
-    unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    for _ in range(steps):
+
+    def loss_at(step):
         with torch.no_grad():
             z = vae.encode(_sample_crops(batch, size, gen) * 2 - 1).latent_dist.mean * scale
         noise = torch.randn(z.shape, generator=gen)
@@ -661,10 +692,10 @@ def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64
                 h, w = (int(torch.randint(2, z.shape[2] + 1, (1,), generator=gen)) for _ in range(2))
                 m[:, :h, :w] = 1
             extra = torch.cat([mask, z * (1 - mask)], dim=1)
-        loss = denoising_loss(unet, scheduler, z, noise, t, cond, added, extra)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return denoising_loss(unet, scheduler, z, noise, t, cond, added, extra)
+
+    unet.train()
+    fit(unet.parameters(), loss_at, steps=steps, lr=1e-3, weight_decay=0.01)  # plain AdamW at its default decay
     unet.eval()
 
 

@@ -17,6 +17,7 @@ from pipeline.models.builtin.build import (
     cached_pipeline_dir,
     models_cache_dir,
 )
+from pipeline.seeds import seeded_global_rng
 
 NAME = "tiny-upscaler"
 VERSION = "v1"
@@ -24,7 +25,6 @@ SEED = 0
 
 
 def _build():
-    import torch
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -35,19 +35,21 @@ def _build():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tokenizer()
-    torch.manual_seed(SEED)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 32, 32],
-                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
-                        scaling_factor=0.08333)
-    unet = UNet2DConditionModel(in_channels=7, out_channels=4, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[32, 64],
-                                layers_per_block=1, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
-                                sample_size=16, num_class_embeds=1000)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    with seeded_global_rng(SEED):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                            up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 32, 32],
+                            layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
+                            scaling_factor=0.08333)
+        unet = UNet2DConditionModel(in_channels=7, out_channels=4,
+                                    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                                    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[32, 64],
+                                    layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+                                    norm_num_groups=8, sample_size=16, num_class_embeds=1000)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
     low_res = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02)
     sampler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0001,
                             beta_end=0.02, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False)

@@ -15,7 +15,7 @@ ones where they were:
 
 with mu / mu' the posterior mean of the frozen / adapted encoder and delta(x) METHOD's perturbation of
 x against the (unadapted) model. STEPS AdamW steps (lr 1e-3, batch 4) over `CATConfig.images` crops of
-the bundled training photos (models/builtin/training.py TRAIN_PHOTOS: never the study's images) at
+the bundled training photos (data/photos.py TRAIN_PHOTOS: never the study's images) at
 the model's training side, each protected once with the study's protect settings (steps, step size,
 seed; `PurifyContext.attack`) at `PurifyContext.attack_eps`. Seeded: the same study trains the same
 adapters. More steps: stronger attack.
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from pipeline.io.images import from_batch
+from pipeline.models.fitting import fit
 from pipeline.protect import ALL_METHODS, FASTPROTECT_METHODS
 from pipeline.seeds import key_seed, seeded_global_rng
 from pipeline.study.purify import Purification
@@ -76,7 +77,7 @@ def lora_config(vae, rank: int):
 
 def attacker_images(n: int, size: int, seed: int) -> list[np.ndarray]:
     """The attacker's own clean images: n crops of the bundled training photos, size x size, uint8."""
-    from pipeline.models.builtin.training import TRAIN_PHOTOS, PhotoCrops
+    from pipeline.data.photos import TRAIN_PHOTOS, PhotoCrops
 
     crops = PhotoCrops(TRAIN_PHOTOS, seed=seed, colour=True).sample(n, size)[0]
     return from_batch(crops)
@@ -145,16 +146,15 @@ class CAT(Purification):
             params = [p for p in vae.parameters() if p.requires_grad]
             for p in params:
                 p.data = p.data.float()
-            opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
             gen = torch.Generator().manual_seed(stream_seed)
-            for _ in range(int(self.param)):
+
+            def loss_at(step):  # || mu'(x + delta(x)) - mu(x) ||^2 + || mu'(x) - mu(x) ||^2 on a batch
                 idx = torch.randperm(len(clean), generator=gen)[: cfg.batch_size].tolist()
                 adv = posterior_mean(vae, [perturbed[i] for i in idx])
                 own = posterior_mean(vae, [clean[i] for i in idx])
-                loss = (adv - target[idx]).pow(2).mean() + (own - target[idx]).pow(2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                return (adv - target[idx]).pow(2).mean() + (own - target[idx]).pow(2).mean()
+
+            fit(params, loss_at, steps=int(self.param), lr=cfg.learning_rate)  # AdamW, no weight decay
             return {k: v.detach().float().cpu().contiguous()
                     for k, v in get_peft_model_state_dict(vae, adapter_name=ADAPTER).items()}
         finally:

@@ -1,7 +1,8 @@
 """Train the built-in ``tiny`` latent diffusion model on scikit-image's bundled photos (CPU, seeded).
 
-This is the script that made the weights shipped in ``pipeline/models/builtin/weights/`` (see WEIGHTS below);
-run it again with ``python -m pipeline.models.builtin.training --out DIR``. Three stages, one seed:
+This is the script that made the weights shipped in ``pipeline/models/builtin/weights/`` (the recipe is
+``WEIGHTS_RECIPE`` in builtin/build.py); run it again with ``python -m pipeline.train.tiny --out DIR``.
+Three stages, one seed:
 
 1. the VAE (SD's shape: 1/8 downsampling, 4 latent channels) learns to reconstruct random
    crops of the training photos: loss = |x - D(z)|_1 + |x - D(z)|_2^2 + beta * KL(q(z|x) || N(0, I)),
@@ -13,111 +14,33 @@ run it again with ``python -m pipeline.models.builtin.training --out DIR``. Thre
    target is eps ("epsilon"), or v = sqrt(abar_t) eps - sqrt(1 - abar_t) z ("v_prediction").
    An inpainting UNet (9 input channels) also sees [mask, E(x * (1 - mask))], as SD-inpainting.
 
-Held-out photos (HELD_OUT) are never cropped for training; every figure in the results is
-measured on them (`evaluate_vae`).
+The photos and their split are `pipeline/data/photos.py`'s: held-out photos (HELD_OUT) are never cropped
+for training; every figure in the results is measured on them (`evaluate_vae`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.io.images import to_tensor
+from pipeline.data.photos import (
+    HELD_OUT,
+    SEED,
+    TRAIN_PHOTOS,
+    PhotoCrops,
+    held_out_images,
+)
 from pipeline.models.builtin import build as bm
 from pipeline.models.diffusion import denoising_loss, encode_text
 from pipeline.models.fitting import fit
+from pipeline.seeds import seeded_global_rng
+from pipeline.train.curve import CurveLog
 
-SEED = 0
-
-# scikit-image's bundled photos (no download). Grayscale ones are repeated to RGB.
-TRAIN_PHOTOS = ("astronaut", "coffee", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina",
-                "colorwheel", "camera", "coins", "moon", "brick", "grass", "gravel", "clock", "cell")
-HELD_OUT = ("rocket", "motorcycle")  # whole photos kept out of training, for evaluation only
-# Photos from outside scikit-image (matplotlib's bundled sample data): no built-in ever saw their kind of
-# content (a portrait, a product shot); the VAE's "unfamiliar photo" figure (bench_builtin_tiny.py).
-UNFAMILIAR = {"grace_hopper": "grace_hopper.jpg", "minduka": "Minduka_Present_Blue_Pack.png"}
 CAPTIONS = {name: f"a photo of {name}" for name in TRAIN_PHOTOS + HELD_OUT}
-
-
-def load_photo(name: str) -> np.ndarray:
-    """One bundled photo as H x W x 3 uint8 (scikit-image's, or matplotlib's for the UNFAMILIAR names)."""
-    from skimage import data
-
-    if name in UNFAMILIAR:
-        import matplotlib.cbook
-        from PIL import Image
-
-        img = np.asarray(Image.open(matplotlib.cbook.get_sample_data(UNFAMILIAR[name])).convert("RGB"))
-    else:
-        img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
-    img = img[..., :3] if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2)
-    if img.dtype != np.uint8:
-        img = (255 * (img.astype(np.float64) / img.max())).astype(np.uint8)
-    return np.ascontiguousarray(img)
-
-
-class PhotoCrops:
-    """Random square crops of some photos at random scale, flipped at random, resized to `size`.
-
-    `colour=True` also varies colour, since only a few bundled photos are in colour and a VAE trained
-    on them alone renders smooth colour areas (sky, gradients) worse than bicubic upsampling does:
-    a grayscale photo becomes a random two-colour gradient (a + (b - a) * gray, a and b random RGB),
-    and a colour photo gets its channels permuted at random.
-    """
-
-    def __init__(self, names, seed: int = SEED, colour: bool = False):
-        self.names = tuple(names)
-        self.photos = [to_tensor(load_photo(n))[0] for n in self.names]
-        self.grey = [bool((p[0] == p[1]).all() and (p[1] == p[2]).all()) for p in self.photos]
-        self.gen = torch.Generator().manual_seed(seed)
-        self.colour = colour
-
-    def _int(self, lo: int, hi: int) -> int:  # uniform in [lo, hi)
-        return int(torch.randint(lo, hi, (1,), generator=self.gen))
-
-    def _recolour(self, crop: torch.Tensor, grey: bool) -> torch.Tensor:
-        if grey:
-            a, b = torch.rand(2, 1, 3, 1, 1, generator=self.gen)
-            return a + (b - a) * crop[:, :1]
-        return crop[:, torch.randperm(3, generator=self.gen)]
-
-    def sample(self, n: int, size: int) -> tuple[torch.Tensor, list[int]]:
-        """(n x 3 x size x size images in [0, 1], index of each crop's photo)."""
-        crops, which = [], []
-        for _ in range(n):
-            i = self._int(0, len(self.photos))
-            img = self.photos[i]
-            h, w = img.shape[1:]
-            side = self._int(min(size, h, w), min(h, w) + 1)
-            top, left = self._int(0, h - side + 1), self._int(0, w - side + 1)
-            crop = img[None, :, top : top + side, left : left + side]
-            crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            if self._int(0, 2):
-                crop = crop.flip(-1)
-            if self.colour:
-                crop = self._recolour(crop, self.grey[i])
-            crops.append(crop[0].clamp(0, 1))
-            which.append(i)
-        return torch.stack(crops), which
-
-
-def held_out_images(size: int = 64, crops_per_photo: int = 8, names=HELD_OUT) -> torch.Tensor:
-    """The evaluation set: per held-out photo, its centre square and random crops, at size x size."""
-    out = []
-    for name in names:
-        img = to_tensor(load_photo(name))[0]
-        side = min(img.shape[1:])
-        top, left = (img.shape[1] - side) // 2, (img.shape[2] - side) // 2
-        centre = img[None, :, top : top + side, left : left + side]
-        out.append(F.interpolate(centre, size=(size, size), mode="bilinear", antialias=True)[0])
-        out.extend(PhotoCrops([name], seed=SEED + 1).sample(crops_per_photo, size)[0])
-    return torch.stack(out).clamp(0, 1)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -158,8 +81,8 @@ class VAETraining:  # the shipped weights used: steps 6000, decay, ema 0.999 (bu
 def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED, stage: str = "vae",
               data=None, evaluations: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Train `vae` in place on TRAIN_PHOTOS crops (or `data`: anything with PhotoCrops' `sample(n, size)`);
-    returns the curve: PSNR/SSIM at 64 px on the held-out photos, and on each of `evaluations` (name: images)."""
-    torch.manual_seed(seed)
+    returns the curve: PSNR/SSIM at 64 px on the held-out photos, and on each of `evaluations` (name: images).
+    The posterior's samples draw from torch's global generator, seeded with `seed` for the call."""
     data = data or PhotoCrops(TRAIN_PHOTOS, seed, colour=cfg.colour)
     held_out = held_out_images(64)
 
@@ -177,9 +100,10 @@ def train_vae(vae, cfg: VAETraining, log=None, checkpoint=None, seed: int = SEED
         return point
 
     vae.train()
-    curve = fit(vae.parameters(), loss_at, model=vae, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
-                max_grad_norm=1.0, every=cfg.eval_every, stage=stage, decay=cfg.decay, lr_min=cfg.lr_min, ema=cfg.ema,
-                evaluate=evaluate, log=log, checkpoint=checkpoint).curve
+    with seeded_global_rng(seed):
+        curve = fit(vae.parameters(), loss_at, model=vae, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                    max_grad_norm=1.0, every=cfg.eval_every, stage=stage, decay=cfg.decay, lr_min=cfg.lr_min,
+                    ema=cfg.ema, evaluate=evaluate, log=log, checkpoint=checkpoint).curve
     vae.eval()
     return curve
 
@@ -281,7 +205,6 @@ def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: 
     The target follows ``scheduler.config.prediction_type`` ("epsilon" or "v_prediction").
     """
     gen = torch.Generator().manual_seed(seed + 5)
-    torch.manual_seed(seed)
     prompts = list(pool.prompts) + ["a photo", ""]
     embeddings = encode_prompts(tokenizer, text_encoder, prompts)
     plain, empty = len(prompts) - 2, len(prompts) - 1
@@ -300,9 +223,10 @@ def train_unet(unet, scheduler, pool: LatentPool, tokenizer, text_encoder, cfg: 
         return denoising_loss(unet, scheduler, z, noise, t, embeddings[cap], extra_input=extra)
 
     unet.train()
-    curve = fit(unet.parameters(), loss_at, model=unet, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
-                max_grad_norm=1.0, every=cfg.log_every, stage="unet-inpaint" if inpaint else "unet", decay=cfg.decay,
-                lr_min=cfg.lr_min, log=log).curve
+    with seeded_global_rng(seed):
+        curve = fit(unet.parameters(), loss_at, model=unet, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                    max_grad_norm=1.0, every=cfg.log_every, stage="unet-inpaint" if inpaint else "unet",
+                    decay=cfg.decay, lr_min=cfg.lr_min, log=log).curve
     unet.eval()
     return curve
 
@@ -321,16 +245,7 @@ def train_builtin(out: Path, vae_cfg: VAETraining, unet_cfg: UNetTraining, inpai
     from safetensors.torch import load_file, save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(SEED)
-    curve_path = out / "curve.jsonl"
-    if vae_init is None:
-        curve_path.unlink(missing_ok=True)
-
-    def log(point):
-        print(json.dumps(point), flush=True)
-        with curve_path.open("a") as f:
-            f.write(json.dumps(point) + "\n")
-
+    log = CurveLog(out, fresh=vae_init is None)  # a second VAE phase appends to the first's curve
     parts = bm.random_parts("tiny")
     vae = parts["vae"]
     if vae_init:  # a VAE checkpoint, or a packed weights file (its ``vae.*`` tensors)

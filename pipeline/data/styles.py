@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.photos import PhotoCrops
+
 SEED = 0
 PALETTE_FAMILIES = {  # (hue range in degrees, saturation range, lightness range) of the family's colours
     "ember": ((0, 40), (0.65, 0.95), (0.12, 0.92)),
@@ -219,7 +221,7 @@ def style_crops(styles, n: int, size: int, crops, gen: torch.Generator) -> tuple
     return out, which, photo
 
 
-# content the mimics' artists paint: photos never used to train any built-in (training.HELD_OUT) and,
+# content the mimics' artists paint: photos never used to train any built-in (photos.HELD_OUT) and,
 # for tests and benchmarks that must not see the mimic's training content, a second set
 ARTIST_PHOTOS = ("rocket", "motorcycle")
 JUDGE_PHOTOS = ("coffee", "chelsea", "astronaut")  # references of the style score (content unlike the artist's)
@@ -227,8 +229,6 @@ JUDGE_PHOTOS = ("coffee", "chelsea", "astronaut")  # references of the style sco
 
 def artist_images(style: Style, n: int, size: int = 64, seed: int = SEED, photos=ARTIST_PHOTOS) -> list[np.ndarray]:
     """n images of one "artist": `style` on random crops of `photos`, uint8 H x W x 3 (what a mimic trains on)."""
-    from pipeline.models.builtin.training import PhotoCrops
-
     content = PhotoCrops(photos, seed).sample(n, size)[0]
     painted = render(style, content, torch.Generator().manual_seed(seed + 11))
     return [np.ascontiguousarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for img in painted]
@@ -255,7 +255,7 @@ def contact_sheet(styles=STYLES, per_style: int = 6, size: int = 64, zoom: int =
     return np.concatenate(rows, 0)
 
 
-if __name__ == "__main__":  # python -m pipeline.models.builtin.styles docs/style_world.png
+if __name__ == "__main__":  # python -m pipeline.data.styles docs/style_world.png
     import sys
 
     from PIL import Image

@@ -1,14 +1,15 @@
 """Train the flow-matching built-ins ``tiny-sd3`` and ``tiny-flux`` (CPU, seeded) and write their shipped weights.
 
-Run ``python -m pipeline.models.builtin.flow_training --out DIR`` (FLOW_WEIGHTS_RECIPE in build.py). Per model:
+Run ``python -m pipeline.train.flow --out DIR`` (FLOW_WEIGHTS_RECIPE in builtin/build.py). Per model:
 
 1. The VAE: tiny's trained VAE (the shipped file, sha256 checked) widened from 4 to 16 latent channels
    without its 1x1 quant convs (SD3 and FLUX have none): tiny's quant_conv is folded into the encoder's
    output conv and its post_quant_conv into the decoder's input conv (exact up to the border pixels), the 12
    new encoder channels start small and random, the decoder reads them through zero weights; so the widened
-   VAE starts as good as tiny's. Then the latent-side layers (encoder norm/conv out, decoder conv in;
-   TRAINABLE_VAE) are fine-tuned on recoloured 64 px photo crops, each model with its own seed
-   (training.train_vae's loss: L1 + L2 + beta KL). The encoder's body stays tiny's, so transfer between tiny
+   VAE starts as good as tiny's (`models/builtin/build.py: widen_vae`, which loading the shipped weights
+   runs too). Then the latent-side layers (encoder norm/conv out, decoder conv in; TRAINABLE_VAE) are
+   fine-tuned on recoloured 64 px photo crops, each model with its own seed (tiny.train_vae's loss:
+   L1 + L2 + beta KL). The encoder's body stays tiny's, so transfer between tiny
    and these models is through a shared feature extractor: an upper bound on real SD -> FLUX transfer.
 2. Latent shift and scale calibrated as SD3's and FLUX's are: shift = mean of E(x), scale = 1 / std(E(x) - shift).
 3. The transformer learns the rectified-flow loss || v_theta(z_t, t, c) - (eps - z0) ||^2 with
@@ -23,25 +24,20 @@ the VAE is tiny's, loaded from tiny's shipped file.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.models.builtin import build as bm
-from pipeline.models.builtin.training import (
-    CAPTIONS,
+from pipeline.data.photos import (
     HELD_OUT,
     SEED,
     TRAIN_PHOTOS,
     PhotoCrops,
-    VAETraining,
-    captioned_batch,
-    evaluate_vae,
     held_out_images,
-    train_vae,
 )
+from pipeline.models.builtin import build as bm
+from pipeline.models.builtin.build import widen_vae
 from pipeline.models.diffusion import (
     TIMESTEP_SAMPLING,
     denoiser_family,
@@ -52,39 +48,17 @@ from pipeline.models.diffusion import (
     vae_latents,
 )
 from pipeline.models.fitting import fit
+from pipeline.seeds import seeded_global_rng
+from pipeline.train.curve import CurveLog
+from pipeline.train.tiny import (
+    CAPTIONS,
+    VAETraining,
+    captioned_batch,
+    evaluate_vae,
+    train_vae,
+)
 
 TRAINABLE_VAE = ("encoder.conv_norm_out.", "encoder.conv_out.", "decoder.conv_in.")
-
-
-def _fold_1x1(conv_weight: torch.Tensor, conv_bias: torch.Tensor, q_weight: torch.Tensor, q_bias: torch.Tensor):
-    """The 1x1 conv q after `conv`, as one conv: W' = Q W, b' = Q b + q."""
-    q = q_weight[:, :, 0, 0]
-    return torch.einsum("oj,jchw->ochw", q, conv_weight), q @ conv_bias + q_bias
-
-
-@torch.no_grad()
-def widen_vae(tiny_vae, vae, seed: int) -> None:
-    """Put tiny's 4-channel VAE into the 16-channel `vae` (module doc, step 1); in place."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {k: v.clone() for k, v in tiny_vae.state_dict().items()
-             if not k.startswith(("quant_conv.", "post_quant_conv.", "encoder.conv_out.", "decoder.conv_in."))}
-    c_tiny, c = tiny_vae.config.latent_channels, vae.config.latent_channels
-    w, b = _fold_1x1(tiny_vae.encoder.conv_out.weight, tiny_vae.encoder.conv_out.bias,
-                     tiny_vae.quant_conv.weight, tiny_vae.quant_conv.bias)  # 2 c_tiny rows: mean, logvar
-    enc_w = torch.zeros(2 * c, *w.shape[1:])
-    enc_b = torch.zeros(2 * c)
-    enc_w[:c_tiny], enc_b[:c_tiny] = w[:c_tiny], b[:c_tiny]
-    enc_w[c_tiny:c] = 0.1 * w[:c_tiny].std() * torch.randn(c - c_tiny, *w.shape[1:], generator=gen)
-    enc_w[c : c + c_tiny], enc_b[c : c + c_tiny] = w[c_tiny:], b[c_tiny:]
-    enc_b[c + c_tiny :] = -6.0  # the new channels' posterior is narrow, as the trained ones' is
-    p, p_b = tiny_vae.post_quant_conv.weight[:, :, 0, 0], tiny_vae.post_quant_conv.bias
-    dec_w0, dec_b0 = tiny_vae.decoder.conv_in.weight, tiny_vae.decoder.conv_in.bias
-    dec_w = torch.zeros(dec_w0.shape[0], c, *dec_w0.shape[2:])
-    dec_w[:, :c_tiny] = torch.einsum("ojhw,ji->oihw", dec_w0, p)
-    dec_b = dec_b0 + torch.einsum("ojhw,j->o", dec_w0, p_b)  # exact away from the zero-padded border
-    state.update({"encoder.conv_out.weight": enc_w, "encoder.conv_out.bias": enc_b,
-                  "decoder.conv_in.weight": dec_w, "decoder.conv_in.bias": dec_b})
-    vae.load_state_dict(state)
 
 
 @torch.no_grad()
@@ -126,7 +100,6 @@ def train_transformer(pipe, cfg: FlowTraining, log=None, seed: int = SEED) -> li
         cond, pooled = encode_text(text_parts(pipe), prompts)
     plain, empty = len(prompts) - 2, len(prompts) - 1
     gen = torch.Generator().manual_seed(seed + 5)
-    torch.manual_seed(seed)
 
     def loss_at(step):
         _, _, z, cap = captioned_batch(latents, caption, cfg, gen, plain, empty)
@@ -135,9 +108,10 @@ def train_transformer(pipe, cfg: FlowTraining, log=None, seed: int = SEED) -> li
         return denoising_loss(transformer, scheduler, z, noise, t, cond[cap], {"pooled_projections": pooled[cap]})
 
     transformer.train()
-    curve = fit(transformer.parameters(), loss_at, model=transformer, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
-                decay=True, max_grad_norm=1.0, every=cfg.log_every, stage="transformer", lr_min=0.01 * cfg.lr,
-                log=log).curve
+    with seeded_global_rng(seed):
+        curve = fit(transformer.parameters(), loss_at, model=transformer, steps=cfg.steps, lr=cfg.lr,
+                    warmup=cfg.warmup, decay=True, max_grad_norm=1.0, every=cfg.log_every, stage="transformer",
+                    lr_min=0.01 * cfg.lr, log=log).curve
     transformer.eval()
     return curve
 
@@ -158,13 +132,7 @@ def train_flow_builtins(out: Path, vae_cfg: VAETraining, flow_cfg: FlowTraining,
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    curve_path = out / "curve.jsonl"
-
-    def log(point):
-        print(json.dumps(point), flush=True)
-        with curve_path.open("a") as f:
-            f.write(json.dumps(point) + "\n")
-
+    log = CurveLog(out, fresh=False)  # (this script never cleared an earlier run's curve: kept so)
     tiny = bm.build_pipeline("tiny")
     bm.load_trained_weights(tiny, "tiny")
     held_out = held_out_images(64)

@@ -1,8 +1,8 @@
-"""Train the built-in ``tiny-style`` model on the style world (`styles.py`): CPU, seeded, one core.
+"""Train the built-in ``tiny-style`` model on the style world (`pipeline/data/styles.py`): CPU, seeded, one core.
 
 This is the script that made ``pipeline/models/builtin/weights/tiny-style-v1.safetensors`` (the recipe is
-``STYLE_WEIGHTS_RECIPE`` in build.py); run it again with
-``python -m pipeline.models.builtin.style_training --out DIR``. Three stages:
+``STYLE_WEIGHTS_RECIPE`` in builtin/build.py); run it again with
+``python -m pipeline.train.style --out DIR``. Three stages:
 
 1. the VAE starts from ``tiny``'s shipped VAE and is fine-tuned on 64 px crops, half recoloured photos,
    half renders of the 24 training styles (so hatching, dots and outlines survive the 1/8 latent), with
@@ -12,7 +12,7 @@ This is the script that made ``pipeline/models/builtin/weights/tiny-style-v1.saf
    pool of latents: 3/4 style renders captioned from STYLE_TEMPLATES ("a painting in the style of
    <name>", ...), 1/4 photos captioned "a photo of <content>" or "a photo"; 10% of captions dropped
    to "" (classifier-free guidance);
-3. held-out figures: VAE PSNR on the held-out photos (training.HELD_OUT) and on the held-out styles
+3. held-out figures: VAE PSNR on the held-out photos (data/photos.py HELD_OUT) and on the held-out styles
    painted on held-out photos, and the *prompted style accuracy*: for each training style, images
    generated from "a painting in the style of <name>" attributed by the style score
    (metrics/style.py) among the 24 training styles' renders of other content (chance 1/24).
@@ -21,7 +21,6 @@ This is the script that made ``pipeline/models/builtin/weights/tiny-style-v1.saf
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,25 +28,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.models.builtin import build as bm
-from pipeline.models.builtin.styles import (
+from pipeline.data.photos import (
+    SEED,
+    TRAIN_PHOTOS,
+    PhotoCrops,
+    held_out_images,
+)
+from pipeline.data.styles import (
     HELD_OUT_STYLES,
     JUDGE_PHOTOS,
     TRAIN_STYLES,
     artist_images,
     style_crops,
 )
-from pipeline.models.builtin.training import (
-    HELD_OUT,
-    SEED,
-    TRAIN_PHOTOS,
-    PhotoCrops,
-    VAETraining,
-    evaluate_vae,
-    train_vae,
-)
+from pipeline.io.images import to_tensor
+from pipeline.metrics.style import StyleDescriptor, StyleJudge
+from pipeline.models.builtin import build as bm
 from pipeline.models.diffusion import denoising_loss, encode_text
 from pipeline.models.fitting import fit
+from pipeline.seeds import seeded_global_rng
+from pipeline.train.curve import CurveLog
+from pipeline.train.tiny import VAETraining, evaluate_vae, train_vae
 
 STYLE_TEMPLATES = ("a painting in the style of {style}", "an artwork in the style of {style}",
                    "a painting of {content} in the style of {style}", "a picture by {style}")
@@ -68,13 +69,10 @@ class StyleWorldCrops:
         return torch.cat([self.photos.sample(k, size)[0], painted]), None
 
 
-def as_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-
-
 def held_out_renders(size: int = 64, per_style: int = 4) -> torch.Tensor:
     """The held-out styles on held-out photos: the VAE's figure on paintings it never saw."""
-    return torch.cat([as_tensor(artist_images(s, per_style, size, seed=SEED + 21)) for s in HELD_OUT_STYLES])
+    return torch.cat([to_tensor(img) for s in HELD_OUT_STYLES
+                      for img in artist_images(s, per_style, size, seed=SEED + 21)])
 
 
 @dataclass
@@ -126,7 +124,6 @@ def train_style_unet(unet, text_encoder, tokenizer, scheduler, pool: StylePool, 
     """UNet and text encoder trained together on `pool` (in place); the curve, with prompted style accuracy."""
     gen = torch.Generator().manual_seed(seed + 5)
     rng = random.Random(seed + 6)
-    torch.manual_seed(seed)
 
     def loss_at(step):
         unet.train()  # (prompted_style_accuracy leaves both in eval mode)
@@ -147,9 +144,10 @@ def train_style_unet(unet, text_encoder, tokenizer, scheduler, pool: StylePool, 
                                                                                           tokenizer)}
 
     groups = [{"params": unet.parameters(), "lr": cfg.lr}, {"params": text_encoder.parameters(), "lr": cfg.text_lr}]
-    curve = fit(groups, loss_at, model=unet, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, decay=True,
-                max_grad_norm=1.0, every=cfg.eval_every, stage="style-unet", lr_min=cfg.lr_min, evaluate=evaluate,
-                log=log).curve
+    with seeded_global_rng(seed):
+        curve = fit(groups, loss_at, model=unet, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, decay=True,
+                    max_grad_norm=1.0, every=cfg.eval_every, stage="style-unet", lr_min=cfg.lr_min,
+                    evaluate=evaluate, log=log).curve
     unet.eval()
     text_encoder.eval()
     return curve
@@ -159,8 +157,6 @@ def train_style_unet(unet, text_encoder, tokenizer, scheduler, pool: StylePool, 
 def prompted_style_accuracy(vae, unet, text_encoder, tokenizer, per_style: int = 4, steps: int = 25) -> float:
     """Images generated from each training style's caption, attributed among the 24 training styles."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from pipeline.metrics.style import StyleDescriptor, StyleJudge
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler.from_config(bm.scheduler().config), safety_checker=None,
@@ -187,14 +183,7 @@ def train_tiny_style(out: Path, vae_cfg: VAETraining, unet_cfg: StyleUNetTrainin
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    curve_path = out / "curve.jsonl"
-    curve_path.unlink(missing_ok=True)
-
-    def log(point):
-        print(json.dumps(point), flush=True)
-        with curve_path.open("a") as f:
-            f.write(json.dumps(point) + "\n")
-
+    log = CurveLog(out)
     tiny = bm.build_pipeline("tiny")
     bm.load_trained_weights(tiny, "tiny")  # start from tiny's VAE and text encoder
     parts = bm.random_parts("tiny-style")
@@ -213,7 +202,7 @@ def train_tiny_style(out: Path, vae_cfg: VAETraining, unet_cfg: StyleUNetTrainin
     pool = style_pool(vae, pool_size)
     text_encoder.requires_grad_(True)
     train_style_unet(unet, text_encoder, tokenizer, bm.scheduler(), pool, unet_cfg, vae=vae, log=log)
-    log({"stage": "held-out", **{f"photos_{k}": v for k, v in evaluate_vae(vae, _held_out_photos()).items()},
+    log({"stage": "held-out", **{f"photos_{k}": v for k, v in evaluate_vae(vae, held_out_images(64)).items()},
          **{f"held_out_styles_{k}": v for k, v in evaluate_vae(vae, renders).items()}})
     tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
     tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
@@ -225,12 +214,6 @@ def train_tiny_style(out: Path, vae_cfg: VAETraining, unet_cfg: StyleUNetTrainin
                                        "held_out_styles": ",".join(s.name for s in HELD_OUT_STYLES)})
     log({"stage": "done", "weights": str(path), "sha256": bm.sha256(path)})
     return path
-
-
-def _held_out_photos() -> torch.Tensor:
-    from pipeline.models.builtin.training import held_out_images
-
-    return held_out_images(64, names=HELD_OUT)
 
 
 def main(argv=None) -> None:
