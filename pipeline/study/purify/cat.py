@@ -46,7 +46,7 @@ from pipeline.io.images import from_batch
 from pipeline.models.fitting import fit
 from pipeline.protect import ALL_METHODS, FASTPROTECT_METHODS
 from pipeline.seeds import key_seed, seeded_global_rng
-from pipeline.study.purify import Purification
+from pipeline.study.purify.base import Purification
 from pipeline.study.purify.impress import vae_models
 
 ADAPTER = "cat"  # the peft adapter's name in the VAE
