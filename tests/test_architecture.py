@@ -42,9 +42,17 @@ def imports(path: Path, known: dict[str, Path], name: str | None = None) -> set[
     imports count)."""
     found, name = set(), name or module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
+            # import_module(f"pipeline.commands.{name}"): each module under the prefix that the caller names
+            prefix = dynamic_prefix(node.args[0], name) if node.args else ""
+            found.update(m for m in known if prefix.startswith("pipeline.") and m.startswith(prefix)
+                         and m[len(prefix):] in strings and m != name)
+            continue
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -59,6 +67,22 @@ def imports(path: Path, known: dict[str, Path], name: str | None = None) -> set[
                 found.add(target)
     found.discard(name)
     return found
+
+
+def dynamic_prefix(arg: ast.expr, name: str) -> str:
+    """What an `import_module(...)` argument surely starts with: "pipeline.commands." for
+    f"pipeline.commands.{x}", the package's name for f"{__name__}.{x}" (`name`: the calling module)."""
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    prefix = ""
+    for part in arg.values if isinstance(arg, ast.JoinedStr) else []:
+        if isinstance(part, ast.Constant):
+            prefix += part.value
+        elif isinstance(part.value, ast.Name) and part.value.id == "__name__" and not prefix:
+            prefix = name
+        else:
+            break
+    return prefix
 
 
 def graph() -> dict[str, set[str]]:
@@ -110,8 +134,10 @@ def test_runtime_never_imports_the_training_scripts():
 def test_the_graph_sees_deferred_imports(tmp_path):
     """The checks above would pass vacuously if function-level imports were missed: one is seen here."""
     probe = tmp_path / "probe.py"
-    probe.write_text("def f():\n    from pipeline.study.run import run_study\n    from . import grid\n")
-    assert imports(probe, modules(), name="pipeline.study.probe") == {"pipeline.study.run", "pipeline.study.grid"}
+    probe.write_text("def f():\n    from pipeline.study.run import run_study\n    from . import grid\n"
+                     "    return importlib.import_module(f'{__name__}.{x}')\nUNITS = ['jpeg']\n")
+    seen = imports(probe, modules(), name="pipeline.study.purify")
+    assert {"pipeline.study.run", "pipeline.study.grid", "pipeline.study.purify.jpeg"} <= seen
 
 
 # ----------------------------------------------------------------------------- marked copies
@@ -142,14 +168,32 @@ def marked_copies() -> list[tuple[Path, str, str]]:
     return found
 
 
-@pytest.mark.parametrize("path,name,original", marked_copies() or [pytest.param(None, None, None, marks=pytest.mark.skip)])
-def test_marked_copies_match_their_original(path, name, original):
+def copy_problem(path: Path, name: str, original: str) -> str | None:
+    """Why the copy `name` in `path` no longer matches `original` (pipeline.x.y.name); None when it does."""
     module, _, original_name = original.rpartition(".")
     original_path = PACKAGE.parent / (module.replace(".", "/") + ".py")
     if not original_path.exists():
         original_path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
-    source = definition_source(original_path, original_name)
-    assert source is not None, f"{path}: `Copied from {original}` names nothing"
-    copy = definition_source(path, name)
-    # the copy may rename the definition itself, nothing else
-    assert copy.replace(f" {name}(", f" {original_name}(", 1) == source, f"{path}:{name} drifted from {original}"
+    source = definition_source(original_path, original_name) if original_path.exists() else None
+    if source is None:
+        return f"{path}: `Copied from {original}` names nothing"
+    copy = definition_source(path, name)  # the copy may rename the definition itself, nothing else
+    if copy is None or copy.replace(f" {name}(", f" {original_name}(", 1) != source:
+        return f"{path}:{name} drifted from {original}"
+    return None
+
+
+@pytest.mark.parametrize("path,name,original", marked_copies())
+def test_marked_copies_match_their_original(path, name, original):
+    assert copy_problem(path, name, original) is None
+
+
+def test_the_copy_check_sees_a_drift(tmp_path):
+    original = definition_source(PACKAGE / "seeds.py", "key_seed")
+    same = tmp_path / "same.py"
+    same.write_text("# Copied from pipeline.seeds.key_seed\n" + original.replace("def key_seed(", "def my_seed(") + "\n")
+    drifted = tmp_path / "drifted.py"
+    drifted.write_text("# Copied from pipeline.seeds.key_seed\n" + original.replace("[:8]", "[:4]") + "\n")
+    assert copy_problem(same, "my_seed", "pipeline.seeds.key_seed") is None
+    assert "drifted" in copy_problem(drifted, "key_seed", "pipeline.seeds.key_seed")
+    assert "names nothing" in copy_problem(same, "my_seed", "pipeline.seeds.no_such_function")
