@@ -62,18 +62,21 @@ def clean_mimic(sdedit, held_out):
 
 
 @pytest.fixture(scope="module")
-def noise_pair_psnr(sdedit, held_out, clean_mimic):
+def noise_mimic(sdedit, held_out):
+    """SDEdit of the held-out images plus uniform noise of the budget (one run, read by the two figures below)."""
     rng = np.random.default_rng(0)
-    noisy = apply_deltas(held_out, [rng.uniform(-EPS, EPS, im.shape) for im in held_out])
-    return mean_psnr(clean_mimic, mimic(sdedit, noisy))
+    return mimic(sdedit, apply_deltas(held_out, [rng.uniform(-EPS, EPS, im.shape) for im in held_out]))
 
 
 @pytest.fixture(scope="module")
-def noise_damage(sdedit, held_out, clean_mimic):
+def noise_pair_psnr(clean_mimic, noise_mimic):
+    return mean_psnr(clean_mimic, noise_mimic)
+
+
+@pytest.fixture(scope="module")
+def noise_damage(held_out, clean_mimic, noise_mimic):
     """dB by which uniform noise of the budget moves the mimic's output away from the clean image."""
-    rng = np.random.default_rng(0)
-    noisy = apply_deltas(held_out, [rng.uniform(-EPS, EPS, im.shape) for im in held_out])
-    return mean_psnr(held_out, clean_mimic) - mean_psnr(held_out, mimic(sdedit, noisy))
+    return mean_psnr(held_out, clean_mimic) - mean_psnr(held_out, noise_mimic)
 
 
 def test_mimic_reproduces_clean_held_out_images(held_out, clean_mimic, noise_pair_psnr):
