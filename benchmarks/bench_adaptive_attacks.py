@@ -1,6 +1,6 @@
 """The adaptive attacks of issue 22 on CPU with the built-in models: what they do and what they cost.
 
-    python benchmarks/bench_adaptive_attacks.py            # -> benchmarks/results/adaptive_attacks_cpu.json
+    python -m benchmarks.bench_adaptive_attacks            # -> benchmarks/results/adaptive_attacks_cpu.json
 
 - `tiny-pixel` (pdmpure's pixel DDPM): PSNR to the clean held-out photos of x_t and of the one-step x0
   prediction from it, t = 50, 100, 200; and of `noise:SIGMA` followed by `pdmpure:T`.
@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
 RESULTS = ROOT / "benchmarks" / "results"

@@ -1,6 +1,6 @@
 """ASPL (Anti-DreamBooth) against uniform noise of the same budget, on its own objective, on the style world.
 
-    python benchmarks/bench_aspl.py            # results/aspl_cpu.json
+    python -m benchmarks.bench_aspl            # results/aspl_cpu.json
 
 For each of the style world's first held-out artists (tiny-style, 4 images at 64 px, protected as one group),
 ASPL at eps 16 (step 2) with the full and the LoRA surrogate, and uniform noise of the same budget; the
@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
 RESULTS = ROOT / "benchmarks" / "results"

@@ -9,8 +9,8 @@ the VAE also on ``UNFAMILIAR`` photos from outside scikit-image (matplotlib's po
 - SDEdit of the clean image (DDIM, `--ddim-steps`, guidance 1, the project's `SDEdit`) at strengths
   0.1 / 0.3 / 0.5: PSNR / SSIM of the mimic's output against its input (does the mimic follow it?).
 
-    python benchmarks/bench_builtin_tiny.py            # writes benchmarks/results/builtin_tiny.json
-    python benchmarks/bench_builtin_tiny.py --model tiny-style --vae-only   # results/builtin_tiny_style.json
+    python -m benchmarks.bench_builtin_tiny            # writes benchmarks/results/builtin_tiny.json
+    python -m benchmarks.bench_builtin_tiny --model tiny-style --vae-only   # results/builtin_tiny_style.json
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 
 
 def vae_figures(vae, crops_per_photo: int) -> dict:

@@ -1,6 +1,6 @@
 """A multi-node run simulated on one machine: outputs are written from worker nodes, commits stay ordered.
 
-    python benchmarks/bench_cluster.py                  # head (driver only) + 2 worker nodes, tiny model
+    python -m benchmarks.bench_cluster                  # head (driver only) + 2 worker nodes, tiny model
 
 `ray.cluster_utils.Cluster` starts a head node with no CPUs (it only hosts the driver, like a
 cluster's head that owns the job) and two worker "nodes" with 2 CPUs each (one protection actor
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tarfile
 import tempfile
 import time
@@ -31,7 +30,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
 # Cluster() records its address in $RAY_TMPDIR/ray/ray_current_cluster, where any plain ray.init() on
 # this machine would then connect: keep the simulated cluster in a private temp dir of its own

@@ -20,8 +20,8 @@ Then the paper's claims (Xue et al. 2024) are checked on this model and printed 
 encoder-only attacks (photoguard, sds+/-, sdst-) vs the full-gradient ones (advdm, mist);
 SDS(-) vs AdvDM in damage and in seconds per step; SDS(-) vs SDS(+) roughness.
 
-    python benchmarks/bench_efficacy.py                      # default: eps 4 8 16, 16 steps of 2
-    python benchmarks/bench_efficacy.py --eps 16 --steps 20 --methods sds- advdm --name quick
+    python -m benchmarks.bench_efficacy                      # default: eps 4 8 16, 16 steps of 2
+    python -m benchmarks.bench_efficacy --eps 16 --steps 20 --methods sds- advdm --name quick
 
 Results: benchmarks/results/<name>.json and .md (default name efficacy_cpu). LPIPS uses the
 seeded random AlexNet trunk unless --lpips-weights is given (marked in the results).
@@ -32,16 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from results_writer import machine_lines, write_results  # noqa: E402
+from benchmarks.results_writer import machine_lines, write_results
+from pipeline.protect.baseline import apply_deltas, uniform_noise
 
 METHODS = ("advdm", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst-", "fastprotect")
 ENCODER_ONLY = ("photoguard", "sds+", "sds-", "sdst-")  # no gradient through the UNet
@@ -53,16 +49,6 @@ def held_out_uint8(size: int, crops_per_photo: int) -> list[np.ndarray]:
 
     x = held_out_images(size, crops_per_photo)
     return [np.asarray((im.permute(1, 2, 0) * 255).round().byte()) for im in x]
-
-
-def apply(images, deltas) -> list[np.ndarray]:
-    """Protected uint8 images: clip(round(x + delta)), as the pipeline writes them."""
-    return [np.clip(np.round(im.astype(np.float32) + d), 0, 255).astype(np.uint8) for im, d in zip(images, deltas)]
-
-
-def uniform_noise(images, eps: float, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.uniform(-eps, eps, im.shape).astype(np.float32) for im in images]
 
 
 def roughness(delta: np.ndarray) -> float:
@@ -139,7 +125,7 @@ def run(args) -> dict:
                 cfg = ProtectConfig(method=method, eps=eps, steps=args.steps, step_size=args.step_size, seed=args.seed)
                 deltas = build_protector(judge.models, cfg).protect(images, keys)
             seconds = time.perf_counter() - start
-            protected = apply(images, deltas)
+            protected = apply_deltas(images, deltas)
             edited = judge.mimic(protected, keys)
             z = judge.latents(protected)
             row = {

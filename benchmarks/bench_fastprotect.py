@@ -1,7 +1,7 @@
 """FastProtect vs sds- (100 PGD steps): milliseconds per image, the ratio, and images per second.
 
-    python benchmarks/bench_fastprotect.py                                   # CPU, tiny, 64 x 64
-    python benchmarks/bench_fastprotect.py --model sd15-arch --size 512 --device cuda --sds-images 4
+    python -m benchmarks.bench_fastprotect                                   # CPU, tiny, 64 x 64
+    python -m benchmarks.bench_fastprotect --model sd15-arch --size 512 --device cuda --sds-images 4
 
 Same model, device, image size and batch for both methods:
 1. protector only: `build_protector(...).protect(images)` after one warm-up call, best of
@@ -29,7 +29,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -156,7 +155,7 @@ def main() -> int:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
         f"{torch.get_num_threads()}, load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
         "(other jobs share this machine: absolute times are pessimistic, the ratio less so).",
-        f"Command: `python benchmarks/bench_fastprotect.py {' '.join(sys.argv[1:])}`. Batch {args.batch}, "
+        f"Command: `python -m benchmarks.bench_fastprotect {' '.join(sys.argv[1:])}`. Batch {args.batch}, "
         f"eps {args.eps:g}, bank {'default' if bank is None else bank} (R = {fast.bank.resolution}).",
         "",
         "| measurement | ms / image | images / s |",

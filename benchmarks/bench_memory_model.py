@@ -7,8 +7,8 @@ step's forward on CPU with `torch.autograd.graph.saved_tensors_hooks` (each save
 once), and reports them per method. Transients (one layer's workspace, the attention scores when no
 fused attention kernel is used) come on top; on a GPU, measure for real with bench_methods.py.
 
-    python benchmarks/bench_memory_model.py --model sd15-arch --resolution 512 --dtype bf16
-    python benchmarks/bench_memory_model.py --model sdxl-arch --resolution 1024 --dtype fp16 --meta
+    python -m benchmarks.bench_memory_model --model sd15-arch --resolution 512 --dtype bf16
+    python -m benchmarks.bench_memory_model --model sdxl-arch --resolution 1024 --dtype fp16 --meta
 
 `--meta` builds a built-in architecture on PyTorch's meta device and runs the same step there:
 shapes, dtypes and autograd's saved tensors are exactly those of a real run, but nothing is

@@ -13,9 +13,9 @@ subprocess, so one configuration's allocations never inflate the next one's peak
 
 Examples::
 
-    python benchmarks/bench_methods.py --preset cpu                 # tiny@64 and sd15-arch@256 on CPU
-    python benchmarks/bench_methods.py --preset gpu                 # sd15-arch@512, sd21-768-arch@768, sdxl-arch@1024 on CUDA, fp16
-    python benchmarks/bench_methods.py --model tiny --resolution 64 --batch-sizes 1 8 --methods sds- advdm
+    python -m benchmarks.bench_methods --preset cpu                 # tiny@64 and sd15-arch@256 on CPU
+    python -m benchmarks.bench_methods --preset gpu                 # sd15-arch@512, sd21-768-arch@768, sdxl-arch@1024 on CUDA, fp16
+    python -m benchmarks.bench_methods --model tiny --resolution 64 --batch-sizes 1 8 --methods sds- advdm
 
 Results go to benchmarks/results/<name>.json and .md (see --name).
 """
@@ -141,7 +141,7 @@ def measure(cfg: dict) -> dict:
 
 def run_isolated(cfg: dict, timeout: float) -> dict:
     """`measure(cfg)` in a fresh Python process; returns its result or an error record."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_methods", "--worker", json.dumps(cfg)]
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent)

@@ -1,7 +1,7 @@
 """Seconds per group for the training mimics (textual inversion, LoRA) at their default settings.
 
-    python benchmarks/bench_mimic.py                                   # CPU, tiny, 64 px
-    python benchmarks/bench_mimic.py --model sd15-arch --resolution 512 --device cuda --out mimic_gpu.md
+    python -m benchmarks.bench_mimic                                   # CPU, tiny, 64 px
+    python -m benchmarks.bench_mimic --model sd15-arch --resolution 512 --device cuda --out mimic_gpu.md
 
 One group = `--images` photos (scikit-image's, resized square). For each mimic: model load
 (once, not per group), then per group training (default steps), saving the weights, loading
@@ -20,14 +20,12 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def photos(n: int, size: int):

@@ -1,8 +1,8 @@
 """Pipeline throughput vs the protector alone, and the driver's memory and traffic vs the number of shards.
 
-    python benchmarks/bench_pipeline.py --method fastprotect          # CPU, tiny model, 64 px
-    python benchmarks/bench_pipeline.py --method sds- --steps 30
-    python benchmarks/bench_pipeline.py --method sds- --model sd15-arch --size 512 --steps 20 --device cuda  # GPU
+    python -m benchmarks.bench_pipeline --method fastprotect          # CPU, tiny model, 64 px
+    python -m benchmarks.bench_pipeline --method sds- --steps 30
+    python -m benchmarks.bench_pipeline --method sds- --model sd15-arch --size 512 --steps 20 --device cuda  # GPU
 
 1. Throughput. The same images (WebDataset shards), model, method and batch size go
    (a) through the whole pipeline (`run_protect`: read -> decode -> protection actors -> encode + write
@@ -28,7 +28,6 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -37,7 +36,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
 
 

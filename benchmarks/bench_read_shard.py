@@ -1,7 +1,7 @@
 """What reading a shard whole costs: `webdataset.read_shard` (index checked through to the end, members
 grouped, every member sniffed for image content, strict JSON) vs a bare `tarfile` stream, per format.
 
-    python benchmarks/bench_read_shard.py --samples 500 --size 256
+    python -m benchmarks.bench_read_shard --samples 500 --size 256
 
 Builds one shard of --samples samples (a PNG of --size x --size, a JSON, a .txt, a .pkl-like blob) as
 .tar and as .tar.gz in a temporary folder, reads each --repeats times, and writes

@@ -8,8 +8,8 @@ estimate`, as the pre-run warning computes it) divided by the measured time, and
 (`protect.cost.step_cost`, what `--max-memory` is checked against). Peak memory: resident set size polled every 5 ms during the timed
 call minus the RSS before it (CPU), or torch.cuda.max_memory_allocated() minus the allocation before it.
 
-    python benchmarks/bench_resolution.py                      # tiny on CPU: sds- and photoguard
-    python benchmarks/bench_resolution.py --model sd15-arch --device cuda --dtype fp16 --native-max-mp 4
+    python -m benchmarks.bench_resolution                      # tiny on CPU: sds- and photoguard
+    python -m benchmarks.bench_resolution --model sd15-arch --device cuda --dtype fp16 --native-max-mp 4
 
 `native` is skipped above --native-max-mp megapixels (on this 2-core CPU a 1024^2 native step of tiny
 takes about 15 s and grows as pixels^1.7). The exponent of the native curve is fitted by least squares
@@ -115,8 +115,8 @@ def main() -> None:
                     continue
                 cfg = {"model": args.model, "device": args.device, "dtype": args.dtype, "method": method,
                        "size": list(size), "resolution": resolution, "steps": args.steps}
-                out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
-                                     text=True)
+                out = subprocess.run([sys.executable, "-m", "benchmarks.bench_resolution", "--worker", json.dumps(cfg)],
+                                     capture_output=True, text=True, cwd=HERE.parent)
                 if out.returncode != 0:
                     print(f"{method} {size} {resolution}: failed\n{out.stderr[-800:]}", file=sys.stderr)
                     continue

@@ -21,7 +21,7 @@ by key). Mimic damage = how far the mimic's output on the protected image lands 
 clean image: PSNR between the two (lower: more damage) and the latent shift ||E(x_p) - E(x)|| / ||E(x)||
 of the mimic's input. Seconds per image are measured for each protection.
 
-    python benchmarks/bench_resolution_efficacy.py --model tiny --megapixels 1 --steps 10
+    python -m benchmarks.bench_resolution_efficacy --model tiny --megapixels 1 --steps 10
 """
 
 from __future__ import annotations

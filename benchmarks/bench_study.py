@@ -1,11 +1,11 @@
 """Robustness-study benchmarks on CPU with the built-in tiny model.
 
-    python benchmarks/bench_study.py cells     # seconds per purification (per image) and per cell
-    python benchmarks/bench_study.py scaling   # the mimic phase with 1, 2, 4 Ray workers (Cluster simulation)
-    python benchmarks/bench_study.py table     # protection retained, default grid (+ sds-+eot), held-out photos
-    python benchmarks/bench_study.py eot       # photoguard vs photoguard+eot at eps 16 under jpeg/resize/noise
-    python benchmarks/bench_study.py style --artist 0   # issue 22's grid on one held-out artist of the style world
-    python benchmarks/bench_study.py style-table        # pool the artists' studies: study_style.json and .md
+    python -m benchmarks.bench_study cells     # seconds per purification (per image) and per cell
+    python -m benchmarks.bench_study scaling   # the mimic phase with 1, 2, 4 Ray workers (Cluster simulation)
+    python -m benchmarks.bench_study table     # protection retained, default grid (+ sds-+eot), held-out photos
+    python -m benchmarks.bench_study eot       # photoguard vs photoguard+eot at eps 16 under jpeg/resize/noise
+    python -m benchmarks.bench_study style --artist 0   # issue 22's grid on one held-out artist of the style world
+    python -m benchmarks.bench_study style-table        # pool the artists' studies: study_style.json and .md
 
 Held-out photos: crops of scikit-image's bundled photos the tiny model never saw in training
 (`pipeline.data.photos.HELD_OUT`: rocket, motorcycle), at 64 x 64.
@@ -25,13 +25,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results_writer import machine_lines, write_results  # noqa: E402
+from benchmarks.results_writer import machine_lines, write_results  # noqa: E402
 
 
 def held_out_photos(n: int, size: int = 64) -> dict[str, np.ndarray]:
@@ -281,7 +279,7 @@ def style_markdown(result: dict, args) -> str:
     purifications = args.purifications.split(",")
     names = {"lora": "LoRA (style accuracy)", "dreambooth": "DreamBooth (style accuracy)", "sdedit": "SDEdit (PSNR to the clean image, dB)"}
     lines = [f"# Adaptive attacks on the style world: {', '.join(result['artists'])} (tiny-style, CPU)", "",
-             (f"Command: `python benchmarks/bench_study.py style --artist I` (one process per artist, each pinned to "
+             (f"Command: `python -m benchmarks.bench_study style --artist I` (one process per artist, each pinned to "
              f"one core), then `style-table`. {args.images} images per artist at 64 px; protection {args.steps} PGD steps "
              f"of 2; LoRA {args.lora_steps} steps at lr 3e-3 with text-encoder adapters; DreamBooth "
              f"{args.dreambooth_steps} steps; {args.num_images} generated images per cell; SDEdit DDIM 20."), "",

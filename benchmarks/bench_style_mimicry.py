@@ -18,8 +18,8 @@ Protection works when the protected-trained mimic's accuracy falls (and distance
 noise's does. The paper's claims are checked with the table: SDS(-) protects against textual
 inversion (Diff-Protect), FastProtect against LoRA (FastProtect's main attack).
 
-    python benchmarks/bench_style_mimicry.py                               # every method, eps 8 and 16
-    python benchmarks/bench_style_mimicry.py --methods sds- --eps 16 --artists 2 --name quick
+    python -m benchmarks.bench_style_mimicry                               # every method, eps 8 and 16
+    python -m benchmarks.bench_style_mimicry --methods sds- --eps 16 --artists 2 --name quick
 
 Results: benchmarks/results/<name>.json and .md (default name style_mimicry_cpu).
 """
@@ -29,18 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from bench_efficacy import apply, uniform_noise  # noqa: E402  (the same noise and rounding as the SDEdit figures)
-from results_writer import machine_lines, write_results  # noqa: E402
+from benchmarks.results_writer import machine_lines, write_results
+from pipeline.protect.baseline import apply_deltas, uniform_noise  # the same noise and rounding as the SDEdit figures
 
 METHODS = ("advdm", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst-", "fastprotect")
 MODEL = "tiny-style"
@@ -93,7 +88,7 @@ def run(args) -> dict:
                     cfg = ProtectConfig(method=method, eps=eps, steps=args.steps, step_size=args.step_size,
                                         seed=args.seed)
                     deltas = build_protector(models, cfg).protect(images, keys)
-                sets[(method, float(eps))] = (apply(images, deltas), time.perf_counter() - start)
+                sets[(method, float(eps))] = (apply_deltas(images, deltas), time.perf_counter() - start)
         for (method, eps), (protected, protect_seconds) in sets.items():
             for name, mimic in trainers.items():
                 start = time.perf_counter()

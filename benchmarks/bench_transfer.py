@@ -17,10 +17,10 @@ same random VAE (same config and seed), ``tiny-xl`` has one of its own (another 
 VAE differs from SD's). So tiny <-> tiny-v transfer goes through one shared encoder, tiny <-> tiny-xl
 through different ones. Random encoders measure the mechanism, not real-world strength.
 
-    python benchmarks/bench_transfer.py                       # tiny, tiny-v, tiny-xl at 64 px
-    python benchmarks/bench_transfer.py --steps 20 --name transfer_quick
+    python -m benchmarks.bench_transfer                       # tiny, tiny-v, tiny-xl at 64 px
+    python -m benchmarks.bench_transfer --steps 20 --name transfer_quick
     # SD 1.5-shaped vs FLUX-shaped vs both (issue 21), on the held-out photos:
-    python benchmarks/bench_transfer.py --protect tiny,tiny-flux --ensembles tiny+tiny-flux \
+    python -m benchmarks.bench_transfer --protect tiny,tiny-flux --ensembles tiny+tiny-flux \
         --mimic tiny,tiny-sd3,tiny-flux --held-out --name transfer_flow
 
 Per protector it also reports the cost of one PGD step: seconds per step and image (wall clock, this
@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,7 +47,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE.parent))
 
 
 def photos(n: int, size: int) -> list[np.ndarray]:
@@ -70,10 +68,6 @@ def photos(n: int, size: int) -> list[np.ndarray]:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return 100.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def apply(images, deltas) -> list[np.ndarray]:
-    return [np.clip(np.round(im.astype(np.float64) + d), 0, 255).astype(np.uint8) for im, d in zip(images, deltas)]
 
 
 def latents(models, images):
@@ -128,6 +122,7 @@ def main() -> None:
     from pipeline.evaluate.mimic import SDEdit, SDEditConfig
     from pipeline.models.loading import load_models, model_path
     from pipeline.protect import ProtectConfig, build_protector
+    from pipeline.protect.baseline import apply_deltas
 
     names = sorted(set(args.protect.split(",")) | set(args.mimic.split(","))
                    | {m for e in args.ensembles.split(",") if e for m in e.split("+")})
@@ -146,7 +141,7 @@ def main() -> None:
     seconds: dict[str, float] = {}
     cost: dict[str, dict] = {"noise": {"step_ms": 0.0, "saved_MiB": 0.0, "weights_MiB": 0.0}}
     rng = np.random.default_rng(0)
-    protected["noise"] = apply(images, [rng.uniform(-args.eps, args.eps, im.shape) for im in images])
+    protected["noise"] = apply_deltas(images, [rng.uniform(-args.eps, args.eps, im.shape) for im in images])
     seconds["noise"] = 0.0
     protectors = [p for p in args.protect.split(",") if p] + [e for e in args.ensembles.split(",") if e]
     for p in protectors:
@@ -154,7 +149,7 @@ def main() -> None:
         start = time.perf_counter()
         deltas = build_protector(members, config).protect(images, keys=keys)
         seconds[p] = time.perf_counter() - start
-        protected[p] = apply(images, deltas)
+        protected[p] = apply_deltas(images, deltas)
         cost[p] = step_cost(members, config, args.size, seconds[p] / (args.steps * len(images)))
         print(f"protected with {p}: {seconds[p]:.1f} s; per step {cost[p]}", flush=True)
 

@@ -31,6 +31,24 @@ def photos_small() -> list[np.ndarray]:
     return small_photos()
 
 
+@pytest.fixture(scope="module")
+def protected(photos_small):
+    """(models, **ProtectConfig fields) -> (protector, written uint8 images, results): the four small photos
+    protected through `protect_encoded` once per module for each model and setting (tests/helpers.py,
+    `protect_photos`), shared by the tests that only read them."""
+    from helpers import protect_photos
+
+    cache = {}
+
+    def run(models, **config):
+        key = (id(models), tuple(sorted(config.items())))  # the cached protector keeps `models` (and its id) alive
+        if key not in cache:
+            cache[key] = protect_photos(models, photos_small, **config)
+        return cache[key]
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
     """Real photos bundled with scikit-image, as uint8 H x W x 3."""

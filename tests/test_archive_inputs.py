@@ -24,8 +24,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
+from helpers import image_file, table_rows
 from PIL import Image
 
 from pipeline.cli import main
@@ -35,16 +35,6 @@ pytestmark = pytest.mark.slow
 EPS = 8
 FAST = ["--model", "tiny", "--steps", "2", "--eps", str(EPS), "--step-size", "2", "--device", "cpu", "--batch-size",
         "4", "--no-progress", "--seed", "1"]
-
-
-def rows(root: Path, name: str) -> list[dict]:
-    return [r for f in sorted((root / "tables" / name).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
-
-
-def encode(rgb: np.ndarray, fmt: str, **params) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format=fmt, **params)
-    return buf.getvalue()
 
 
 def tar_file(entries: list) -> bytes:
@@ -72,7 +62,7 @@ def pixels(data: bytes) -> np.ndarray:
 
 def test_messy_shards_nothing_unprotected_nothing_lost(ray_local, tmp_path, capsys):
     rgbs = [np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB")) for s in photo_samples(4)]
-    png, thumb, preview = encode(rgbs[0], "PNG"), encode(rgbs[1], "JPEG", quality=90), encode(rgbs[2], "PNG")
+    png, thumb, preview = image_file(rgbs[0], "PNG"), image_file(rgbs[1], "JPEG", quality=90), image_file(rgbs[2], "PNG")
     bad_utf8 = b'{"caption": "caf\xe9"}'  # Latin-1 bytes, not UTF-8
     long_key = "L" * 120
     link = tarfile.TarInfo("link.png")
@@ -90,7 +80,7 @@ def test_messy_shards_nothing_unprotected_nothing_lost(ray_local, tmp_path, caps
     (src / "shard-000000.tar").write_bytes(shard0)
     (src / "shard-000001.tar").write_bytes(shard0[:3000])  # truncated
     (src / "shard-000002.tar").write_bytes(b"")  # zero bytes
-    gz_jpeg = encode(rgbs[3], "JPEG", quality=70, subsampling=2)
+    gz_jpeg = image_file(rgbs[3], "JPEG", quality=70, subsampling=2)
     (src / "shard-000003.tar.gz").write_bytes(gzip.compress(tar_file([("gz.jpg", gz_jpeg)])))
     (src / "shard-000004.tar").write_bytes(b"this is not a tar archive at all" * 64)
 
@@ -126,7 +116,7 @@ def test_messy_shards_nothing_unprotected_nothing_lost(ray_local, tmp_path, caps
     gz_out = Image.open(io.BytesIO(members_of(gz)["gz.jpg"]))
     assert gz_out.quantization == Image.open(io.BytesIO(gz_jpeg)).quantization  # the source's tables
 
-    metrics, errors = rows(dst, "protect_metrics"), rows(dst, "errors")
+    metrics, errors = table_rows(dst, "protect_metrics"), table_rows(dst, "errors")
     by_key = {}
     for r in metrics:
         by_key.setdefault(r["key"], []).append(r["format"])
@@ -142,7 +132,7 @@ def test_messy_shards_nothing_unprotected_nothing_lost(ray_local, tmp_path, caps
     gz_row = next(r for r in metrics if r["key"] == "gz")
     if gz_row["linf"] > EPS:  # reported honestly, in the table and on the terminal
         assert "exceed the budget after compression" in out.out and "exceeds the budget" in gz_row["warnings"]
-    (run,) = rows(dst, "runs")
+    (run,) = table_rows(dst, "runs")
     assert run["shards_failed"] == 3 and run["status"] == "completed"
 
     # the rerun retries only what failed (shard 1 repaired; 2 and 4 still bad), here with --on-bad-shard
@@ -155,10 +145,10 @@ def test_messy_shards_nothing_unprotected_nothing_lost(ray_local, tmp_path, caps
     assert out.err.count("mimicshield: error") == 1 and "shard-000002.tar" in out.err
     assert (dst / "shard-000000.tar").stat().st_mtime_ns == kept
     assert sorted(members_of(dst / "shard-000001.tar")) == ["fixed.json", "fixed.png"]
-    second = max(rows(dst, "runs"), key=lambda r: r["started_at"])
+    second = max(table_rows(dst, "runs"), key=lambda r: r["started_at"])
     assert second["status"] == "failed" and "shard-000002.tar" in second["failure"]
     assert (second["units_skipped"], second["units_done"], second["shards_failed"]) == (2, 1, 1)
-    assert [os.path.basename(r["source"]) for r in rows(dst, "errors") if r["key"] == ""] == [
+    assert [os.path.basename(r["source"]) for r in table_rows(dst, "errors") if r["key"] == ""] == [
         "shard-000002.tar", "shard-000004.tar"]  # the repaired shard's read error is gone
 
     # other settings into the same OUTPUT: refused, naming what differs (no Ray needed)
@@ -176,17 +166,17 @@ def test_folder_same_stems_dangling_link_transparency_jpeg_as_png(ray_local, tmp
     rgbs = [np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB")) for s in photo_samples(3)]
     src, dst = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    (src / "a.png").write_bytes(encode(rgbs[0], "PNG"))
-    (src / "a.jpg").write_bytes(encode(rgbs[1], "JPEG", quality=90))
-    (src / "b.JPG").write_bytes(encode(rgbs[2], "JPEG", quality=90))
+    (src / "a.png").write_bytes(image_file(rgbs[0], "PNG"))
+    (src / "a.jpg").write_bytes(image_file(rgbs[1], "JPEG", quality=90))
+    (src / "b.JPG").write_bytes(image_file(rgbs[2], "JPEG", quality=90))
     key_colour = tuple(int(v) for v in rgbs[0][0, 0])
-    (src / "keyed.png").write_bytes(encode(rgbs[0], "PNG", transparency=key_colour))
+    (src / "keyed.png").write_bytes(image_file(rgbs[0], "PNG", transparency=key_colour))
     os.symlink(src / "gone.png", src / "dangling.png")
 
     code = main(["protect", str(src), str(dst), *FAST, "--jpeg-as", "png"])
     out = capsys.readouterr()
     assert code == 0, out.err
-    metrics, errors = rows(dst, "protect_metrics"), rows(dst, "errors")
+    metrics, errors = table_rows(dst, "protect_metrics"), table_rows(dst, "errors")
     assert sorted(r["key"] for r in metrics) == ["a.jpg", "a.png", "b", "keyed"]
     assert [(r["key"], r["stage"]) for r in errors] == [("dangling", "read")]
     assert sorted(p.name for p in dst.iterdir() if p.is_file()) == ["a.jpg.png", "a.png", "b.png", "keyed.png"]

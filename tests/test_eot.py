@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import step_inputs
 
 from pipeline.protect import ProtectConfig, Protector
 from pipeline.protect.eot import (
@@ -15,14 +16,7 @@ from pipeline.protect.eot import (
     parse_eot,
     resize,
 )
-from pipeline.protect.methods import StepInputs, make_method
-
-
-def step_inputs(models, batch: int, size: int, seed: int = 0) -> StepInputs:
-    g = torch.Generator().manual_seed(seed)
-    f = models.vae_factor
-    return StepInputs(cond=models.encode_prompts(["a photo"] * batch), t=torch.randint(0, 1000, (batch,), generator=g),
-                      noise=torch.randn((batch, 4, size // f, size // f), generator=g))
+from pipeline.protect.methods import make_method
 
 
 def test_spec_parsing():
@@ -41,7 +35,7 @@ def test_eot_gradient_is_the_mean_of_per_transform_gradients(tiny_models, photos
     """For fixed transforms, EOT's direction = mean_k grad_x L(T_k(x)) (advdm: the full loss gradient)."""
     size = 16
     x = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(1))
-    inputs = step_inputs(tiny_models, 1, size)
+    inputs = step_inputs(tiny_models, 1, seed=0, size=size)
     noise = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(2))
     transforms = [lambda v: jpeg(v, 60.0), lambda v: resize(v, 0.5), lambda v: v + 0.03 * noise,
                   make_transform(parse_eot("none")[0], 0.0)]
@@ -65,7 +59,7 @@ def test_eot_with_identity_transforms_is_the_plain_direction(tiny_models):
     """sds- (UNet outside autograd): K identity transforms give back the method's own direction."""
     size = 16
     x = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(3))
-    inputs = step_inputs(tiny_models, 1, size)
+    inputs = step_inputs(tiny_models, 1, seed=0, size=size)
     method = make_method("sds-")
     plain = method.direction(tiny_models, x.clone().requires_grad_(True), inputs)
     eot = eot_direction(method, tiny_models, x.clone().requires_grad_(True), inputs, [lambda v: v * 1.0] * 3)

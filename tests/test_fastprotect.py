@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.io.sample_data import png_bytes
 from pipeline.protect import ProtectConfig, build_protector
 from pipeline.protect.encoded import protect_encoded
 from pipeline.protect.engine import FastProtectOptions
@@ -36,12 +37,6 @@ STEPS = 30  # bank training steps
 EPS = 6.0
 
 
-def png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def train_dir(tmp_path_factory):
     """A folder of 12 PNG crops of scikit-image photos, of assorted sizes."""
@@ -49,7 +44,7 @@ def train_dir(tmp_path_factory):
     crops, _ = skimage_crops(12, seed=1)
     for i, crop in enumerate(crops):
         side = (40, 56, 72)[i % 3]
-        (root / f"img{i:02d}.png").write_bytes(png(np.asarray(Image.fromarray(crop).resize((side, side + 8)))))
+        (root / f"img{i:02d}.png").write_bytes(png_bytes(np.asarray(Image.fromarray(crop).resize((side, side + 8)))))
     (root / "broken.png").write_bytes(b"not an image")
     return root
 
@@ -147,7 +142,7 @@ def test_budget_holds_on_written_files_at_odd_sizes(tiny_models, trained, method
     shapes = [(333, 517), (8, 2000), (1, 1)]
     clean = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
     keys = [f"img{h}x{w}" for h, w in shapes]
-    results = protect_encoded(protector, keys, [png(c) for c in clean])
+    results = protect_encoded(protector, keys, [png_bytes(c) for c in clean])
     for key, rgb, res in zip(keys, clean, results):
         assert res.error is None and res.key == key, res.error
         written = np.asarray(Image.open(io.BytesIO(res.data)).convert("RGB"), dtype=np.int16)
@@ -234,7 +229,7 @@ def test_cli_trains_a_bank_and_protect_uses_it(ray_local, train_dir, tmp_path, c
     src, dst = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     rgb = np.random.default_rng(5).integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    (src / "a.png").write_bytes(png(rgb))
+    (src / "a.png").write_bytes(png_bytes(rgb))
     code = main(["protect", str(src), str(dst), "--method", "fastprotect", "--bank", str(bank), "--model", "tiny",
                  "--eps", "8", "--device", "cpu", "--no-progress"])
     assert code == 0, capsys.readouterr().err

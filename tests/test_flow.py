@@ -21,11 +21,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import SMALL_PHOTOS, SMALL_SIZE, to_x01
+from helpers import SMALL_PHOTOS, SMALL_SIZE, cosine, mean_objective, step_inputs, to_x01
 
-from pipeline.io.images import decode_image
-from pipeline.io.sample_data import png_bytes
-from pipeline.metrics.visibility import linf
+from pipeline.metrics.visibility import linf, psnr
 from pipeline.models.diffusion import (
     predicted_original,
     prediction_target,
@@ -34,8 +32,8 @@ from pipeline.models.diffusion import (
 )
 from pipeline.models.loading import load_models
 from pipeline.protect import ProtectConfig, build_protector
-from pipeline.protect.encoded import protect_encoded
-from pipeline.protect.methods import METHODS, StepInputs, sds_direction
+from pipeline.protect.baseline import apply_deltas
+from pipeline.protect.methods import METHODS, sds_direction
 
 SIZE = SMALL_SIZE
 EPS = 16.0
@@ -47,27 +45,10 @@ def flow_models():
     return {name: load_models(name, device="cpu", dtype="fp32") for name in FLOW_MODELS}
 
 
-def step_inputs(models, batch: int, t, seed: int = 7, target=None, prompts=None) -> StepInputs:
-    gen = torch.Generator().manual_seed(seed)
-    latent = SIZE // models.vae_factor
-    prompts = prompts or (["a photo", "an artwork painting", "a photo", "an anime picture"] * batch)[:batch]
-    return StepInputs(
-        cond=models.encode_prompts(prompts),
-        t=torch.as_tensor(t, dtype=torch.float32),
-        noise=torch.randn(len(prompts), models.latent_channels, latent, latent, generator=gen),
-        target_latent=target,
-        added_cond=models.added_conditioning(prompts, SIZE, SIZE),
-    )
-
-
 def independent_flow_parts(z, t, noise):
     """(z_t, v) of rectified flow, written here: s = t / 1000, z_t = (1 - s) z + s eps, v = eps - z."""
     s = (t.float() / 1000).view(-1, 1, 1, 1)
     return (1 - s) * z + s * noise, noise - z
-
-
-def cosine(a, b) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
 
 # --------------------------------------------------------------------------- the maths
@@ -228,36 +209,11 @@ def test_flow_sds_direction_agrees_with_the_full_gradient(name, flow_models, pho
 # --------------------------------------------------------------------------- every method
 
 
-@pytest.fixture(scope="module")
-def protected(flow_models, photos_small):
-    cache = {}
-
-    def run(model: str, method: str, **options):
-        key = (model, method, tuple(sorted(options.items())))
-        if key not in cache:
-            protector = build_protector(flow_models[model],
-                                        ProtectConfig(method=method, eps=EPS, steps=12, step_size=2.0, **options))
-            keys = [f"photos/{n}" for n in SMALL_PHOTOS]
-            results = protect_encoded(protector, keys, [png_bytes(p) for p in photos_small])
-            for res in results:
-                assert res.error is None, (res.key, res.error)
-            cache[key] = protector, [decode_image(r.data).rgb for r in results]
-        return cache[key]
-
-    return run
-
-
-def mean_objective(method, models, x01, inputs) -> torch.Tensor:
-    draws = inputs.t.shape[0] // x01.shape[0]
-    with torch.no_grad():
-        return method.objective(models, x01.repeat(draws, 1, 1, 1), inputs).view(draws, x01.shape[0]).mean(0)
-
-
 @pytest.mark.parametrize("model", FLOW_MODELS)
 @pytest.mark.parametrize("method", tuple(METHODS))
 def test_every_method_on_flow_models(model, method, protected, flow_models, photos_small):
     models = flow_models[model]
-    protector, written = protected(model, method)
+    protector, written, _ = protected(models, method=method, eps=EPS, steps=12, step_size=2.0)
     for clean, out in zip(photos_small, written):
         assert EPS - 1 <= linf(out, clean) <= EPS
     m = protector.method
@@ -306,17 +262,12 @@ def test_fastprotect_on_a_flow_model_moves_its_latents(flow_models, photos_small
         shifts = {}
         for kind, ds in (("fastprotect", deltas), ("noise", noise)):
             assert max(float(np.abs(d).max()) for d in ds) <= EPS
-            moved = encode(models, to_x01([np.clip(np.rint(p + d), 0, 255).astype(np.uint8)
-                                           for p, d in zip(photos_small, ds)]))
+            moved = encode(models, to_x01(apply_deltas(photos_small, ds)))
             shifts[kind] = float(((moved - z).flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1)).mean())
     assert shifts["fastprotect"] > 3 * shifts["noise"], shifts
 
 
 # --------------------------------------------------------------------------- mimics
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
 @pytest.mark.parametrize("name", FLOW_MODELS)

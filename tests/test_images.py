@@ -10,7 +10,7 @@ import io
 
 import numpy as np
 import pytest
-from image_files import png_16bit_rgb  # tests/image_files.py
+from helpers import image_file, png_16bit_rgb
 from PIL import Image
 
 from pipeline.io.images import (
@@ -25,12 +25,6 @@ from pipeline.metrics.visibility import linf
 
 pytestmark = pytest.mark.mutation  # fast: mutmut runs this module (README, "Tests")
 ORIENTATION = 0x0112
-
-
-def encode(img: Image.Image, fmt: str, **params) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **params)
-    return buf.getvalue()
 
 
 def random_rgb(h: int = 24, w: int = 40, seed: int = 0) -> np.ndarray:
@@ -79,7 +73,7 @@ def test_lossless_roundtrip_keeps_format_mode_size_and_budget(fmt, mode):
     if mode.endswith("A"):  # a real alpha channel (an all-opaque one may be dropped by encoders)
         img.putalpha(Image.fromarray(np.random.default_rng(3).integers(0, 256, rgb.shape[:2], dtype=np.uint8)))
     params = {"lossless": True, "exact": True} if fmt == "WEBP" else {}
-    src, out, back = roundtrip(encode(img, fmt, **params), eps=8.0)
+    src, out, back = roundtrip(image_file(img, fmt, **params), eps=8.0)
     written = Image.open(io.BytesIO(out))
     assert written.format == fmt
     assert written.size == img.size
@@ -95,7 +89,7 @@ def test_lossless_roundtrip_keeps_format_mode_size_and_budget(fmt, mode):
 
 def test_png_16bit_grayscale_stays_16bit_within_budget():
     gray16 = np.random.default_rng(0).integers(0, 65536, (20, 30), dtype=np.uint16)
-    data = encode(Image.fromarray(gray16), "PNG")
+    data = image_file(Image.fromarray(gray16), "PNG")
     src, out, back = roundtrip(data, eps=4.5)
     assert src.mode.startswith("I") and src.output_mode == "I;16"
     written = Image.open(io.BytesIO(out))
@@ -118,7 +112,7 @@ def test_png_16bit_rgb_is_flagged_and_written_as_8bit_within_budget():
 
 def test_palette_with_transparency_becomes_rgba_with_alpha_kept():
     pal = Image.fromarray(random_rgb()).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    src, out, back = roundtrip(encode(pal, "PNG", transparency=0), eps=6.0)
+    src, out, back = roundtrip(image_file(pal, "PNG", transparency=0), eps=6.0)
     assert src.mode == "P" and src.alpha is not None and (src.alpha == 0).any()
     written = Image.open(io.BytesIO(out))
     assert written.mode == "RGBA" and written.format == "PNG" and written.size == pal.size
@@ -131,7 +125,7 @@ def test_palette_with_transparency_becomes_rgba_with_alpha_kept():
 
 def test_jpeg_keeps_format_size_and_exif_orientation():
     rgb = random_rgb(32, 48)
-    data = encode(Image.fromarray(rgb), "JPEG", quality=95, subsampling=0, exif=exif_with_orientation(6))  # tables kept
+    data = image_file(Image.fromarray(rgb), "JPEG", quality=95, subsampling=0, exif=exif_with_orientation(6))  # tables kept
     src, out, back = roundtrip(data, eps=8.0)
     written = Image.open(io.BytesIO(out))
     assert written.format == "JPEG" and written.mode == "RGB"
@@ -150,14 +144,14 @@ def test_jpeg_keeps_format_size_and_exif_orientation():
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
 def test_exif_kept_in_lossless_formats(fmt):
     params = {"lossless": True} if fmt == "WEBP" else {}
-    data = encode(Image.fromarray(random_rgb()), fmt, exif=exif_with_orientation(3), **params)
+    data = image_file(Image.fromarray(random_rgb()), fmt, exif=exif_with_orientation(3), **params)
     _, out, _ = roundtrip(data)
     assert Image.open(io.BytesIO(out)).getexif().get(ORIENTATION) == 3
 
 
 def test_cmyk_jpeg_is_written_as_rgb_jpeg():
     cmyk = Image.fromarray(random_rgb()).convert("CMYK")
-    src, out, _ = roundtrip(encode(cmyk, "JPEG"))
+    src, out, _ = roundtrip(image_file(cmyk, "JPEG"))
     assert src.mode == "CMYK" and src.output_mode == "RGB"
     written = Image.open(io.BytesIO(out))
     assert written.format == "JPEG" and written.mode == "RGB" and written.size == cmyk.size
@@ -167,19 +161,19 @@ def test_icc_profile_kept():
     from PIL import ImageCms
 
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    _, out, _ = roundtrip(encode(Image.fromarray(random_rgb()), "PNG", icc_profile=icc))
+    _, out, _ = roundtrip(image_file(Image.fromarray(random_rgb()), "PNG", icc_profile=icc))
     assert Image.open(io.BytesIO(out)).info.get("icc_profile") == icc
 
 
 def test_one_pixel_image_roundtrip():
-    src, out, back = roundtrip(encode(Image.fromarray(random_rgb(1, 1)), "PNG"), eps=8.0)
+    src, out, back = roundtrip(image_file(Image.fromarray(random_rgb(1, 1)), "PNG"), eps=8.0)
     assert Image.open(io.BytesIO(out)).size == (1, 1)
     assert linf(back.rgb, src.rgb) <= 8
 
 
 def test_gif_is_written_as_png():
     gif = Image.fromarray(random_rgb()).convert("P")
-    src, out, _ = roundtrip(encode(gif, "GIF"))
+    src, out, _ = roundtrip(image_file(gif, "GIF"))
     assert src.format == "GIF" and extension_for(src) == "png"
     assert Image.open(io.BytesIO(out)).format == "PNG"
 
@@ -188,7 +182,7 @@ def test_gif_is_written_as_png():
 
 
 def test_truncated_png_is_an_error():
-    data = encode(Image.fromarray(random_rgb(64, 64)), "PNG")
+    data = image_file(Image.fromarray(random_rgb(64, 64)), "PNG")
     with pytest.raises(ImageError, match="truncated|corrupt"):
         decode_image(data[: len(data) // 2])
 
@@ -203,7 +197,7 @@ def test_non_images_are_errors_with_a_reason(data, reason):
 
 
 def test_too_many_pixels_refused_before_decoding():
-    data = encode(Image.fromarray(random_rgb(100, 100)), "PNG")
+    data = image_file(Image.fromarray(random_rgb(100, 100)), "PNG")
     with pytest.raises(ImageError, match="too large"):
         decode_image(data, max_pixels=5000)
 
@@ -219,7 +213,7 @@ def test_animated_gif_is_an_error():
 def test_perturbation_is_rounded_not_floored_or_truncated():
     rgb = np.full((2, 4, 3), 100, np.uint8)
     delta = np.array([0.4, 0.6, -0.4, -0.6, 1.49, -1.51, 2.7, -2.7], np.float32).reshape(2, 4, 1).repeat(3, axis=2)
-    src = decode_image(encode(Image.fromarray(rgb), "PNG"))
+    src = decode_image(image_file(Image.fromarray(rgb), "PNG"))
     written = decode_image(encode_image(src, apply_perturbation(src, delta, 8.0))).rgb.astype(int)
     np.testing.assert_array_equal(written[..., 0].ravel() - 100, [0, 1, 0, -1, 1, -2, 3, -3])
     np.testing.assert_array_equal(quantize_perturbation(delta, 2.0)[..., 0].ravel(), [0, 1, 0, -1, 1, -2, 2, -2])

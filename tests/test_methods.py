@@ -20,7 +20,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from helpers import SMALL_PHOTOS, SMALL_SIZE, independent_encode, to_x01
+from helpers import SMALL_SIZE, assert_grad_close, cosine, independent_encode, step_inputs, to_x01
 from PIL import Image
 
 from pipeline.io.images import decode_image
@@ -36,7 +36,7 @@ EPS = 16.0
 STEPS = 10
 STEP_SIZE = 2.0
 EVAL_DRAWS = 32
-PHOTO_NAMES = SMALL_PHOTOS
+PROTECTION = dict(eps=EPS, steps=STEPS, step_size=STEP_SIZE, seed=0)  # the `protected` fixture's run per method
 
 
 # --------------------------------------------------------------------------- helpers
@@ -49,27 +49,14 @@ def independent_noisy_latent(models, z: torch.Tensor, t: torch.Tensor, noise: to
 
 
 def fixed_inputs(models, batch: int, size: int = SIZE, seed: int = 7, with_target=None) -> StepInputs:
-    gen = torch.Generator().manual_seed(seed)
-    latent = size // models.vae_factor
-    return StepInputs(
-        cond=models.encode_prompts(["a photo", "an artwork painting", "a photo", "an anime picture"][:batch]),
-        t=torch.tensor([50, 300, 600, 900][:batch]),
-        noise=torch.randn(batch, 4, latent, latent, generator=gen),
-        target_latent=with_target,
-    )
+    return step_inputs(models, batch, [50, 300, 600, 900][:batch], seed=seed, size=size, target=with_target)
 
 
 def eval_inputs(models, batch: int, target_latent, draws: int = EVAL_DRAWS, seed: int = 1234) -> StepInputs:
     """`draws` fixed (t, noise) pairs per image, laid out as draws x batch rows."""
-    gen = torch.Generator().manual_seed(seed)
     n = draws * batch
-    latent = SIZE // models.vae_factor
-    return StepInputs(
-        cond=models.encode_prompts(["a photo"] * n),
-        t=torch.randint(0, models.scheduler.config.num_train_timesteps, (n,), generator=gen),
-        noise=torch.randn(n, 4, latent, latent, generator=gen),
-        target_latent=None if target_latent is None else target_latent.repeat(draws, 1, 1, 1),
-    )
+    target = None if target_latent is None else target_latent.repeat(draws, 1, 1, 1)
+    return step_inputs(models, n, seed=seed, size=SIZE, target=target, prompts=["a photo"] * n)
 
 
 def assert_weights_untouched(models) -> None:
@@ -82,29 +69,9 @@ def assert_weights_untouched(models) -> None:
 # --------------------------------------------------------------------------- budget + objective per method
 
 
-@pytest.fixture(scope="module")
-def protected(tiny_models, photos_small):
-    """method -> (protector, written uint8 images, results) after STEPS steps at EPS on the 4 photos."""
-    cache = {}
-
-    def run(method: str):
-        if method not in cache:
-            config = ProtectConfig(method=method, eps=EPS, steps=STEPS, step_size=STEP_SIZE, seed=0)
-            protector = build_protector(tiny_models, config)
-            keys = [f"photos/{n}" for n in PHOTO_NAMES]
-            results = protect_encoded(protector, keys, [png_bytes(p) for p in photos_small])
-            for res in results:
-                assert res.error is None, (res.key, res.error)
-            written = [decode_image(res.data).rgb for res in results]
-            cache[method] = protector, written, results
-        return cache[method]
-
-    return run
-
-
 @pytest.mark.parametrize("method", PGD_METHODS)
 def test_budget_holds_on_written_file(method, protected, photos_small, tiny_models):
-    _, written, results = protected(method)
+    _, written, results = protected(tiny_models, method=method, **PROTECTION)
     assert_weights_untouched(tiny_models)  # no method computes gradients for model weights
     for clean, out, res in zip(photos_small, written, results):
         assert res.ext == "png" and Image.open(io.BytesIO(res.data)).format == "PNG"
@@ -170,7 +137,7 @@ def paper_losses(models, x01: torch.Tensor, target_latent: torch.Tensor, inputs:
 @pytest.mark.parametrize("method", PGD_METHODS)
 def test_pgd_moves_the_papers_loss_the_papers_way_and_beats_random_noise(method, protected, tiny_models, photos_small):
     """A few PGD steps (written files) change the paper's loss in the paper's direction, clearly more than noise."""
-    _, written, _ = protected(method)
+    _, written, _ = protected(tiny_models, method=method, **PROTECTION)
     loss_name, sign = PAPER_DIRECTIONS[method]  # sign +1: higher is better for the protector
     target = independent_target_latent(tiny_models)
     inputs = eval_inputs(tiny_models, len(photos_small), None)
@@ -222,17 +189,6 @@ def independent_sds_grad(models, x01: torch.Tensor, inputs: StepInputs, extra_z_
     v = residual if extra_z_grad is None else extra_z_grad(residual, z.detach())
     (grad,) = vjp_fn(v)
     return grad
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
-
-
-def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal up to float32 summation order: elementwise relative to the gradient's scale."""
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
-    assert cosine(actual, expected) > 0.99999
 
 
 @pytest.mark.mutation
@@ -470,8 +426,9 @@ def test_written_perturbation_is_the_rounded_one(tiny_models, photos_small):
 
 @pytest.mark.mutation
 def test_a_samples_output_does_not_depend_on_its_batch_or_order(tiny_models, photos_small):
-    """The README's promise: seed + key decide a sample's noise, so batch and order change nothing."""
-    config = ProtectConfig(method="sds-", steps=3, seed=11)
+    """The README's promise: seed + key decide a sample's noise, so batch and order change nothing.
+    Two steps: a draw shared by the batch shows in the first, state carried between steps in the second."""
+    config = ProtectConfig(method="sds-", steps=2, seed=11)
     keys = [f"k{i}" for i in range(len(photos_small))]
 
     def run(order):

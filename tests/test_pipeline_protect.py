@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import io as stdio
 import json
-import os
-import tarfile
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import tar_samples
 from PIL import Image
 from pyarrow import fs as pafs
 
@@ -32,17 +31,6 @@ pytestmark = pytest.mark.slow
 EPS = 8
 FAST = ["--model", "tiny", "--steps", "2", "--eps", str(EPS), "--step-size", "2", "--device", "cpu",
         "--batch-size", "4", "--no-progress"]
-
-
-def tar_samples(data: bytes) -> dict[str, dict[str, bytes]]:
-    """Read a WebDataset tar independently of the pipeline: {key: {suffix: bytes}}."""
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=stdio.BytesIO(data)) as tar:
-        for member in tar.getmembers():
-            base = os.path.basename(member.name)
-            key = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
-            out.setdefault(key, {})[base.split(".", 1)[1]] = tar.extractfile(member).read()
-    return out
 
 
 def rgb(data: bytes) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from image_files import png_16bit_rgb  # tests/image_files.py
+from helpers import image_file, png_16bit_rgb
 from PIL import Image
 
 from pipeline.io.images import decode_image
@@ -25,12 +25,6 @@ from pipeline.protect.encoded import protect_encoded
 
 EPS = 8
 ORIENTATION = 0x0112
-
-
-def encode(img: Image.Image, fmt: str, **params) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **params)
-    return buf.getvalue()
 
 
 def photo(h: int = 48, w: int = 40) -> np.ndarray:
@@ -42,7 +36,7 @@ def photo(h: int = 48, w: int = 40) -> np.ndarray:
 def awkward_inputs() -> dict[str, bytes]:
     """name -> file bytes, one for each case the issue lists (and a few more)."""
     rgb = photo()
-    good_png = encode(Image.fromarray(rgb), "PNG")
+    good_png = image_file(Image.fromarray(rgb), "PNG")
     exif = Image.Exif()
     exif[ORIENTATION] = 6  # rotate 90 degrees on display
     gray16 = (photo()[..., 0].astype(np.uint16) * 257 + np.arange(40, dtype=np.uint16)[None, :]).astype(np.uint16)
@@ -51,16 +45,16 @@ def awkward_inputs() -> dict[str, bytes]:
         "garbage.png": b"\x89PNG but really just garbage bytes" * 8,
         "empty.png": b"",  # e.g. what an unreadable file yields
         "truncated.png": good_png[: len(good_png) // 2],
-        "gray16.png": encode(Image.fromarray(gray16), "PNG"),
+        "gray16.png": image_file(Image.fromarray(gray16), "PNG"),
         "rgb16.png": png_16bit_rgb(rgb.astype(np.uint16) * 257),
-        "cmyk.jpg": encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95),
-        "palette_alpha.png": encode(
+        "cmyk.jpg": image_file(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95),
+        "palette_alpha.png": image_file(
             Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=32), "PNG", transparency=3
         ),
-        "rotated.jpg": encode(Image.fromarray(rgb), "JPEG", quality=95, exif=exif.tobytes()),
-        "one_pixel.png": encode(Image.fromarray(rgb[:1, :1]), "PNG"),
-        "gray.png": encode(Image.fromarray(rgb).convert("L"), "PNG"),
-        "rgba.webp": encode(Image.fromarray(rgb).convert("RGBA"), "WEBP", lossless=True),
+        "rotated.jpg": image_file(Image.fromarray(rgb), "JPEG", quality=95, exif=exif.tobytes()),
+        "one_pixel.png": image_file(Image.fromarray(rgb[:1, :1]), "PNG"),
+        "gray.png": image_file(Image.fromarray(rgb).convert("L"), "PNG"),
+        "rgba.webp": image_file(Image.fromarray(rgb).convert("RGBA"), "WEBP", lossless=True),
     }
 
 
@@ -140,7 +134,7 @@ def test_only_bad_inputs(protector):
 
 @pytest.mark.mutation
 def test_oversized_image_refused_with_reason(protector):
-    data = encode(Image.fromarray(photo()), "PNG")
+    data = image_file(Image.fromarray(photo()), "PNG")
     (res,) = protect_encoded(protector, ["big"], [data], max_pixels=100)
     assert res.data is None and "too large" in res.error
 

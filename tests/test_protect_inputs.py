@@ -12,15 +12,12 @@
 
 from __future__ import annotations
 
-import io as stdio
 import json
-import tarfile
-from pathlib import Path
 
 import boto3
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
+from helpers import table_rows, tar_samples
 from PIL import Image
 
 from pipeline.cli import main
@@ -33,19 +30,6 @@ EPS = 8
 FAST = ["--model", "tiny", "--steps", "2", "--eps", str(EPS), "--step-size", "2", "--device", "cpu", "--batch-size",
         "3", "--no-progress", "--seed", "4"]
 FALLBACK = "a portrait photo"
-
-
-def tar_samples(data: bytes) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=stdio.BytesIO(data)) as tar:
-        for member in tar.getmembers():
-            key, _, suffix = member.name.partition(".")
-            out.setdefault(key, {})[suffix] = tar.extractfile(member).read()
-    return out
-
-
-def rows(root: Path, name: str) -> list[dict]:
-    return [r for f in sorted((root / "tables" / name).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
 
 
 def differing(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,7 +85,7 @@ def test_prompts_from_metadata_txt_and_fallback(ray_local, tiny_models, tmp_path
     assert json.loads(written["s-list"]["mimicshield.json"])["mimicshield"]["eps"] == EPS
     assert "json" in written["s-none"] and json.loads(written["s-none"]["json"])["mimicshield"]["seed"] == 4
 
-    metrics = {r["key"]: r for r in rows(tmp_path / "out", "protect_metrics")}
+    metrics = {r["key"]: r for r in table_rows(tmp_path / "out", "protect_metrics")}
     assert "JPEG" in (metrics["s-jpeg"]["warnings"] or "")
     assert all(metrics[k]["warnings"] is None for k in prompts)
     assert written["s-jpeg"].keys() >= {"jpg"}
@@ -123,7 +107,7 @@ def test_target_image_is_used_by_textural_methods(ray_local, tiny_models, tmp_pa
     assert differing(got, want) <= 0.002
     default = expected_pixels(tiny_models, clean, "cup", "a photo", method="photoguard")
     assert differing(got, default) > 0.01  # the target matters
-    (run,) = rows(tmp_path / "out", "runs")
+    (run,) = table_rows(tmp_path / "out", "runs")
     assert json.loads(run["config"])["protect"]["target"] == str(target)
 
 
@@ -183,7 +167,7 @@ def test_output_inside_input_never_protects_its_own_outputs(ray_local, tmp_path,
             assert "2 samples in, 2 protected" in out.out
         else:  # its own outputs joined the input listing: the chunk would change and be redone
             assert "1 of 1 units already done" in out.err and "0 samples in" in out.out
-    keys = sorted(r["key"] for r in rows(src / "protected", "protect_metrics"))
+    keys = sorted(r["key"] for r in table_rows(src / "protected", "protect_metrics"))
     assert keys == ["img00000", "img00001"]
     assert sorted(p.name for p in (src / "protected").glob("*.png")) == ["img00000.png", "img00001.png"]
     assert not (src / "protected" / "protected").exists()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.metrics.visibility import psnr
 from pipeline.study.purify import PurifyContext, parse_purification, parse_purifications
 
 # (name, weak, strong): the strong parameter must change the photo more than the weak one
@@ -128,10 +129,6 @@ def held_out_photo() -> np.ndarray:
     from pipeline.data.photos import held_out_images
 
     return np.round(held_out_images(64, crops_per_photo=1)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return 10 * np.log10(255.0**2 / mse(a, b))
 
 
 def test_pdmpure_denoises_a_noised_held_out_photo(held_out_photo, context):

@@ -8,9 +8,7 @@ styles 0-3 and other seeds.
 
 from __future__ import annotations
 
-import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,11 +54,9 @@ def test_sds_minus_keeps_the_textual_inversion_mimic_further_from_the_artist_tha
     distance 4.45 clean, 4.46 noise, 4.84 SDS(-), 4.41 SDS(+) (the sign-flipped method fails this test);
     style accuracy 0.94 for all three here (these artists' palettes survive; on the benchmark's artists
     SDS(-) takes it from 0.88 to 0.41)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_efficacy import apply, uniform_noise
-
     from pipeline.models.loading import load_models
     from pipeline.protect import ProtectConfig, build_protector
+    from pipeline.protect.baseline import apply_deltas, uniform_noise
 
     models = load_models("tiny-style", device="cpu", dtype="fp32")
     ti = TextualInversion("tiny-style", TextualInversionConfig(steps=60, num_images=8), device="cpu")
@@ -69,8 +65,8 @@ def test_sds_minus_keeps_the_textual_inversion_mimic_further_from_the_artist_tha
     for i, style in enumerate(ARTISTS):
         images = artist_images(style, 8, 64, seed=504 + i)
         keys = [f"{4 + i}/{j}" for j in range(len(images))]  # the measured run's keys (per-key seeds)
-        for name, x in (("noise", apply(images, uniform_noise(images, 16, 0))),
-                        ("sds-", apply(images, protector.protect(images, keys)))):
+        for name, x in (("noise", apply_deltas(images, uniform_noise(images, 16, 0))),
+                        ("sds-", apply_deltas(images, protector.protect(images, keys)))):
             a, d = scores(judge, ti, x, style.name)
             acc.setdefault(name, []).append(a)
             dist.setdefault(name, []).append(d)
