@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.io.images import from_batch
+from pipeline.metrics.visibility import psnr
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
 def main(argv=None) -> None:
@@ -53,7 +52,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     x = held_out_images(64, a.crops)
-    images = [np.asarray((im.permute(1, 2, 0) * 255).round().byte()) for im in x]
+    images = from_batch(x)
     keys = [f"h{i}" for i in range(len(images))]
     out: dict = {"images": len(images), "size": 64}
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.io.images import from_batch
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -50,7 +52,7 @@ def sdedit_figures(strengths, ddim_steps: int, images: int) -> dict:
     from pipeline.models.builtin.build import builtin_model_path
 
     x = photos.held_out_images(64, crops_per_photo=images // len(photos.HELD_OUT) - 1)
-    clean = [np.asarray((im.permute(1, 2, 0) * 255).round().byte()) for im in x]
+    clean = from_batch(x)
     sdedit = SDEdit(str(builtin_model_path("tiny")),
                     SDEditConfig(strengths=tuple(strengths), modes=("ddim",), ddim_steps=ddim_steps),
                     device="cpu", dtype="fp32")

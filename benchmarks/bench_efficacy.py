@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 from benchmarks.results_writer import machine_lines, write_results
+from pipeline.io.images import from_batch, to_batch
 from pipeline.protect.baseline import apply_deltas, uniform_noise
 
 METHODS = ("advdm", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst-", "fastprotect")
@@ -48,7 +49,7 @@ def held_out_uint8(size: int, crops_per_photo: int) -> list[np.ndarray]:
     from pipeline.data.photos import held_out_images
 
     x = held_out_images(size, crops_per_photo)
-    return [np.asarray((im.permute(1, 2, 0) * 255).round().byte()) for im in x]
+    return from_batch(x)
 
 
 def roughness(delta: np.ndarray) -> float:
@@ -83,7 +84,7 @@ class Judge:
     def latents(self, images):
         from pipeline.protect.methods import encode
 
-        x = self.torch.stack([self.torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255 for im in images])
+        x = to_batch(images)
         with self.torch.no_grad():
             return encode(self.models, x)
 

@@ -61,6 +61,7 @@ def measure(cfg: dict) -> dict:
     from PIL import Image
     from skimage import data
 
+    from pipeline.io.images import to_batch
     from pipeline.models.loading import load_models
     from pipeline.protect import ProtectConfig, build_protector
 
@@ -79,7 +80,7 @@ def measure(cfg: dict) -> dict:
         np.asarray(Image.fromarray(photos[i % len(photos)]).resize((res, res), Image.Resampling.BILINEAR))
         for i in range(batch)
     ]
-    x = torch.stack([torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255 for im in images])
+    x = to_batch(images)
     keys, prompts = [f"bench-{i}" for i in range(batch)], ["a photo"] * batch
 
     protector = build_protector(models, ProtectConfig(method=cfg["method"], steps=cfg["warmup"]))

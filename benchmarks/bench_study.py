@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.io.images import from_batch
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MIMICSHIELD_CACHE", str(ROOT / ".cache" / "mimicshield"))
@@ -39,7 +41,7 @@ def held_out_photos(n: int, size: int = 64) -> dict[str, np.ndarray]:
     per_photo = max(0, -(-n // len(HELD_OUT)) - 1)  # the centre square of each photo, then random crops
     x = held_out_images(size, per_photo)
     names = [f"{name}-{j}" for name in HELD_OUT for j in range(per_photo + 1)]
-    images = [np.asarray((im.permute(1, 2, 0) * 255).round().byte()) for im in x]
+    images = from_batch(x)
     return dict(list(zip(names, images))[:n])
 
 

@@ -43,6 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.io.images import from_batch, to_batch
+from pipeline.metrics.visibility import psnr
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
@@ -65,18 +68,13 @@ def photos(n: int, size: int) -> list[np.ndarray]:
     return out
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 100.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def latents(models, images):
     """The models' latents s E(x) of uint8 images (a torch tensor)."""
     import torch
 
     from pipeline.protect.methods import encode
 
-    x = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images])
+    x = to_batch(images)
     with torch.no_grad():
         return encode(models, x).float()
 
@@ -131,7 +129,7 @@ def main() -> None:
         from pipeline.data.photos import held_out_images
 
         held = held_out_images(args.size, crops_per_photo=max(0, args.images // 2 - 1))
-        images = [np.round(im.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for im in held]
+        images = from_batch(held)
     else:
         images = photos(args.images, args.size)
     keys = [f"img{i}" for i in range(len(images))]
