@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.photos import PhotoCrops
+from pipeline.io.images import from_batch
 
 SEED = 0
 PALETTE_FAMILIES = {  # (hue range in degrees, saturation range, lightness range) of the family's colours
@@ -231,7 +232,7 @@ def artist_images(style: Style, n: int, size: int = 64, seed: int = SEED, photos
     """n images of one "artist": `style` on random crops of `photos`, uint8 H x W x 3 (what a mimic trains on)."""
     content = PhotoCrops(photos, seed).sample(n, size)[0]
     painted = render(style, content, torch.Generator().manual_seed(seed + 11))
-    return [np.ascontiguousarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for img in painted]
+    return from_batch(painted)  # rendered in [0, 1]
 
 
 def contact_sheet(styles=STYLES, per_style: int = 6, size: int = 64, zoom: int = 2, seed: int = SEED) -> np.ndarray:

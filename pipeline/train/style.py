@@ -41,6 +41,7 @@ from pipeline.data.styles import (
     artist_images,
     style_crops,
 )
+from pipeline.io.images import to_batch
 from pipeline.metrics.style import StyleDescriptor, StyleJudge
 from pipeline.models.builtin import build as bm
 from pipeline.models.diffusion import denoising_loss, encode_text
@@ -68,15 +69,9 @@ class StyleWorldCrops:
         return torch.cat([self.photos.sample(k, size)[0], painted]), None
 
 
-def as_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    # not io.images.to_tensor: this batch is channels-last in memory, and the VAE's figures on it differ from a
-    # contiguous batch's in the 7th digit; kept so, the curve of the shipped weights is reproduced exactly
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-
-
 def held_out_renders(size: int = 64, per_style: int = 4) -> torch.Tensor:
     """The held-out styles on held-out photos: the VAE's figure on paintings it never saw."""
-    return torch.cat([as_tensor(artist_images(s, per_style, size, seed=SEED + 21)) for s in HELD_OUT_STYLES])
+    return torch.cat([to_batch(artist_images(s, per_style, size, seed=SEED + 21)) for s in HELD_OUT_STYLES])
 
 
 @dataclass
