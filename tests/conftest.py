@@ -14,6 +14,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the hub
 os.environ.setdefault("MIMICSHIELD_CACHE", str(REPO / ".cache" / "mimicshield"))  # built-ins, built once
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2`: two test processes, one core each (the suite on 2 cores)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
