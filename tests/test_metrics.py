@@ -93,3 +93,27 @@ def test_random_backbones_are_seeded_and_leave_the_global_generator_alone():
     for a, b in zip(first, build()):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_psnr_and_ssim_are_torchmetrics_values_without_importing_it(photos):
+    """visibility.py writes PSNR and SSIM out (Wang et al. 2004: Gaussian 11, sigma 1.5) so that measuring a
+    written file does not import torchmetrics (4 s of every fresh Ray worker); they must stay its numbers."""
+    import subprocess
+    import sys
+
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from pipeline.io.images import to_batch
+    from pipeline.metrics.visibility import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    for clean in (photos["coffee"][:120, :97], photos["astronaut"][:11, :40]):
+        for eps in (2, 16):
+            noisy = np.clip(clean.astype(int) + rng.integers(-eps, eps + 1, clean.shape), 0, 255).astype(np.uint8)
+            a, b = (to_batch([img], "uint8") for img in (noisy, clean))
+            expected = float(structural_similarity_index_measure(a.float(), b.float(), data_range=255.0))
+            assert ssim(clean, noisy) == pytest.approx(expected, abs=1e-6)
+            expected = float(peak_signal_noise_ratio(a.double(), b.double(), data_range=255.0))
+            assert psnr(clean, noisy) == pytest.approx(expected, abs=1e-5)
+    code = "import sys, pipeline.batch.stages, pipeline.protect.encoded; print('torchmetrics' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
