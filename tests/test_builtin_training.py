@@ -48,6 +48,23 @@ def test_shipped_weights_match_their_recorded_sha256():
     assert bm.sha256(path) == bm.WEIGHTS_SHA256
 
 
+def test_coverage_weights_match_their_sha256_and_the_script_that_made_them_writes_what_loads(tmp_path, monkeypatch):
+    """tiny-v / tiny-xl(-inpaint) ship their UNets (pipeline/train/coverage.py); a 2-step run of the script writes a
+    file that loads into each (strict: every tensor present, none left over), and a replaced file is refused."""
+    from pipeline.train import coverage
+
+    path = bm.WEIGHTS_DIR / bm.COVERAGE_WEIGHTS_NAME
+    assert path.stat().st_size < 8 * 2**20 and bm.sha256(path) == bm.COVERAGE_WEIGHTS_SHA256
+    assert coverage.main(["--out", str(tmp_path), "--steps", "2"]) == 0
+    for name in bm.COVERAGE_UNETS:
+        pipe = bm.build_pipeline(name)
+        bm.load_coverage_weights(pipe, name, tmp_path / bm.COVERAGE_WEIGHTS_NAME)
+        assert pipe.vae.config.scaling_factor > 0
+    monkeypatch.setattr(bm, "COVERAGE_WEIGHTS_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="sha256"):
+        bm._build_pipeline("tiny-xl")
+
+
 def test_a_replaced_weights_file_is_refused(monkeypatch):
     monkeypatch.setattr(bm, "WEIGHTS_SHA256", "0" * 64)
     with pytest.raises(ValueError, match="sha256"):

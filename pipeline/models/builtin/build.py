@@ -20,9 +20,9 @@ checkpoint.
 - ``sd15-arch``    the real SD 1.5 architecture with random weights (speed/memory benchmarks).
 - ``sd21-arch``    the real SD 2.1-base architecture with random weights.
 
-Model coverage (v-prediction, SDXL), in their own blocks below. The tiny variants train their UNet
-on first use (seeded, a few hundred steps: `_train_tiny_denoiser`, about a minute on CPU, once per
-cache); `tiny-v` on ``tiny``'s trained VAE, `tiny-xl` on a VAE of its own (see `_build_pipeline`):
+Model coverage (v-prediction, SDXL), in their own blocks below. The tiny variants' UNets had a quick
+recipe (`pipeline/train/coverage.py`: 200 seeded steps) and ship as weights like the others; `tiny-v` on
+``tiny``'s trained VAE, `tiny-xl` on a VAE of its own (see `_build_pipeline`):
 - ``tiny-v``          ``tiny`` with a v-prediction scheduler, its UNet trained to predict
                       v = sqrt(a_t) eps - sqrt(1 - a_t) z0.
 - ``tiny-xl``         SDXL-shaped and small: two text encoders (the second with a projection, whose
@@ -42,14 +42,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.photos import load_photo
 from pipeline.io.files import cache_root
-from pipeline.io.images import to_tensor
-from pipeline.models.diffusion import denoising_loss, text_conditioning
-from pipeline.models.fitting import fit
 from pipeline.seeds import seeded_global_rng
 
-BUILTIN_VERSION = "v5"  # bump when a config below changes, so caches are rebuilt
+BUILTIN_VERSION = "v6"  # bump when a config below changes, so caches are rebuilt
 SEED = 0
 
 
@@ -160,7 +156,7 @@ CONFIGS["tiny-style"] = dict(
 
 # --------------------------------------------------------------------------- v-prediction (issue 14)
 # A config may override scheduler fields (`scheduler=`); `prediction_type` then decides what the
-# quick training path (`_train_tiny_denoiser`) and every loss in the package compare the UNet with.
+# quick training recipe (pipeline/train/coverage.py) and every loss in the package compare the UNet with.
 
 CONFIGS["tiny-v"] = dict(CONFIGS["tiny"], scheduler=dict(prediction_type="v_prediction"))
 CONFIGS["sd21-768-arch"] = dict(  # stabilityai/stable-diffusion-2-1: 768 px, v-prediction
@@ -390,6 +386,12 @@ FLOW_WEIGHTS_NAME = "tiny-flow-v1.safetensors"
 FLOW_WEIGHTS_RECIPE = ("python -m pipeline.train.flow --out A --vae-steps 400 --vae-lr 1e-3 --steps 1500 "
                        "--threads 1",)
 FLOW_WEIGHTS_SHA256 = "edea7f21caf857cc2339a337bc743acd2331d315e9c5fbb205671fce2e1ff52c"
+# ``tiny-v``, ``tiny-xl``, ``tiny-xl-inpaint`` (issue 14; shipped since issue 34): made by
+# `python -m pipeline.train.coverage` (seed 0, one core); their UNets and latent scales
+COVERAGE_WEIGHTS_NAME = "tiny-coverage-v1.safetensors"
+COVERAGE_WEIGHTS_RECIPE = ("python -m pipeline.train.coverage --out A --threads 1",)
+COVERAGE_WEIGHTS_SHA256 = "7afd6f62d426f4b0cd3f127f03273e453c3d97aef781c8ffa30dcb0512048940"
+COVERAGE_UNETS = ("tiny-v", "tiny-xl", "tiny-xl-inpaint")
 # which built-ins take trained weights: the prefix of their UNet in the weights file, and that file
 TRAINED_UNETS = {"tiny": "unet.tiny.", "tiny-inpaint": "unet.tiny-inpaint.", "tiny-style": "unet.tiny-style."}
 
@@ -595,8 +597,6 @@ def build_pipeline(name: str):
     return pipe if cfg["dtype"] == torch.float32 else pipe.to(dtype=cfg["dtype"])
 
 
-
-
 def _t5_encoder(t5: dict, tokenizer):
     from transformers import T5Config, T5EncoderModel
 
@@ -639,66 +639,25 @@ def build_flow_pipeline(name: str):
     return pipe if cfg["dtype"] == torch.float32 else pipe.to(dtype=cfg["dtype"])
 
 
-def _sample_crops(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """n random square crops of scikit-image's bundled photos, resized to size x size, in [0, 1]."""
-    import torch.nn.functional as F
+def load_coverage_weights(pipe, name: str, path: Path | None = None) -> None:
+    """Put the shipped UNet and latent scale of coverage built-in `name` into `pipe` (sha256 checked); tiny-v's
+    VAE is tiny's trained one, tiny-xl's the seeded random one `build_pipeline` made."""
+    from safetensors import safe_open
 
-    names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
-    pool = [to_tensor(load_photo(name))[0] for name in names]
-    crops = []
-    for _ in range(n):
-        img = pool[int(torch.randint(len(pool), (1,), generator=generator))]
-        side = int(torch.randint(size, min(img.shape[1:]) + 1, (1,), generator=generator))
-        top = int(torch.randint(0, img.shape[1] - side + 1, (1,), generator=generator))
-        left = int(torch.randint(0, img.shape[2] - side + 1, (1,), generator=generator))
-        crop = img[None, :, top : top + side, left : left + side]
-        crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0])
-    return torch.stack(crops)
-
-
-def _tiny_conditioning(pipe, batch: int, size: int) -> tuple[torch.Tensor, dict | None]:
-    """(c, added_cond_kwargs) for "a photo": SD's last hidden state, or SDXL's two encoders + time ids."""
-    embeds, added = text_conditioning(pipe, ["a photo"], size, size)
-    return embeds.expand(batch, -1, -1), None if added is None else {k: v.expand(batch, -1) for k, v in added.items()}
-
-
-def _train_tiny_denoiser(pipe, steps: int = 200, batch: int = 16, size: int = 64, calibrate: bool = True) -> None:
-    """Calibrate the latent scale and teach the tiny UNet to denoise (in place, seeded).
-
-    The denoising loss is the standard one, || f_theta(z_t, t, c) - y_t ||^2, with y_t the
-    scheduler's prediction target (eps, or v for v-prediction: models.prediction_target). For a
-    9-channel (inpainting) UNet the input is [z_t, mask, masked latent], with random box masks.
-    SDXL-shaped pipelines are conditioned with both text encoders, the pooled embedding and time ids.
-    `calibrate=False` keeps the VAE's scaling factor (a trained VAE brings its own).
-    """
-    gen = torch.Generator().manual_seed(SEED)
-    vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
-    with torch.no_grad():
-        latents = vae.encode(_sample_crops(64, size, gen) * 2 - 1).latent_dist.mean
-        if calibrate:
-            vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 4))
-        cond, added = _tiny_conditioning(pipe, batch, size)
-    scale = vae.config.scaling_factor
-
-    def loss_at(step):
-        with torch.no_grad():
-            z = vae.encode(_sample_crops(batch, size, gen) * 2 - 1).latent_dist.mean * scale
-        noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        extra = None
-        if unet.config.in_channels == 9:
-            mask = torch.zeros(batch, 1, *z.shape[2:])
-            for m in mask:
-                h, w = (int(torch.randint(2, z.shape[2] + 1, (1,), generator=gen)) for _ in range(2))
-                m[:, :h, :w] = 1
-            extra = torch.cat([mask, z * (1 - mask)], dim=1)
-        return denoising_loss(unet, scheduler, z, noise, t, cond, added, extra)
-
-    unet.train()
-    fit(unet.parameters(), loss_at, steps=steps, lr=1e-3, weight_decay=0.01)  # plain AdamW at its default decay
-    unet.eval()
-
-
+    path = path or WEIGHTS_DIR / COVERAGE_WEIGHTS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall mimicshield, or rebuild it with "
+                                "`python -m pipeline.train.coverage --out DIR`")
+    if path == WEIGHTS_DIR / COVERAGE_WEIGHTS_NAME and sha256(path) != COVERAGE_WEIGHTS_SHA256:
+        raise ValueError(f"{path} does not match its recorded sha256 {COVERAGE_WEIGHTS_SHA256} (corrupt or replaced)")
+    if name == "tiny-v":
+        load_trained_vae(pipe)
+    prefix = f"unet.{name}."
+    with safe_open(str(path), framework="pt") as f:
+        unet = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        scale = float(f.metadata()[f"scaling_factor.{name}"])
+    pipe.unet.load_state_dict(unet)
+    pipe.vae.register_to_config(scaling_factor=scale)
 
 
 def random_parts(name: str) -> dict:
@@ -725,9 +684,9 @@ def _build_pipeline(name: str):
     """Built-in `name`, ready to save (seeded, once per cache):
 
     - tiny, tiny-inpaint: the shipped trained weights;
-    - tiny-v: tiny's trained VAE and latent scale, its v-prediction UNet trained here on those latents;
-    - tiny-xl(-inpaint): a VAE of its own (seed 1, random, scale calibrated; SDXL's VAE differs from
-      SD's too, so transfer between tiny and tiny-xl measures another encoder), UNet trained here;
+    - tiny-v: tiny's trained VAE and latent scale, and its shipped v-prediction UNet;
+    - tiny-xl(-inpaint): a VAE of its own (seed 1, random; SDXL's VAE differs from SD's too, so transfer
+      between tiny and tiny-xl measures another encoder), its shipped latent scale and UNet;
     - tiny-sd3, tiny-flux: tiny's VAE widened to 16 channels with the shipped fine-tuned layers, and the
       shipped transformer and text encoders (`load_flow_weights`);
     - the *-arch models: random weights.
@@ -737,11 +696,8 @@ def _build_pipeline(name: str):
         load_flow_weights(pipe, name)
     elif name in TRAINED_UNETS:
         load_trained_weights(pipe, name)
-    elif name == "tiny-v":
-        load_trained_vae(pipe)
-        _train_tiny_denoiser(pipe, calibrate=False)
-    elif name.startswith("tiny"):
-        _train_tiny_denoiser(pipe)
+    elif name in COVERAGE_UNETS:
+        load_coverage_weights(pipe, name)
     return pipe
 
 
