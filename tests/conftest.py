@@ -14,6 +14,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the hub
 os.environ.setdefault("MIMICSHIELD_CACHE", str(REPO / ".cache" / "mimicshield"))  # built-ins, built once
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray kills idle workers above one per CPU after a second, so each job of a test process would start (and import
+# torch and the pipeline in) fresh workers again: keep them warm for the whole run (halves a small evaluation's time)
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", str(3600 * 1000))
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2`: two test processes, one core each (the suite on 2 cores)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
