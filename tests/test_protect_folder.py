@@ -70,14 +70,11 @@ def check_protected(name: str, source: bytes, written: bytes) -> None:
     src_img, out_img = Image.open(io.BytesIO(source)), Image.open(io.BytesIO(written))
     src, out = decode_image(source), decode_image(written)
     assert out_img.size == src_img.size, name
-    assert out_img.format == src_img.format, name
+    assert out_img.format == src_img.format or (src.mode == "CMYK" and out_img.format == "PNG"), name  # io/jpeg.py
     assert out.mode == src.output_mode, name
-    lossless = src_img.format != "JPEG"
-    if lossless:
-        assert diff(out.rgb, src.rgb) <= EPS, name
+    assert diff(out.rgb, src.rgb) <= EPS, name  # JPEG too: its own coefficients plus the perturbation's (io/jpeg.py)
+    if src_img.format != "JPEG":  # (a JPEG's quantisation may keep none of a tiny image's perturbation)
         assert diff(out.rgb, src.rgb) > 0 or min(src.size) == 1, name
-    else:
-        assert diff(out.rgb, src.rgb) <= EPS + 20, name  # lossy: quality 95 moves a pixel by <= 18 more (measured)
     if src.alpha is not None:
         np.testing.assert_array_equal(out.alpha, src.alpha, err_msg=name)
     if src.gray16 is not None:
@@ -109,7 +106,7 @@ def test_every_awkward_input_protected_or_reported(protector):
         assert res.error is None, (name, res.error)
         check_protected(name, inputs[name], res.data)
         assert (res.metrics["width"], res.metrics["height"]) == Image.open(io.BytesIO(inputs[name])).size
-        assert res.metrics["linf"] <= EPS or name.endswith(".jpg")
+        assert res.metrics["linf"] <= EPS
 
 
 @pytest.mark.mutation

@@ -71,6 +71,7 @@ DECODED_SCHEMA = pa.schema(
         ("bits", pa.int64()),
         ("jpeg_qtables", pa.string()),  # JSON {index: 64 values} of a JPEG source, or null
         ("jpeg_subsampling", pa.int64()),
+        ("jpeg_source", pa.binary()),  # a JPEG source's own file (its coefficients are written back), or null
         ("group", pa.string()),  # what a group method (aspl) protects together (io/metadata.protection_group)
     ]
 )
@@ -105,7 +106,7 @@ def pack_decoded(image: DecodedImage) -> dict:
             "gray16": None if image.gray16 is None else image.gray16.astype("<u2").tobytes(),
             "exif": image.exif, "icc": image.icc_profile, "bits": image.bits,
             "jpeg_qtables": None if image.jpeg_qtables is None else json.dumps(image.jpeg_qtables),
-            "jpeg_subsampling": image.jpeg_subsampling}
+            "jpeg_subsampling": image.jpeg_subsampling, "jpeg_source": image.jpeg_source}
 
 
 def unpack_decoded(row: dict) -> DecodedImage:
@@ -116,7 +117,7 @@ def unpack_decoded(row: dict) -> DecodedImage:
         gray16=None if row["gray16"] is None else np.frombuffer(row["gray16"], "<u2").reshape(h, w).astype(np.uint16),
         exif=row["exif"], icc_profile=row["icc"], bits=row["bits"],
         jpeg_qtables=None if not row.get("jpeg_qtables") else {int(k): v for k, v in json.loads(row["jpeg_qtables"]).items()},
-        jpeg_subsampling=row.get("jpeg_subsampling"),
+        jpeg_subsampling=row.get("jpeg_subsampling"), jpeg_source=row.get("jpeg_source"),
     )
 
 

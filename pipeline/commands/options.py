@@ -180,8 +180,9 @@ def add_run_options(parser: argparse.ArgumentParser,
     r.add_argument("--overwrite", action="store_true",
                    help="reprocess every unit even if OUTPUT holds finished ones (needed to change settings there)")
     r.add_argument("--jpeg-as", choices=["jpeg", "png"], default="jpeg",
-                   help="JPEG inputs: written as JPEG with the source's tables (L-inf may exceed --eps after "
-                   "compression; reported) or as PNG under the same key (the budget holds exactly) (default jpeg)")
+                   help="JPEG inputs: written as JPEG, the source's own coefficients plus the perturbation's, within "
+                   "--eps on every pixel (its tables, subsampling and about its size; the quantisation keeps part "
+                   "of the perturbation, reported per file), or as PNG under the same key (all of it) (default jpeg)")
     r.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
                    help="end the run (exit 4, committed work kept: rerun to resume) when no sample finishes for "
                    "this long; without it a stall is only reported (after 10x the run's own pace, at least 120 s)")

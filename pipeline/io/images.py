@@ -41,6 +41,7 @@ class DecodedImage:
     bits: int = 8  # bits per sample in the file; Pillow decodes 16-bit RGB(A) PNGs to 8 bits
     jpeg_qtables: dict | None = None  # JPEG sources: quantisation tables {index: 64 values}, written back
     jpeg_subsampling: int | None = None  # JPEG sources: 0 (4:4:4), 1 (4:2:2), 2 (4:2:0); None: unknown
+    jpeg_source: bytes | None = None  # JPEG sources: the file itself, whose coefficients the output keeps (io/jpeg.py)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -114,6 +115,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         bits=bits,
         jpeg_qtables=qtables,
         jpeg_subsampling=subsampling,
+        jpeg_source=data if fmt == "JPEG" else None,
     )
 
 

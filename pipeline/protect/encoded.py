@@ -3,6 +3,7 @@
     decode(data, max_pixels)              -> DecodedImage     CPU: size checked on the header, decoded once
     protector.protect(rgbs, keys, ...)    -> float deltas     accelerator: tensor work only
     finish(image, delta, eps, lpips)      -> ProtectResult    CPU: quantise, encode in the source format, measure
+                                                              (a JPEG keeps its own coefficients: io/jpeg.py)
 
 `protect_encoded(protector, keys, datas)` chains the three for one batch in one process (the
 Python API, tests, benchmarks). The Ray pipeline runs each step in its own stage (stages.py) with
@@ -28,6 +29,7 @@ from pipeline.io.images import (
     extension_for,
     quantize_perturbation,
 )
+from pipeline.io.jpeg import encode_within_budget
 from pipeline.metrics.base import Metric
 from pipeline.metrics.visibility import PSNR, SSIM, Linf
 
@@ -69,16 +71,29 @@ def finish(
 ) -> ProtectResult:
     """Apply `delta` (pixel units, float or the int16 of `quantize`), encode, measure the written file.
 
-    JPEG sources are written as JPEG with their own tables (`jpeg_as="jpeg"`) or as PNG
-    (`jpeg_as="png"`: the budget then holds exactly). The L-inf reported is the written file's.
+    JPEG sources are written as JPEG (`jpeg_as="jpeg"`): the source's own quantised coefficients plus the
+    perturbation's, backed off block by block until every decoded pixel is within eps (io/jpeg.py), so the file
+    keeps its tables, subsampling and size and the budget holds exactly; a JPEG whose coefficients cannot carry
+    it (CMYK, ...) is written as PNG, with a warning. `jpeg_as="png"` writes every JPEG source as PNG (the whole
+    perturbation, none of it quantised away). The L-inf reported is the written file's.
     """
     res = ProtectResult(key=key)
     if jpeg_as == "png" and image.format == "JPEG":
-        image = replace(image, format="PNG", jpeg_qtables=None, jpeg_subsampling=None)
+        image = as_png(image)
     try:
         pixels = apply_perturbation(image, delta, eps)
-        res.data = encode_image(image, pixels)
-        res.ext = extension_for(image)
+        res.data, res.ext = None, extension_for(image)
+        if image.format == "JPEG" and image.jpeg_source is not None:
+            res.data, kept, why_not = _encode_jpeg(image, pixels, eps)
+            if res.data is None:
+                image = as_png(image)
+                res.ext = extension_for(image)
+                res.warnings.append(f"JPEG written as PNG ({why_not}): the budget holds exactly")
+            else:
+                res.warnings.append(f"JPEG output keeps {kept:.0%} of the perturbation (L2) through the source's "
+                                    "quantisation; --jpeg-as png keeps all of it")
+        if res.data is None:
+            res.data = encode_image(image, pixels)
         written = decode_image(res.data, max_pixels=max_pixels).rgb  # measure what was written
     except Exception as err:
         res.data, res.error, res.stage = None, f"{type(err).__name__}: {err}", "encode"
@@ -88,8 +103,6 @@ def finish(
     res.metrics.update(seconds=seconds, width=w, height=h)
     if lpips is not None:
         res.metrics[lpips.name] = lpips([written], [image.rgb])
-    if image.format == "JPEG":
-        res.warnings.append("JPEG output: lossy compression weakens the protection (prefer PNG or WebP, or --jpeg-as png)")
     if res.metrics["linf"] > math.floor(eps + 1e-6):
         res.warnings.append(f"written L-inf {res.metrics['linf']:g} exceeds the budget {eps:g} after compression")
     if image.output_mode != image.mode:
@@ -97,6 +110,24 @@ def finish(
     if image.bits == 16 and image.gray16 is None:
         res.warnings.append("16-bit colour written as 8-bit (decoded to 8 bits per channel)")
     return res
+
+
+def as_png(image: DecodedImage) -> DecodedImage:
+    return replace(image, format="PNG", jpeg_qtables=None, jpeg_subsampling=None, jpeg_source=None)
+
+
+def _encode_jpeg(image: DecodedImage, pixels: np.ndarray, eps: float) -> tuple[bytes | None, float, str | None]:
+    """(the JPEG within budget, the share of the perturbation's L2 it kept, None), or (None, 0, why not)."""
+    grey = pixels.ndim == 2
+    clean = image.rgb[..., 0] if grey else image.rgb  # a grey JPEG decodes to R = G = B
+    intended = pixels.astype(np.int16) - clean
+    try:
+        data, written = encode_within_budget(image.jpeg_source, clean, intended, eps)
+    except Exception as err:  # CMYK, 12-bit, arithmetic coding, a coefficient reader that fails: PNG
+        return None, 0.0, f"{type(err).__name__}: {err}"
+    norm = float(np.linalg.norm(intended))
+    kept = float(np.linalg.norm(written.astype(np.int16) - clean)) / norm if norm else 1.0
+    return data, kept, None
 
 
 def protect_encoded(
