@@ -103,7 +103,8 @@ def test_memory_the_tasks_reserve_is_counted():
     assert not worst_case_free(nodes, 3, 0.5, runs_tasks=[False, True])  # the share a memory-blind plan gave
 
 
-def test_protect_refuses_a_pool_that_cannot_fit_in_one_line(ray_local, tmp_path, capsys):
+def test_protect_refuses_a_pool_that_cannot_fit_in_one_line(ray_local, tiny_models, tmp_path, capsys):
+    # (tiny_models: the built-in exists, so a fresh cache's "generating built-in model" line is not this run's)
     import ray
 
     from pipeline.cli import main
