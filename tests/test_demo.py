@@ -14,7 +14,7 @@ def test_demo_runs_end_to_end_and_ends_with_a_small_evaluation(ray_local, tmp_pa
         monkeypatch.setenv(name, "restored-after-the-test")  # the demo points these at its own endpoint
     out = tmp_path / "demo"
     code = main(["demo", "--out-dir", str(out), "--shards", "2", "--samples", "2", "--steps", "2", "--no-progress",
-                 "--evaluate", "--eval-ddim-steps", "4"])
+                 "--evaluate", "--eval-ddim-steps", "4", "--eval-ti-steps", "6"])
     text = capsys.readouterr().out
     assert code == 0
     assert "5 samples in, 4 protected, 1 errors" in text  # one deliberately corrupt sample

@@ -59,6 +59,8 @@ def add_parser(sub) -> None:
                    help="end with a small SDEdit evaluation and a style-mimicry one (textual inversion), protected vs "
                    "clean, and their report.html files (about 160 s in all on 2 CPUs)")
     e.add_argument("--eval-ddim-steps", type=int, default=20, help="DDIM steps of the evaluation's SDEdit (default 20)")
+    e.add_argument("--eval-ti-steps", type=int, default=60,
+                   help="training steps of the style evaluation's textual inversion (default 60)")
     lead_with(p, "The main job end to end on sample photos, with nothing but the install.",
               ("--out-dir", "--steps", "--evaluate"), "mimicshield demo --evaluate")
     p.set_defaults(func=run)
@@ -234,7 +236,7 @@ def evaluate_style(args: argparse.Namespace, endpoint: str, client, local: str) 
         protected=f"s3://{BUCKET}/style/protected/shard-000000.tar", clean=source,
         output=f"s3://{BUCKET}/style/evaluation", scenarios=("textual_inversion",), group_by="artist",
         model=ModelSpec("tiny-style"), method=args.method, eps=args.eps,
-        textual_inversion=TextualInversionConfig(steps=60, num_images=8),
+        textual_inversion=TextualInversionConfig(steps=args.eval_ti_steps, num_images=STYLE_IMAGES),
         metrics=MetricConfig(style_references="builtin"), save_images=True, s3=s3, progress=not args.no_progress,
     )
     print(run_evaluation(settings, log=lambda m: print(m, file=sys.stderr)), file=sys.stderr)
