@@ -12,8 +12,11 @@ Two parts, both through the job's own `protect/encoded.finish` (the JPEG path of
    protects the decoded pixels once, written as PNG (``--jpeg-as png``) and as JPEG (the default); a LoRA
    mimic trained on each set (and on the clean JPEGs, and on equal-budget noise) paints the artist, judged by
    the style score (accuracy, chance 1/8): the JPEG output's retained damage = its accuracy drop / PNG's.
+3. ``sdedit``: held-out photos (tiny, `--resolution` px) stored as JPEG q85 4:2:0, protected once, written as PNG
+   and as JPEG; SDEdit damage (the mimic's PSNR against the clean image, below the clean mimic's) of each.
 
     python -m benchmarks.bench_jpeg_budget photos
+    python -m benchmarks.bench_jpeg_budget sdedit                     # SDEdit damage from PNG vs JPEG output
     python -m benchmarks.bench_jpeg_budget style --artists 4 --methods sds- photoguard --eps 16
     python -m benchmarks.bench_jpeg_budget style --eot jpeg:80-90 --eot-only --name jpeg_budget_style_eot
 
@@ -146,6 +149,36 @@ def style_part(args) -> dict:
     return {"rows": rows}
 
 
+def sdedit_part(args) -> dict:
+    """SDEdit damage (tiny, held-out photos at `--resolution`, stored as JPEG q85 4:2:0) from PNG vs JPEG output."""
+    import torch
+
+    from benchmarks.bench_efficacy import Judge, held_out_uint8
+    from pipeline.protect import ProtectConfig, build_protector
+    from pipeline.protect.baseline import uniform_noise
+
+    torch.set_num_threads(args.threads)
+    sources = [jpeg_bytes(img, quality=85, subsampling=2) for img in held_out_uint8(args.resolution, 2)]
+    images = [decode_image(s) for s in sources]
+    clean = [im.rgb for im in images]
+    keys = [f"held-out-{i}" for i in range(len(images))]
+    judge = Judge(0.3, 20, None)
+    clean_edit = judge.mimic(clean, keys)
+    rows = [{"method": "none", "eps": 0.0, "output": "jpeg", **judge.damage(clean, clean_edit, clean_edit)}]
+    for eps in args.eps:
+        deltas = {"noise": uniform_noise(clean, eps, 0)}
+        for m in args.methods:
+            deltas[m] = build_protector(judge.models, ProtectConfig(method=m, eps=eps, steps=args.steps,
+                                                                    step_size=args.step_size)).protect(clean, keys)
+        for m, ds in deltas.items():
+            for out in ("png", "jpeg"):
+                written = [decode_image(finish(k, im, d, eps, jpeg_as=out).data).rgb for k, im, d in zip(keys, images, ds)]
+                rows.append({"method": m, "eps": float(eps), "output": out,
+                             **judge.damage(clean, judge.mimic(written, keys), clean_edit)})
+                print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows}
+
+
 def markdown(part: str, result: dict, args) -> str:
     rows = result["rows"]
     lines = [f"# JPEG output within the budget: {part}", "", *machine_lines(args.threads), ""]
@@ -164,6 +197,17 @@ def markdown(part: str, result: dict, args) -> str:
                              f"{1000 * np.mean([x['seconds'] for x in r]):.0f} | {np.mean([x['kept_l2'] for x in r]):.2f} | "
                              f"{np.mean([x['kept_cos'] for x in r]):.2f} | "
                              + " | ".join(f"{np.mean([x[f'resave{q}_l2'] for x in r]):.2f}" for q in args.resave) + " |")
+    elif part == "sdedit":
+        base = rows[0]["mimic_psnr"]
+        lines += [f"SDEdit (tiny, DDIM 20 steps, strength 0.3) of held-out photos at {args.resolution} px stored as JPEG "
+                  f"q85 4:2:0; damage = clean mimic PSNR ({base:.2f} dB) - mimic PSNR against the clean image. "
+                  "Retained = JPEG damage / PNG damage.", "",
+                  "| method | eps | PNG damage (dB) | JPEG damage (dB) | retained |", "|---|---|---|---|---|"]
+        for m in sorted({r["method"] for r in rows} - {"none"}, key=lambda m: (m != "noise", m)):
+            for eps in args.eps:
+                dmg = {r["output"]: base - r["mimic_psnr"] for r in rows if (r["method"], r["eps"]) == (m, eps)}
+                ret = f"{dmg['jpeg'] / dmg['png']:.0%}" if dmg["png"] > 0.1 else "n/a"
+                lines.append(f"| {m} | {eps:g} | {dmg['png']:.2f} | {dmg['jpeg']:.2f} | {ret} |")
     else:
         clean = np.mean([r["style_accuracy"] for r in rows if r["method"] == "none"])
         lines += [f"LoRA style accuracy (chance 0.125), {args.artists} held-out artists, sources JPEG q85 4:2:0; clean "
@@ -182,7 +226,8 @@ def markdown(part: str, result: dict, args) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=["photos", "style"])
+    p.add_argument("part", choices=["photos", "style", "sdedit"])
+    p.add_argument("--resolution", type=int, default=64, help="sdedit: held-out photo crops at this size")
     p.add_argument("--eps", type=float, nargs="+", default=None)
     p.add_argument("--resave", type=int, nargs="+", default=[75, 85, 95])
     p.add_argument("--artists", type=int, default=4)
@@ -197,8 +242,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=None, help="results name (default jpeg_budget_<part>)")
     args = p.parse_args(argv)
-    args.eps = args.eps or ([8.0, 16.0] if args.part == "photos" else [16.0])
-    result = photos_part(args) if args.part == "photos" else style_part(args)
+    args.eps = args.eps or ([8.0, 16.0] if args.part in ("photos", "sdedit") else [16.0])
+    result = {"photos": photos_part, "style": style_part, "sdedit": sdedit_part}[args.part](args)
     write_results(args.name or f"jpeg_budget_{args.part}", {"args": vars(args), **result}, markdown(args.part, result, args))
 
 
