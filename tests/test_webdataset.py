@@ -218,3 +218,6 @@ def test_steps_zero_refused_and_summary_notes_grouped():
     assert notes[0] == "3 JPEG output(s) exceed the budget after compression: max L-inf 37 > 16 (--jpeg-as png keeps it exact)"
     assert notes[1:4] == ["2 sample(s): mode P written as RGB", "3 error(s): not an image", "2 error(s): empty file (0 bytes)"]
     assert notes[-1].startswith("... and 1 other error reason(s)")
+    kept = summary_notes(Counter(), [], Counter(), 16.0, jpeg_kept=[0.4, 0.2, 0.3])  # one line, not one per share
+    assert kept == ["3 JPEG output(s) within the budget keep 30% of their perturbation on average (least 20%) through "
+                    "their own quantisation; --jpeg-as png keeps all of it"]

@@ -80,6 +80,7 @@ from pipeline.io.storage import (
 )
 from pipeline.models.devices import check_local_device
 from pipeline.models.loading import ModelSpec
+from pipeline.protect.encoded import jpeg_kept_share
 
 
 class BadShard(InputError):
@@ -302,6 +303,7 @@ class _Receiver:
         self.counts = no_counts()
         self.warnings: Counter = Counter()  # warning text -> samples
         self.over_budget: list[float] = []  # written L-inf of outputs above the budget (lossy formats)
+        self.jpeg_kept: list[float] = []  # share of the perturbation each JPEG output kept (protect/encoded.JPEG_KEPT)
         self.reasons: Counter = Counter()  # error reason -> samples
         self.writer_nodes: dict[str, int] = {}
         images = None if self.plan.kind == "shards" else sum(len(u.inputs) for u in self.pending)
@@ -349,13 +351,16 @@ class _Receiver:
 
     def note(self, measured: dict) -> None:
         for warning in (measured.get("warnings") or "").split("; "):  # as the Encoder joins them
+            kept = jpeg_kept_share(warning)
             if "exceeds the budget" in warning:
                 self.over_budget.append(measured["linf"])
+            elif kept is not None:
+                self.jpeg_kept.append(kept)
             elif warning:
                 self.warnings[warning] += 1
 
     def notes(self, eps: float) -> list[str]:
-        return summary_notes(self.warnings, self.over_budget, self.reasons, eps)
+        return summary_notes(self.warnings, self.over_budget, self.reasons, eps, jpeg_kept=self.jpeg_kept)
 
     def commit_through(self, last: int) -> None:
         """Commit pending[position:last] (units with no rows at all are committed empty)."""
@@ -391,9 +396,13 @@ class _Receiver:
         return to_uri(self.plan.in_fs, path)
 
 
-def summary_notes(warnings: Counter, over_budget: list[float], reasons: Counter, eps: float, first: int = 3) -> list[str]:
+def summary_notes(warnings: Counter, over_budget: list[float], reasons: Counter, eps: float, first: int = 3,
+                  jpeg_kept: list[float] = ()) -> list[str]:
     """The terminal's summary of warnings and error reasons, grouped with counts (most frequent first)."""
     out = []
+    if jpeg_kept:  # one line for all JPEG outputs, not one per percentage
+        out.append(f"{len(jpeg_kept)} JPEG output(s) within the budget keep {sum(jpeg_kept) / len(jpeg_kept):.0%} of their perturbation "
+                   f"on average (least {min(jpeg_kept):.0%}) through their own quantisation; --jpeg-as png keeps all of it")
     if over_budget:
         out.append(f"{len(over_budget)} JPEG output(s) exceed the budget after compression: max L-inf "
                    f"{max(over_budget):g} > {eps:g} (--jpeg-as png keeps it exact)")

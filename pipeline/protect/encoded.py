@@ -14,6 +14,7 @@ yields exactly one `ProtectResult`, written or failed, so every sample is accoun
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field, replace
 
@@ -32,6 +33,15 @@ from pipeline.io.images import (
 from pipeline.io.jpeg import encode_within_budget
 from pipeline.metrics.base import Metric
 from pipeline.metrics.visibility import PSNR, SSIM, Linf
+
+JPEG_KEPT = "JPEG output keeps {:.0%} of the perturbation (L2) through the source's quantisation"  # the run sums them
+
+
+def jpeg_kept_share(warning: str) -> float | None:
+    """The share a JPEG_KEPT warning reports (0-1), or None for any other warning."""
+    found = re.match(r"JPEG output keeps (\d+)% ", warning)
+    return int(found.group(1)) / 100 if found else None
+
 
 VISIBILITY = (Linf(), PSNR(), SSIM())  # the written file against the clean image (and LPIPS with calibrated weights)
 
@@ -89,9 +99,8 @@ def finish(
                 image = as_png(image)
                 res.ext = extension_for(image)
                 res.warnings.append(f"JPEG written as PNG ({why_not}): the budget holds exactly")
-            else:
-                res.warnings.append(f"JPEG output keeps {kept:.0%} of the perturbation (L2) through the source's "
-                                    "quantisation; --jpeg-as png keeps all of it")
+            elif kept is not None:
+                res.warnings.append(JPEG_KEPT.format(kept))
         if res.data is None:
             res.data = encode_image(image, pixels)
         written = decode_image(res.data, max_pixels=max_pixels).rgb  # measure what was written
@@ -116,17 +125,18 @@ def as_png(image: DecodedImage) -> DecodedImage:
     return replace(image, format="PNG", jpeg_qtables=None, jpeg_subsampling=None, jpeg_source=None)
 
 
-def _encode_jpeg(image: DecodedImage, pixels: np.ndarray, eps: float) -> tuple[bytes | None, float, str | None]:
-    """(the JPEG within budget, the share of the perturbation's L2 it kept, None), or (None, 0, why not)."""
+def _encode_jpeg(image: DecodedImage, pixels: np.ndarray, eps: float) -> tuple[bytes | None, float | None, str | None]:
+    """(the JPEG within budget, the share of the perturbation's L2 it kept (None: there was none), None), or
+    (None, None, why not)."""
     grey = pixels.ndim == 2
     clean = image.rgb[..., 0] if grey else image.rgb  # a grey JPEG decodes to R = G = B
     intended = pixels.astype(np.int16) - clean
     try:
         data, written = encode_within_budget(image.jpeg_source, clean, intended, eps)
     except Exception as err:  # CMYK, 12-bit, arithmetic coding, a coefficient reader that fails: PNG
-        return None, 0.0, f"{type(err).__name__}: {err}"
+        return None, None, f"{type(err).__name__}: {err}"
     norm = float(np.linalg.norm(intended))
-    kept = float(np.linalg.norm(written.astype(np.int16) - clean)) / norm if norm else 1.0
+    kept = float(np.linalg.norm(written.astype(np.int16) - clean)) / norm if norm else None
     return data, kept, None
 
 
