@@ -419,18 +419,24 @@ def pack_weights(vae, text_encoder, unets: dict) -> dict[str, torch.Tensor]:
     return {k: (v.half() if v.is_floating_point() else v).detach().contiguous() for k, v in out.items()}
 
 
+def checked_weights(path: Path | None, file_name: str, expected: str, script: str) -> Path:
+    """`path`, or the shipped WEIGHTS_DIR/`file_name` checked against its recorded sha256 (`script`: the
+    pipeline/train module that rebuilds it, named when the file is missing)."""
+    path = path or WEIGHTS_DIR / file_name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall mimicshield, or rebuild it with "
+                                f"`python -m pipeline.train.{script} --out DIR`")
+    if path == WEIGHTS_DIR / file_name and sha256(path) != expected:
+        raise ValueError(f"{path} does not match its recorded sha256 {expected} (corrupt or replaced)")
+    return path
+
+
 def load_trained_weights(pipe, name: str, path: Path | None = None) -> None:
     """Put the shipped weights of built-in `name` into `pipe` (checking the file's sha256)."""
     from safetensors import safe_open
 
     file_name, expected = weights_file(name)
-    path = path or WEIGHTS_DIR / file_name
-    if not path.exists():
-        script = "style" if name == "tiny-style" else "tiny"
-        raise FileNotFoundError(f"{path} is missing: reinstall mimicshield, or rebuild it with "
-                                f"`python -m pipeline.train.{script} --out DIR`")
-    if path == WEIGHTS_DIR / file_name and sha256(path) != expected:
-        raise ValueError(f"{path} does not match its recorded sha256 {expected} (corrupt or replaced)")
+    path = checked_weights(path, file_name, expected, "style" if name == "tiny-style" else "tiny")
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         scale = float(f.metadata()["scaling_factor"])
@@ -487,12 +493,7 @@ def load_flow_weights(pipe, name: str, path: Path | None = None) -> None:
     transformer and text encoders."""
     from safetensors import safe_open
 
-    path = path or WEIGHTS_DIR / FLOW_WEIGHTS_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: reinstall mimicshield, or rebuild it with "
-                                "`python -m pipeline.train.flow --out DIR`")
-    if path == WEIGHTS_DIR / FLOW_WEIGHTS_NAME and sha256(path) != FLOW_WEIGHTS_SHA256:
-        raise ValueError(f"{path} does not match its recorded sha256 {FLOW_WEIGHTS_SHA256} (corrupt or replaced)")
+    path = checked_weights(path, FLOW_WEIGHTS_NAME, FLOW_WEIGHTS_SHA256, "flow")
     tiny = build_pipeline("tiny")
     load_trained_vae(tiny)
     widen_vae(tiny.vae, pipe.vae, CONFIGS[name]["seed"])
@@ -644,12 +645,7 @@ def load_coverage_weights(pipe, name: str, path: Path | None = None) -> None:
     VAE is tiny's trained one, tiny-xl's the seeded random one `build_pipeline` made."""
     from safetensors import safe_open
 
-    path = path or WEIGHTS_DIR / COVERAGE_WEIGHTS_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: reinstall mimicshield, or rebuild it with "
-                                "`python -m pipeline.train.coverage --out DIR`")
-    if path == WEIGHTS_DIR / COVERAGE_WEIGHTS_NAME and sha256(path) != COVERAGE_WEIGHTS_SHA256:
-        raise ValueError(f"{path} does not match its recorded sha256 {COVERAGE_WEIGHTS_SHA256} (corrupt or replaced)")
+    path = checked_weights(path, COVERAGE_WEIGHTS_NAME, COVERAGE_WEIGHTS_SHA256, "coverage")
     if name == "tiny-v":
         load_trained_vae(pipe)
     prefix = f"unet.{name}."
