@@ -92,9 +92,9 @@ def finish(
         image = as_png(image)
     try:
         pixels = apply_perturbation(image, delta, eps)
-        res.data, res.ext = None, extension_for(image)
+        res.data, res.ext, written = None, extension_for(image), None
         if image.format == "JPEG" and image.jpeg_source is not None:
-            res.data, kept, why_not = _encode_jpeg(image, pixels, eps)
+            res.data, written, kept, why_not = _encode_jpeg(image, pixels, eps)  # written: already decoded there
             if res.data is None:
                 image = as_png(image)
                 res.ext = extension_for(image)
@@ -103,7 +103,7 @@ def finish(
                 res.warnings.append(JPEG_KEPT.format(kept))
         if res.data is None:
             res.data = encode_image(image, pixels)
-        written = decode_image(res.data, max_pixels=max_pixels).rgb  # measure what was written
+            written = decode_image(res.data, max_pixels=max_pixels).rgb  # measure what was written
     except Exception as err:
         res.data, res.error, res.stage = None, f"{type(err).__name__}: {err}", "encode"
         return res
@@ -125,19 +125,20 @@ def as_png(image: DecodedImage) -> DecodedImage:
     return replace(image, format="PNG", jpeg_qtables=None, jpeg_subsampling=None, jpeg_source=None)
 
 
-def _encode_jpeg(image: DecodedImage, pixels: np.ndarray, eps: float) -> tuple[bytes | None, float | None, str | None]:
-    """(the JPEG within budget, the share of the perturbation's L2 it kept (None: there was none), None), or
-    (None, None, why not)."""
+def _encode_jpeg(image: DecodedImage, pixels: np.ndarray, eps: float):
+    """(the JPEG within budget, its decoded RGB pixels, the share of the perturbation's L2 it kept (None: there was
+    none), None), or (None, None, None, why not)."""
     grey = pixels.ndim == 2
     clean = image.rgb[..., 0] if grey else image.rgb  # a grey JPEG decodes to R = G = B
     intended = pixels.astype(np.int16) - clean
     try:
         data, written = encode_within_budget(image.jpeg_source, clean, intended, eps)
     except Exception as err:  # CMYK, 12-bit, arithmetic coding, a coefficient reader that fails: PNG
-        return None, None, f"{type(err).__name__}: {err}"
+        return None, None, None, f"{type(err).__name__}: {err}"
     norm = float(np.linalg.norm(intended))
     kept = float(np.linalg.norm(written.astype(np.int16) - clean)) / norm if norm else None
-    return data, kept, None
+    rgb = np.repeat(written[..., None], 3, axis=2) if grey else written  # as decode_image gives a grey JPEG
+    return data, rgb, kept, None
 
 
 def protect_encoded(
