@@ -24,6 +24,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2`: two test processes, one cor
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The longest test files first (their seconds: tests/durations.py), each file's tests in their own order, so
+    the two workers of `-n 2 --dist loadfile` finish together instead of one running a long file alone at the end."""
+    from durations import load
+
+    seconds, first_seen = load(), {}
+    for item in items:
+        first_seen.setdefault(item.path.name, len(first_seen))
+    items.sort(key=lambda item: (-seconds.get(item.path.name, 0.0), first_seen[item.path.name]))
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     from pipeline.models.loading import load_models
