@@ -133,6 +133,22 @@ def test_protect_refuses_a_pool_that_cannot_fit_in_one_line(ray_local, tiny_mode
 # ---------------------------------------------------------------- the stall watchdog
 
 
+def test_a_stalled_study_or_evaluation_ends_with_exit_4_and_one_line(capsys):
+    """evaluate and study end through `run_with_exit_codes`: --stall-timeout's `Stalled` is exit 4, not a traceback."""
+    from argparse import Namespace
+
+    from pipeline.cluster.watchdog import STALL_EXIT, Stalled
+    from pipeline.commands.options import run_with_exit_codes
+
+    def stalls(settings, log):
+        raise Stalled("no sample finished for 30 s (--stall-timeout 30); Ray: CPU 0/2 free")
+
+    assert run_with_exit_codes(lambda args: "settings", stalls, Namespace()) == STALL_EXIT
+    err = capsys.readouterr().err
+    assert err.startswith("mimicshield: error: the run stalled: no sample finished for 30 s") and "Traceback" not in err
+    assert "rerun the same command to resume" in err
+
+
 def test_watchdog_reports_at_the_runs_own_pace_and_ends_at_the_timeout():
     from pipeline.cluster.watchdog import Watchdog, report_after
 

@@ -276,3 +276,49 @@ def test_save_images_writes_every_image_a_training_cell_generated(tmp_path):
     assert index[0]["prompt"] == "a painting in the style of sks"
     assert [e["seed"] for e in index] == [mimic_seed(3, f"lora/ana/{i}") for i in range(5)]
     assert np.array_equal(np.asarray(Image.open(folder / "4.png")), images[4])
+
+
+def test_a_rerun_with_other_settings_is_refused_in_one_line_and_overwrite_recomputes_everything(tmp_path, capsys):
+    """study.json records the settings' fingerprint: cells made with --strengths 0.3 are never mixed with 0.7 ones;
+    a wider grid is not "other settings" (its new cells are added); --overwrite clears cells, purified sets and
+    adapters. The refusal comes before Ray starts, as protect's does."""
+    import json
+
+    import numpy as np
+
+    from pipeline.cli import build_parser, main
+    from pipeline.commands.study import settings_from_args
+    from pipeline.io.sample_data import png_bytes
+    from pipeline.study.grid import Cell
+    from pipeline.study.run import check_same_settings
+    from pipeline.study.store import StudyStore
+
+    clean, output = tmp_path / "clean", tmp_path / "study"
+    clean.mkdir()
+    (clean / "a.png").write_bytes(png_bytes(np.full((32, 32, 3), 128, np.uint8)))
+    command = study_command(str(clean), str(output))
+
+    def settings(*changed):
+        return settings_from_args(build_parser().parse_args([*command, *changed]))
+
+    # what an earlier run with these options committed: a cell, a purified set, the adapters, study.json
+    first = settings()
+    store = StudyStore(str(output))
+    cell = Cell(CLEAN, "none", "sdedit")
+    store.write_cell(cell, [])
+    store.write_atomic(f"{store.root}/purified/jpeg-50/none.tar", b"")
+    store.write_atomic(f"{store.root}/adapters/cat-2.safetensors", b"")
+    store.write_atomic(f"{store.root}/study.json", json.dumps({"fingerprint": first.fingerprint()}).encode())
+    check_same_settings(settings(), store)  # the same command resumes
+    check_same_settings(settings("--methods", "sds-,photoguard", "--eps", "8,16"), store)  # a wider grid adds cells
+
+    for changed, said in ((["--strengths", "0.7"], "evaluation.sdedit.strengths: [0.3] -> [0.7]"),
+                          (["--steps", "3"], "steps: 2 -> 3")):
+        assert main([*command, *changed]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "holds a study made with other settings" in err and said in err, err
+        assert "--overwrite" in err
+    assert store.exists(store.cell_path(cell))  # refused: nothing touched
+
+    check_same_settings(settings("--strengths", "0.7", "--overwrite"), store)
+    assert not store.has_work() and not store.exists(store.cell_path(cell))

@@ -49,6 +49,11 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return out
 
 
+def fingerprint_fields(obj, exclude=(), prefix: str = "") -> dict:
+    """A settings object's fields but `exclude`, nested settings objects as dotted names (a fingerprint's entries)."""
+    return _flat(_fields(obj, exclude), prefix)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
 
@@ -127,7 +132,7 @@ class RunSettings:
         accelerator = torch.device(kind)
         model = _fields(self.model, NOT_IN_FINGERPRINT["ModelSpec"])
         model.update(device=accelerator.type, dtype=dtype_name(resolve_dtype(self.model.dtype, accelerator)))
-        out = {**_flat(_fields(self.config, NOT_IN_FINGERPRINT["ProtectConfig"])), **model,
+        out = {**fingerprint_fields(self.config, NOT_IN_FINGERPRINT["ProtectConfig"]), **model,
                **_fields(self, NOT_IN_FINGERPRINT["RunSettings"]), **FIXED_POLICIES}
         if not self.grouped:  # what only a group method reads cannot change another method's outputs
             out = {k: v for k, v in out.items() if not k.startswith("aspl.") and k != "group_by"}

@@ -375,12 +375,13 @@ def mimic_configs_from_args(args: argparse.Namespace) -> dict:
 def run_with_exit_codes(build_settings, run, args: argparse.Namespace):
     """(settings, summary) of `run(build_settings(args), log=stderr)`, or the exit code after one line on stderr.
 
-    2: bad options or input found before any work; 5 (``STORAGE_EXIT``): the output storage failed
-    mid-run (disk full, permission, S3 access). Anything else is re-raised. evaluate and study share this;
-    protect has more cases of its own (bad shards, stalls).
+    2: bad options or input found before any work; 4 (``STALL_EXIT``): ended by --stall-timeout (committed work
+    kept); 5 (``STORAGE_EXIT``): the output storage failed mid-run (disk full, permission, S3 access). Anything
+    else is re-raised. evaluate and study share this; protect has more cases of its own (bad shards).
     """
     import sys
 
+    from pipeline.cluster.watchdog import STALL_EXIT, Stalled
     from pipeline.io.paths import STORAGE_EXIT, storage_problem
     from pipeline.io.storage import InputError
     from pipeline.models.loading import ModelLoadError
@@ -391,6 +392,10 @@ def run_with_exit_codes(build_settings, run, args: argparse.Namespace):
     except (InputError, ModelLoadError, ValueError, FileNotFoundError) as err:  # raised before any actor starts
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
+    except Stalled as err:  # --stall-timeout: one line, committed work kept
+        print(f"mimicshield: error: the run stalled: {err}\nmimicshield: rerun the same command to resume "
+              "(committed work is kept)", file=sys.stderr)
+        return STALL_EXIT
     except Exception as err:
         problem = storage_problem(err)
         if not problem:

@@ -54,6 +54,7 @@ from pipeline.evaluate.mimic import (
 from pipeline.evaluate.mimic.common import mimic_view
 from pipeline.evaluate.mimic.textual_inversion import placeholder_token
 from pipeline.evaluate.settings import EvalSettings
+from pipeline.io.files import write_atomic
 from pipeline.io.images import ImageError, center_crop_resize, decode_image
 from pipeline.io.metadata import sample_group, sample_meta
 from pipeline.io.paths import PathArg, check_paths
@@ -189,11 +190,9 @@ class SampleWriter:
         self.count[(scenario, group)] = self.count.get((scenario, group), 0) + 1
         safe = placeholder_token(name)[1:-1]
         folder = f"{self.root}/samples/{scenario}/{placeholder_token(group)[1:-1]}"
-        self.fs.create_dir(folder, recursive=True)
-        with self.fs.open_output_stream(f"{folder}/{safe}.png") as f:
-            f.write(png(image))
-        with self.fs.open_output_stream(f"{folder}/{safe}.json") as f:
-            f.write(json.dumps({"scenario": scenario, "group": group, "name": name, **info}).encode())
+        write_atomic(self.fs, f"{folder}/{safe}.png", png(image))
+        write_atomic(self.fs, f"{folder}/{safe}.json",
+                     json.dumps({"scenario": scenario, "group": group, "name": name, **info}).encode())
 
 
 # ---------------------------------------------------------------------------- per-image scenarios
@@ -399,11 +398,9 @@ class GroupTrainer:
                 if source == "clean":
                     self.clean_cache[cache_key] = out
                 dest = f"{root}/mimics/{scenario}/{r0['run']}/{mimic_slug(group)}/{source}"
-                fs.create_dir(dest, recursive=True)
                 for file in sorted(Path(weights).parent.iterdir()):  # the weights and their config (DreamBooth)
                     if file.is_file():
-                        with open(file, "rb") as f, fs.open_output_stream(f"{dest}/{file.name}") as g:
-                            g.write(f.read())
+                        write_atomic(fs, f"{dest}/{file.name}", local_file=str(file))
         # CLIP score against the prompt with the group's name in place of the learned token
         prompt = mimic.config.prompt_template.format(token=group)
         rows = []
@@ -459,17 +456,14 @@ def write_generated(fs, folder: str, scenario: str, group: str, out, config, fie
     images: evaluate (`save_generated`) and the study's cells (`--save-images`) call it."""
     from pipeline.evaluate.mimic.common import mimic_seed
 
-    fs.create_dir(folder, recursive=True)
     token = placeholder_token(group) if scenario == "textual_inversion" else getattr(config, "token", "")
     prompt = config.prompt_template.format(token=token)
     index = []
     for i, image in enumerate(out.images):
-        with fs.open_output_stream(f"{folder}/{i}.png") as f:
-            f.write(png(image))
+        write_atomic(fs, f"{folder}/{i}.png", png(image))
         index.append({"file": f"{i}.png", "group": group, **fields, "prompt": prompt,
                       "seed": mimic_seed(config.seed, f"{scenario}/{group}/{i}"), "setting": out.setting})
-    with fs.open_output_stream(f"{folder}/index.json") as f:
-        f.write(json.dumps(index, indent=1).encode())
+    write_atomic(fs, f"{folder}/index.json", json.dumps(index, indent=1).encode())
 
 
 def style_reference_images(pairs, settings: EvalSettings, per_group: int = 16) -> dict[str, list[bytes]]:
@@ -649,11 +643,9 @@ def run_evaluation(settings: EvalSettings, log=print) -> EvalSummary:
     fs, root = split_uri(settings.output, settings.s3)
     rows.sort(key=lambda r: tuple(str(r[k]) for k in ("run", "group", "scenario", "setting", "method", "metric")))
     path = write_table(rows, TABLE, f"{root}/tables/{TABLE}", filesystem=fs, basename=eval_id)
-    fs.create_dir(f"{root}/evaluations", recursive=True)
-    with fs.open_output_stream(f"{root}/evaluations/{eval_id}.json") as f:
-        record = {**settings_record(settings), "unmatched": {side: {"count": len(keys), "keys": keys[:100]}
-                                                             for side, keys in unmatched.items()}}
-        f.write(json.dumps(record, indent=1, default=str).encode())
+    record = {**settings_record(settings), "unmatched": {side: {"count": len(keys), "keys": keys[:100]}
+                                                         for side, keys in unmatched.items()}}
+    write_atomic(fs, f"{root}/evaluations/{eval_id}.json", json.dumps(record, indent=1, default=str).encode())
     groups = len({(r["run"], r["group"]) for r in rows})
     return EvalSummary(eval_id, to_uri(fs, path), len(rows), groups, time.perf_counter() - start,
                        to_uri(fs, f"{root}/samples"))

@@ -11,6 +11,7 @@ Writers build their Arrow table *from* the schema, so a column can't drift from 
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from functools import lru_cache
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.io.files import write_atomic
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -63,14 +66,13 @@ def write_table(rows: list[dict], name: str, table_dir: str, filesystem=None, ba
     """Write rows as one Parquet file under `table_dir` (a folder of the table); returns its path.
 
     `filesystem` is a pyarrow FileSystem (local when None). Each call writes a new file, named
-    `basename` or a random one, so parallel writers never collide.
+    `basename` or a random one, so parallel writers never collide; the file appears whole or not at all
+    (`io.files.write_atomic`), so a reader never opens half a table.
     """
-    from pyarrow import fs as pafs
-
-    filesystem = filesystem or pafs.LocalFileSystem()
-    filesystem.create_dir(table_dir, recursive=True)
     path = f"{table_dir.rstrip('/')}/{basename or uuid.uuid4().hex}.parquet"
-    pq.write_table(to_arrow(rows, name), path, filesystem=filesystem)
+    buffer = io.BytesIO()
+    pq.write_table(to_arrow(rows, name), buffer)
+    write_atomic(filesystem, path, buffer.getvalue())
     return path
 
 

@@ -312,7 +312,7 @@ def build_report(output: str, s3: dict | None = None) -> str:
 def write_report(output: str, s3: dict | None = None) -> str:
     """Build OUTPUT/report.html; returns its URI."""
     store = StudyStore(output, s3)
-    store.write(f"{store.root}/report.html", build_report(output, s3).encode())
+    store.write_atomic(f"{store.root}/report.html", build_report(output, s3).encode())
     return f"{store.output}/report.html"
 
 

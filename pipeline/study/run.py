@@ -21,8 +21,9 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
+from pipeline.batch.commit import settings_diff
 from pipeline.batch.progress import CountProgress
-from pipeline.batch.settings import RunSettings
+from pipeline.batch.settings import RunSettings, fingerprint_fields
 from pipeline.cluster.faults import fault_point
 from pipeline.cluster.logs import quiet_data_context
 from pipeline.cluster.pool import actor_share
@@ -30,12 +31,22 @@ from pipeline.cluster.session import ensure_ray
 from pipeline.evaluate.mimic import TRAINING_SCENARIOS
 from pipeline.evaluate.settings import EvalSettings
 from pipeline.io.paths import PathArg, check_paths
+from pipeline.io.storage import InputError
 from pipeline.study import adapter
 from pipeline.study.grid import CLEAN, Cell, StudyGrid
 from pipeline.study.purify import PurifyContext, parse_purification
 from pipeline.study.report import write_report
 from pipeline.study.store import StudyStore
 from pipeline.study.workers import CellWorker, PurifyActor, purify_set
+
+# fields that cannot change a cell's rows: how the work is spread, shown and resumed, and the grid itself (a cell is
+# named by its source, purification and scenario, so a wider grid adds cells and leaves the committed ones valid)
+NOT_IN_FINGERPRINT = {
+    "StudySettings": ("grid", "protect", "evaluation", "samples", "actors"),
+    "EvalSettings": ("protected", "clean", "output", "scenarios", "model", "method", "eps", "run", "save_images",
+                     "samples_per_group", "batch_size", "actors", "address", "verbose", "progress", "s3"),
+    "protect": ("method", "eps"),  # each source's own (adapter.protect_settings), part of its cells' names
+}
 
 
 @dataclass
@@ -75,6 +86,18 @@ class StudySettings:
                              upscaler_steps=self.upscaler_steps, diffpure_steps=self.diffpure_steps,
                              gridpure_iterations=self.gridpure_iterations, pixel_model=self.pixel_model,
                              attack=self.protect.config, attack_eps=max(self.grid.eps))
+
+    def fingerprint(self) -> dict:
+        """Everything that changes a cell's rows (recorded in study.json; a rerun with another is refused).
+
+        Derived field by field as protect's is (`RunSettings.fingerprint`): the protect run's (model, steps, ...),
+        every mimic and metric option of `evaluation` as ``evaluation.<name>``, and this object's purification
+        options, except the fields in `NOT_IN_FINGERPRINT`. JSON values, so a recorded one compares equal.
+        """
+        protect = {k: v for k, v in self.protect.fingerprint().items() if k not in NOT_IN_FINGERPRINT["protect"]}
+        out = {**protect, **fingerprint_fields(self.evaluation, NOT_IN_FINGERPRINT["EvalSettings"], "evaluation."),
+               **fingerprint_fields(self, NOT_IN_FINGERPRINT["StudySettings"])}
+        return json.loads(json.dumps(out, default=str))
 
     def record(self) -> dict:
         out = asdict(self)
@@ -127,13 +150,15 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
     grid = settings.grid
     check_paths([PathArg("CLEAN", settings.clean)], PathArg("OUTPUT", settings.output), settings.s3)  # before Ray
     store = StudyStore(settings.output, settings.s3)
+    check_same_settings(settings, store)  # before Ray too: a changed option is one line
     settings.model.check()
     ensure_ray(settings.address, settings.protect.verbose)
     import ray.data
 
     quiet_data_context(ray.data.DataContext.get_current(), settings.protect.verbose)  # as protect: quiet
     worker_options(settings)  # the resource plan, before any work (cluster/pool.py)
-    store.write(f"{store.root}/study.json", json.dumps(settings.record(), indent=1, default=str).encode())
+    record = {"fingerprint": settings.fingerprint(), "settings": settings.record()}
+    store.write_atomic(f"{store.root}/study.json", json.dumps(record, indent=1, default=str).encode())
 
     cells = grid.cells()
     log(plan_line(grid))
@@ -194,6 +219,20 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
     return StudySummary(output=settings.output, cells_total=len(cells), cells_skipped=len(done),
                         cells_done=len(pending), purified_done=purified_made, seconds=time.perf_counter() - t0,
                         report=report)
+
+
+def check_same_settings(settings: StudySettings, store: StudyStore) -> None:
+    """``--overwrite``: clear what earlier runs computed. Otherwise refuse (one line, before any work) to add cells
+    made with other settings to an OUTPUT that holds some: the table would mix settings and could not tell."""
+    if settings.protect.overwrite:
+        store.clear()
+        return
+    if not store.has_work():
+        return
+    diff = settings_diff(store.recorded_fingerprint(), settings.fingerprint())
+    if diff:
+        raise InputError(f"{settings.output} holds a study made with other settings ({'; '.join(diff)}); rerun with "
+                         "the same options to resume, use another OUTPUT, or add --overwrite to recompute every cell")
 
 
 def _purify(settings: StudySettings, todo: list, encoded_refs: dict, log) -> int:

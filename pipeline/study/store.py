@@ -5,20 +5,22 @@
     OUTPUT/adapters/<purification>.safetensors  a model-side attack's trained adapters (cat), one per spec
     OUTPUT/tables/robustness/<cell>.parquet    one file per cell: its rows and its commit marker
     OUTPUT/samples/study/<scenario>/<cell>/<key>.in.png / .out.png   what the report's grids show
-    OUTPUT/study.json                          the settings of the last run (no credentials)
+    OUTPUT/study.json                          the settings' fingerprint and the settings (no credentials)
     OUTPUT/report.html
 
-Every file that marks work as done is written whole or not at all (a temporary name, then a
-move; an S3 object appears only once its upload completes), so a study killed at any point
-and run again computes exactly the missing purified sets and cells, each once.
+Every file is written whole or not at all (a temporary name, then a move; an S3 object appears only
+once its upload completes), so a study killed at any point and run again computes exactly the missing
+purified sets and cells, each once. A rerun with other settings is refused before any work
+(`StudySettings.fingerprint`, recorded in study.json); ``--overwrite`` clears every cell, purified set,
+adapter and sample first.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import posixpath
 import tarfile
-import uuid
 
 import numpy as np
 from pyarrow import fs as pafs
@@ -29,6 +31,7 @@ from pipeline.study import adapter
 from pipeline.study.grid import Cell, Source, purified_id, slug
 
 TABLE_DIR = "tables/robustness"
+WORK = (TABLE_DIR, "purified", "adapters", "samples/study")  # what a study computed (cleared by --overwrite)
 
 
 class StudyStore:
@@ -73,6 +76,23 @@ class StudyStore:
         present = self.files(TABLE_DIR, ".parquet")
         return {c.id for c in cells if self.cell_path(c) in present}
 
+    def has_work(self) -> bool:
+        """Has a run committed any cell, purified set or adapter here?"""
+        return any(self.files(folder, suffix) for folder, suffix in
+                   ((TABLE_DIR, ".parquet"), ("purified", ".tar"), ("adapters", ".safetensors")))
+
+    def recorded_fingerprint(self) -> dict | None:
+        """The settings fingerprint study.json holds (None: no study.json, or one written before fingerprints)."""
+        path = f"{self.root}/study.json"
+        return json.loads(self.read(path)).get("fingerprint") if self.exists(path) else None
+
+    def clear(self) -> None:
+        """Remove every cell, purified set, adapter and sample (``--overwrite``); the protect runs redo their own."""
+        for folder in WORK:
+            path = f"{self.root}/{folder}"
+            if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+                self.fs.delete_dir_contents(path)
+
     def done_purified(self, units: list[tuple[Source, str]]) -> set[tuple[Source, str]]:
         present = self.files("purified", ".tar")
         return {u for u in units if self.purified_path(*u) in present}
@@ -82,11 +102,6 @@ class StudyStore:
     def write_atomic(self, path: str, data: bytes) -> None:
         """`data` at `path`, whole or not at all (temporary sibling, then a move)."""
         write_atomic(self.fs, path, data)
-
-    def write(self, path: str, data: bytes) -> None:
-        self.fs.create_dir(posixpath.dirname(path), recursive=True)
-        with self.fs.open_output_stream(path) as f:
-            f.write(data)
 
     def read(self, path: str) -> bytes:
         with self.fs.open_input_stream(path) as f:
@@ -112,11 +127,8 @@ class StudyStore:
         return load(self.read(path)) if self.exists(path) else None
 
     def write_cell(self, cell: Cell, rows: list[dict]) -> None:
-        """The cell's rows as one Parquet file: written under a temporary name, then moved (the commit)."""
-        folder = f"{self.root}/{TABLE_DIR}"
-        tmp = f"_tmp-{uuid.uuid4().hex}-{cell.id}"
-        path = adapter.write_table(rows, folder, self.fs, basename=tmp)
-        self.fs.move(path, self.cell_path(cell))
+        """The cell's rows as one Parquet file, whole or not at all (the commit)."""
+        adapter.write_table(rows, f"{self.root}/{TABLE_DIR}", self.fs, basename=cell.id)
 
     def write_sample(self, cell: Cell, key: str, kind: str, rgb: np.ndarray) -> None:
         self.write(f"{self.sample_dir(cell)}/{slug(key)}.{kind}.png", png(rgb))
