@@ -245,6 +245,49 @@ def test_watchdog_names_a_lost_node_once():
                      "elsewhere, the run goes on"]
 
 
+def test_a_lost_node_that_leaves_the_pool_no_room_ends_the_run_at_once():
+    """Head 1 CPU + worker 1 CPU, one CPU actor (0.5 CPU) beside a task slot: the plan fits the two nodes, not the
+    head alone; Ray would wait for the lost node forever, so the watchdog ends the run (exit 4, a rerun resumes)."""
+    from pipeline.cluster.pool import Node, no_longer_fits, plan_share
+    from pipeline.cluster.watchdog import Watchdog
+
+    share = plan_share("cpu", None, [Node(1), Node(1)])
+    assert (share.size, share.num_cpus) == (1, 0.5)
+    assert no_longer_fits(share, [Node(1), Node(1)]) is None
+    reason = no_longer_fits(share, [Node(1)])
+    assert reason is not None and "no longer fit on 1 node(s) with 1 CPU(s)" in reason
+    gpu = plan_share("cuda", None, [Node(8, 2), Node(8, 2)])
+    assert no_longer_fits(gpu, [Node(8, 2), Node(8, 2)]) is None and "need 4 GPU(s)" in no_longer_fits(gpu, [Node(8, 2)])
+
+    now, lines, interrupts = [0.0], [], []
+    alive = {"a" * 16: "10.0.0.1", "b" * 16: "10.0.0.2"}
+    dog = Watchdog(log=lines.append, clock=lambda: now[0], interrupt=lambda: interrupts.append(now[0]),
+                   nodes=lambda: dict(alive), pending=lambda: "",
+                   replan=lambda: no_longer_fits(share, [Node(1)] * len(alive)))
+    dog.check()
+    del alive["b" * 16]
+    now[0] += 10.0
+    dog.check()
+    assert interrupts == [10.0] and dog.fired == f"lost Ray node(s) 10.0.0.2: {reason}"
+    assert lines == [f"mimicshield: lost Ray node 10.0.0.2 (bbbbbbbb); Ray retries its tasks and restarts its actors "
+                     f"elsewhere, but {reason}"]
+
+
+def test_by_default_a_stall_ends_the_run_after_30x_its_pace_and_at_least_an_hour():
+    from pipeline.cluster.watchdog import AUTO_TIMEOUT_S, Watchdog, auto_timeout
+
+    assert auto_timeout([]) == AUTO_TIMEOUT_S == 3600 and auto_timeout([200.0] * 5) == 6000
+    now, interrupts = [0.0], []
+    dog = Watchdog(log=lambda line: None, clock=lambda: now[0], interrupt=lambda: interrupts.append(now[0]),
+                   pending=lambda: "CPU 0/2 free", nodes=dict)
+    now[0] = AUTO_TIMEOUT_S - 1
+    dog.check()
+    assert not interrupts
+    now[0] = AUTO_TIMEOUT_S
+    dog.check()
+    assert interrupts and dog.fired.startswith("no sample finished for 3600 s (the default --stall-timeout: 3600 s")
+
+
 def test_the_stall_interrupt_wakes_a_main_thread_blocked_in_a_wait_even_with_sigint_ignored():
     """A driver blocked in a wait must still be interrupted, also where SIGINT is ignored (a job started in the
     background by a non-interactive shell: `cmd &`, cron): `_thread.interrupt_main` waits for the lock's own

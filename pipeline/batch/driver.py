@@ -58,7 +58,7 @@ from pipeline.batch.settings import RunSettings
 from pipeline.batch.stages import Decoder, Encoder, ProtectActor, Writer, assemble_task
 from pipeline.cluster.faults import FAULT_ENV, fault_point
 from pipeline.cluster.logs import quiet_data_context
-from pipeline.cluster.pool import ActorShare, actor_share
+from pipeline.cluster.pool import ActorShare, actor_share, live_nodes, no_longer_fits
 from pipeline.cluster.session import ensure_ray, short_error
 from pipeline.cluster.watchdog import Stalled, Watchdog
 from pipeline.io import tables
@@ -445,7 +445,9 @@ def run_protect(s: RunSettings, log=print) -> RunSummary:
     #    whatever happens, naming its failure (`run_failure`: the one place errors are mapped)
     receiver, device, driver_bytes, assembled_on = None, "-", 0, []
     failure, storage_failed = None, False
-    watchdog = Watchdog(s.stall_timeout, log=log)
+    # ends a stalled run (--stall-timeout, by default from the run's own pace) and one a lost node leaves unplaceable
+    replan = (lambda: no_longer_fits(share, live_nodes(), task_memory(s))) if share is not None else None
+    watchdog = Watchdog(s.stall_timeout, log=log, replan=replan)
     try:
         if pending:
             if plan.kind == "shards":

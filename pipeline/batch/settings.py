@@ -77,7 +77,7 @@ class RunSettings:
     overwrite: bool = False  # reprocess every unit, whatever OUTPUT holds (else resume, same settings only)
     jpeg_as: str = "jpeg"  # JPEG sources written as "jpeg" (source tables kept) or "png" (budget exact)
     verbose: bool = False  # Ray's own logs and progress bars on the terminal (pipeline/cluster/logs.py)
-    stall_timeout: float | None = None  # end the run (exit 4) after this many seconds without a finished sample
+    stall_timeout: float | None = None  # end the run (exit 4) after this long without a finished sample (None: auto)
     max_memory_gb: float | None = None  # memory one protection step may use (None: what the device has free)
     follow_external_links: bool = False  # folder INPUT: follow symbolic links that lead out of it
     group_by: str | None = None  # aspl's group: a JSON field or "folder" (None: JSON group, else artist; else alone)

@@ -137,6 +137,26 @@ def plan_share(device: str, actors: int | None, nodes: list[Node], default_cpu_a
     return ActorShare(size=size, gpu=False, num_cpus=share, threads=threads, note=note)
 
 
+def no_longer_fits(share: ActorShare, nodes: list[Node], task_memory: float = 0.0) -> str | None:
+    """Why a running pool cannot go on on `nodes` (the live ones, after a node was lost), or None when it can.
+
+    A pool whose actors cannot all be placed beside a task slot any more would wait for the lost node forever
+    (Ray retries without end): the run ends instead (cluster/watchdog.py), and a rerun resumes.
+    """
+    nodes = [n for n in nodes if n.cpus > 0 or n.gpus > 0]
+    if not nodes:
+        return "the Ray cluster has no live node with CPUs left"
+    if share.gpu:
+        gpus = sum(math.floor(n.gpus) for n in nodes if n.cpus >= 1)
+        if gpus < share.size:
+            return f"the pool's {share.size} GPU actor(s) need {share.size} GPU(s); the live nodes have {gpus}"
+        return None
+    if not _fits(nodes, share.size, share.num_cpus, task_memory):
+        return (f"the pool's {share.size} CPU actor(s) of {share.num_cpus:g} CPU each and a CPU for the pipeline's "
+                f"tasks no longer fit on {_describe(nodes)}")
+    return None
+
+
 def live_nodes() -> list[Node]:
     """The connected Ray cluster's live nodes (CPUs, GPUs, memory)."""
     import ray

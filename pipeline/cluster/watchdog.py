@@ -6,11 +6,14 @@ finishes; a daemon thread checks the time since the last tick:
 - after `report_after(...)` seconds without one (10 x the run's own typical gap between samples, at
   least `MIN_REPORT_S`), it prints one line naming what Ray reports: free vs total resources and dead
   nodes (`ray_pending`), once per stall;
-- with a `timeout` (``--stall-timeout``), after that many seconds without progress it interrupts the
+- after `timeout` seconds without progress (``--stall-timeout``; by default `auto_timeout`: 30 x the run's
+  own pace, at least `AUTO_TIMEOUT_S`, so a scheduled job is never left waiting) it interrupts the
   driver, which ends the run with `STALL_EXIT` (committed units are kept: a rerun resumes);
 - when a node of the cluster dies during the run, it says so in one line of ours, also when the run ends
   before the next look (Ray retries the node's tasks and restarts its actors; its own raylet dumps stay
-  off the terminal unless ``--verbose``: cluster/logs.py `quiet_cluster_messages`).
+  off the terminal unless ``--verbose``: cluster/logs.py `quiet_cluster_messages`); and when the pool no
+  longer fits the live nodes (`replan`: cluster/pool.py `no_longer_fits`), Ray would wait for the lost node
+  forever, so it ends the run the same way at once, saying why.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 
 MIN_REPORT_S = 120.0  # never report a stall sooner: model loading and the first batch take time
+AUTO_TIMEOUT_S = 3600.0  # the default --stall-timeout never ends a run sooner (a model download, a huge first image)
 STALL_EXIT = 4  # exit code of a run ended by --stall-timeout
 
 
@@ -83,12 +87,21 @@ def ray_pending() -> str:
         return f"Ray state unavailable ({type(err).__name__})"
 
 
+def auto_timeout(gaps) -> float:
+    """The default --stall-timeout: 30 x the run's median gap between samples, at least AUTO_TIMEOUT_S."""
+    return max(AUTO_TIMEOUT_S, 30 * statistics.median(gaps)) if gaps else AUTO_TIMEOUT_S
+
+
 class Watchdog:
     def __init__(self, timeout: float | None = None, log: Callable[[str], None] = print,
                  pending: Callable[[], str] = ray_pending, clock: Callable[[], float] = time.monotonic,
                  interrupt: Callable[[], None] = interrupt_main_thread, minimum: float = MIN_REPORT_S,
-                 poll_s: float = 1.0, nodes: Callable[[], dict[str, str]] = live_node_ids, nodes_every_s: float = 10.0):
+                 poll_s: float = 1.0, nodes: Callable[[], dict[str, str]] = live_node_ids, nodes_every_s: float = 10.0,
+                 replan: Callable[[], str | None] | None = None):
+        """`timeout`: seconds without progress that end the run (None: `auto_timeout`); `replan`: after a node is
+        lost, why the pool can no longer run on the live nodes (None: it can)."""
         self.timeout, self.log, self.pending, self.clock, self.interrupt = timeout, log, pending, clock, interrupt
+        self.replan = replan
         self.minimum, self.poll_s = minimum, poll_s
         self.last = clock()
         self.gaps: deque[float] = deque(maxlen=200)
@@ -117,24 +130,33 @@ class Watchdog:
         if self.fired is not None:  # again, each look until the run ends: an interrupt that lands while the main
             self.interrupt()        # thread runs a finalizer is swallowed there ("Exception ignored in ...")
             return
-        if self.timeout is not None and idle >= self.timeout:
-            self.fired = f"no sample finished for {idle:.0f} s (--stall-timeout {self.timeout:g}); Ray: {self.pending()}"
+        timeout = self.timeout if self.timeout is not None else auto_timeout(self.gaps)
+        if idle >= timeout:
+            given = (f"--stall-timeout {self.timeout:g}" if self.timeout is not None else
+                     f"the default --stall-timeout: {timeout:.0f} s, 30x the run's pace, at least {AUTO_TIMEOUT_S:.0f}")
+            self.fired = f"no sample finished for {idle:.0f} s ({given}); Ray: {self.pending()}"
             self.interrupt()
             return
         if not self.reported and idle >= report_after(self.gaps, self.minimum):
             self.reported = True
             self.log(f"mimicshield: no sample finished for {idle:.0f} s; Ray: {self.pending()}")
 
-    def check_nodes(self) -> None:
-        """One line of ours for each node lost since the last look."""
+    def check_nodes(self, running: bool = True) -> None:
+        """One line of ours for each node lost since the last look; while `running`, the run ends (`fired`) when
+        the pool no longer fits the nodes left."""
         alive = self.nodes()
-        if self.known_nodes is not None and alive:
-            for node_id, address in self.known_nodes.items():
-                if node_id not in alive:
-                    self.log(f"mimicshield: lost Ray node {address} ({node_id[:8]}); Ray retries its tasks and "
-                             "restarts its actors elsewhere, the run goes on")
+        lost = [] if self.known_nodes is None or not alive else \
+            [(node_id, address) for node_id, address in self.known_nodes.items() if node_id not in alive]
         if alive:
             self.known_nodes = alive
+        if not lost:
+            return
+        reason = self.replan() if running and self.replan is not None and self.fired is None else None
+        for node_id, address in lost:
+            self.log(f"mimicshield: lost Ray node {address} ({node_id[:8]}); Ray retries its tasks and restarts its "
+                     f"actors elsewhere, {'the run goes on' if reason is None else 'but ' + reason}")
+        if reason is not None:
+            self.fired = f"lost Ray node(s) {', '.join(address for _, address in lost)}: {reason}"
 
     def __enter__(self) -> Watchdog:
         def loop():
@@ -155,4 +177,4 @@ class Watchdog:
         if self._old_handler is not None:
             signal.signal(STALL_SIGNAL, self._old_handler)
             self._old_handler = None
-            self.check_nodes()  # a node lost since the last look is still reported
+            self.check_nodes(running=False)  # a node lost since the last look is still reported

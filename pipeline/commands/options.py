@@ -185,7 +185,8 @@ def add_run_options(parser: argparse.ArgumentParser,
                    "of the perturbation, reported per file), or as PNG under the same key (all of it) (default jpeg)")
     r.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
                    help="end the run (exit 4, committed work kept: rerun to resume) when no sample finishes for "
-                   "this long; without it a stall is only reported (after 10x the run's own pace, at least 120 s)")
+                   "this long (default: 30x the run's own pace between samples, at least 3600 s; a stall is reported "
+                   "sooner, after 10x, at least 120 s). A lost Ray node that leaves the pool no room ends it at once")
     r.add_argument("--max-memory", dest="max_memory_gb", type=float, default=None, metavar="GB",
                    help="memory one protection step may use; an image whose working size needs more becomes an "
                    "error row naming --resolution (default: what the device has free when the image comes)")
