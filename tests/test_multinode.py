@@ -139,3 +139,34 @@ def test_a_driver_without_the_clusters_token_is_told_what_to_set_in_one_line(tmp
         terminal, _ = run.communicate(timeout=300)
         assert run.returncode == 0, terminal
         assert len(list((tmp_path / "out").glob("*.tar"))) == 1
+
+
+def test_losing_the_node_a_small_pool_needs_ends_the_run_in_one_line(tmp_path, shards):
+    """Head 1 CPU + worker 1 CPU: the plan (one 0.5-CPU actor beside a task slot) fits the two, not the head alone.
+    Losing the worker used to leave the run waiting forever (Ray retries without end); it now ends at once with
+    exit 4 and one line naming the node and what no longer fits, committed shards kept for a rerun."""
+    from pipeline.cluster.watchdog import STALL_EXIT
+
+    src, _ = shards
+    out = tmp_path / "out"
+    with LocalRayCluster() as cluster:
+        cluster.start_head(num_cpus=1)
+        cluster.add_worker(num_cpus=1)
+        run = protect(cluster, src, out)
+        started, killed = None, False
+        while run.poll() is None and not killed:
+            time.sleep(0.5)
+            if actor_pids(cluster):
+                started = started or time.monotonic()
+                if time.monotonic() - started >= 4:  # the model is loaded: work is under way
+                    cluster.kill_node(cluster.raylets[1])  # the worker, wherever the actor runs
+                    killed = True
+        try:
+            assert killed, run.communicate()[0]
+            terminal, _ = run.communicate(timeout=180)  # before, a run could wait here forever
+        finally:
+            run.kill()
+    assert run.returncode == STALL_EXIT, terminal
+    errors = [line for line in terminal.splitlines() if line.startswith("mimicshield: error")]
+    assert len(errors) == 1 and "lost Ray node(s)" in errors[0] and "no longer fit on" in errors[0], terminal
+    assert "Traceback" not in terminal and "[state-dump]" not in terminal, terminal

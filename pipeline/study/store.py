@@ -131,7 +131,7 @@ class StudyStore:
         adapter.write_table(rows, f"{self.root}/{TABLE_DIR}", self.fs, basename=cell.id)
 
     def write_sample(self, cell: Cell, key: str, kind: str, rgb: np.ndarray) -> None:
-        self.write(f"{self.sample_dir(cell)}/{slug(key)}.{kind}.png", png(rgb))
+        self.write_atomic(f"{self.sample_dir(cell)}/{slug(key)}.{kind}.png", png(rgb))
 
 
 def png(rgb: np.ndarray) -> bytes:
