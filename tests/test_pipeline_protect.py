@@ -18,14 +18,9 @@ from PIL import Image
 from pyarrow import fs as pafs
 
 from jobs.protect import main as protect_job
-from pipeline.batch.driver import run_protect
-from pipeline.batch.settings import RunSettings
 from pipeline.cli import main
-from pipeline.cluster.faults import FAULT_ENV, InjectedFault
 from pipeline.io import tables
 from pipeline.io.sample_data import bad_samples, photo_samples, shard_bytes
-from pipeline.models.loading import ModelSpec
-from pipeline.protect import ProtectConfig
 
 pytestmark = pytest.mark.slow
 EPS = 8
@@ -135,31 +130,6 @@ def test_bad_samples_become_error_rows(ray_local, tmp_path, capsys):
     written = tar_samples((tmp_path / "out" / "mixed.tar").read_bytes())
     assert sorted(written) == sorted(g["__key__"] for g in good)
     assert f"{len(samples)} samples in, 2 protected, 6 errors" in out.out
-
-
-def test_resume_after_interruption(ray_local, tmp_path, monkeypatch):
-    src, dst = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    for i in range(3):
-        (src / f"shard-{i:06d}.tar").write_bytes(shard_bytes(photo_samples(2, prefix=f"s{i}-")))
-    settings = RunSettings(input=str(src), output=str(dst), model=ModelSpec("tiny", device="cpu"), progress=False,
-                           config=ProtectConfig(steps=2, eps=EPS, step_size=2))
-    monkeypatch.setenv(FAULT_ENV, "units-committed:1")
-    with pytest.raises(InjectedFault):
-        run_protect(settings)  # crashes after the first shard was committed
-    assert sorted(p.name for p in dst.glob("*.tar")) == ["shard-000000.tar"]
-    first = (dst / "shard-000000.tar").read_bytes()
-
-    monkeypatch.delenv(FAULT_ENV)
-    summary = run_protect(settings)
-    assert (summary.units_skipped, summary.units_done, summary.samples_in) == (1, 2, 4)  # nothing redone
-    assert (dst / "shard-000000.tar").read_bytes() == first
-    for i in range(3):
-        assert sorted(tar_samples((dst / f"shard-{i:06d}.tar").read_bytes())) == [f"s{i}-00000", f"s{i}-00001"]
-    rows = check_tables(pafs.LocalFileSystem(), str(dst))
-    keys = [r["key"] for r in rows["protect_metrics"]]
-    assert sorted(keys) == sorted(f"s{i}-0000{j}" for i in range(3) for j in range(2))  # no duplicate, none missing
-    assert sorted(r["status"] for r in rows["runs"]) == ["completed", "failed"]
 
 
 def test_shards_written_by_workers_committed_by_the_driver(ray_local, tmp_path, monkeypatch, capsys):

@@ -141,7 +141,7 @@ def protect(src: str, dst: str, capsys) -> tuple[int, str]:
 
 
 # folder (files) and s3 (shards on a remote store); local shards commit through the same code as s3 ones
-# and are resumed in tests/test_archive_inputs.py and tests/test_pipeline_protect.py
+# and are resumed in tests/test_archive_inputs.py (committed local shards skipped on a rerun)
 @pytest.mark.parametrize("kind", ["folder", "s3"])
 def test_resume_after_a_crash_in_each_commit_window(kind, ray_local, s3_server, s3_bucket, tmp_path, capsys,
                                                     monkeypatch):
