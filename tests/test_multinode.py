@@ -169,4 +169,5 @@ def test_losing_the_node_a_small_pool_needs_ends_the_run_in_one_line(tmp_path, s
     assert run.returncode == STALL_EXIT, terminal
     errors = [line for line in terminal.splitlines() if line.startswith("mimicshield: error")]
     assert len(errors) == 1 and "lost Ray node(s)" in errors[0] and "no longer fit on" in errors[0], terminal
+    print(errors[0])
     assert "Traceback" not in terminal and "[state-dump]" not in terminal, terminal
