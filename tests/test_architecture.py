@@ -14,7 +14,7 @@ PACKAGE = REPO / "pipeline"
 
 # From the bottom up: a module may import its own layer (without cycles) and the layers below it.
 LAYERS = [
-    ["pipeline.seeds"],
+    ["pipeline.seeds", "pipeline.lazy"],
     ["pipeline.io", "pipeline.data"],
     ["pipeline.models"],
     ["pipeline.metrics"],

@@ -15,12 +15,16 @@ Library code never imports this package: settings objects are the interface.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from pipeline.batch.settings import RunSettings
-from pipeline.io.storage import S3Options, S3Retry
-from pipeline.models.loading import DEFAULT_MODEL, DTYPES, ModelSpec
-from pipeline.protect import ALL_METHODS, ProtectConfig
-from pipeline.protect.engine import ASPLOptions, FastProtectOptions
+from pipeline.models.names import DEFAULT_MODEL, DTYPE_NAMES
+from pipeline.protect.names import ALL_METHODS
+
+if TYPE_CHECKING:  # the settings classes import torch: each `*_from_args` imports what it builds, when it builds it,
+    from pipeline.batch.settings import RunSettings  # so --help, --version and a mistyped option answer at once
+    from pipeline.io.storage import S3Options
+    from pipeline.models.loading import ModelSpec
+    from pipeline.protect.engine import ASPLOptions, ProtectConfig
 
 
 def floats(text) -> tuple[float, ...]:
@@ -123,15 +127,19 @@ def add_model_options(group, model_help: str = PROTECT_MODEL_HELP,
     group.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     group.add_argument("--revision", default=None, help=revision_help)
     group.add_argument("--device", default="auto", help=device_help)
-    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=dtype_help)
+    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help=dtype_help)
 
 
 def model_from_args(args: argparse.Namespace) -> ModelSpec:
+    from pipeline.models.loading import ModelSpec
+
     return ModelSpec(model=args.model, revision=args.revision, device=args.device, dtype=args.dtype,
                      low_memory=bool(getattr(args, "low_memory", False)))
 
 
 def config_from_args(args: argparse.Namespace) -> ProtectConfig:
+    from pipeline.protect.engine import FastProtectOptions, ProtectConfig
+
     return ProtectConfig(
         method=args.method,
         eps=args.eps,
@@ -152,6 +160,8 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
 
 
 def aspl_from_args(args: argparse.Namespace) -> ASPLOptions:
+    from pipeline.protect.engine import ASPLOptions
+
     lora = bool(getattr(args, "low_memory", False))
     lr = getattr(args, "aspl_lr", None)
     defaults = ASPLOptions()
@@ -270,6 +280,8 @@ def s3_from_args(args: argparse.Namespace, section: dict | None = None) -> S3Opt
     """S3Options from a config file's ``s3:`` section, overridden by --endpoint-url, --region, --s3-max-attempts."""
     values = dict(section or {})
     values.update({k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region)) if v})
+    from pipeline.io.storage import S3Options, S3Retry
+
     return S3Options.of({**values, "retry": S3Retry(max_attempts=getattr(args, "s3_max_attempts", 10))})
 
 
@@ -278,6 +290,8 @@ def run_settings_from_args(args: argparse.Namespace, s3: dict | None = None) -> 
 
     `s3`: the config file's ``s3`` section when the caller already applied ``--config`` (study does).
     """
+    from pipeline.batch.settings import RunSettings
+
     s3 = apply_config_file(args) if s3 is None else dict(s3)
     if not args.input or not args.output:
         raise ValueError("INPUT and OUTPUT are required (on the command line or in --config)")

@@ -14,7 +14,7 @@ import json
 import sys
 
 from pipeline.commands.options import model_from_args  # the spec of the model the bank is trained for
-from pipeline.models.loading import DEFAULT_MODEL, DTYPES
+from pipeline.models.names import DEFAULT_MODEL, DTYPE_NAMES
 
 TRAIN_FIELDS = ("steps", "batch_size", "resolution", "groups", "eta", "feature_weight", "lr", "seed", "log_every")
 
@@ -26,7 +26,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     built-in ``tiny`` model, `TINY_DEFAULT`'s: so ``--model tiny --data skimage`` writes exactly
     the default tiny bank that `protect --method fastprotect` would otherwise build on the fly.
     """
-    from pipeline.protect.fastprotect.train import TINY_DEFAULT, TrainConfig
+    from pipeline.protect.fastprotect.recipe import TINY_DEFAULT, TrainConfig
 
     d, t = TrainConfig(), TINY_DEFAULT
 
@@ -49,7 +49,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                         "skimage: number of crops, default 32)")
     parser.add_argument("--log-every", type=int, default=None, help="log the loss every N steps")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default auto)")
-    parser.add_argument("--dtype", default="fp32", choices=["auto", *DTYPES], help="model dtype (default fp32)")
+    parser.add_argument("--dtype", default="fp32", choices=["auto", *DTYPE_NAMES], help="model dtype (default fp32)")
     parser.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// data (default: AWS env vars)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -57,7 +57,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
 def train_config_from_args(args: argparse.Namespace):
     from dataclasses import replace
 
-    from pipeline.protect.fastprotect.train import TINY_DEFAULT, TrainConfig
+    from pipeline.protect.fastprotect.recipe import TINY_DEFAULT, TrainConfig
 
     base = TINY_DEFAULT if args.model == "tiny" else TrainConfig()
     return replace(base, **{k: v for k in TRAIN_FIELDS if (v := getattr(args, k, None)) is not None})

@@ -11,14 +11,11 @@
 The public API is re-exported here: ``from pipeline.models import load_models, ModelSpec``.
 """
 
-from pipeline.models.loading import (
-    DEFAULT_MODEL,
-    DTYPES,
-    DiffusionModels,
-    ModelLoadError,
-    ModelSpec,
-    load_ensemble,
-    load_models,
-)
+from pipeline import lazy
+from pipeline.models.names import DEFAULT_MODEL
+
+# on first use (pipeline/lazy.py): loading imports torch and diffusers
+__getattr__ = lazy.exports(__name__, {name: "pipeline.models.loading" for name in (
+    "DTYPES", "DiffusionModels", "ModelLoadError", "ModelSpec", "load_ensemble", "load_models")})
 
 __all__ = ["DEFAULT_MODEL", "DTYPES", "DiffusionModels", "ModelLoadError", "ModelSpec", "load_ensemble", "load_models"]

@@ -58,12 +58,11 @@ from pipeline.models.diffusion import (
     text_parts,
 )
 from pipeline.models.hub import alternatives, hub_problem
-
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+from pipeline.models.names import DEFAULT_MODEL, DTYPE_NAMES  # noqa: F401  (re-exported)
 
 PROMPT_CACHE_SIZE = 256  # distinct prompt embeddings kept per process
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
 ENSEMBLE_SEPARATOR = ","  # --model A,B protects against several models at once
 

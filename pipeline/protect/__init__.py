@@ -15,16 +15,17 @@ gradient method (e.g. ``sds-``) for the ensemble.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pipeline.models.loading import DiffusionModels
-from pipeline.protect.engine import (
-    ALL_METHODS,
-    FASTPROTECT_METHODS,
-    GROUP_METHODS,
-    ProtectConfig,
-    Protector,
-)
-from pipeline.protect.fastprotect.infer import build_fastprotector
+from pipeline import lazy
+from pipeline.protect.names import ALL_METHODS, FASTPROTECT_METHODS, GROUP_METHODS
+
+if TYPE_CHECKING:
+    from pipeline.models.loading import DiffusionModels
+    from pipeline.protect.engine import ProtectConfig, Protector
+
+# the classes import torch: on first use (pipeline/lazy.py), so that the names above cost nothing
+__getattr__ = lazy.exports(__name__, {"ProtectConfig": "pipeline.protect.engine", "Protector": "pipeline.protect.engine"})
 
 
 def check_ensemble_method(method: str, n_models: int) -> None:
@@ -47,6 +48,10 @@ def build_protector(models: DiffusionModels | Sequence[DiffusionModels], config:
     returns one float H x W x 3 perturbation (pixel units, within eps) per uint8 H x W x 3 image.
     `config` validated the method when it was built.
     """
+    from pipeline.models.loading import DiffusionModels
+    from pipeline.protect.engine import Protector
+    from pipeline.protect.fastprotect.infer import build_fastprotector
+
     if not isinstance(models, DiffusionModels):
         models = list(models)
         check_ensemble_method(config.method, len(models))

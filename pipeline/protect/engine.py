@@ -55,13 +55,13 @@ from pipeline.models.diffusion import sample_timesteps
 from pipeline.models.loading import DiffusionModels
 from pipeline.protect.eot import EOTSampler, parse_eot
 from pipeline.protect.methods import METHODS, StepInputs, encode, make_method
+from pipeline.protect.names import ALL_METHODS, FASTPROTECT_METHODS, GRADIENT_METHODS, GROUP_METHODS  # noqa: F401
 from pipeline.protect.targets import load_target
 from pipeline.seeds import key_seed
 
 DEFAULT_PROMPT = "a photo"
-FASTPROTECT_METHODS = ("fastprotect", "fastprotect+pgd")  # pipeline.protect.fastprotect.infer
-GROUP_METHODS = ("aspl",)  # protect a group's images together (pipeline.protect.aspl; the pipeline batches groups)
-ALL_METHODS = tuple(METHODS) + FASTPROTECT_METHODS + GROUP_METHODS
+if tuple(METHODS) != GRADIENT_METHODS:  # the one list of names the command line offers (protect/names.py)
+    raise ImportError(f"pipeline/protect/names.py GRADIENT_METHODS {GRADIENT_METHODS} != the registry {tuple(METHODS)}")
 
 
 @dataclass

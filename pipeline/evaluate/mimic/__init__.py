@@ -10,15 +10,18 @@ Each is usable alone (a class loaded once with a model directory, `run(...)` -> 
 and as a stage of the Ray evaluation (`pipeline.evaluate.run`). All run the same on CPU and GPU.
 """
 
-from pipeline.evaluate.mimic.common import MimicOutput
-from pipeline.evaluate.mimic.dreambooth import DreamBooth, DreamBoothConfig
-from pipeline.evaluate.mimic.inpaint import Inpaint, InpaintConfig
-from pipeline.evaluate.mimic.lora import Lora, LoraConfig
-from pipeline.evaluate.mimic.sdedit import SDEdit, SDEditConfig
-from pipeline.evaluate.mimic.textual_inversion import (
-    TextualInversion,
-    TextualInversionConfig,
-)
+from pipeline import lazy
+
+# the mimics import torch and diffusers: on first use (pipeline/lazy.py), so the scenario names below cost nothing
+__getattr__ = lazy.exports(__name__, {
+    "MimicOutput": "pipeline.evaluate.mimic.common",
+    "DreamBooth": "pipeline.evaluate.mimic.dreambooth", "DreamBoothConfig": "pipeline.evaluate.mimic.dreambooth",
+    "Inpaint": "pipeline.evaluate.mimic.inpaint", "InpaintConfig": "pipeline.evaluate.mimic.inpaint",
+    "Lora": "pipeline.evaluate.mimic.lora", "LoraConfig": "pipeline.evaluate.mimic.lora",
+    "SDEdit": "pipeline.evaluate.mimic.sdedit", "SDEditConfig": "pipeline.evaluate.mimic.sdedit",
+    "TextualInversion": "pipeline.evaluate.mimic.textual_inversion",
+    "TextualInversionConfig": "pipeline.evaluate.mimic.textual_inversion",
+})
 
 PER_IMAGE_SCENARIOS = ("sdedit", "inpaint")
 TRAINING_SCENARIOS = ("textual_inversion", "lora", "dreambooth")

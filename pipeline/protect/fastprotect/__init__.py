@@ -15,18 +15,15 @@ Every choice the paper leaves open is written down in the module that makes it:
                  `pipeline.protect.Protector`).
 """
 
-from pipeline.protect.engine import FASTPROTECT_METHODS
-from pipeline.protect.fastprotect.bank import (
-    BankMismatchError,
-    FastProtectBank,
-    default_bank_path,
-    load_bank_for,
-)
-from pipeline.protect.fastprotect.infer import (
-    FastProtector,
-    FastProtectPGD,
-    build_fastprotector,
-)
+from pipeline import lazy
+from pipeline.protect.names import FASTPROTECT_METHODS
+
+# bank and infer import torch: on first use (pipeline/lazy.py), so recipe.py's defaults cost nothing
+__getattr__ = lazy.exports(__name__, {
+    **{name: "pipeline.protect.fastprotect.bank" for name in
+       ("BankMismatchError", "FastProtectBank", "default_bank_path", "load_bank_for")},
+    **{name: "pipeline.protect.fastprotect.infer" for name in ("FastProtector", "FastProtectPGD", "build_fastprotector")},
+})
 
 __all__ = [
     "BankMismatchError",

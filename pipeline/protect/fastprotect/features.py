@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models.loading import DiffusionModels
+from pipeline.protect.fastprotect.recipe import CENTROID_GRID
 from pipeline.protect.methods import encode
 
 ENTROPY_BINS = 64
 ENTROPY_RANGE = 4.0
-CENTROID_GRID = 8
 
 
 class EncoderFeatures:

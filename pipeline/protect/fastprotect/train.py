@@ -34,7 +34,7 @@ import hashlib
 import json
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,6 @@ from pipeline.protect.fastprotect.bank import (
     encoder_signature,
 )
 from pipeline.protect.fastprotect.features import (
-    CENTROID_GRID,
     ENTROPY_BINS,
     ENTROPY_RANGE,
     encode_with_features,
@@ -62,41 +61,15 @@ from pipeline.protect.fastprotect.features import (
     pooled_latent,
 )
 from pipeline.protect.fastprotect.kmeans import kmeans_pp
+
+# the recipe lives in recipe.py (no torch: the command line shows its defaults at once); re-exported here
+from pipeline.protect.fastprotect.recipe import TINY_DEFAULT, TINY_DEFAULT_IMAGES, TrainConfig  # noqa: F401
 from pipeline.protect.fastprotect.targets import (
     TARGET_NAMES,
     repetition_targets,
     target_periods,
 )
 from pipeline.protect.methods import encode
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 10_000
-    batch_size: int = 4
-    resolution: int = 512  # R: training side; inference resizes to any size
-    groups: int = 4  # K
-    eta: float = 8.0  # budget of d_g + d_k in [0, 255] pixel units (paper: 8/255); each part eta/2
-    feature_weight: float = 3.5e-5  # lambda
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.99)
-    seed: int = 0
-    log_every: int = 50
-    centroid_grid: int = CENTROID_GRID
-    kmeans_iters: int = 100
-
-    def __post_init__(self):
-        self.betas = tuple(self.betas)
-        if self.steps < 0 or self.batch_size < 1 or self.groups < 1:
-            raise ValueError("steps must be >= 0, batch_size and groups >= 1")
-        if self.resolution < 8 or not 0 < self.eta <= 255:
-            raise ValueError("resolution must be >= 8 and eta in (0, 255] pixel units")
-
-
-# the fixed recipe of the built-in tiny model's default bank (README: train-fastprotect --model tiny --data skimage)
-TINY_DEFAULT = TrainConfig(steps=80, batch_size=4, resolution=64, lr=2e-3, log_every=10)
-TINY_DEFAULT_IMAGES = 32
-
 
 # --------------------------------------------------------------------------- data
 
