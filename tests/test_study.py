@@ -322,3 +322,23 @@ def test_a_rerun_with_other_settings_is_refused_in_one_line_and_overwrite_recomp
 
     check_same_settings(settings("--strengths", "0.7", "--overwrite"), store)
     assert not store.has_work() and not store.exists(store.cell_path(cell))
+
+
+def test_max_pixels_reaches_the_studys_decoding(tmp_path):
+    """An image over --max-pixels is an error row of protect; the study's purified sets and cells leave it out
+    (before, the study decoded it anyway, whatever --max-pixels said)."""
+    import numpy as np
+
+    from pipeline.cli import build_parser
+    from pipeline.commands.study import settings_from_args
+    from pipeline.io.sample_data import png_bytes
+    from pipeline.study.store import StudyStore
+    from pipeline.study.workers import purify_set
+
+    (tmp_path / "clean").mkdir()
+    argv = [*study_command(str(tmp_path / "clean"), str(tmp_path / "study")), "--max-pixels", "4096"]
+    settings = settings_from_args(build_parser().parse_args(argv))
+    encoded = {"small": (png_bytes(np.full((32, 32, 3), 90, np.uint8)), None, None),
+               "large": (png_bytes(np.full((96, 96, 3), 90, np.uint8)), None, None)}  # 9216 pixels > 4096
+    assert purify_set(settings, CLEAN, "jpeg:50", encoded)["images"] == 1
+    assert sorted(StudyStore(settings.output).read_purified(CLEAN, "jpeg:50")) == ["small"]

@@ -43,9 +43,16 @@ def read_encoded(uri: str, s3) -> dict[str, tuple[bytes, str | None, str | None]
     return {r["key"]: (r["image"], r["meta"], r["prompt"]) for r in rows if r["image"] is not None}
 
 
-def decode(data: bytes) -> np.ndarray:
-    """uint8 H x W x 3 (ImageError for a bad image)."""
-    return images.decode_image(data).rgb
+def decode_all(encoded: dict, max_pixels: int) -> dict[str, np.ndarray]:
+    """key -> pixels (keys in order) of every image in `encoded` that decodes within `max_pixels` (--max-pixels, as
+    protect has it): one protect refused is an error row there, and no cell's image here."""
+    out = {}
+    for key in sorted(encoded):
+        try:
+            out[key] = images.decode_image(encoded[key][0], max_pixels).rgb
+        except images.ImageError:
+            continue
+    return out
 
 
 def sample_meta(meta: str | None) -> dict:

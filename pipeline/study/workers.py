@@ -44,8 +44,8 @@ def purify_set(settings, source: Source, purification: str, encoded: dict, conte
     """Purify every image of one source set and commit the purified tar; returns counts and seconds."""
     start = time.perf_counter()
     unit = parse_purification(purification)
-    keys = sorted(encoded)
-    images = [adapter.decode(encoded[k][0]) for k in keys]
+    pixels = adapter.decode_all(encoded, settings.protect.max_pixels)
+    keys, images = list(pixels), list(pixels.values())
     out = unit.apply(images, keys, seed=settings.seed, context=context or settings.purify_context())
     store = StudyStore(settings.output, settings.s3)
     store.write_purified(source, purification, dict(zip(keys, out)))
@@ -115,9 +115,10 @@ class CellWorker:
         `baseline`: (setting, metric) -> value of the clean cell under the same purification."""
         start = time.perf_counter()
         purified = self.store.read_purified(cell.source, cell.purification)
-        keys = [k for k in sorted(purified) if k in clean]
+        decoded = adapter.decode_all({k: clean[k] for k in purified if k in clean}, self.s.protect.max_pixels)
+        keys = list(decoded)
         images = [purified[k] for k in keys]
-        originals = {k: adapter.decode(clean[k][0]) for k in keys}
+        originals = decoded
         metas = [adapter.sample_meta(clean[k][1]) for k in keys]
         prompts = [clean[k][2] or self.ev.prompt for k in keys]  # the sample's own prompt (io/metadata.py)
         mimic = self.mimic(cell.scenario)
