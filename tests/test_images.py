@@ -217,3 +217,22 @@ def test_perturbation_is_rounded_not_floored_or_truncated():
     written = decode_image(encode_image(src, apply_perturbation(src, delta, 8.0))).rgb.astype(int)
     np.testing.assert_array_equal(written[..., 0].ravel() - 100, [0, 1, 0, -1, 1, -2, 3, -3])
     np.testing.assert_array_equal(quantize_perturbation(delta, 2.0)[..., 0].ravel(), [0, 1, 0, -1, 1, -2, 2, -2])
+
+
+def test_png_level_changes_the_size_never_the_pixels_and_finish_measures_what_was_written():
+    from skimage import data
+
+    from pipeline.io.images import apply_perturbation, decode_image, encode_image
+    from pipeline.io.sample_data import png_bytes
+    from pipeline.protect.encoded import finish
+
+    image = decode_image(png_bytes(data.astronaut()[:128, :160]))
+    delta = np.random.default_rng(0).integers(-8, 9, image.rgb.shape).astype(np.float32)
+    pixels = apply_perturbation(image, delta, 8)
+    files = {level: encode_image(image, pixels, png_level=level) for level in (0, 3, 9)}
+    assert all(np.array_equal(decode_image(f).rgb, pixels) for f in files.values())
+    assert len(files[9]) < len(files[3]) < len(files[0])
+    # finish skips decoding a lossless RGB file again: its figures must be those of the decoded file
+    done = finish("k", image, delta, 8, png_level=9)
+    written = decode_image(done.data).rgb
+    assert done.data == files[9] and done.metrics["linf"] == np.abs(written.astype(int) - image.rgb).max() == 8

@@ -251,7 +251,7 @@ def build_dataset(s: RunSettings, plan: Plan, pending: list, run: RunRecord, sha
         ds = ds.groupby("group").map_groups(ProtectActor, **actor, **share.pool_options())
     else:
         ds = ds.map_batches(ProtectActor, batch_size=s.batch_size, **actor, **share.pool_options())
-    ds = ds.map_batches(Encoder(s.config.eps, s.max_pixels, s.config.fastprotect.lpips_weights, s.jpeg_as), **cpu)
+    ds = ds.map_batches(Encoder(s.config.eps, s.max_pixels, s.config.fastprotect.lpips_weights, s.jpeg_as, s.png_level), **cpu)
     writer = Writer(plan.kind, plan.out_fs, plan.out_root, {u.id: u.output for u in pending}, run.sample_params(),
                     run.run_id, plan.in_root, fault=os.environ.get(FAULT_ENV))
     ds = ds.map_batches(writer, **cpu)  # same resources as the Encoder: fused into the same tasks
@@ -544,7 +544,7 @@ def _write_run_row(s: RunSettings, plan: Plan, run: RunRecord, started, seconds:
     """The run's row in OUTPUT/tables/runs/ (`quiet`: the storage already failed; its one line says so)."""
     config = run.config_json(
         batch_size=s.batch_size, actors=s.actors, max_pixels=s.max_pixels, chunk_size=s.chunk_size,
-        on_bad_shard=s.on_bad_shard, overwrite=s.overwrite, jpeg_as=s.jpeg_as, group_by=s.group_by,
+        on_bad_shard=s.on_bad_shard, overwrite=s.overwrite, jpeg_as=s.jpeg_as, png_level=s.png_level, group_by=s.group_by,
         s3=s.s3.public() if (is_s3(s.input) or is_s3(s.output)) else None,
     )
     row = {

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 import torch
 
 from pipeline.cluster.pool import uses_gpu
-from pipeline.io.images import DEFAULT_MAX_PIXELS
+from pipeline.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL
 from pipeline.io.storage import S3Options
 from pipeline.models.loading import DTYPES, ModelSpec, resolve_dtype
 from pipeline.protect import ProtectConfig, check_ensemble_method
@@ -29,7 +29,7 @@ NOT_IN_FINGERPRINT = {
     "ModelSpec": ("low_memory",),  # same result, less memory
     "RunSettings": ("input", "output", "config", "model", "batch_size", "actors", "address", "s3",
                     "max_pixels", "chunk_size", "progress", "on_bad_shard", "overwrite", "verbose", "stall_timeout",
-                    "max_memory_gb", "follow_external_links"),
+                    "max_memory_gb", "follow_external_links", "png_level"),  # png_level: the same pixels, another size
 }
 FIXED_POLICIES = {"jpeg_quality": "keep"}  # not an option: JPEG sources keep their quantisation tables
 
@@ -76,6 +76,7 @@ class RunSettings:
     on_bad_shard: str = "skip"  # a shard that cannot be read whole: "skip" (record it, go on) or "fail"
     overwrite: bool = False  # reprocess every unit, whatever OUTPUT holds (else resume, same settings only)
     jpeg_as: str = "jpeg"  # JPEG sources written as "jpeg" (source tables kept) or "png" (budget exact)
+    png_level: int = DEFAULT_PNG_LEVEL  # zlib level of written PNGs: 0 (none, fastest) .. 9 (smallest); same pixels
     verbose: bool = False  # Ray's own logs and progress bars on the terminal (pipeline/cluster/logs.py)
     stall_timeout: float | None = None  # end the run (exit 4) after this long without a finished sample (None: auto)
     max_memory_gb: float | None = None  # memory one protection step may use (None: what the device has free)
@@ -95,6 +96,8 @@ class RunSettings:
             raise ValueError("--actors must be >= 1")
         if self.on_bad_shard not in ("skip", "fail"):
             raise ValueError(f"--on-bad-shard must be skip or fail, got {self.on_bad_shard!r}")
+        if self.png_level not in range(10):
+            raise ValueError(f"--png-level must be 0..9, got {self.png_level!r}")
         if self.jpeg_as not in ("jpeg", "png"):
             raise ValueError(f"--jpeg-as must be jpeg or png, got {self.jpeg_as!r}")
         if self.config.steps == 0 and self.config.method not in FASTPROTECT_METHODS:

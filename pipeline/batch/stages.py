@@ -41,7 +41,7 @@ from pipeline.batch.commit import (
 )
 from pipeline.cluster.faults import fault_point
 from pipeline.io.files import write_atomic
-from pipeline.io.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageError
+from pipeline.io.images import DEFAULT_MAX_PIXELS, DEFAULT_PNG_LEVEL, DecodedImage, ImageError
 from pipeline.io.metadata import protection_group, sample_meta
 from pipeline.io.paths import name_problem
 from pipeline.io.samples import MEMBER_FIELDS
@@ -262,6 +262,7 @@ class Encoder:
     max_pixels: int = DEFAULT_MAX_PIXELS
     lpips_weights: str | None = None  # LPIPS in protect_metrics only with calibrated weights
     jpeg_as: str = "jpeg"  # "png": JPEG sources are written as PNG (RunSettings.jpeg_as)
+    png_level: int = DEFAULT_PNG_LEVEL  # zlib level of written PNGs (RunSettings.png_level)
 
     SCHEMA = pa.schema(
         [("key", pa.string()), ("source", pa.string()), ("unit", pa.string()), ("ext", pa.string()),
@@ -283,7 +284,7 @@ class Encoder:
                 h, w = row["height"], row["width"]
                 delta = np.frombuffer(row["delta"], np.int16).reshape(h, w, 3)
                 done = finish(row["key"], unpack_decoded(row), delta, self.eps, row["seconds"], self.max_pixels, lpips,
-                              self.jpeg_as)
+                              self.jpeg_as, self.png_level)
                 if done.error:
                     res.update(stage=done.stage, reason=done.error)
                 else:
@@ -309,7 +310,7 @@ class Encoder:
             h, w = image.size
             delta = np.frombuffer(delta_bytes, np.int16).reshape(h, w, 3)
             done = finish(f"{row['key']}.{suffix}", image, delta, self.eps, row["seconds"], self.max_pixels, lpips,
-                          self.jpeg_as)
+                          self.jpeg_as, self.png_level)
             if done.error:
                 res.update(stage=done.stage, reason=f"image member .{suffix}: {done.error}", data=None)
                 return

@@ -22,6 +22,8 @@ import numpy as np
 
 from pipeline.io.images import (
     DEFAULT_MAX_PIXELS,
+    DEFAULT_PNG_LEVEL,
+    LOSSLESS_FORMATS,
     DecodedImage,
     ImageError,
     apply_perturbation,
@@ -78,6 +80,7 @@ def finish(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     lpips: Metric | None = None,
     jpeg_as: str = "jpeg",
+    png_level: int = DEFAULT_PNG_LEVEL,
 ) -> ProtectResult:
     """Apply `delta` (pixel units, float or the int16 of `quantize`), encode, measure the written file.
 
@@ -102,8 +105,11 @@ def finish(
             elif kept is not None:
                 res.warnings.append(JPEG_KEPT.format(kept))
         if res.data is None:
-            res.data = encode_image(image, pixels)
-            written = decode_image(res.data, max_pixels=max_pixels).rgb  # measure what was written
+            res.data = encode_image(image, pixels, png_level=png_level)
+            if image.format in LOSSLESS_FORMATS and image.output_mode == "RGB" and pixels.dtype == np.uint8:
+                written = pixels  # a lossless RGB file holds exactly these pixels (never rotated): no second decode
+            else:  # other modes (grey, alpha, 16-bit) are measured on what the file decodes to
+                written = decode_image(res.data, max_pixels=max_pixels).rgb
     except Exception as err:
         res.data, res.error, res.stage = None, f"{type(err).__name__}: {err}", "encode"
         return res
@@ -149,6 +155,7 @@ def protect_encoded(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     lpips: Metric | None = None,
     jpeg_as: str = "jpeg",
+    png_level: int = DEFAULT_PNG_LEVEL,
 ) -> list[ProtectResult]:
     """Decode, protect, re-encode and measure a batch; one result per input, in order.
 
@@ -179,7 +186,7 @@ def protect_encoded(
     eps = protector.config.eps
     for i, delta in zip(idx, deltas):
         results[i] = finish(keys[i], decoded[i], quantize(delta, eps), eps, seconds_each, max_pixels, lpips,
-                            jpeg_as)
+                            jpeg_as, png_level)
     return results
 
 
