@@ -195,8 +195,9 @@ def add_run_options(parser: argparse.ArgumentParser,
                    "--eps on every pixel (its tables, subsampling and about its size; the quantisation keeps part "
                    "of the perturbation, reported per file), or as PNG under the same key (all of it) (default jpeg)")
     r.add_argument("--png-level", type=int, default=DEFAULT_PNG_LEVEL, choices=range(10), metavar="0-9",
-                   help="zlib level of written PNGs: the same pixels at every level; the default 3 writes about 7%% "
-                   "larger files than 6 in a third to a half of the CPU time at 512-2048 px, 9 the smallest (default 3)")
+                   help="zlib level of written PNGs: the same pixels at every level; level 3 writes about 7%% larger "
+                   "files than 6 in a third to a half of the CPU time at 512-2048 px, 9 the smallest "
+                   f"(default {DEFAULT_PNG_LEVEL})")
     r.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
                    help="end the run (exit 4, committed work kept: rerun to resume) when no sample finishes for "
                    "this long (default: 30x the run's own pace between samples, at least 3600 s; a stall is reported "
@@ -391,6 +392,12 @@ def mimic_configs_from_args(args: argparse.Namespace) -> dict:
     )
 
 
+def stalled_message(err: BaseException) -> str:
+    """What every command says when the watchdog ended its run (exit 4)."""
+    return (f"mimicshield: error: the run stalled: {err}\n"
+            "mimicshield: rerun the same command to resume (committed work is kept)")
+
+
 def run_with_exit_codes(build_settings, run, args: argparse.Namespace):
     """(settings, summary) of `run(build_settings(args), log=stderr)`, or the exit code after one line on stderr.
 
@@ -412,8 +419,7 @@ def run_with_exit_codes(build_settings, run, args: argparse.Namespace):
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
     except Stalled as err:  # --stall-timeout: one line, committed work kept
-        print(f"mimicshield: error: the run stalled: {err}\nmimicshield: rerun the same command to resume "
-              "(committed work is kept)", file=sys.stderr)
+        print(stalled_message(err), file=sys.stderr)
         return STALL_EXIT
     except Exception as err:
         problem = storage_problem(err)

@@ -11,6 +11,7 @@ from pipeline.commands.options import (
     add_run_options,
     lead_with,
     run_settings_from_args,
+    stalled_message,
 )
 
 
@@ -73,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mimicshield: error: {err}", file=sys.stderr)
         return 2
     except Stalled as err:  # --stall-timeout: one line, committed units kept
-        print(f"mimicshield: error: the run stalled: {err}\nmimicshield: rerun the same command to resume "
-              "(committed units are kept)", file=sys.stderr)
+        print(stalled_message(err), file=sys.stderr)
         return STALL_EXIT
     except Exception as err:  # mid-run failure (e.g. an unreadable tar): say so once, keep what is committed
         from pipeline.cluster.session import short_error

@@ -150,14 +150,15 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
     grid = settings.grid
     check_paths([PathArg("CLEAN", settings.clean)], PathArg("OUTPUT", settings.output), settings.s3)  # before Ray
     store = StudyStore(settings.output, settings.s3)
-    check_same_settings(settings, store)  # before Ray too: a changed option is one line
+    fingerprint = settings.fingerprint()
+    check_same_settings(settings, store, fingerprint)  # before Ray too: a changed option is one line
     settings.model.check()
     ensure_ray(settings.address, settings.protect.verbose)
     import ray.data
 
     quiet_data_context(ray.data.DataContext.get_current(), settings.protect.verbose)  # as protect: quiet
     worker_options(settings)  # the resource plan, before any work (cluster/pool.py)
-    record = {"fingerprint": settings.fingerprint(), "settings": settings.record()}
+    record = {"fingerprint": fingerprint, "settings": settings.record()}
     store.write_atomic(f"{store.root}/study.json", json.dumps(record, indent=1, default=str).encode())
 
     cells = grid.cells()
@@ -221,7 +222,7 @@ def run_study(settings: StudySettings, log=print) -> StudySummary:
                         report=report)
 
 
-def check_same_settings(settings: StudySettings, store: StudyStore) -> None:
+def check_same_settings(settings: StudySettings, store: StudyStore, fingerprint: dict | None = None) -> None:
     """``--overwrite``: clear what earlier runs computed. Otherwise refuse (one line, before any work) to add cells
     made with other settings to an OUTPUT that holds some: the table would mix settings and could not tell."""
     if settings.protect.overwrite:
@@ -229,7 +230,7 @@ def check_same_settings(settings: StudySettings, store: StudyStore) -> None:
         return
     if not store.has_work():
         return
-    diff = settings_diff(store.recorded_fingerprint(), settings.fingerprint())
+    diff = settings_diff(store.recorded_fingerprint(), fingerprint or settings.fingerprint())
     if diff:
         raise InputError(f"{settings.output} holds a study made with other settings ({'; '.join(diff)}); rerun with "
                          "the same options to resume, use another OUTPUT, or add --overwrite to recompute every cell")
